@@ -1,0 +1,81 @@
+"""Paged attention in plain PyTorch: the CPU path and the oracle for the GPU kernels.
+
+Queries of a ragged batch attend to KV gathered from the paged cache through each sequence's
+page table. Masks: causal; sliding layers see the previous `window` positions (the query's own
+included); tokens of one bidirectional span (an image) also see each other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batch import ForwardBatch
+from .kv_cache import KVGroup
+
+
+def write_kv(group: KVGroup, slot: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store new tokens' K and V [T, kv_heads, head_dim] at flat cache slots."""
+    kv_heads, head_dim = group.k.shape[-2:]
+    group.k[slot].view(-1, kv_heads, head_dim)[slots] = k.to(group.k.dtype)
+    group.v[slot].view(-1, kv_heads, head_dim)[slots] = v.to(group.v.dtype)
+
+
+def attention_mask(
+    q_pos: torch.Tensor,
+    kv_pos: torch.Tensor,
+    window: int | None,
+    q_span: torch.Tensor | None = None,
+    kv_span: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean [q, kv]: which cached positions each query may attend to."""
+    diff = q_pos[:, None] - kv_pos[None, :]
+    allowed = diff >= 0
+    if q_span is not None and kv_span is not None:
+        same_span = (q_span[:, None] == kv_span[None, :]) & (q_span[:, None] > 0)
+        allowed = allowed | same_span
+    if window is not None:
+        allowed = allowed & (diff < window)
+    return allowed
+
+
+def paged_attention(
+    q: torch.Tensor,
+    group: KVGroup,
+    slot: int,
+    batch: ForwardBatch,
+    layer_type: str,
+) -> torch.Tensor:
+    """q [T, heads, head_dim] -> output [T, heads, head_dim]; softmax scale 1 (q, k are normed)."""
+    kv_heads, head_dim = group.k.shape[-2:]
+    k_flat = group.k[slot].view(-1, kv_heads, head_dim)
+    v_flat = group.v[slot].view(-1, kv_heads, head_dim)
+    tables = batch.groups[layer_type].page_tables
+    page = batch.page_size
+    out = torch.empty_like(q)
+    rep = q.shape[1] // kv_heads
+    for b in range(batch.num_seqs):
+        lo, hi = batch.query_starts[b], batch.query_starts[b + 1]
+        if lo == hi:
+            continue
+        q_pos = batch.positions[lo:hi]
+        first = 0
+        if group.window is not None:
+            first = max(0, int(q_pos.min()) - group.window + 1)
+        kv_pos = torch.arange(first, batch.kv_lens[b], device=q.device)
+        slots = tables[b, kv_pos // page] * page + kv_pos % page
+        k = k_flat[slots].to(q.dtype).repeat_interleave(rep, dim=1)  # [L, heads, d]
+        v = v_flat[slots].to(q.dtype).repeat_interleave(rep, dim=1)
+        q_span = kv_span = None
+        spans = batch.chunk_spans[b]
+        if spans is not None:
+            start = batch.chunk_starts[b]
+            q_span = spans[q_pos - start]
+            kv_span = torch.zeros_like(kv_pos)
+            in_chunk = kv_pos >= start
+            kv_span[in_chunk] = spans[kv_pos[in_chunk] - start]
+        mask = attention_mask(q_pos, kv_pos, group.window, q_span, kv_span)
+        scores = torch.einsum("qhd,khd->hqk", q[lo:hi], k).float()
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out[lo:hi] = torch.einsum("hqk,khd->qhd", probs, v)
+    return out

@@ -1,0 +1,126 @@
+"""The ragged batch one decoder forward runs over: flat tokens, no padding.
+
+Each sequence contributes a contiguous run of query tokens at consecutive positions (a prefill
+chunk, one decode token, or k+1 verify tokens); prefill chunks and decode steps mix freely.
+`ForwardBatch.build` turns a list of `SequenceChunk`s and the cache's page tables into the
+tensors the attention reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+
+from .kv_cache import NO_PAGE, PagedKVCache
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """One sequence's part of a step: tokens at positions start .. start+len-1."""
+
+    seq_id: int
+    token_ids: Sequence[int]
+    start: int
+    logits_rows: Sequence[int] = (-1,)  # rows of this chunk (negative: from the end) to return logits for
+    span_ids: Sequence[int] | None = None  # >0 marks tokens of one bidirectional span (an image)
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """Where one layer type's KV lives for this batch."""
+
+    page_tables: torch.Tensor  # [B, max_pages] int64, NO_PAGE where nothing is held
+    write_slots: torch.Tensor  # [T] flat slot (page * page_size + offset) per query token
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """Flat query tokens of several sequences plus what attention needs to find their KV."""
+
+    token_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    query_starts: tuple[int, ...]  # B+1 offsets into the T rows
+    kv_lens: tuple[int, ...]  # per sequence: positions in cache after this step
+    chunk_starts: tuple[int, ...]  # per sequence: first position of its chunk
+    chunk_spans: tuple[torch.Tensor | None, ...]  # per sequence: span id of each chunk position
+    groups: dict[str, GroupView]
+    logits_rows: torch.Tensor  # indices into T
+    page_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.kv_lens)
+
+    @staticmethod
+    def build(chunks: Sequence[SequenceChunk], cache: PagedKVCache, device: torch.device | str = "cpu") -> "ForwardBatch":
+        """Assemble a batch; the cache must already hold pages for every chunk's positions."""
+        for c in chunks:
+            if c.span_ids is not None and len(c.span_ids) != len(c.token_ids):
+                raise ValueError(f"sequence {c.seq_id}: span_ids and token_ids differ in length")
+        if not chunks:
+            raise ValueError("a forward batch needs at least one sequence")
+        tokens: list[int] = []
+        positions: list[int] = []
+        starts = [0]
+        kv_lens = []
+        rows: list[int] = []
+        for c in chunks:
+            n = len(c.token_ids)
+            if n == 0:
+                raise ValueError(f"sequence {c.seq_id} has no tokens in this step")
+            tokens.extend(int(t) for t in c.token_ids)
+            positions.extend(range(c.start, c.start + n))
+            rows.extend(starts[-1] + (r % n) for r in c.logits_rows)
+            starts.append(starts[-1] + n)
+            kv_lens.append(c.start + n)
+        groups = {}
+        P = cache.page_size
+        for name in cache.groups:
+            tables = [cache.page_table(c.seq_id, name) for c in chunks]
+            width = max(1, max(len(t) for t in tables))
+            table_tensor = torch.full((len(chunks), width), NO_PAGE, dtype=torch.long)
+            slots = []
+            for b, (c, table) in enumerate(zip(chunks, tables)):
+                table_tensor[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+                for pos in range(c.start, c.start + len(c.token_ids)):
+                    page = table[pos // P]
+                    assert page != NO_PAGE, f"sequence {c.seq_id} holds no {name} page for position {pos}"
+                    slots.append(page * P + pos % P)
+            groups[name] = GroupView(table_tensor.to(device), torch.tensor(slots, dtype=torch.long, device=device))
+        return ForwardBatch(
+            token_ids=torch.tensor(tokens, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            query_starts=tuple(starts),
+            kv_lens=tuple(kv_lens),
+            chunk_starts=tuple(c.start for c in chunks),
+            chunk_spans=tuple(
+                None if c.span_ids is None else torch.tensor(list(c.span_ids), dtype=torch.long, device=device)
+                for c in chunks
+            ),
+            groups=groups,
+            logits_rows=torch.tensor(rows, dtype=torch.long, device=device),
+            page_size=P,
+        )
+
+    def select_rows(self, rows: torch.Tensor) -> "ForwardBatch":
+        """The same batch restricted to some query rows (sorted), e.g. only rows that need logits.
+
+        KV-shared layers write nothing, so after the last KV-owning layer only the rows whose
+        outputs are wanted have to go on; the rest of each sequence stays visible through the cache.
+        """
+        row_list = rows.tolist()
+        starts = [0]
+        for b in range(self.num_seqs):
+            lo, hi = self.query_starts[b], self.query_starts[b + 1]
+            starts.append(starts[-1] + sum(1 for r in row_list if lo <= r < hi))
+        remap = {r: i for i, r in enumerate(row_list)}
+        return replace(
+            self,
+            token_ids=self.token_ids[rows],
+            positions=self.positions[rows],
+            query_starts=tuple(starts),
+            groups={n: replace(g, write_slots=g.write_slots[rows]) for n, g in self.groups.items()},
+            logits_rows=torch.tensor([remap[r] for r in self.logits_rows.tolist()], dtype=torch.long, device=rows.device),
+        )

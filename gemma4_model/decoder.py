@@ -1,0 +1,164 @@
+"""The Gemma 4 text decoder for serving: one forward over a ragged batch on the paged cache.
+
+Covers every text feature of the family: sliding and full layers with their own head dims and
+KV heads, default and proportional RoPE, q/k/v norms, k_eq_v, KV sharing, double-wide MLPs, the
+MoE block, per-layer embeddings (PLE), final logit softcapping and tied embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .attention import paged_attention, write_kv
+from .batch import ForwardBatch
+from .config import LayerSpec, TextConfig
+from .kv_cache import PagedKVCache
+from .layers import MLP, Experts, RMSNorm, RotaryEmbedding, Router, apply_rope, gelu_tanh
+
+
+@dataclass(frozen=True)
+class DecoderOutput:
+    logits: torch.Tensor  # [N, vocab] for the batch's logits rows
+    hidden: torch.Tensor  # [N, hidden] last hidden state (before the final norm) at those rows
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        self.spec = spec
+        self.heads = cfg.num_heads
+        d = spec.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        if spec.owns_kv:
+            self.k_proj = nn.Linear(cfg.hidden_size, spec.num_kv_heads * d, bias=False)
+            self.v_proj = None if spec.k_eq_v else nn.Linear(cfg.hidden_size, spec.num_kv_heads * d, bias=False)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
+        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
+        spec = self.spec
+        T = x.shape[0]
+        q = apply_rope(self.q_norm(self.q_proj(x).view(T, self.heads, spec.head_dim)), cos, sin)
+        group = cache.groups[spec.layer_type]
+        slot = group.slot_of(spec.kv_owner)
+        if spec.owns_kv:
+            raw_k = self.k_proj(x).view(T, spec.num_kv_heads, spec.head_dim)
+            raw_v = raw_k if self.v_proj is None else self.v_proj(x).view(T, spec.num_kv_heads, spec.head_dim)
+            k = apply_rope(self.k_norm(raw_k), cos, sin)
+            write_kv(group, slot, batch.groups[spec.layer_type].write_slots, k, self.v_norm(raw_v))
+        out = paged_attention(q, group, slot, batch, spec.layer_type)
+        return self.o_proj(out.reshape(T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.spec = spec
+        self.self_attn = Attention(cfg, spec)
+        self.mlp = MLP(h, spec.intermediate_size)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.moe = cfg.moe is not None
+        if self.moe:
+            self.router = Router(h, cfg.moe, eps)
+            self.experts = Experts(h, cfg.moe)
+            self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+            self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.ple = cfg.ple_dim > 0
+        if self.ple:
+            self.per_layer_input_gate = nn.Linear(h, cfg.ple_dim, bias=False)
+            self.per_layer_projection = nn.Linear(cfg.ple_dim, h, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(h, eps)
+
+    def forward(self, x, ple_input, cos, sin, batch, cache):
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, batch, cache))
+        m = self.mlp(self.pre_feedforward_layernorm(h))
+        if self.moe:
+            weights, experts = self.router(h)
+            routed = self.experts(self.pre_feedforward_layernorm_2(h), weights, experts)
+            m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(routed)
+        x = h + self.post_feedforward_layernorm(m)
+        if self.ple:
+            gated = gelu_tanh(self.per_layer_input_gate(x)) * ple_input
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(gated))
+        return x * self.layer_scalar
+
+
+class TextDecoder(nn.Module):
+    """Gemma 4 text decoder; parameter names match the checkpoint's language-model tensors."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, spec) for spec in cfg.layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = nn.ModuleDict({name: RotaryEmbedding(spec) for name, spec in cfg.rope.items()})
+        if cfg.ple_dim:
+            n = cfg.num_layers * cfg.ple_dim
+            self.embed_tokens_per_layer = nn.Embedding(cfg.ple_vocab_size, n)
+            self.per_layer_model_projection = nn.Linear(cfg.hidden_size, n, bias=False)
+            self.per_layer_projection_norm = RMSNorm(cfg.ple_dim, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings times sqrt(hidden), the scale rounded to the weight dtype first."""
+        w = self.embed_tokens.weight
+        return F.embedding(token_ids, w) * torch.tensor(self.cfg.hidden_size**0.5, dtype=w.dtype)
+
+    def per_layer_inputs(self, token_ids: torch.Tensor | None, embeds: torch.Tensor) -> torch.Tensor:
+        """PLE input [T, layers, ple_dim]: normed projection of the embeddings plus the token table.
+
+        Rows without a token id (multimodal soft tokens, id < 0) use the projection alone.
+        """
+        cfg = self.cfg
+        proj = self.per_layer_model_projection(embeds) * cfg.hidden_size**-0.5
+        proj = self.per_layer_projection_norm(proj.view(-1, cfg.num_layers, cfg.ple_dim))
+        if token_ids is None:
+            return proj
+        w = self.embed_tokens_per_layer.weight
+        table = F.embedding(token_ids.clamp(min=0), w) * torch.tensor(cfg.ple_dim**0.5, dtype=w.dtype)
+        combined = (proj + table.view(-1, cfg.num_layers, cfg.ple_dim)) * 2.0**-0.5
+        return torch.where((token_ids >= 0)[:, None, None], combined, proj)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm, (tied) lm_head and softcapping."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(self.norm(hidden), weight)
+        cap = self.cfg.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, batch: ForwardBatch, cache: PagedKVCache, embeds: torch.Tensor | None = None) -> DecoderOutput:
+        """Run the batch's query tokens, write their KV, return logits at its logits rows.
+
+        `embeds` [T, hidden] replaces the token embeddings (multimodal soft tokens spliced in).
+        """
+        x = self.embed(batch.token_ids) if embeds is None else embeds
+        ple = self.per_layer_inputs(batch.token_ids, x) if self.cfg.ple_dim else None
+        rope = {name: r(batch.positions, x.dtype) for name, r in self.rotary.items()}
+        first_shared = self.cfg.first_shared_layer
+        for i, layer in enumerate(self.layers):
+            if i == first_shared and batch.logits_rows.numel() < x.shape[0]:
+                # KV-shared layers write no KV: only rows whose outputs are wanted go on.
+                rows = batch.logits_rows.unique(sorted=True)
+                x = x[rows]
+                ple = None if ple is None else ple[rows]
+                rope = {name: (c[rows], s[rows]) for name, (c, s) in rope.items()}
+                batch = batch.select_rows(rows)
+            cos, sin = rope[layer.spec.layer_type]
+            x = layer(x, None if ple is None else ple[:, i], cos, sin, batch, cache)
+        hidden = x[batch.logits_rows]
+        return DecoderOutput(logits=self.logits(hidden), hidden=hidden)

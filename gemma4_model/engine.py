@@ -1,0 +1,206 @@
+"""In-process generation: a scheduler doing chunked prefill and continuous batching over the
+paged cache, and an engine that runs its steps through the decoder.
+
+The actors wrap these pieces; the demo and the parity tests drive them directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Sequence
+
+import torch
+
+from .batch import ForwardBatch, SequenceChunk
+from .decoder import TextDecoder
+from .kv_cache import PagedKVCache, RequestTooLargeError
+from .sampling import SamplingParams, sample
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class GenerationSequence:
+    """One request's state across steps."""
+
+    seq_id: int
+    prompt: list[int]
+    params: SamplingParams
+    output: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    num_cached_prompt_tokens: int = 0  # reused from the prefix cache at the last admission
+    num_computed_tokens: int = 0  # positions run through the model (prefill and decode), all attempts
+    step_logits: list[torch.Tensor] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_batch_tokens: int = 512  # query tokens per step (prefill chunks + decodes)
+    max_running: int = 64
+    chunk_size: int = 256  # longest prefill chunk of one sequence per step
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    chunks: tuple[SequenceChunk, ...]
+    seqs: tuple[GenerationSequence, ...]
+    samples: tuple[bool, ...]  # whether this chunk ends at the sequence's next token
+
+
+class Scheduler:
+    """Chooses each step's chunks; admits, preempts (by recompute) and retires sequences."""
+
+    def __init__(self, cache: PagedKVCache, limits: SchedulerLimits, max_model_len: int):
+        self.cache = cache
+        self.limits = limits
+        self.max_model_len = max_model_len
+        self.waiting: list[GenerationSequence] = []
+        self.running: list[GenerationSequence] = []
+
+    def add(self, seq: GenerationSequence) -> None:
+        """Queue a sequence, or refuse it at once if it can never fit."""
+        total = len(seq.prompt) + seq.params.max_tokens
+        if not seq.prompt:
+            raise ValueError("a prompt needs at least one token")
+        if total > self.max_model_len:
+            raise RequestTooLargeError(f"prompt + max_tokens = {total} exceeds the model length {self.max_model_len}")
+        self.cache.check_fits(total, self.limits.chunk_size)
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        budget = self.limits.max_batch_tokens
+        plan: list[tuple[GenerationSequence, int]] = []  # (sequence, tokens this step)
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            n = min(len(seq.tokens) - self.cache.num_computed(seq.seq_id), self.limits.chunk_size, budget)
+            if not self._make_room(seq, n, plan):
+                continue  # seq itself was preempted
+            plan.append((seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_running:
+            seq = self.waiting[0]
+            cached = self.cache.add_sequence(seq.seq_id, seq.tokens)
+            n = min(len(seq.tokens) - cached, self.limits.chunk_size, budget)
+            self.cache.slide(seq.seq_id, cached)
+            if not self.cache.can_extend([(seq.seq_id, cached + n)]):
+                self.cache.free_sequence(seq.seq_id)
+                break  # wait for pages to come free
+            self.waiting.pop(0)
+            seq.status = Status.RUNNING
+            seq.num_cached_prompt_tokens = cached
+            self.running.append(seq)
+            self.cache.extend(seq.seq_id, cached + n)
+            plan.append((seq, n))
+            budget -= n
+        chunks, seqs, samples = [], [], []
+        for seq, n in plan:
+            start = self.cache.num_computed(seq.seq_id)
+            end = start + n
+            chunks.append(SequenceChunk(seq.seq_id, seq.tokens[start:end], start))
+            seqs.append(seq)
+            samples.append(end == len(seq.tokens))
+        return StepPlan(tuple(chunks), tuple(seqs), tuple(samples))
+
+    def _make_room(self, seq: GenerationSequence, n: int, plan: list) -> bool:
+        """Pages for seq's next n tokens, preempting the newest other sequences if needed."""
+        start = self.cache.num_computed(seq.seq_id)
+        self.cache.slide(seq.seq_id, start)
+        while not self.cache.can_extend([(seq.seq_id, start + n)]):
+            victim = self.running[-1]
+            self._preempt(victim)
+            plan[:] = [(s, k) for s, k in plan if s is not victim]
+            if victim is seq:
+                return False
+        self.cache.extend(seq.seq_id, start + n)
+        return True
+
+    def _preempt(self, seq: GenerationSequence) -> None:
+        self.running.remove(seq)
+        self.cache.free_sequence(seq.seq_id)
+        seq.status = Status.WAITING
+        self.waiting.insert(0, seq)
+
+    def finish(self, seq: GenerationSequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if self.cache.has_sequence(seq.seq_id):
+            self.cache.free_sequence(seq.seq_id)
+
+
+class Engine:
+    """Runs scheduled steps through the decoder and samples; offline `generate` for demos/tests."""
+
+    def __init__(self, model: TextDecoder, cache: PagedKVCache, limits: SchedulerLimits = SchedulerLimits()):
+        self.model = model
+        self.cache = cache
+        self.scheduler = Scheduler(cache, limits, model.cfg.max_position_embeddings)
+        self.device = next(model.parameters()).device
+        self._next_id = 0
+
+    def add_request(self, prompt: Sequence[int], params: SamplingParams) -> GenerationSequence:
+        seq = GenerationSequence(self._next_id, list(prompt), params)
+        self._next_id += 1
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed)
+        self.scheduler.add(seq)
+        return seq
+
+    @torch.inference_mode()
+    def step(self) -> list[GenerationSequence]:
+        """One forward over the planned chunks; returns sequences that finished."""
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        batch = ForwardBatch.build(plan.chunks, self.cache, self.device)
+        out = self.model(batch, self.cache)
+        finished = []
+        for i, (seq, chunk, sampled) in enumerate(zip(plan.seqs, plan.chunks, plan.samples)):
+            end = chunk.start + len(chunk.token_ids)
+            seq.num_computed_tokens += len(chunk.token_ids)
+            self.cache.commit(seq.seq_id, seq.tokens, end)
+            if not sampled:
+                continue
+            logits = out.logits[i]
+            if seq.params.keep_logits:
+                seq.step_logits.append(logits.float().cpu())
+            token = sample(logits, seq.params, seq.generator)
+            seq.output.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _finish_reason(self, seq: GenerationSequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.model.cfg.eos_token_ids):
+            return "stop"
+        if len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.scheduler.max_model_len:
+            return "length"
+        return None
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationSequence]:
+        """Run prompts to completion together (continuous batching) and return their sequences."""
+        seqs = [self.add_request(p, params) for p in prompts]
+        while self.scheduler.has_work():
+            self.step()
+        return seqs

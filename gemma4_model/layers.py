@@ -1,0 +1,104 @@
+"""The Gemma 4 building blocks: RMSNorm, RoPE, gated MLP, the MoE block.
+
+Module and parameter names follow the checkpoint's own tensor names, so a state dict read from
+safetensors loads into these modules as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import MoESpec, RopeSpec
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in float32, scaled by `weight` (not 1 + weight); `with_scale=False` has no weight."""
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        return out.type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for one layer type, computed per position on the fly."""
+
+    def __init__(self, spec: RopeSpec):
+        super().__init__()
+        self.register_buffer("inv_freq", torch.tensor(spec.inverse_frequencies(), dtype=torch.float32), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [T, heads, head_dim] with cos/sin [T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class MLP(nn.Module):
+    """down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Top-k expert choice: normed, scaled input -> softmax (float32) -> top-k renormalised."""
+
+    def __init__(self, hidden: int, spec: MoESpec, eps: float):
+        super().__init__()
+        self.top_k = spec.top_k
+        self.norm = RMSNorm(hidden, eps, with_scale=False)
+        self.proj = nn.Linear(hidden, spec.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(hidden))
+        self.per_expert_scale = nn.Parameter(torch.ones(spec.num_experts))
+        self.root = hidden**-0.5
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.norm(x) * self.scale * self.root
+        probs = torch.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[experts], experts
+
+
+class Experts(nn.Module):
+    """Expert FFNs stored as [E, 2I, H] (gate|up) and [E, H, I]; computed expert by expert."""
+
+    def __init__(self, hidden: int, spec: MoESpec):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(spec.num_experts, 2 * spec.intermediate_size, hidden))
+        self.down_proj = nn.Parameter(torch.empty(spec.num_experts, hidden, spec.intermediate_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in torch.unique(experts).tolist():
+            rows, which = torch.where(experts == e)
+            gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(gelu_tanh(gate) * up, self.down_proj[e])
+            out.index_add_(0, rows, (y * weights[rows, which, None]).to(out.dtype))
+        return out
