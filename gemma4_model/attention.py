@@ -2,7 +2,8 @@
 
 Queries of a ragged batch attend to KV gathered from the paged cache through each sequence's
 page table. Masks: causal; sliding layers see the previous `window` positions (the query's own
-included); tokens of one bidirectional span (an image) also see each other.
+included) and, where the model uses bidirectional vision attention, tokens of one span (an
+image) also see each other inside that window. Full layers stay causal, as in the reference.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def paged_attention(
     slot: int,
     batch: ForwardBatch,
     layer_type: str,
+    bidirectional_spans: bool = False,
 ) -> torch.Tensor:
     """q [T, heads, head_dim] -> output [T, heads, head_dim]; softmax scale 1 (q, k are normed)."""
     kv_heads, head_dim = group.k.shape[-2:]
@@ -67,7 +69,7 @@ def paged_attention(
         v = v_flat[slots].to(q.dtype).repeat_interleave(rep, dim=1)
         q_span = kv_span = None
         spans = batch.chunk_spans[b]
-        if spans is not None:
+        if spans is not None and bidirectional_spans and group.window is not None:
             start = batch.chunk_starts[b]
             q_span = spans[q_pos - start]
             kv_span = torch.zeros_like(kv_pos)

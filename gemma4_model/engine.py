@@ -146,6 +146,16 @@ class Scheduler:
             self.cache.free_sequence(seq.seq_id)
 
 
+@dataclass
+class EngineStats:
+    """Counters of what the engine has run (for tests and metrics)."""
+
+    steps: int = 0
+    mixed_steps: int = 0  # steps holding both prefill chunks and decode tokens
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+
+
 class Engine:
     """Runs scheduled steps through the decoder and samples; offline `generate` for demos/tests."""
 
@@ -154,6 +164,7 @@ class Engine:
         self.cache = cache
         self.scheduler = Scheduler(cache, limits, model.cfg.max_position_embeddings)
         self.device = next(model.parameters()).device
+        self.stats = EngineStats()
         self._next_id = 0
 
     def add_request(self, prompt: Sequence[int], params: SamplingParams) -> GenerationSequence:
@@ -172,6 +183,7 @@ class Engine:
             return []
         batch = ForwardBatch.build(plan.chunks, self.cache, self.device)
         out = self.model(batch, self.cache)
+        self._count(plan)
         finished = []
         for i, (seq, chunk, sampled) in enumerate(zip(plan.seqs, plan.chunks, plan.samples)):
             end = chunk.start + len(chunk.token_ids)
@@ -189,6 +201,16 @@ class Engine:
                 self.scheduler.finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def _count(self, plan: StepPlan) -> None:
+        decode = [chunk.start >= len(seq.prompt) for seq, chunk in zip(plan.seqs, plan.chunks)]
+        self.stats.steps += 1
+        self.stats.mixed_steps += any(decode) and not all(decode)
+        for is_decode, chunk in zip(decode, plan.chunks):
+            if is_decode:
+                self.stats.decode_tokens += len(chunk.token_ids)
+            else:
+                self.stats.prefill_tokens += len(chunk.token_ids)
 
     def _finish_reason(self, seq: GenerationSequence, token: int) -> str | None:
         p = seq.params
