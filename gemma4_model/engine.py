@@ -87,6 +87,8 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
+            if seq.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop to make room
             n = min(len(seq.tokens) - self.cache.num_computed(seq.seq_id), self.limits.chunk_size, budget)
             if not self._make_room(seq, n, plan):
                 continue  # seq itself was preempted
