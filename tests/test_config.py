@@ -95,3 +95,42 @@ def test_missing_and_corrupt_config_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4"}))
     with pytest.raises(ConfigError, match="text_config"):
         load_config(tmp_path)
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf_configs"
+
+
+@pytest.mark.parametrize(
+    "name, layers, owners, first_shared, kv_heads, ple, moe",
+    [
+        ("gemma-4-E2B-it", 35, 15, 15, (1, 1), 256, False),
+        ("gemma-4-E4B-it", 42, 24, 24, (2, 2), 256, False),
+        ("gemma-4-26B-A4B-it", 30, 30, 30, (8, 2), 0, True),
+        ("gemma-4-31B-it", 60, 60, 60, (16, 4), 0, False),
+        ("gemma-4-12B-it", 48, 48, 48, (8, 1), 0, False),
+    ],
+)
+def test_published_configs(name, layers, owners, first_shared, kv_heads, ple, moe):
+    cfg = load_config_file(FIXTURES / f"{name}.json")
+    text = cfg.text
+    assert text.num_layers == layers and len(text.kv_layers) == owners and text.first_shared_layer == first_shared
+    sliding = next(l for l in text.layers if l.layer_type == SLIDING)
+    full = next(l for l in text.layers if l.layer_type == FULL)
+    assert (sliding.num_kv_heads, full.num_kv_heads) == kv_heads
+    assert (sliding.head_dim, full.head_dim) == (256, 512)
+    assert text.ple_dim == ple and (text.moe is not None) == moe
+    assert text.vocab_size == 262144 and text.final_logit_softcapping == 30.0
+    for layer in text.layers:  # every shared layer reads the last owner of its own type
+        if not layer.owns_kv:
+            assert layer.kv_owner == text.last_kv_owner(layer.layer_type)
+
+
+@pytest.mark.parametrize("name", ["E2B", "E4B", "26B-A4B", "31B", "12B"])
+def test_published_assistant_configs(name):
+    cfg = load_config_file(FIXTURES / f"gemma-4-{name}-it-assistant.json")
+    assert cfg.is_assistant and not cfg.text.kv_layers
+    assert all(layer.kv_owner is None for layer in cfg.text.layers)
+
+
+def load_config_file(path: Path):
+    return parse_config(json.loads(path.read_text()))
