@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random Gemma 4 checkpoints, and skipping GPU tests on CPU-only machines."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from gemma4_model.random_checkpoint import save_tiny_checkpoint
+
+GPU_SKIP_REASON = "needs a CUDA device; run through the device tool"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU-only machines)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason=GPU_SKIP_REASON)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., pathlib.Path]:
+    """`get(variant, seed=0, max_shard_size=None, **text_overrides) -> Path` of a saved checkpoint.
+
+    Each distinct (variant, arguments) is built and saved once per test session.
+    """
+    saved: dict[tuple[str, str], pathlib.Path] = {}
+
+    def get(variant: str, **kwargs: Any) -> pathlib.Path:
+        key = (variant, repr(sorted(kwargs.items())))
+        if key not in saved:
+            path = tmp_path_factory.mktemp(f"tiny-{variant}")
+            saved[key] = save_tiny_checkpoint(variant, path, **kwargs)
+        return saved[key]
+
+    return get
