@@ -103,6 +103,7 @@ class TextConfig:
     ple_vocab_size: int
     moe: MoESpec | None
     bidirectional: str | None  # None, "vision" or "all"
+    span_attention: str  # how image spans attend: "none", "sliding_layers" (gemma4), "all_layers" (unified)
     max_position_embeddings: int
     pad_token_id: int | None
     bos_token_id: int | None
@@ -262,6 +263,7 @@ def parse_text_config(raw: Mapping[str, Any], *, reads_target_kv: bool = False, 
     `prefix` is how error messages name the section ("text_config." inside a full config).
     """
     p = prefix
+    unified = str(raw.get("model_type", "")).startswith("gemma4_unified")
     num_layers = _int(raw, "num_hidden_layers", minimum=1, prefix=p)
     hidden = _int(raw, "hidden_size", minimum=1, prefix=p)
     num_heads = _int(raw, "num_attention_heads", minimum=1, prefix=p)
@@ -320,11 +322,20 @@ def parse_text_config(raw: Mapping[str, Any], *, reads_target_kv: bool = False, 
         ple_vocab_size=(raw.get("vocab_size_per_layer_input") or vocab) if ple_dim else 0,
         moe=_moe_spec(raw, p),
         bidirectional=bidirectional,
+        span_attention=_span_attention(bidirectional, unified),
         max_position_embeddings=_int(raw, "max_position_embeddings", minimum=1, default=131072, prefix=p),
         pad_token_id=raw.get("pad_token_id"),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )
+
+
+def _span_attention(bidirectional: str | None, unified: bool) -> str:
+    """Image spans attend bidirectionally: Gemma 4 on sliding layers inside the window; the
+    unified family (Gemma 3 style) on every layer, the span overriding the window."""
+    if bidirectional != "vision":
+        return "none"
+    return "all_layers" if unified else "sliding_layers"
 
 
 def _layer_types(raw: Mapping[str, Any], num_layers: int, p: str) -> list[str]:

@@ -31,7 +31,7 @@ class Attention(nn.Module):
         super().__init__()
         self.spec = spec
         self.heads = cfg.num_heads
-        self.bidirectional = cfg.bidirectional == "vision"
+        self.span_mode = _span_mode(cfg.span_attention, spec)
         d = spec.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -53,8 +53,16 @@ class Attention(nn.Module):
             raw_v = raw_k if self.v_proj is None else self.v_proj(x).view(T, spec.num_kv_heads, spec.head_dim)
             k = apply_rope(self.k_norm(raw_k), cos, sin)
             write_kv(group, slot, batch.groups[spec.layer_type].write_slots, k, self.v_norm(raw_v))
-        out = paged_attention(q, group, slot, batch, spec.layer_type, self.bidirectional)
+        out = paged_attention(q, group, slot, batch, spec.layer_type, self.span_mode)
         return self.o_proj(out.reshape(T, -1))
+
+
+def _span_mode(span_attention: str, spec: LayerSpec) -> str:
+    if span_attention == "all_layers":
+        return "override"
+    if span_attention == "sliding_layers" and spec.is_sliding:
+        return "windowed"
+    return "none"
 
 
 class DecoderLayer(nn.Module):

@@ -42,3 +42,21 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., p
         return saved[key]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_pages(monkeypatch: pytest.MonkeyPatch):
+    """After every test, every KV page pool a test created must have no page in use."""
+    from gemma4_model.kv_cache import PagedKVCache
+
+    created: list[PagedKVCache] = []
+    original = PagedKVCache.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        created.append(self)
+
+    monkeypatch.setattr(PagedKVCache, "__init__", tracking_init)
+    yield created
+    leaks = [cache.pages_in_use() for cache in created if any(cache.pages_in_use().values())]
+    assert not leaks, f"pages still in use after the test: {leaks}"
