@@ -185,8 +185,9 @@ def _tool_instance(kind: str, rng: random.Random, heldout: bool) -> TaskInstance
         temp, cond = rng.randint(-10, 40), rng.choice(_CONDITIONS)
         result = {"temperature": temp, "condition": cond, "unit": "celsius"}
         answer = f"It is {cond} and {temp} degrees in {city}."
+    # The published template wants arguments as a mapping (a JSON string makes it raise).
     call_msg = {"role": "assistant", "tool_calls": [{"id": "call_0", "type": "function", "function": {
-        "name": call.name, "arguments": json.dumps(call.arguments)}}]}
+        "name": call.name, "arguments": dict(call.arguments)}}]}
     tool_msg = {"role": "tool", "tool_call_id": "call_0", "name": call.name, "content": json.dumps(result)}
     return TaskInstance(kind, (_user(question), call_msg, tool_msg), answer, tools=tools)
 
