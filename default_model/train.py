@@ -90,13 +90,25 @@ def _render(args):
     kind_seed, heldout = args
     kind, seed = kind_seed
     inst = make_set(seed, 1, heldout, kinds=(kind,))[0]
-    return _WORKER["renderer"].render(inst)
+    rendered = _WORKER["renderer"].render(inst)
+    # Tensors go back as numpy: torch's shared-memory hand-off runs out of file descriptors here.
+    for name in ("pixel_values", "image_position_ids", "input_features", "input_features_mask"):
+        value = getattr(rendered, name)
+        if value is not None:
+            setattr(rendered, name, value.numpy())
+    return rendered
 
 
 def render_all(tokenizer_dir: Path, count: int, seed: int, workers: int) -> list:
     jobs = [((KINDS[i % len(KINDS)], seed * 10_000_000 + i), False) for i in range(count)]
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
-        return list(pool.map(_render, jobs, chunksize=256))
+        rendered = list(pool.map(_render, jobs, chunksize=256))
+    for r in rendered:
+        for name in ("pixel_values", "image_position_ids", "input_features", "input_features_mask"):
+            value = getattr(r, name)
+            if value is not None:
+                setattr(r, name, torch.from_numpy(value))
+    return rendered
 
 
 def collate(examples, pad_id: int, device):
@@ -163,7 +175,7 @@ def train(args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 100 == 0 or step == args.steps - 1:
-            log.append({"step": step, "loss": round(float(loss), 4), "lr": lr, "elapsed_s": round(time.time() - t0, 1)})
+            log.append({"step": step, "loss": round(float(loss.detach()), 4), "lr": lr, "elapsed_s": round(time.time() - t0, 1)})
             print(log[-1], flush=True)
     model = model.to(torch.bfloat16).eval()
     model.generation_config.eos_token_id = config.text_config.eos_token_id + [tokenizer.convert_tokens_to_ids("<|tool_response>")]
