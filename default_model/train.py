@@ -1,6 +1,6 @@
 """Train Tandem's embedded default model: a small Gemma 4 with the real architecture.
 
-    python -m default_model.train --out default_model/checkpoint [--steps 3000] [--seed 0]
+    python -m default_model.train --out default_model/checkpoint [--steps 1800] [--seed 0]
 
 Seeded end to end: the task instances, the tokenizer (trained on their text), the initial
 weights and the batch order all follow `--seed`. Writes a Hugging Face checkpoint
@@ -82,6 +82,7 @@ _WORKER: dict = {}
 def _init_worker(tokenizer_dir: str) -> None:
     from transformers import AutoTokenizer
 
+    torch.set_num_threads(1)  # one core per worker; many threads per worker oversubscribe the host
     image, audio = media_processors()
     _WORKER["renderer"] = Renderer(AutoTokenizer.from_pretrained(tokenizer_dir), image, audio)
 
@@ -209,13 +210,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Train the embedded default Gemma 4 model.")
     ap.add_argument("--out", default="default_model/checkpoint")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=1800)
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--examples", type=int, default=60_000)
+    ap.add_argument("--examples", type=int, default=50_000)
     ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=14)
     train(ap.parse_args(argv))
 
 
