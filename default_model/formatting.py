@@ -31,7 +31,10 @@ def build_tokenizer(corpus: list[str], vocab_size: int):
 
     specials = list(SPECIAL["tokens"])  # <pad> 0, <eos> 1, <bos> 2, <unk> 3, <mask> 4, then the rest
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits stay single tokens so arithmetic is learnable digit by digit.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, show_progress=False,

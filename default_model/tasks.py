@@ -115,6 +115,27 @@ def _fresh_word(rng: random.Random, heldout: bool) -> str:
             return w
 
 
+_ONSETS = ("b", "br", "c", "ch", "d", "dr", "f", "g", "gr", "h", "j", "k", "kl", "l", "m", "n", "p", "pr",
+           "qu", "r", "s", "sh", "st", "t", "tr", "v", "w", "y", "z")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ou", "y")
+_CODAS = ("", "", "n", "r", "s", "l", "m", "nd", "rt", "x")
+
+
+def _invented_name(rng: random.Random) -> str:
+    """A capitalised made-up proper noun, sometimes two words: training material for copying
+    names the model has never seen (held-out cities and people are real but unseen)."""
+    def one() -> str:
+        return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                       for _ in range(rng.randint(1, 3))).capitalize()
+    return one() if rng.random() < 0.8 else f"{one()} {one()}"
+
+
+def _proper_noun(rng: random.Random, pool: list[str], heldout: bool) -> str:
+    if not heldout and rng.random() < 0.5:
+        return _invented_name(rng)
+    return rng.choice(_pool(pool, heldout))
+
+
 def _number_pair(rng: random.Random, heldout: bool) -> tuple[int, int]:
     while True:
         a, b = rng.randint(0, 99), rng.randint(0, 99)
@@ -143,8 +164,8 @@ def make_instance(kind: str, rng: random.Random, heldout: bool) -> TaskInstance:
     if kind in ("tool_call", "tool_answer"):
         return _tool_instance(kind, rng, heldout)
     if kind == "json":
-        name = rng.choice(_pool(_NAMES, heldout))
-        city = rng.choice(_pool(_CITIES, heldout))
+        name = _proper_noun(rng, _NAMES, heldout)
+        city = _proper_noun(rng, _CITIES, heldout)
         age = rng.randint(18, 90)
         text = f"{name} is {age} years old and lives in {city}."
         answer = json.dumps({"name": name, "age": age, "city": city})
@@ -165,7 +186,7 @@ def make_instance(kind: str, rng: random.Random, heldout: bool) -> TaskInstance:
 
 
 def _tool_instance(kind: str, rng: random.Random, heldout: bool) -> TaskInstance:
-    city = rng.choice(_pool(_CITIES, heldout))
+    city = _proper_noun(rng, _CITIES, heldout)
     wants_time = rng.random() < 0.25
     tools = (WEATHER_TOOL, TIME_TOOL)
     if wants_time:

@@ -211,7 +211,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="default_model/checkpoint")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=1800)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--examples", type=int, default=50_000)
