@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -99,6 +101,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     report = evaluate(args.checkpoint, args.per_kind, args.seed, args.device)
+    report["command"] = "python -m default_model.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+    report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
