@@ -1,0 +1,40 @@
+"""The embedded default model: real Gemma 4 architecture, right answers on held-out tasks, and
+Tandem's decoder giving transformers' greedy tokens."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from default_model.evaluate import evaluate
+from default_model.tasks import KINDS
+from gemma4_model.config import load_config
+
+CHECKPOINT = Path(__file__).resolve().parents[1] / "default_model" / "checkpoint"
+
+
+def test_checkpoint_has_the_gemma4_architecture_and_fits_the_size_budget():
+    config = load_config(CHECKPOINT)
+    text = config.text
+    assert config.model_type == "gemma4" and config.vision is not None and config.audio is not None
+    assert text.ple_dim > 0 and text.first_shared_layer < text.num_layers
+    assert {l.layer_type for l in text.layers} == {"sliding_attention", "full_attention"}
+    size = sum(f.stat().st_size for f in CHECKPOINT.iterdir())
+    assert size <= 20 * 2**20, size
+    tokenizer_config = json.loads((CHECKPOINT / "tokenizer_config.json").read_text())
+    assert tokenizer_config["image_token"] == "<|image|>" and tokenizer_config["eot_token"] == "<turn|>"
+
+
+@pytest.fixture(scope="module")
+def report():
+    return evaluate(CHECKPOINT, per_kind=10, seed=11, device="cpu")
+
+
+def test_heldout_accuracy_with_transformers(report):
+    assert set(report["accuracy_per_kind"]) == set(KINDS)
+    assert report["accuracy_overall"] >= 0.95, report["failures"]
+
+
+def test_tandem_decoder_gives_transformers_greedy_tokens(report):
+    compared = report["tandem_matches_transformers"]
+    assert compared["compared"] == 70 and compared["identical"] == compared["compared"]
