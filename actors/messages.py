@@ -1,0 +1,240 @@
+"""Every message that crosses a socket between actors, and its one wire encoding.
+
+A message is a frozen dataclass registered here. On the wire it is a list of ZeroMQ frames:
+frame 0 is a msgpack map {"type", "fields", "arrays"}; each array field travels as one more
+frame of raw bytes (dtype and shape in the header), sent and received without a copy. No
+pickle anywhere. Decoding checks the type name, the field names and kinds, array dtypes and
+every size against limits, so a malformed or hostile message is a `MessageError`, never a crash.
+Arrays are numpy (the api actor imports no torch); tensors convert with `torch.from_numpy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+
+MAX_HEADER_BYTES = 1 << 20
+MAX_ARRAY_BYTES = 1 << 30
+MAX_ARRAYS = 64
+ALLOWED_DTYPES = frozenset({"bool", "uint8", "int8", "int32", "int64", "float16", "float32", "uint16"})
+# bfloat16 has no numpy dtype: such tensors travel as uint16 views with `bfloat16` noted by the sender.
+
+
+class MessageError(ValueError):
+    """A frame list that is not a valid message."""
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def message(cls):
+    """Class decorator: a frozen dataclass that may travel between actors."""
+    cls = dataclass(frozen=True)(cls)
+    if cls.__name__ in _REGISTRY:
+        raise TypeError(f"message type {cls.__name__} declared twice")
+    _REGISTRY[cls.__name__] = cls
+    cls._hints = typing.get_type_hints(cls)
+    return cls
+
+
+def _is_array_field(hint: Any) -> bool:
+    return hint is np.ndarray or (typing.get_origin(hint) is typing.Union and np.ndarray in typing.get_args(hint))
+
+
+@message
+class SamplingSpec:
+    """Decoding settings carried with a request (OpenAI-style names)."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@message
+class GenerateRequest:
+    """api -> preprocess: one request, after validation, before tokenization."""
+
+    request_id: str
+    messages_json: str  # the OpenAI messages (and tools) as JSON text; parsed by preprocess
+    sampling: SamplingSpec
+    stream: bool = True
+
+
+@message
+class PrefillJob:
+    """preprocess -> prefill: token ids ready to run (multimodal spans arrive as EncodeResult)."""
+
+    request_id: str
+    token_ids: np.ndarray  # int32 [n]
+    sampling: SamplingSpec
+    num_media: int = 0  # EncodeResults to wait for before prefill can run
+
+
+@message
+class EncodeResult:
+    """vision/audio encoder -> prefill: embeddings for one placeholder span."""
+
+    request_id: str
+    media_index: int
+    start: int  # first placeholder position in the prompt
+    embeddings: np.ndarray  # [span, hidden]
+
+
+@message
+class TokenBatch:
+    """decode (or prefill, for the first token) -> api: new tokens of one request."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@message
+class RequestError:
+    """any actor -> api: the request ended with an error the client must see."""
+
+    request_id: str
+    code: int  # HTTP-like status
+    message: str
+
+
+@message
+class CancelRequest:
+    """api -> every actor: the client went away; drop the request and free its pages."""
+
+    request_id: str
+
+
+@message
+class ActorReady:
+    """actor -> launcher: started, sockets bound, model loaded."""
+
+    actor: str
+    replica: int
+    pid: int
+
+
+_SCALARS = (int, float, str, bool, type(None))
+
+
+def _check_value(name: str, value: Any, hint: Any) -> None:
+    """Refuse field values whose kind does not match the declaration (shallow, cheap)."""
+    origin = typing.get_origin(hint)
+    options = typing.get_args(hint) if origin is typing.Union or isinstance(hint, type(int | None)) else (hint,)
+    for option in options:
+        base = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return
+        if base in _REGISTRY.values() and isinstance(value, dict):
+            return
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if base is list and isinstance(value, list):
+            item = (typing.get_args(option) or (object,))[0]
+            if item is object or all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                return
+        if base in (str, bool, dict) and isinstance(value, base):
+            return
+    raise MessageError(f"field {name!r}: {type(value).__name__} does not match {hint}")
+
+
+def encode(msg: Any) -> list[bytes | memoryview]:
+    """Message -> frames (header first, then one raw frame per array field)."""
+    cls = type(msg)
+    if _REGISTRY.get(cls.__name__) is not cls:
+        raise TypeError(f"{cls.__name__} is not a registered message")
+    fields: dict[str, Any] = {}
+    arrays: list[dict[str, Any]] = []
+    frames: list[bytes | memoryview] = []
+    for f in dataclasses.fields(msg):
+        value = getattr(msg, f.name)
+        if isinstance(value, np.ndarray):
+            array = np.ascontiguousarray(value)
+            arrays.append({"field": f.name, "dtype": str(array.dtype), "shape": list(array.shape)})
+            frames.append(memoryview(array).cast("B"))
+        elif dataclasses.is_dataclass(value):
+            fields[f.name] = dataclasses.asdict(value)
+        else:
+            fields[f.name] = value
+    header = msgpack.packb({"type": cls.__name__, "fields": fields, "arrays": arrays}, use_bin_type=True)
+    return [header, *frames]
+
+
+def decode(frames: Sequence[bytes | memoryview]) -> Any:
+    """Frames -> message, validated; arrays are zero-copy views of their frames."""
+    if not frames:
+        raise MessageError("no frames")
+    header_bytes = frames[0]
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        raise MessageError(f"header of {len(header_bytes)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(header_bytes, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise MessageError(f"header is not msgpack: {exc}") from None
+    if not isinstance(header, dict) or set(header) != {"type", "fields", "arrays"}:
+        raise MessageError("header must be a map of type, fields, arrays")
+    cls = _REGISTRY.get(header["type"]) if isinstance(header["type"], str) else None
+    if cls is None:
+        raise MessageError(f"unknown message type {header['type']!r}")
+    fields, arrays = header["fields"], header["arrays"]
+    if not isinstance(fields, dict) or not isinstance(arrays, list) or len(arrays) > MAX_ARRAYS:
+        raise MessageError("fields must be a map and arrays a short list")
+    if len(frames) != 1 + len(arrays):
+        raise MessageError(f"{len(arrays)} arrays declared but {len(frames) - 1} frames sent")
+    values = dict(fields)
+    for spec, frame in zip(arrays, frames[1:]):
+        name, array = _decode_array(spec, frame)
+        values[name] = array
+    return _build(cls, values)
+
+
+def _decode_array(spec: Any, frame: bytes | memoryview) -> tuple[str, np.ndarray]:
+    if not isinstance(spec, dict) or set(spec) != {"field", "dtype", "shape"}:
+        raise MessageError("array spec must name field, dtype and shape")
+    dtype, shape = spec["dtype"], spec["shape"]
+    if dtype not in ALLOWED_DTYPES:
+        raise MessageError(f"array dtype {dtype!r} is not allowed")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d for d in shape) or len(shape) > 8:
+        raise MessageError(f"bad array shape {shape!r}")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    nbytes = count * np.dtype(dtype).itemsize
+    if nbytes > MAX_ARRAY_BYTES or len(frame) != nbytes:
+        raise MessageError(f"array {spec['field']!r}: frame has {len(frame)} bytes, shape needs {nbytes}")
+    return spec["field"], np.frombuffer(frame, dtype=dtype).reshape(shape)
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise MessageError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = cls._hints[name]
+        if _is_array_field(hint):
+            if not isinstance(value, np.ndarray) and value is not None:
+                raise MessageError(f"{cls.__name__}.{name} must travel as an array frame")
+        else:
+            _check_value(f"{cls.__name__}.{name}", value, hint)
+            nested = next((t for t in (typing.get_args(hint) or (hint,)) if t in _REGISTRY.values()), None)
+            if nested is not None and isinstance(value, dict):
+                value = _build(nested, value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise MessageError(f"{cls.__name__}: {exc}") from None
+
+
+MESSAGE_TYPES = tuple(_REGISTRY)

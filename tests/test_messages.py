@@ -1,0 +1,76 @@
+"""The one message schema: round trips, zero-copy arrays, and refusal of malformed frames."""
+
+import msgpack
+import numpy as np
+import pytest
+
+from actors.messages import (
+    MESSAGE_TYPES,
+    EncodeResult,
+    GenerateRequest,
+    MessageError,
+    PrefillJob,
+    SamplingSpec,
+    TokenBatch,
+    decode,
+    encode,
+)
+
+
+def test_round_trip_with_nested_spec_and_arrays():
+    job = PrefillJob("r1", np.arange(7, dtype=np.int32), SamplingSpec(max_tokens=5, stop_token_ids=[1, 106]), 2)
+    frames = encode(job)
+    assert len(frames) == 2
+    back = decode([bytes(f) for f in frames])
+    assert back.request_id == "r1" and back.sampling == job.sampling and back.num_media == 2
+    assert np.array_equal(back.token_ids, job.token_ids) and back.token_ids.dtype == np.int32
+
+
+def test_arrays_are_views_of_their_frames():
+    emb = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    header, frame = encode(EncodeResult("r", 0, 5, emb))
+    buffer = bytearray(frame)
+    back = decode([header, buffer])
+    buffer[:4] = np.float32(42.0).tobytes()
+    assert back.embeddings[0, 0] == 42.0  # no copy was made
+
+
+def test_every_message_type_round_trips_defaults():
+    assert {"GenerateRequest", "PrefillJob", "EncodeResult", "TokenBatch", "RequestError", "CancelRequest",
+            "ActorReady", "SamplingSpec"} <= set(MESSAGE_TYPES)
+    for msg in (GenerateRequest("a", "[]", SamplingSpec()), TokenBatch("a", [1, 2], "stop")):
+        assert decode(encode(msg)) == msg
+
+
+def _header(**over):
+    base = {"type": "TokenBatch", "fields": {"request_id": "x", "token_ids": [1]}, "arrays": []}
+    base.update(over)
+    return msgpack.packb(base)
+
+
+@pytest.mark.parametrize(
+    "frames, problem",
+    [
+        ([], "no frames"),
+        ([b"\xc1\xc1garbage"], "not msgpack"),
+        ([msgpack.packb([1, 2])], "header must be"),
+        ([_header(type="Pickle")], "unknown message type"),
+        ([_header(fields={"request_id": "x", "token_ids": [1], "evil": 1})], "unknown fields"),
+        ([_header(fields={"request_id": 5, "token_ids": [1]})], "does not match"),
+        ([_header(fields={"request_id": "x", "token_ids": ["a"]})], "does not match"),
+        ([_header(fields={"token_ids": [1]})], "request_id"),
+        ([_header(arrays=[{"field": "token_ids", "dtype": "int32", "shape": [2]}])], "frames sent"),
+        ([_header(arrays=[{"field": "token_ids", "dtype": "object", "shape": [2]}]), b"12345678"], "not allowed"),
+        ([_header(arrays=[{"field": "token_ids", "dtype": "int32", "shape": [3]}]), b"12345678"], "bytes"),
+        ([_header(fields={"request_id": "x"}, arrays=[{"field": "token_ids", "dtype": "int32", "shape": [2]}]),
+          b"12345678"], "array"),
+    ],
+)
+def test_malformed_frames_are_refused(frames, problem):
+    with pytest.raises(MessageError, match=problem):
+        decode(frames)
+
+
+def test_unregistered_objects_cannot_be_encoded():
+    with pytest.raises(TypeError):
+        encode({"type": "TokenBatch"})
