@@ -16,6 +16,8 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import config
+
 __all__ = [
     "KNOWN_MODEL_TYPES",
     "CheckpointError",
@@ -29,14 +31,7 @@ __all__ = [
     "load_tensors",
 ]
 
-KNOWN_MODEL_TYPES: frozenset[str] = frozenset({
-    "gemma4",
-    "gemma4_text",
-    "gemma4_unified",
-    "gemma4_unified_text",
-    "gemma4_assistant",
-    "gemma4_unified_assistant",
-})
+KNOWN_MODEL_TYPES: frozenset[str] = frozenset(config.KNOWN_MODEL_TYPES)
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
