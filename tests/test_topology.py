@@ -1,0 +1,74 @@
+"""Topology files: every checked-in example loads; bad files name the field at fault."""
+
+import copy
+import tomllib
+
+import pytest
+
+from topology.config import EXAMPLES, TopologyError, load_topology, parse_topology
+
+
+def test_every_example_loads():
+    loaded = {p.stem: load_topology(p) for p in sorted(EXAMPLES.glob("*.toml"))}
+    assert set(loaded) == {"cpu_colocated", "cpu_disaggregated", "cpu_two_node", "gpu_colocated",
+                           "gpu_split", "gpu_two", "gpu_two_node"}
+    assert loaded["cpu_colocated"].colocated and loaded["cpu_colocated"].transfer is None
+    assert loaded["cpu_colocated"].api.host == "127.0.0.1"
+    assert loaded["cpu_disaggregated"].transfer == "shm"
+    assert loaded["cpu_two_node"].transfer == "tcp" and loaded["cpu_two_node"].actor("decode").node == "back"
+    assert loaded["gpu_two"].actor("decode").device == "cuda:1" and loaded["gpu_two"].transfer == "cuda_ipc"
+    assert loaded["gpu_two_node"].transfer == "nccl"
+
+
+BASE = tomllib.loads((EXAMPLES / "cpu_disaggregated.toml").read_text())
+
+
+def edited(edit):
+    raw = copy.deepcopy(BASE)
+    edit(raw)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda r: r.update(colour="blue"), "colour"),
+        (lambda r: r.pop("nodes"), "nodes"),
+        (lambda r: r["actors"][1].update(kind="prefiller"), "actors[1].kind"),
+        (lambda r: r["actors"][1].update(device="gpu"), "actors[1].device"),
+        (lambda r: r["actors"][1].update(node="elsewhere"), "actors[1].node"),
+        (lambda r: r["actors"][1].update(replicas=0), "actors[1].replicas"),
+        (lambda r: r["actors"][0].update(device="cuda:0"), "actors[0].device"),
+        (lambda r: r["actors"].pop(2), "actors"),
+        (lambda r: r["actors"].append({"kind": "engine"}), "actors"),
+        (lambda r: r["actors"].append({"kind": "prefill"}), "actors"),
+        (lambda r: r["transfer"].update(backend="carrier-pigeon"), "transfer.backend"),
+        (lambda r: r["transfer"].update(backend="cuda_ipc"), "transfer.backend"),
+        (lambda r: r["api"].update(port=70000), "api.port"),
+        (lambda r: r["api"].update(host="local host; rm"), "api.host"),
+        (lambda r: r.update(model={"dtype": "float8"}), "model.dtype"),
+    ],
+)
+def test_bad_topologies_name_the_field(edit, field):
+    with pytest.raises(TopologyError) as err:
+        parse_topology(edited(edit))
+    assert err.value.field == field and field in str(err.value)
+
+
+def test_shm_needs_one_node_and_gpu_backends_need_gpus():
+    two_nodes = edited(lambda r: (r["nodes"].update(back={"host": "127.0.0.1", "base_port": 5700}),
+                                  r["actors"][2].update(node="back")))
+    with pytest.raises(TopologyError, match="'shm' needs prefill and decode on one node"):
+        parse_topology(two_nodes)
+    gpus = edited(lambda r: (r["actors"][1].update(device="cuda:0"), r["actors"][2].update(device="cuda:1")))
+    with pytest.raises(TopologyError, match="CPU backend"):
+        parse_topology(gpus)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(TopologyError, match="does not exist"):
+        load_topology(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\npath=")
+    with pytest.raises(TopologyError, match="not valid TOML"):
+        load_topology(bad)

@@ -1,0 +1,220 @@
+"""Topology files: which actors run, how many, on which node and device, and how KV moves.
+
+A topology is a TOML file (stdlib `tomllib`) read once into frozen dataclasses and validated
+whole: every error names the field and what was expected. Either one `engine` actor (prefill
+and decode colocated in one process, the baseline) or separate `prefill` and `decode` actors
+joined by a transfer backend.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+ACTOR_KINDS = ("preprocess", "vision_encoder", "audio_encoder", "prefill", "decode", "engine")
+BACKENDS = ("shm", "tcp", "cuda_ipc", "nccl")
+DTYPES = ("float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
+_HOST = re.compile(r"^[A-Za-z0-9.\-:]+$")
+EXAMPLES = Path(__file__).resolve().parent / "examples"
+
+
+class TopologyError(ValueError):
+    """A topology file that is malformed or inconsistent; names the field."""
+
+    def __init__(self, field_name: str, problem: str):
+        super().__init__(f"topology field '{field_name}': {problem}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str  # "default" is the embedded model
+    dtype: str
+    page_size: int
+    kv_pages: int
+
+
+@dataclass(frozen=True)
+class ApiSection:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    host: str
+    base_port: int  # actors on this node bind consecutive ports from here
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    kind: str
+    node: str
+    device: str
+    replicas: int
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str
+    model: ModelSection
+    api: ApiSection
+    nodes: Mapping[str, Node]
+    actors: tuple[ActorSpec, ...]
+    transfer: str | None  # None when colocated
+
+    @property
+    def colocated(self) -> bool:
+        return any(a.kind == "engine" for a in self.actors)
+
+    def actor(self, kind: str) -> ActorSpec | None:
+        return next((a for a in self.actors if a.kind == kind), None)
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read and validate a topology file."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TopologyError("file", f"{path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TopologyError("file", f"not valid TOML ({exc})") from None
+    return parse_topology(raw)
+
+
+def parse_topology(raw: Mapping[str, Any]) -> Topology:
+    """Validate a parsed TOML mapping into a `Topology`."""
+    _only(raw, "", {"name", "model", "api", "nodes", "actors", "transfer"})
+    nodes = _nodes(_table(raw, "nodes", required=True))
+    actors = tuple(_actor(i, a, nodes) for i, a in enumerate(_list(raw, "actors")))
+    kinds = [a.kind for a in actors]
+    for kind in set(kinds):
+        if kinds.count(kind) > 1:
+            raise TopologyError("actors", f"kind {kind!r} listed twice; use its replicas field")
+    if "preprocess" not in kinds:
+        raise TopologyError("actors", "a 'preprocess' actor is required")
+    if "engine" in kinds and ({"prefill", "decode"} & set(kinds)):
+        raise TopologyError("actors", "either one 'engine' (colocated) or 'prefill' + 'decode', not both")
+    if "engine" not in kinds and not {"prefill", "decode"} <= set(kinds):
+        raise TopologyError("actors", "expected an 'engine' actor, or both 'prefill' and 'decode'")
+    transfer = _transfer(_table(raw, "transfer"), actors, nodes)
+    name = raw.get("name", "unnamed")
+    if not isinstance(name, str):
+        raise TopologyError("name", f"expected a string, got {name!r}")
+    return Topology(name, _model(_table(raw, "model")), _api(_table(raw, "api")), nodes, actors, transfer)
+
+
+def _table(raw: Mapping[str, Any], name: str, required: bool = False) -> Mapping[str, Any]:
+    value = raw.get(name)
+    if value is None:
+        if required:
+            raise TopologyError(name, "missing table")
+        return {}
+    if not isinstance(value, Mapping):
+        raise TopologyError(name, "expected a table")
+    return value
+
+
+def _list(raw: Mapping[str, Any], name: str) -> list:
+    value = raw.get(name)
+    if not isinstance(value, list) or not value:
+        raise TopologyError(name, "expected a non-empty array of tables ([[actors]])")
+    return value
+
+
+def _only(table: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+    unknown = set(table) - allowed
+    if unknown:
+        raise TopologyError(f"{where}{sorted(unknown)[0]}", f"unknown field; expected one of {sorted(allowed)}")
+
+
+def _int(table: Mapping[str, Any], where: str, name: str, default: int, lo: int, hi: int) -> int:
+    value = table.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise TopologyError(where + name, f"expected an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _host(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _HOST.match(value):
+        raise TopologyError(where, f"expected a host name or IP address, got {value!r}")
+    return value
+
+
+def _model(t: Mapping[str, Any]) -> ModelSection:
+    _only(t, "model.", {"path", "dtype", "page_size", "kv_pages"})
+    path = t.get("path", "default")
+    if not isinstance(path, str) or not path:
+        raise TopologyError("model.path", f"expected 'default' or a checkpoint directory, got {path!r}")
+    dtype = t.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise TopologyError("model.dtype", f"expected one of {list(DTYPES)}, got {dtype!r}")
+    return ModelSection(path, dtype, _int(t, "model.", "page_size", 16, 1, 1024),
+                        _int(t, "model.", "kv_pages", 2048, 1, 1 << 24))
+
+
+def _api(t: Mapping[str, Any]) -> ApiSection:
+    _only(t, "api.", {"host", "port"})
+    return ApiSection(_host(t.get("host", "127.0.0.1"), "api.host"), _int(t, "api.", "port", 8000, 1, 65535))
+
+
+def _nodes(t: Mapping[str, Any]) -> dict[str, Node]:
+    if not t:
+        raise TopologyError("nodes", "declare at least one node, e.g. [nodes.local]")
+    nodes = {}
+    for name, node in t.items():
+        where = f"nodes.{name}."
+        if not isinstance(node, Mapping):
+            raise TopologyError(f"nodes.{name}", "expected a table")
+        _only(node, where, {"host", "base_port"})
+        nodes[name] = Node(name, _host(node.get("host", "127.0.0.1"), where + "host"),
+                           _int(node, where, "base_port", 5600, 1024, 65000))
+    return nodes
+
+
+def _actor(i: int, a: Any, nodes: Mapping[str, Node]) -> ActorSpec:
+    where = f"actors[{i}]."
+    if not isinstance(a, Mapping):
+        raise TopologyError(f"actors[{i}]", "expected a table")
+    _only(a, where, {"kind", "node", "device", "replicas"})
+    kind = a.get("kind")
+    if kind not in ACTOR_KINDS:
+        raise TopologyError(where + "kind", f"expected one of {list(ACTOR_KINDS)}, got {kind!r}")
+    node = a.get("node", next(iter(nodes)))
+    if node not in nodes:
+        raise TopologyError(where + "node", f"{node!r} is not declared under [nodes]; declared: {sorted(nodes)}")
+    device = a.get("device", "cpu")
+    if not isinstance(device, str) or not _DEVICE.match(device):
+        raise TopologyError(where + "device", f"expected 'cpu' or 'cuda:N', got {device!r}")
+    if kind == "preprocess" and device != "cpu":
+        raise TopologyError(where + "device", "preprocess runs on the CPU")
+    return ActorSpec(kind, node, device, _int(a, where, "replicas", 1, 1, 64))
+
+
+def _transfer(t: Mapping[str, Any], actors: tuple[ActorSpec, ...], nodes: Mapping[str, Node]) -> str | None:
+    _only(t, "transfer.", {"backend"})
+    by_kind = {a.kind: a for a in actors}
+    if "engine" in by_kind:
+        if t.get("backend") is not None:
+            raise TopologyError("transfer.backend", "a colocated engine hands no KV over; remove [transfer]")
+        return None
+    backend = t.get("backend")
+    if backend not in BACKENDS:
+        raise TopologyError("transfer.backend", f"expected one of {list(BACKENDS)}, got {backend!r}")
+    prefill, decode = by_kind["prefill"], by_kind["decode"]
+    same_node = prefill.node == decode.node
+    on_gpu = prefill.device.startswith("cuda") and decode.device.startswith("cuda")
+    if backend == "shm" and not same_node:
+        raise TopologyError("transfer.backend", "'shm' needs prefill and decode on one node; use 'tcp'")
+    if backend in ("cuda_ipc", "nccl") and not on_gpu:
+        raise TopologyError("transfer.backend", f"{backend!r} needs prefill and decode on cuda devices")
+    if backend == "cuda_ipc" and not same_node:
+        raise TopologyError("transfer.backend", "'cuda_ipc' needs prefill and decode on one node; use 'nccl'")
+    if backend in ("shm", "tcp") and on_gpu:
+        raise TopologyError("transfer.backend", f"{backend!r} is a CPU backend; GPU actors use 'cuda_ipc' or 'nccl'")
+    return backend
