@@ -38,6 +38,7 @@ class GenerationSequence:
     num_computed_tokens: int = 0  # positions run through the model (prefill and decode), all attempts
     step_logits: list[torch.Tensor] = field(default_factory=list)
     generator: torch.Generator | None = None
+    request_id: str | None = None  # the caller's name for it (actors use the API request id)
 
     @property
     def tokens(self) -> list[int]:
@@ -169,24 +170,30 @@ class Engine:
         self.stats = EngineStats()
         self._next_id = 0
 
-    def add_request(self, prompt: Sequence[int], params: SamplingParams) -> GenerationSequence:
-        seq = GenerationSequence(self._next_id, list(prompt), params)
+    def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None) -> GenerationSequence:
+        seq = GenerationSequence(self._next_id, list(prompt), params, request_id=request_id)
         self._next_id += 1
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
         self.scheduler.add(seq)
         return seq
 
+    def cancel(self, seq: GenerationSequence) -> None:
+        """Drop a sequence wherever it is (waiting or running) and free its pages now."""
+        if seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq, "cancelled")
+
     @torch.inference_mode()
     def step(self) -> list[GenerationSequence]:
-        """One forward over the planned chunks; returns sequences that finished."""
+        """One forward over the planned chunks; returns the sequences that got a token
+        (its `output[-1]`; `status` says whether that finished it)."""
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
         batch = ForwardBatch.build(plan.chunks, self.cache, self.device)
         out = self.model(batch, self.cache)
         self._count(plan)
-        finished = []
+        advanced = []
         for i, (seq, chunk, sampled) in enumerate(zip(plan.seqs, plan.chunks, plan.samples)):
             end = chunk.start + len(chunk.token_ids)
             seq.num_computed_tokens += len(chunk.token_ids)
@@ -198,11 +205,11 @@ class Engine:
                 seq.step_logits.append(logits.float().cpu())
             token = sample(logits, seq.params, seq.generator)
             seq.output.append(token)
+            advanced.append(seq)
             reason = self._finish_reason(seq, token)
             if reason:
                 self.scheduler.finish(seq, reason)
-                finished.append(seq)
-        return finished
+        return advanced
 
     def _count(self, plan: StepPlan) -> None:
         decode = [chunk.start >= len(seq.prompt) for seq, chunk in zip(plan.seqs, plan.chunks)]

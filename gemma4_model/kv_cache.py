@@ -89,9 +89,7 @@ class PagedKVCache:
     def pages_for(self, layer_type: str, start: int, end: int) -> int:
         """Pages a sequence holds in a group while positions [start, end) are being computed."""
         group = self.groups[layer_type]
-        first = start
-        if group.window is not None:
-            first = max(0, start - group.window + 1)
+        first = 0 if group.window is None else max(0, start - group.window + 1)
         return _ceil_div(end, self.page_size) - first // self.page_size
 
     def check_fits(self, max_tokens: int, chunk: int) -> None:

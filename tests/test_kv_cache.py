@@ -109,3 +109,12 @@ def test_truncate_drops_rejected_positions():
     assert len(cache.page_table(0, FULL)) == 2 and cache.pages_in_use()[FULL] == 2
     cache.free_sequence(0)
     assert cache.pages_in_use() == {SLIDING: 0, FULL: 0}
+
+
+def test_full_layers_count_every_page_from_the_start():
+    cfg = text_config(window=8)
+    cache = PagedKVCache(cfg, page_size=4, num_pages=16)
+    assert cache.pages_for(FULL, 40, 48) == 12
+    assert cache.pages_for(SLIDING, 40, 48) == 12 - (40 - 8 + 1) // 4
+    with pytest.raises(RequestTooLargeError, match="full_attention"):
+        cache.check_fits(max_tokens=80, chunk=8)  # 20 full pages, however small the chunk

@@ -1,0 +1,49 @@
+"""ZeroMQ sockets wrapped once: send and receive typed messages, zero-copy, size-limited.
+
+Each edge of the pipeline uses one socket pattern chosen on purpose: PUSH/PULL for the
+one-way request path (api -> preprocess -> prefill -> decode) and for token streams back to
+the api. Received frames are decoded by `actors.messages.decode`, which validates everything;
+`MAX_MESSAGE_BYTES` bounds what a peer can make us buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+
+from .messages import decode, encode
+
+MAX_MESSAGE_BYTES = 1 << 30
+
+
+class Channel:
+    """One ZeroMQ socket carrying registered messages."""
+
+    def __init__(self, ctx: zmq.Context, kind: int, endpoint: str, *, bind: bool):
+        self.socket = ctx.socket(kind)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.socket.setsockopt(zmq.LINGER, 0)  # shutdown never blocks on unsent messages
+        (self.socket.bind if bind else self.socket.connect)(endpoint)
+        self.endpoint = endpoint
+
+    def send(self, msg: Any) -> None:
+        self.socket.send_multipart(encode(msg), copy=False)
+
+    def recv(self, timeout_ms: int | None = None) -> Any | None:
+        """The next message, or None if none arrived within `timeout_ms`."""
+        if timeout_ms is not None and not self.socket.poll(timeout_ms):
+            return None
+        frames = self.socket.recv_multipart(copy=False)
+        return decode([f.buffer for f in frames])
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def push(ctx: zmq.Context, endpoint: str, bind: bool = False) -> Channel:
+    return Channel(ctx, zmq.PUSH, endpoint, bind=bind)
+
+
+def pull(ctx: zmq.Context, endpoint: str, bind: bool = True) -> Channel:
+    return Channel(ctx, zmq.PULL, endpoint, bind=bind)
