@@ -1,0 +1,91 @@
+"""The preprocess actor: chat template and tokenization, turning a `GenerateRequest` into a
+`PrefillJob` for prefill (or the colocated engine).
+
+Detokenization lives in the api actor, not here: the api owns the client's stream and runs the
+reasoning / tool-call parsers on the text, so sending token ids back to it directly saves a hop
+per token. Bad input (unparseable messages, a template that refuses them) ends the request at
+once with a `RequestError`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+
+from .messages import GenerateRequest, PrefillJob, RequestError
+from .transport import Channel
+
+
+class Preprocessor:
+    """Renders OpenAI-style messages through the checkpoint's chat template and tokenizes."""
+
+    def __init__(self, tokenizer, stop_token_ids: list[int]):
+        self.tokenizer = tokenizer
+        self.stop_token_ids = list(stop_token_ids)
+
+    def prefill_job(self, request: GenerateRequest) -> PrefillJob:
+        """Raises ValueError with a client-facing message when the request cannot be rendered."""
+        try:
+            body = json.loads(request.messages_json)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"messages are not valid JSON: {exc}") from None
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+            raise ValueError("expected an object with a non-empty 'messages' list")
+        messages = [_with_parsed_arguments(m) for m in body["messages"]]
+        kwargs = body.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise ValueError("'chat_template_kwargs' must be an object")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tools=body.get("tools") or None, tokenize=False, add_generation_prompt=True, **kwargs,
+            )
+        except Exception as exc:  # jinja raises many types for messages it cannot render
+            raise ValueError(f"the chat template cannot render these messages: {exc}") from None
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        sampling = request.sampling
+        stops = sorted(set(sampling.stop_token_ids) | set(self.stop_token_ids))
+        spec = type(sampling)(**{**sampling.__dict__, "stop_token_ids": stops})
+        return PrefillJob(request.request_id, np.asarray(ids, dtype=np.int32), spec)
+
+
+def _with_parsed_arguments(message):
+    """OpenAI clients send tool-call arguments as JSON text; the Gemma 4 template wants a mapping."""
+    if not isinstance(message, dict) or not isinstance(message.get("tool_calls"), list):
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            try:
+                arguments = json.loads(function["arguments"])
+            except json.JSONDecodeError:
+                raise ValueError(f"tool call {function.get('name')!r}: arguments are not valid JSON") from None
+            if not isinstance(arguments, dict):
+                raise ValueError(f"tool call {function.get('name')!r}: arguments must be a JSON object")
+            call = {**call, "function": {**function, "arguments": arguments}}
+        calls.append(call)
+    return {**message, "tool_calls": calls}
+
+
+class PreprocessActor:
+    """Pulls `GenerateRequest`s, pushes `PrefillJob`s downstream and errors back to the api."""
+
+    def __init__(self, preprocessor: Preprocessor, inbox: Channel, downstream: Channel, errors: Channel):
+        self.preprocessor = preprocessor
+        self.inbox = inbox
+        self.downstream = downstream
+        self.errors = errors
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            msg = self.inbox.recv(timeout_ms=50)
+            if msg is None:
+                continue
+            if not isinstance(msg, GenerateRequest):
+                raise TypeError(f"preprocess got an unexpected {type(msg).__name__}")
+            try:
+                self.downstream.send(self.preprocessor.prefill_job(msg))
+            except ValueError as exc:
+                self.errors.send(RequestError(msg.request_id, 400, str(exc)))
