@@ -143,8 +143,13 @@ def collate(examples, pad_id: int, device):
 
 
 def train(args) -> dict:
+    import os
+
     from transformers import Gemma4ForConditionalGeneration
 
+    # Bit-for-bit reruns on one GPU kind: deterministic kernels (cuBLAS needs its workspace fixed).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
