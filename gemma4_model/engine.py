@@ -79,6 +79,11 @@ class Scheduler:
         self.cache.check_fits(total, self.limits.chunk_size)
         self.waiting.append(seq)
 
+    def adopt(self, seq: GenerationSequence) -> None:
+        """Run a sequence whose prompt KV is already in the cache (it arrived by KV handoff)."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -149,6 +149,29 @@ class PagedKVCache:
             tables[name] = table
         return tables
 
+    def adopt_sequence(self, seq_id: int, num_computed: int, held: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Register a sequence whose KV arrives from elsewhere (a KV handoff): allocate pages
+        for the logical pages in `held` (per group) and return their physical pages, in order.
+        All or nothing: if the pool cannot hold them, nothing stays allocated."""
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id} is already in the cache")
+        seq = SequenceKV(seq_id, {name: [] for name in self.groups}, num_computed=num_computed)
+        self._seqs[seq_id] = seq
+        width = _ceil_div(num_computed, self.page_size)
+        try:
+            for name, logical in held.items():
+                table = seq.tables[name] = [NO_PAGE] * width
+                for j in logical:
+                    table[j] = self.groups[name].pool.allocate()
+        except (KVCacheFullError, IndexError):
+            self.free_sequence(seq_id)
+            raise
+        return {name: [seq.tables[name][j] for j in logical] for name, logical in held.items()}
+
+    def held_pages(self, seq_id: int) -> dict[str, list[int]]:
+        """Per group, the logical pages this sequence holds (what a handoff must carry)."""
+        return {name: [j for j, p in enumerate(t) if p != NO_PAGE] for name, t in self._seqs[seq_id].tables.items()}
+
     def extend(self, seq_id: int, new_end: int) -> None:
         """Give a sequence pages for positions up to `new_end` (exclusive) in every group."""
         seq = self._seqs[seq_id]

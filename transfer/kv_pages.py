@@ -1,0 +1,59 @@
+"""What a KV handoff carries, and how pages leave one cache and enter another.
+
+Only the pages decode needs cross: every held page of the full-attention group, the pages of
+the last window of the sliding group (the cache has already released older ones), and nothing
+for KV-shared layers (they own no pages). The payload is plain arrays per group, so any
+backend (shared memory, TCP frames, later CUDA IPC or NCCL) can move it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gemma4_model.kv_cache import PagedKVCache
+
+
+@dataclass(frozen=True)
+class GroupPages:
+    """One layer group's pages of one sequence: logical page numbers and their K/V."""
+
+    logical: tuple[int, ...]
+    k: torch.Tensor  # [owning layers, len(logical), page_size, kv_heads, head_dim]
+    v: torch.Tensor
+
+
+@dataclass(frozen=True)
+class KVPayload:
+    num_tokens: int  # positions whose KV the pages hold
+    groups: dict[str, GroupPages]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.k.numel() * g.k.element_size() + g.v.numel() * g.v.element_size() for g in self.groups.values())
+
+
+def export_pages(cache: PagedKVCache, seq_id: int) -> KVPayload:
+    """Copy out the pages a decoder needs to continue this sequence.
+
+    Sliding pages the next position can no longer see are released first: nobody needs them.
+    """
+    cache.slide(seq_id, cache.num_computed(seq_id))
+    groups = {}
+    for name, logical in cache.held_pages(seq_id).items():
+        table = cache.page_table(seq_id, name)
+        physical = torch.tensor([table[j] for j in logical], dtype=torch.long, device=cache.groups[name].k.device)
+        group = cache.groups[name]
+        groups[name] = GroupPages(tuple(logical), group.k[:, physical].clone(), group.v[:, physical].clone())
+    return KVPayload(cache.num_computed(seq_id), groups)
+
+
+def import_pages(cache: PagedKVCache, seq_id: int, payload: KVPayload) -> None:
+    """Register the sequence in `cache` and write the received pages into fresh ones."""
+    physical = cache.adopt_sequence(seq_id, payload.num_tokens, {n: list(g.logical) for n, g in payload.groups.items()})
+    for name, pages in payload.groups.items():
+        group = cache.groups[name]
+        index = torch.tensor(physical[name], dtype=torch.long, device=group.k.device)
+        group.k[:, index] = pages.k.to(group.k.device, group.k.dtype)
+        group.v[:, index] = pages.v.to(group.v.device, group.v.dtype)
