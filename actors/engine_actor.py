@@ -1,8 +1,12 @@
-"""The colocated engine actor: prefill and decode in one process (the baseline topology).
+"""The engine actor in its three roles: colocated `engine` (prefill and decode in one process,
+the baseline), `prefill` and `decode`.
 
-Pulls `PrefillJob`s and `CancelRequest`s, runs continuous batching (requests join and leave
-the running batch at any step), and pushes each step's new tokens as `TokenBatch`es. A request
-that can never fit, or is malformed, ends at once with a `RequestError`; nothing is left waiting.
+It pulls jobs and `CancelRequest`s, runs continuous batching (requests join and leave the
+running batch at any step), and pushes new tokens as `TokenBatch`es. In the `prefill` role a
+request leaves after its first token: the pages decode needs go out as a `KVHandoff`, and the
+first token goes straight to the api (time to first token does not wait for the handoff). In
+the `decode` role requests arrive as `KVHandoff`s. A request that can never fit, or is
+malformed, ends at once with a `RequestError`; nothing is left waiting.
 """
 
 from __future__ import annotations
@@ -11,10 +15,15 @@ import threading
 
 from gemma4_model.engine import Engine, GenerationSequence, Status
 from gemma4_model.kv_cache import RequestTooLargeError
+from gemma4_model.page_pool import KVCacheFullError
 from gemma4_model.sampling import SamplingParams
+from transfer.kv_pages import export_pages, import_pages
 
-from .messages import CancelRequest, PrefillJob, RequestError, SamplingSpec, TokenBatch
+from .handoff import handoff_message, payload_of
+from .messages import CancelRequest, KVHandoff, PrefillJob, RequestError, SamplingSpec, TokenBatch
 from .transport import Channel
+
+ROLES = ("engine", "prefill", "decode")
 
 
 def sampling_params(spec: SamplingSpec) -> SamplingParams:
@@ -27,11 +36,17 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
 class EngineActor:
     """Owns an `Engine`; fed by one PULL channel, answers on one PUSH channel."""
 
-    def __init__(self, engine: Engine, inbox: Channel, outbox: Channel):
+    def __init__(self, engine: Engine, inbox: Channel, outbox: Channel, role: str = "engine",
+                 handoff: Channel | None = None):
+        if role not in ROLES or (role == "prefill") != (handoff is not None):
+            raise ValueError(f"role {role!r} needs a handoff channel exactly when it is 'prefill'")
         self.engine = engine
         self.inbox = inbox
         self.outbox = outbox
+        self.role = role
+        self.handoff = handoff
         self.requests: dict[str, GenerationSequence] = {}
+        self.specs: dict[str, SamplingSpec] = {}
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -44,10 +59,13 @@ class EngineActor:
                 self.step()
 
     def handle(self, msg) -> None:
-        if isinstance(msg, PrefillJob):
+        if isinstance(msg, PrefillJob) and self.role != "decode":
             self.admit(msg)
+        elif isinstance(msg, KVHandoff) and self.role == "decode":
+            self.adopt(msg)
         elif isinstance(msg, CancelRequest):
             seq = self.requests.pop(msg.request_id, None)
+            self.specs.pop(msg.request_id, None)
             if seq is not None:
                 self.engine.cancel(seq)
         else:
@@ -66,10 +84,43 @@ class EngineActor:
             self.outbox.send(RequestError(job.request_id, 400, str(exc)))
             return
         self.requests[job.request_id] = seq
+        self.specs[job.request_id] = job.sampling
+
+    def adopt(self, msg: KVHandoff) -> None:
+        if msg.request_id in self.requests:
+            self.outbox.send(RequestError(msg.request_id, 409, "a request with this id is already running"))
+            return
+        params = sampling_params(msg.sampling)
+        try:
+            self.engine.cache.check_fits(len(msg.prompt_ids) + params.max_tokens, self.engine.scheduler.limits.chunk_size)
+            seq = self.engine.add_prefilled(
+                msg.prompt_ids.tolist(), msg.first_token, params,
+                lambda cache, seq_id: import_pages(cache, seq_id, payload_of(msg)), msg.request_id,
+            )
+        except RequestTooLargeError as exc:
+            self.outbox.send(RequestError(msg.request_id, 413, str(exc)))
+            return
+        except KVCacheFullError as exc:
+            self.outbox.send(RequestError(msg.request_id, 503, f"decode has no free KV pages: {exc}"))
+            return
+        self.requests[msg.request_id] = seq
 
     def step(self) -> None:
         for seq in self.engine.step():
             done = seq.status is Status.FINISHED
+            if self.role == "prefill" and not done:
+                self.hand_over(seq)
+                continue
             self.outbox.send(TokenBatch(seq.request_id, [seq.output[-1]], seq.finish_reason if done else None))
             if done:
                 self.requests.pop(seq.request_id, None)
+                self.specs.pop(seq.request_id, None)
+
+    def hand_over(self, seq: GenerationSequence) -> None:
+        """First token to the api, the needed pages to decode; this actor's pages are then free."""
+        payload = export_pages(self.engine.cache, seq.seq_id)
+        self.engine.cancel(seq)
+        self.requests.pop(seq.request_id, None)
+        spec = self.specs.pop(seq.request_id)
+        self.outbox.send(TokenBatch(seq.request_id, [seq.output[0]], None))
+        self.handoff.send(handoff_message(seq.request_id, seq.prompt, seq.output[0], spec, payload))

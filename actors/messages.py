@@ -43,7 +43,7 @@ def message(cls):
 
 
 def _is_array_field(hint: Any) -> bool:
-    return hint is np.ndarray or (typing.get_origin(hint) is typing.Union and np.ndarray in typing.get_args(hint))
+    return hint is np.ndarray or np.ndarray in typing.get_args(hint)  # np.ndarray or np.ndarray | None
 
 
 @message
@@ -87,6 +87,28 @@ class EncodeResult:
     media_index: int
     start: int  # first placeholder position in the prompt
     embeddings: np.ndarray  # [span, hidden]
+
+
+@message
+class KVHandoff:
+    """prefill -> decode: a prefilled request, its first token and the KV pages decode needs.
+
+    Per layer group (sliding, full): the logical page numbers and K/V arrays [layers, pages,
+    page_size, kv_heads, head_dim]; bfloat16 travels as uint16 (`kv_dtype` says which).
+    """
+
+    request_id: str
+    prompt_ids: np.ndarray  # int32 [n]
+    first_token: int
+    sampling: SamplingSpec
+    num_tokens: int
+    kv_dtype: str
+    full_pages: np.ndarray | None = None
+    full_k: np.ndarray | None = None
+    full_v: np.ndarray | None = None
+    sliding_pages: np.ndarray | None = None
+    sliding_k: np.ndarray | None = None
+    sliding_v: np.ndarray | None = None
 
 
 @message

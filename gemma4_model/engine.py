@@ -183,6 +183,18 @@ class Engine:
         self.scheduler.add(seq)
         return seq
 
+    def add_prefilled(self, prompt: Sequence[int], first_token: int, params: SamplingParams,
+                      install, request_id: str | None = None) -> GenerationSequence:
+        """Continue a request prefilled elsewhere: `install(cache, seq_id)` puts its KV pages in
+        this engine's cache (a KV handoff), then it decodes from its first token."""
+        seq = GenerationSequence(self._next_id, list(prompt), params, output=[first_token], request_id=request_id)
+        self._next_id += 1
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed)
+        install(self.cache, seq.seq_id)
+        self.scheduler.adopt(seq)
+        return seq
+
     def cancel(self, seq: GenerationSequence) -> None:
         """Drop a sequence wherever it is (waiting or running) and free its pages now."""
         if seq.status is not Status.FINISHED:

@@ -77,3 +77,48 @@ def test_cancel_frees_pages_and_oversize_is_refused(actor):
     assert got["ok"][-1].finish_reason == "length"
     assert sum(len(m.token_ids) for m in got.get("long", [])) < 200
     assert engine.cache.pages_in_use() == {k: 0 for k in engine.cache.groups}
+
+
+def test_disaggregated_prefill_and_decode_actors_give_colocated_tokens(tiny_checkpoint):
+    from gemma4_model.sampling import SamplingParams
+
+    config, model = load_text_decoder(tiny_checkpoint("e4b"))
+    jobs = [job(f"d{i}", 18 + 9 * i, max_tokens=10, seed=40 + i) for i in range(3)]
+    offline = Engine(model, PagedKVCache(config.text, page_size=4, num_pages=80)).generate(
+        [j.token_ids.tolist() for j in jobs], SamplingParams(max_tokens=10, ignore_eos=True))
+
+    ctx = zmq.Context()
+    prefill_cache = PagedKVCache(config.text, page_size=4, num_pages=80)
+    decode_cache = PagedKVCache(config.text, page_size=4, num_pages=80)
+    channels = {
+        "prefill_in": pull(ctx, "inproc://p-in"), "prefill_out": push(ctx, "inproc://api"),
+        "kv_out": push(ctx, "inproc://kv", bind=True), "decode_in": pull(ctx, "inproc://kv", bind=False),
+        "decode_out": push(ctx, "inproc://api"),
+    }
+    api = pull(ctx, "inproc://api")  # both actors stream to the api
+    for ch in ("prefill_out", "decode_out"):
+        channels[ch].socket.connect("inproc://api")
+    client = push(ctx, "inproc://p-in")
+    prefill = EngineActor(Engine(model, prefill_cache), channels["prefill_in"], channels["prefill_out"],
+                          role="prefill", handoff=channels["kv_out"])
+    decode = EngineActor(Engine(model, decode_cache), channels["decode_in"], channels["decode_out"], role="decode")
+    stop = threading.Event()
+    threads = [threading.Thread(target=a.run, args=(stop,)) for a in (prefill, decode)]
+    for t in threads:
+        t.start()
+    try:
+        for j in jobs:
+            client.send(j)
+        got = collect(api, {j.request_id for j in jobs})
+        for j, seq in zip(jobs, offline):
+            tokens = [t for m in got[j.request_id] for t in m.token_ids]
+            assert tokens == seq.output and got[j.request_id][-1].finish_reason == "length"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        for ch in [*channels.values(), api, client]:
+            ch.close()
+        ctx.term()
+    assert prefill_cache.pages_in_use() == {k: 0 for k in prefill_cache.groups}
+    assert decode_cache.pages_in_use() == {k: 0 for k in decode_cache.groups}

@@ -58,3 +58,18 @@ def test_import_that_does_not_fit_leaves_nothing_allocated(tiny_checkpoint):
     with pytest.raises(KVCacheFullError):
         import_pages(small, 0, payload)
     assert small.pages_in_use() == {SLIDING: 0, FULL: 0} and not small.has_sequence(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_payload_survives_the_wire(dtype):
+    from actors.handoff import handoff_message, payload_of
+    from actors.messages import SamplingSpec, decode, encode
+    from transfer.kv_pages import GroupPages, KVPayload
+
+    k = torch.randn(2, 3, 4, 1, 8).to(dtype)
+    payload = KVPayload(10, {FULL: GroupPages((0, 1, 2), k, k * 2), SLIDING: GroupPages((2,), k[:, :1], k[:, :1])})
+    msg = handoff_message("r", [5, 6, 7], 9, SamplingSpec(max_tokens=3), payload)
+    back = payload_of(decode([bytes(f) for f in encode(msg)]))
+    assert back.num_tokens == 10 and back.groups[FULL].logical == (0, 1, 2)
+    assert back.groups[FULL].k.dtype == dtype and torch.equal(back.groups[FULL].v, k * 2)
+    assert torch.equal(back.groups[SLIDING].k, k[:, :1]) and back.nbytes == payload.nbytes
