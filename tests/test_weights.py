@@ -195,22 +195,24 @@ def test_shard_named_in_index_but_absent(tmp_path):
         CheckpointFiles(tmp_path)
 
 
+def _map_in_index(path, name: str, shard: str) -> None:
+    """Point one tensor name of a sharded checkpoint's index at a given shard file."""
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"][name] = shard
+    index_path.write_text(json.dumps(index))
+
+
 def test_index_names_tensor_its_shard_lacks(tmp_path):
     _sharded(tmp_path, _tensors())
-    index_path = tmp_path / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    index["weight_map"]["model.ghost.weight"] = "model-00001-of-00002.safetensors"
-    index_path.write_text(json.dumps(index))
+    _map_in_index(tmp_path, "model.ghost.weight", "model-00001-of-00002.safetensors")
     with pytest.raises(CorruptCheckpointError, match="model.ghost.weight"):
         CheckpointFiles(tmp_path)
 
 
 def test_index_shard_outside_checkpoint(tmp_path):
     _sharded(tmp_path, _tensors())
-    index_path = tmp_path / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    index["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors"
-    index_path.write_text(json.dumps(index))
+    _map_in_index(tmp_path, "model.norm.weight", "../elsewhere.safetensors")
     with pytest.raises(CorruptCheckpointError, match=r"\.\./elsewhere\.safetensors"):
         CheckpointFiles(tmp_path)
 
