@@ -27,10 +27,10 @@ ROLES = ("engine", "prefill", "decode")
 
 
 def sampling_params(spec: SamplingSpec) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
-        seed=spec.seed, stop_token_ids=tuple(spec.stop_token_ids), ignore_eos=spec.ignore_eos,
-    )
+    """The wire spec as the engine's params (raises ValueError for out-of-range values)."""
+    fields = dict(spec.__dict__)
+    fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
+    return SamplingParams(**fields)
 
 
 class EngineActor:

@@ -57,16 +57,28 @@ class SamplingSpec:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
 
 
 @message
 class GenerateRequest:
-    """api -> preprocess: one request, after validation, before tokenization."""
+    """api -> preprocess: one request, after validation, before tokenization.
+
+    Exactly one prompt form: `messages_json` (chat: the OpenAI messages, tools and
+    chat_template_kwargs as JSON text), `prompt_text` or `prompt_ids` (completions).
+    """
 
     request_id: str
-    messages_json: str  # the OpenAI messages (and tools) as JSON text; parsed by preprocess
+    messages_json: str
     sampling: SamplingSpec
     stream: bool = True
+    prompt_text: str | None = None
+    prompt_ids: list[int] | None = None
 
 
 @message
@@ -118,6 +130,11 @@ class TokenBatch:
     request_id: str
     token_ids: list[int]
     finish_reason: str | None = None
+    prompt_tokens: int | None = None  # on a request's first batch: its prompt length
+    cached_tokens: int | None = None  # on the first batch: prompt tokens reused from the prefix cache
+    logprobs: list[float] | None = None  # per token: the chosen token's logprob (when asked)
+    top_ids: np.ndarray | None = None  # int32 [tokens, k]: the top-k alternatives (when asked)
+    top_logprobs: np.ndarray | None = None  # float32 [tokens, k]
 
 
 @message

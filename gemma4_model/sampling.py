@@ -18,7 +18,13 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    keep_logits: bool = False  # keep each step's logits on the sequence (tests, logprobs)
+    min_p: float = 0.0  # drop tokens whose probability is below min_p times the top one's
+    presence_penalty: float = 0.0  # OpenAI: subtract once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # CTRL-style, over prompt and output: >1 discourages repeats
+    min_tokens: int = 0  # stop and EOS tokens are masked until this many tokens were generated
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    keep_logits: bool = False  # keep each step's logits on the sequence (tests)
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -29,6 +35,17 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs (top count) must be in [0, 20], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:

@@ -28,7 +28,8 @@ def test_shared_prefix_computes_only_new_tokens(tiny_checkpoint):
     assert alone.num_cached_prompt_tokens == 0 and alone.num_computed_tokens == 325 + 3
     assert shared.output == alone.output
     for with_cache, without in zip(shared.step_logits, alone.step_logits):
-        assert torch.allclose(with_cache, without, rtol=0, atol=1e-5)
+        # float32; the chunking differs (cached prefix vs fresh), so summation order does too
+        assert torch.allclose(with_cache, without, rtol=1e-4, atol=1e-4)
 
 
 def test_prefix_pages_survive_until_evicted_then_recompute(tiny_checkpoint):
