@@ -33,6 +33,13 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
     return SamplingParams(**fields)
 
 
+def _first_batch_counts(seq: GenerationSequence) -> dict:
+    """Usage counts ride on a request's first token batch only."""
+    if len(seq.output) != 1:
+        return {}
+    return {"prompt_tokens": len(seq.prompt), "cached_tokens": seq.num_cached_prompt_tokens}
+
+
 class EngineActor:
     """Owns an `Engine`; fed by one PULL channel, answers on one PUSH channel."""
 
@@ -111,7 +118,8 @@ class EngineActor:
             if self.role == "prefill" and not done:
                 self.hand_over(seq)
                 continue
-            self.outbox.send(TokenBatch(seq.request_id, [seq.output[-1]], seq.finish_reason if done else None))
+            self.outbox.send(TokenBatch(seq.request_id, [seq.output[-1]], seq.finish_reason if done else None,
+                                        **_first_batch_counts(seq)))
             if done:
                 self.requests.pop(seq.request_id, None)
                 self.specs.pop(seq.request_id, None)
@@ -122,5 +130,5 @@ class EngineActor:
         self.engine.cancel(seq)
         self.requests.pop(seq.request_id, None)
         spec = self.specs.pop(seq.request_id)
-        self.outbox.send(TokenBatch(seq.request_id, [seq.output[0]], None))
+        self.outbox.send(TokenBatch(seq.request_id, [seq.output[0]], None, **_first_batch_counts(seq)))
         self.handoff.send(handoff_message(seq.request_id, seq.prompt, seq.output[0], spec, payload))
