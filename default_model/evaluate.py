@@ -1,12 +1,14 @@
 """Score the default model on held-out task instances with `transformers`' own classes.
 
-    python -m default_model.evaluate --checkpoint default_model/checkpoint [--per-kind 20] [--seed 7]
+    python -m default_model.evaluate --checkpoint default_model/checkpoint [--per-kind 20] [--seed 7] \
+        [--assistant default_model/assistant]
 
 Held-out instances use another seed and the held-out value pools (cities, words, names,
 number pairs, colour shades, tone frequencies never seen in training). Greedy output must equal
 the expected answer text exactly (stop token included). For text-only instances Tandem's own
 decoder also runs on the same prompt and its greedy tokens are compared with `transformers`'.
-Writes a JSON report.
+With `--assistant`, the assistant's greedy drafts (5 per round by default) are replayed over
+each greedy generation and the mean acceptance length is reported. Writes a JSON report.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from gemma4_model.hf_compat import load_reference_assistant
+
+from .assistant import DRAFT_STEPS, accepted_drafts
 from .formatting import Renderer, answer_text
 from .tasks import KINDS, make_set
 from .train import media_processors
@@ -28,18 +33,24 @@ from .train import media_processors
 EVAL_SEED = 7
 
 
-def transformers_greedy(model, rendered, max_new_tokens: int, device) -> list[int]:
-    ids = torch.tensor([rendered.prompt_ids], device=device)
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                  mm_token_type_ids=torch.tensor([rendered.mm_token_type_ids], device=device))
+def model_inputs(model, rendered, device, extra_tokens: list[int] = ()) -> dict:
+    """`transformers` inputs for a rendered prompt (plus tokens appended after it), media included."""
+    ids = torch.tensor([list(rendered.prompt_ids) + list(extra_tokens)], device=device)
+    types = list(rendered.mm_token_type_ids) + [0] * len(extra_tokens)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=torch.tensor([types], device=device))
     if rendered.pixel_values is not None:
         kwargs.update(pixel_values=rendered.pixel_values.to(device, model.dtype),
                       image_position_ids=rendered.image_position_ids.to(device))
     if rendered.input_features is not None:
         kwargs.update(input_features=rendered.input_features.to(device, model.dtype),
                       input_features_mask=rendered.input_features_mask.to(device).bool())
+    return kwargs
+
+
+def transformers_greedy(model, rendered, max_new_tokens: int, device) -> list[int]:
+    kwargs = model_inputs(model, rendered, device)
     out = model.generate(**kwargs, do_sample=False, max_new_tokens=max_new_tokens)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, kwargs["input_ids"].shape[1]:].tolist()
 
 
 def tandem_greedy(engine, prompt_ids: list[int], max_new_tokens: int, stop_ids) -> list[int]:
@@ -49,7 +60,8 @@ def tandem_greedy(engine, prompt_ids: list[int], max_new_tokens: int, stop_ids) 
     return seq.output
 
 
-def evaluate(checkpoint: Path, per_kind: int, seed: int, device: str, max_new_tokens: int = 64) -> dict:
+def evaluate(checkpoint: Path, per_kind: int, seed: int, device: str, max_new_tokens: int = 64,
+             assistant_dir: Path | None = None, draft_steps: int = DRAFT_STEPS) -> dict:
     from transformers import AutoTokenizer, Gemma4ForConditionalGeneration
 
     from gemma4_model.engine import Engine
@@ -62,6 +74,8 @@ def evaluate(checkpoint: Path, per_kind: int, seed: int, device: str, max_new_to
     renderer = Renderer(tok, image, audio)
     config, ours = load_text_decoder(checkpoint, device=device, dtype=torch.float32)
     stop_ids = list(model.generation_config.eos_token_id)
+    assistant = load_reference_assistant(assistant_dir).to(device) if assistant_dir else None
+    rounds = defaultdict(list)
     instances = make_set(seed, per_kind * len(KINDS), heldout=True)
     right = defaultdict(int)
     total = defaultdict(int)
@@ -76,6 +90,9 @@ def evaluate(checkpoint: Path, per_kind: int, seed: int, device: str, max_new_to
         ok = text == answer_text(inst)
         total[inst.kind] += 1
         right[inst.kind] += ok
+        if assistant is not None and len(tokens) > 1:
+            kwargs = model_inputs(model, rendered, device, tokens)
+            rounds[inst.kind] += accepted_drafts(model, assistant, kwargs, len(rendered.prompt_ids), draft_steps)
         if not ok and len(failures) < 20:
             failures.append({"kind": inst.kind, "expected": answer_text(inst), "got": text})
         if inst.image is None and inst.audio is None:
@@ -84,11 +101,31 @@ def evaluate(checkpoint: Path, per_kind: int, seed: int, device: str, max_new_to
             compared += 1
             same_as_tandem += theirs == tokens
     accuracy = {k: right[k] / total[k] for k in total}
-    return {
+    report = {
         "checkpoint": str(checkpoint), "seed": seed, "instances": len(instances), "device": device,
         "accuracy_overall": sum(right.values()) / len(instances), "accuracy_per_kind": accuracy,
         "tandem_matches_transformers": {"compared": compared, "identical": same_as_tandem},
-        "failures": failures, "seconds": round(time.time() - start, 1),
+        "failures": failures,
+    }
+    if assistant is not None:
+        report["draft_acceptance"] = acceptance_summary(rounds, draft_steps, str(assistant_dir))
+    report["seconds"] = round(time.time() - start, 1)
+    return report
+
+
+def acceptance_summary(rounds: dict[str, list[int]], draft_steps: int, assistant_dir: str) -> dict:
+    """Mean acceptance length = tokens per target verify step (accepted drafts + the target's own)."""
+    every = [n for per_kind in rounds.values() for n in per_kind]
+
+    def length(values):
+        return round(sum(n + 1 for n in values) / len(values), 3) if values else None
+
+    return {
+        "assistant": assistant_dir, "draft_tokens": draft_steps, "greedy": True, "rounds": len(every),
+        "mean_acceptance_length": length(every),
+        "mean_accepted_drafts": round(sum(every) / len(every), 3) if every else None,
+        "acceptance_rate": round(sum(every) / (draft_steps * len(every)), 3) if every else None,
+        "mean_acceptance_length_per_kind": {k: length(v) for k, v in rounds.items()},
     }
 
 
@@ -98,15 +135,19 @@ def main(argv=None) -> None:
     ap.add_argument("--per-kind", type=int, default=20)
     ap.add_argument("--seed", type=int, default=EVAL_SEED)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--assistant", type=Path, help="also measure this assistant's greedy draft acceptance")
+    ap.add_argument("--draft-steps", type=int, default=DRAFT_STEPS)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    report = evaluate(args.checkpoint, args.per_kind, args.seed, args.device)
+    report = evaluate(args.checkpoint, args.per_kind, args.seed, args.device,
+                      assistant_dir=args.assistant, draft_steps=args.draft_steps)
     report["command"] = "python -m default_model.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
     report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
-    print(json.dumps({k: report[k] for k in ("accuracy_overall", "accuracy_per_kind", "tandem_matches_transformers")}, indent=2))
+    keys = ("accuracy_overall", "accuracy_per_kind", "tandem_matches_transformers", "draft_acceptance")
+    print(json.dumps({k: report[k] for k in keys if k in report}, indent=2))
 
 
 if __name__ == "__main__":

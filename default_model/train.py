@@ -1,12 +1,15 @@
 """Train Tandem's embedded default model: a small Gemma 4 with the real architecture.
 
-    python -m default_model.train --out default_model/checkpoint [--steps 1800] [--seed 0]
+    python -m default_model.train --out default_model/checkpoint --assistant-out default_model/assistant \
+        [--seed 0] [--stage all|target|assistant]
 
 Seeded end to end: the task instances, the tokenizer (trained on their text), the initial
 weights and the batch order all follow `--seed`. Writes a Hugging Face checkpoint
 (config.json, model.safetensors in bfloat16, tokenizer files with the Gemma 4 special tokens
-and chat template, processor_config.json, generation_config.json) and `training_log.json`.
-Runs on a GPU in minutes (device tool) or, slowly, on the CPU.
+and chat template, processor_config.json, generation_config.json) and `training_log.json`, then
+the paired assistant (MTP drafter, `default_model.assistant`) trained against the saved target,
+in the Gemma 4 assistant format. The stages can run apart (`--stage`); `all` equals `target`
+then `assistant`. Runs on a GPU in minutes (device tool) or, slowly, on the CPU.
 """
 
 from __future__ import annotations
@@ -142,38 +145,62 @@ def collate(examples, pad_id: int, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train(args) -> dict:
+def seed_everything(seed: int) -> None:
     import os
-
-    from transformers import Gemma4ForConditionalGeneration
 
     # Bit-for-bit reruns on one GPU kind: deterministic kernels (cuBLAS needs its workspace fixed).
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    t0 = time.time()
-    tokenizer = build_tokenizer(corpus_text(make_set(args.seed + TRAIN_SEED_OFFSET, 4000, False)), args.vocab)
-    tokenizer.save_pretrained(out)
-    examples = render_all(out, args.examples, args.seed + TRAIN_SEED_OFFSET, args.workers)
-    print(f"tokenizer {len(tokenizer)} tokens; {len(examples)} examples rendered in {time.time() - t0:.0f} s", flush=True)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
+
+class Prefetcher:
+    """Collates the next batch on a CPU thread while the GPU runs the current one (same order)."""
+
+    def __init__(self, examples, picks_iter, pad_id: int, device):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.examples, self.picks, self.pad_id, self.device = examples, picks_iter, pad_id, device
+        self.pool = ThreadPoolExecutor(1)
+        self.pending = self.pool.submit(self._make)
+
+    def _make(self):
+        return collate([self.examples[i] for i in next(self.picks)], self.pad_id, torch.device("cpu"))
+
+    def next(self) -> dict:
+        batch = self.pending.result()
+        self.pending = self.pool.submit(self._make)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def batch_order(seed: int, count: int, batch: int):
+    rng = np.random.default_rng(seed)
+    while True:
+        yield rng.choice(count, batch, replace=False)
+
+
+def train_target(args, tokenizer, examples, device) -> dict:
+    from transformers import Gemma4ForConditionalGeneration
+
+    seed_everything(args.seed)
+    out = Path(args.out)
+    t0 = time.time()
     config = model_config(tokenizer)
     model = Gemma4ForConditionalGeneration(config).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    order = np.random.default_rng(args.seed)
+    batches = Prefetcher(examples, batch_order(args.seed, len(examples), args.batch), tokenizer.pad_token_id, device)
     log = []
     for step in range(args.steps):
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        picks = order.choice(len(examples), args.batch, replace=False)
-        batch = collate([examples[i] for i in picks], tokenizer.pad_token_id, device)
+        batch = batches.next()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
@@ -183,6 +210,7 @@ def train(args) -> dict:
         if step % 100 == 0 or step == args.steps - 1:
             log.append({"step": step, "loss": round(float(loss.detach()), 4), "lr": lr, "elapsed_s": round(time.time() - t0, 1)})
             print(log[-1], flush=True)
+    batches.close()
     model = model.to(torch.bfloat16).eval()
     model.generation_config.eos_token_id = config.text_config.eos_token_id + [tokenizer.convert_tokens_to_ids("<|tool_response>")]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -192,6 +220,54 @@ def train(args) -> dict:
               "parameters": sum(p.numel() for p in model.parameters())}
     (out / "training_log.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def train_draft(args, tokenizer, examples, device) -> dict:
+    """The assistant against the committed-format target in `args.out` (loaded as saved, bf16)."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    from .assistant import ASSISTANT_SEED_OFFSET, train_assistant
+
+    seed_everything(args.seed)
+    t0 = time.time()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    target = Gemma4ForConditionalGeneration.from_pretrained(args.out, dtype=dtype).to(device)
+    log: list = []
+    order = batch_order(args.seed + ASSISTANT_SEED_OFFSET, len(examples), args.assistant_batch)
+    batches = Prefetcher(examples, order, tokenizer.pad_token_id, device)
+    assistant = train_assistant(target, batches.next, args, device, log)
+    batches.close()
+    assistant = assistant.to(torch.bfloat16)
+    out = Path(args.assistant_out)
+    assistant.save_pretrained(out)
+    result = {"args": vars(args), "log": log, "train_seconds": round(time.time() - t0, 1), "device": str(device),
+              "parameters": sum(p.numel() for p in assistant.parameters())}
+    (out / "training_log.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def train(args) -> dict:
+    """Stages: `target` (tokenizer + model), `assistant` (needs the target in --out), or `all`."""
+    seed_everything(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.time()
+    if args.stage in ("all", "target"):
+        tokenizer = build_tokenizer(corpus_text(make_set(args.seed + TRAIN_SEED_OFFSET, 4000, False)), args.vocab)
+        tokenizer.save_pretrained(out)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(out)
+    examples = render_all(out, args.examples, args.seed + TRAIN_SEED_OFFSET, args.workers)
+    print(f"tokenizer {len(tokenizer)} tokens; {len(examples)} examples rendered in {time.time() - t0:.0f} s", flush=True)
+    results = {}
+    if args.stage in ("all", "target"):
+        results["target"] = train_target(args, tokenizer, examples, device)
+    if args.stage in ("all", "assistant"):
+        results["assistant"] = train_draft(args, tokenizer, examples, device)
+    return results
 
 
 def save_processor_config(out: Path, tokenizer) -> None:
@@ -222,6 +298,11 @@ def main(argv=None) -> None:
     ap.add_argument("--examples", type=int, default=50_000)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=14)
+    ap.add_argument("--stage", choices=("all", "target", "assistant"), default="all")
+    ap.add_argument("--assistant-out", default="default_model/assistant")
+    ap.add_argument("--assistant-steps", type=int, default=800)
+    ap.add_argument("--assistant-batch", type=int, default=128)
+    ap.add_argument("--assistant-lr", type=float, default=2e-3)
     train(ap.parse_args(argv))
 
 
