@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import random
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -105,7 +106,8 @@ def _render(args):
 
 def render_all(tokenizer_dir: Path, count: int, seed: int, workers: int) -> list:
     jobs = [((KINDS[i % len(KINDS)], seed * 10_000_000 + i), False) for i in range(count)]
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
+    spawn = multiprocessing.get_context("spawn")  # forking a process with threads can deadlock
+    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
         rendered = list(pool.map(_render, jobs, chunksize=256))
     for r in rendered:
         for name in ("pixel_values", "image_position_ids", "input_features", "input_features_mask"):
@@ -148,9 +150,11 @@ def collate(examples, pad_id: int, device):
 def seed_everything(seed: int) -> None:
     import os
 
-    # Bit-for-bit reruns on one GPU kind: deterministic kernels (cuBLAS needs its workspace fixed).
+    # Bit-for-bit reruns on one GPU kind: deterministic kernels, strictly (a kernel without a
+    # deterministic version is an error, not a warning: cuDNN attention's backward, for one,
+    # silently differed between runs when only warned about). cuBLAS needs its workspace fixed.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
