@@ -162,6 +162,16 @@ class ActorReady:
     pid: int
 
 
+@message
+class ActorStatus:
+    """launcher -> api: an actor died (`up` False; its requests in flight are lost) or is back."""
+
+    actor: str
+    replica: int
+    up: bool
+    detail: str
+
+
 _SCALARS = (int, float, str, bool, type(None))
 
 

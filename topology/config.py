@@ -42,6 +42,7 @@ class ModelSection:
 class ApiSection:
     host: str
     port: int
+    node: str | None  # the node the api actor runs on; None: the first declared node
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,10 @@ class Topology:
     def actor(self, kind: str) -> ActorSpec | None:
         return next((a for a in self.actors if a.kind == kind), None)
 
+    @property
+    def api_node(self) -> str:
+        return self.api.node or next(iter(self.nodes))
+
 
 def load_topology(path: str | Path) -> Topology:
     """Read and validate a topology file."""
@@ -106,7 +111,7 @@ def parse_topology(raw: Mapping[str, Any]) -> Topology:
     name = raw.get("name", "unnamed")
     if not isinstance(name, str):
         raise TopologyError("name", f"expected a string, got {name!r}")
-    return Topology(name, _model(_table(raw, "model")), _api(_table(raw, "api")), nodes, actors, transfer)
+    return Topology(name, _model(_table(raw, "model")), _api(_table(raw, "api"), nodes), nodes, actors, transfer)
 
 
 def _table(raw: Mapping[str, Any], name: str, required: bool = False) -> Mapping[str, Any]:
@@ -158,9 +163,12 @@ def _model(t: Mapping[str, Any]) -> ModelSection:
                         _int(t, "model.", "kv_pages", 2048, 1, 1 << 24))
 
 
-def _api(t: Mapping[str, Any]) -> ApiSection:
-    _only(t, "api.", {"host", "port"})
-    return ApiSection(_host(t.get("host", "127.0.0.1"), "api.host"), _int(t, "api.", "port", 8000, 1, 65535))
+def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:
+    _only(t, "api.", {"host", "port", "node"})
+    node = t.get("node")
+    if node is not None and node not in nodes:
+        raise TopologyError("api.node", f"{node!r} is not declared under [nodes]; declared: {sorted(nodes)}")
+    return ApiSection(_host(t.get("host", "127.0.0.1"), "api.host"), _int(t, "api.", "port", 8000, 1, 65535), node)
 
 
 def _nodes(t: Mapping[str, Any]) -> dict[str, Node]:

@@ -1,0 +1,161 @@
+"""One actor process: `python -m actors.main --topology FILE --actor KIND --replica N --run-dir DIR`.
+
+The launcher starts one of these per actor replica. It computes the run's wiring from the
+topology (the same on every node), builds its actor (loading the tokenizer or the model as the
+kind needs), binds its inbox, connects its outputs, tells its node's launcher it is ready with
+an `ActorReady`, and runs until SIGTERM or SIGINT. Its trace goes to `--trace-dir` at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from topology.config import Topology, load_topology
+from topology.wiring import API, ActorId, Wiring, plan_wiring
+
+from .messages import ActorReady
+from .transport import Channel, pull, push
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+@dataclass(frozen=True)
+class ActorContext:
+    """What every actor process knows about its run."""
+
+    topology: Topology
+    wiring: Wiring
+    actor: ActorId
+    run_id: str
+    trace_dir: Path | None
+    api_key: str | None  # api: from the launcher's environment (TANDEM_API_KEY), never argv
+    host: str | None = None
+    port: int | None = None
+
+    @property
+    def device(self) -> str:
+        spec = self.topology.actor(self.actor.kind)
+        return spec.device if spec else "cpu"
+
+
+def checkpoint_dir(topology: Topology) -> Path:
+    if topology.model.path == "default":
+        from default_model import CHECKPOINT
+
+        return CHECKPOINT
+    return Path(topology.model.path)
+
+
+def stop_token_ids(checkpoint: Path) -> list[int]:
+    """End-of-turn ids from the checkpoint's generation config (as `generate` would stop)."""
+    path = checkpoint / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id", []) if path.exists() else []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def announce_ready(zctx: zmq.Context, ctx: ActorContext) -> None:
+    control = push(zctx, ctx.wiring.controls[ctx.wiring.nodes[ctx.actor]])
+    control.send(ActorReady(ctx.actor.kind, ctx.actor.replica, os.getpid()))
+    control.socket.setsockopt(zmq.LINGER, 2000)  # let the notice leave before the socket closes
+    control.close()
+
+
+def run_preprocess(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event) -> None:
+    from transformers import AutoTokenizer
+
+    from .preprocess import Preprocessor, PreprocessActor
+
+    checkpoint = checkpoint_dir(ctx.topology)
+    preprocessor = Preprocessor(AutoTokenizer.from_pretrained(checkpoint), stop_token_ids(checkpoint))
+    downstream_kind = "engine" if ctx.topology.colocated else "prefill"
+    inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor])
+    downstream = connect_all(zctx, ctx.wiring.of_kind(downstream_kind))
+    errors = push(zctx, ctx.wiring.results)
+    announce_ready(zctx, ctx)
+    PreprocessActor(preprocessor, inbox, downstream, errors).run(stop)
+
+
+def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event) -> None:
+    import torch
+
+    from gemma4_model.engine import Engine
+    from gemma4_model.kv_cache import PagedKVCache
+    from gemma4_model.loader import load_text_decoder
+
+    from .engine_actor import EngineActor
+
+    model_section = ctx.topology.model
+    dtype = getattr(torch, DTYPES[model_section.dtype])
+    config, model = load_text_decoder(checkpoint_dir(ctx.topology), device=ctx.device, dtype=dtype)
+    cache = PagedKVCache(config.text, page_size=model_section.page_size, num_pages=model_section.kv_pages,
+                         device=ctx.device, dtype=dtype)
+    engine = Engine(model, cache)
+    inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor])
+    outbox = push(zctx, ctx.wiring.results)
+    role = ctx.actor.kind
+    handoff = connect_all(zctx, ctx.wiring.of_kind("decode")) if role == "prefill" else None
+    actor = EngineActor(engine, inbox, outbox, role=role, handoff=handoff)
+    announce_ready(zctx, ctx)
+    actor.run(stop)
+
+
+def connect_all(zctx: zmq.Context, endpoints: list[str]) -> Channel:
+    """One PUSH socket connected to every replica: ZeroMQ deals messages round-robin."""
+    channel = push(zctx, endpoints[0])
+    for endpoint in endpoints[1:]:
+        channel.socket.connect(endpoint)
+    return channel
+
+
+RUNNERS = {"preprocess": run_preprocess, "engine": run_engine, "prefill": run_engine, "decode": run_engine}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Run one Tandem actor (the launcher starts these).")
+    ap.add_argument("--topology", required=True)
+    ap.add_argument("--actor", required=True)
+    ap.add_argument("--replica", type=int, default=0)
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--run-id", required=True)
+    ap.add_argument("--trace-dir")
+    ap.add_argument("--host", help="api: listen address (default: the topology's)")
+    ap.add_argument("--port", type=int, help="api: listen port (default: the topology's)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    topology = load_topology(args.topology)
+    ctx = ActorContext(topology, plan_wiring(topology, args.run_dir), ActorId(args.actor, args.replica),
+                       args.run_id, Path(args.trace_dir) if args.trace_dir else None,
+                       os.environ.get("TANDEM_API_KEY") or None, args.host, args.port)
+    if args.actor == API:
+        from api.actor import run_api
+
+        return run_api(ctx)
+    runner = RUNNERS.get(args.actor)
+    if runner is None:
+        print(f"actor kind {args.actor!r} has no runner in this build", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    zctx = zmq.Context()
+    try:
+        runner(zctx, ctx, stop)
+    finally:
+        zctx.destroy(linger=0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
