@@ -1,0 +1,58 @@
+"""`tandem`: the command line.
+
+    tandem serve [--topology cpu_colocated|FILE] [--node NAME] [--host H] [--port P]
+                 [--api-key KEY] [--trace-dir DIR]
+
+`serve` runs the launcher for one node of a topology (by default the CPU colocated example with
+the embedded default model) until SIGINT / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from topology.config import EXAMPLES, TopologyError
+
+from .launcher import LaunchError, LaunchOptions, Launcher
+
+
+def topology_path(value: str) -> Path:
+    """A checked-in example by name (`cpu_colocated`) or a TOML file path."""
+    path = Path(value)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    example = EXAMPLES / f"{value}.toml"
+    if not example.exists():
+        names = sorted(p.stem for p in EXAMPLES.glob("*.toml"))
+        raise SystemExit(f"tandem: no topology file {value!r} and no example of that name; examples: {names}")
+    return example
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tandem", description="Tandem: a disaggregated Gemma 4 server.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start a topology (this node's share of it) and serve the API")
+    serve.add_argument("--topology", default="cpu_colocated", help="example name or TOML file")
+    serve.add_argument("--node", help="which node of a multi-node topology this launcher runs")
+    serve.add_argument("--host", help="api listen address (default from the topology: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="api listen port (default from the topology)")
+    serve.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (or set TANDEM_API_KEY)")
+    serve.add_argument("--trace-dir", type=Path, help="write per-actor spans and a merged Chrome trace here")
+    args = ap.parse_args(argv)
+    try:
+        if args.trace_dir:
+            args.trace_dir.mkdir(parents=True, exist_ok=True)
+        launcher = Launcher(topology_path(args.topology), LaunchOptions(
+            node=args.node, trace_dir=args.trace_dir, api_key=args.api_key, host=args.host, port=args.port))
+    except (TopologyError, LaunchError) as exc:
+        print(f"tandem: {exc}", file=sys.stderr)
+        return 2
+    return launcher.run_until_signalled()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

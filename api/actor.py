@@ -1,0 +1,77 @@
+"""The api actor's process: the HTTP server, its ZeroMQ backend, and the launcher's notices.
+
+Started by the launcher like every actor (`python -m actors.main --actor api ...`). It serves
+the OpenAI routes on the topology's api address, sends requests to the preprocess replicas,
+receives every actor's token batches, and listens for `ActorStatus` notices: when an actor
+dies, every request in flight ends at once with a 503 that names it and /health turns 503
+until the launcher reports it back. It says `ActorReady` once the server accepts connections.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import zmq
+
+from actors.main import ActorContext, announce_ready, checkpoint_dir
+from actors.messages import ActorStatus
+from actors.transport import pull
+
+from .app import create_app
+from .backend import ZmqBackend
+from .server import ApiServer, ServerConfig
+
+ENGINE_KINDS = ("engine", "prefill", "decode")
+
+
+def served_model_name(ctx: ActorContext) -> str:
+    return "tandem-default" if ctx.topology.model.path == "default" else checkpoint_dir(ctx.topology).name
+
+
+def watch_notices(zctx: zmq.Context, endpoint: str, backend: ZmqBackend, stop: threading.Event) -> None:
+    """Apply the launcher's actor down / up notices to the backend until `stop`."""
+    inbox = pull(zctx, endpoint)
+    down: dict[str, str] = {}
+    try:
+        while not stop.is_set():
+            msg = inbox.recv(timeout_ms=100)
+            if not isinstance(msg, ActorStatus):
+                continue
+            name = f"{msg.actor}-{msg.replica}"
+            if msg.up:
+                down.pop(name, None)
+            else:
+                down[name] = msg.detail
+                backend.fail_all(503, f"request aborted: {msg.detail}")
+            backend.set_health(not down, "; ".join(down.values()) if down else "ok")
+    finally:
+        inbox.close()
+
+
+def run_api(ctx: ActorContext) -> int:
+    from transformers import AutoTokenizer
+
+    wiring = ctx.wiring
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir(ctx.topology))
+    cancels = [endpoint for kind in ENGINE_KINDS for endpoint in wiring.of_kind(kind)]
+    backend = ZmqBackend(wiring.of_kind("preprocess"), wiring.results, cancels)
+    app = create_app(backend, tokenizer, served_model_name(ctx), api_key=ctx.api_key)
+    api = ctx.topology.api
+    server = ApiServer(app, ServerConfig(host=ctx.host or api.host, port=ctx.port or api.port))
+    zctx = zmq.Context()
+    stop = threading.Event()
+    notices = threading.Thread(target=watch_notices, args=(zctx, wiring.api_control, backend, stop), daemon=True)
+    notices.start()
+
+    def ready_when_listening() -> None:
+        if server.wait_started(timeout_s=120):
+            announce_ready(zctx, ctx)
+
+    threading.Thread(target=ready_when_listening, daemon=True).start()
+    try:
+        server.run()  # on the main thread: uvicorn handles SIGINT / SIGTERM
+    finally:
+        stop.set()
+        notices.join(timeout=2)
+        zctx.destroy(linger=0)
+    return 0
