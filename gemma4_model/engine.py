@@ -179,7 +179,8 @@ class Engine:
         self.scheduler = Scheduler(cache, limits, model.cfg.max_position_embeddings)
         self.device = next(model.parameters()).device
         self.stats = EngineStats()
-        self.sampler = Sampler(model.cfg.eos_token_ids, seed, logprobs_mode)  # seed: unseeded requests' noise
+        # seed: the noise of requests without their own seed
+        self.sampler = Sampler(model.cfg.eos_token_ids, seed, logprobs_mode, self.device)
         self._next_id = 0
 
     def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None) -> GenerationSequence:

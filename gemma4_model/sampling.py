@@ -13,9 +13,9 @@ Per row, in this order (vLLM's v1 order):
    keep the top_k, keep the smallest head whose probability reaches top_p, and choose
    argmax(p / q) with q ~ Exp(1) noise (the exponential race: a draw from p, renormalised).
 
-Noise of a seeded request comes from a CPU generator keyed on (seed, output position), so its
-tokens do not depend on its batch mates, on preemption, or on which engine (prefill or decode)
-samples; unseeded rows share the engine's generator.
+Noise of a seeded request comes from a generator (on the logits' device) keyed on (seed, output
+position), so its tokens do not depend on its batch mates, on preemption, or on which engine
+(prefill or decode) samples; unseeded rows share the engine's generator.
 
 Logprobs (when asked) follow vLLM's default (`logprobs_mode="raw_logprobs"`): log_softmax of the
 model's raw logits, before penalties, temperature and truncation. `LOGPROBS_PROCESSED` reports
@@ -121,31 +121,39 @@ def noise_seed(seed: int, position: int) -> int:
     return z ^ (z >> 31)
 
 
-def seeded_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
-    """Exp(1) noise [vocab] of a seeded request at one output position (CPU, float32)."""
-    generator = torch.Generator().manual_seed(noise_seed(seed, position))
-    return torch.empty(vocab).exponential_(generator=generator)
+def seeded_noise(seed: int, position: int, vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Exp(1) noise [vocab] of a seeded request at one output position, drawn on `device`
+    (the same on every device of one type; CPU and CUDA generators differ)."""
+    generator = torch.Generator(device=device).manual_seed(noise_seed(seed, position))
+    return torch.empty(vocab, device=device).exponential_(generator=generator)
 
 
-def draw_noise(rows: Sequence[SamplingRow], vocab: int, generator: torch.Generator) -> torch.Tensor:
-    """Noise [rows, vocab] for a step: seeded rows from their own key, unseeded sampled rows from
-    `generator` (in row order), greedy rows ones (unused; they draw nothing)."""
-    noise = torch.ones(len(rows), vocab)
+def draw_noise(rows: Sequence[SamplingRow], vocab: int, generator: torch.Generator) -> torch.Tensor | None:
+    """Noise [rows, vocab] on `generator`'s device for a step, or None when every row is greedy:
+    seeded rows from their own key, unseeded sampled rows from `generator` (in row order),
+    greedy rows ones (unused; they draw nothing)."""
+    if all(r.params.greedy for r in rows):
+        return None
+    device = generator.device
+    noise = torch.empty(len(rows), vocab, device=device)
     unseeded = [i for i, r in enumerate(rows) if not r.params.greedy and r.params.seed is None]
     if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), vocab).exponential_(generator=generator)
+        noise[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_(generator=generator)
     for i, row in enumerate(rows):
-        if not row.params.greedy and row.params.seed is not None:
-            noise[i] = seeded_noise(row.params.seed, len(row.output), vocab)
+        if row.params.greedy:
+            noise[i] = 1.0
+        elif row.params.seed is not None:
+            noise[i] = seeded_noise(row.params.seed, len(row.output), vocab, device)
     return noise
 
 
 # ---- the one-row reference ------------------------------------------------------------------
 
 
-def sample_one(logits: torch.Tensor, row: SamplingRow, eos_token_ids: Sequence[int], noise: torch.Tensor,
+def sample_one(logits: torch.Tensor, row: SamplingRow, eos_token_ids: Sequence[int], noise: torch.Tensor | None,
                logprobs_mode: str = LOGPROBS_RAW) -> RowSample:
-    """One token from a [vocab] logits row, step by step as the module docstring says."""
+    """One token from a [vocab] logits row, step by step as the module docstring says
+    (`noise`, Exp(1) [vocab], is used only when the row samples)."""
     p = row.params
     raw = logits.float()
     x = raw.clone()
@@ -177,6 +185,8 @@ def sample_one(logits: torch.Tensor, row: SamplingRow, eos_token_ids: Sequence[i
             sorted_probs, order = torch.sort(probs, descending=True)
             drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= p.top_p
             probs = probs.scatter(0, order[drop], 0.0)
+        if noise is None:
+            raise ValueError("a row that samples needs noise")
         token = int(torch.argmax(probs / noise.to(probs.device)))
     if p.logprobs is None:
         return RowSample(token)
@@ -195,8 +205,9 @@ def _stop_ids(p: SamplingParams, eos_token_ids: Sequence[int]) -> list[int]:
 
 
 def sample_batch(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Sequence[int],
-                 noise: torch.Tensor, logprobs_mode: str = LOGPROBS_RAW) -> list[RowSample]:
-    """One token per row of [rows, vocab] logits; the same choices as `sample_one` row by row."""
+                 noise: torch.Tensor | None, logprobs_mode: str = LOGPROBS_RAW) -> list[RowSample]:
+    """One token per row of [rows, vocab] logits; the same choices as `sample_one` row by row.
+    `noise` [rows, vocab] (Exp(1)) may be None only when every row is greedy."""
     if logprobs_mode not in LOGPROBS_MODES:
         raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
     n, vocab = logits.shape
@@ -209,6 +220,8 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_id
     tokens = torch.argmax(x, dim=-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
+        if noise is None:
+            raise ValueError("rows that sample need noise")
         picked = _sample_rows(x[sampled], [rows[i].params for i in sampled], noise[sampled].to(device))
         tokens[sampled] = picked
     token_list = tokens.tolist()
@@ -305,12 +318,13 @@ def _sample_rows(x: torch.Tensor, params: Sequence[SamplingParams], noise: torch
 class Sampler:
     """The engine's sampler: its EOS ids, its generator for unseeded rows, its logprobs mode."""
 
-    def __init__(self, eos_token_ids: Sequence[int], seed: int | None = None, logprobs_mode: str = LOGPROBS_RAW):
+    def __init__(self, eos_token_ids: Sequence[int], seed: int | None = None, logprobs_mode: str = LOGPROBS_RAW,
+                 device: torch.device | str = "cpu"):
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
         self.eos_token_ids = tuple(eos_token_ids)
         self.logprobs_mode = logprobs_mode
-        self.generator = torch.Generator()
+        self.generator = torch.Generator(device=device)  # noise is drawn where the logits are
         if seed is None:
             self.generator.seed()
         else:

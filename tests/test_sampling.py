@@ -42,7 +42,7 @@ def assert_batch_matches_oracle(params_list, mode=LOGPROBS_RAW, seeds=range(6)):
         noise = draw_noise(rows, VOCAB, torch.Generator().manual_seed(seed))
         batched = sample_batch(logits, rows, EOS, noise, mode)
         for i, (row, got) in enumerate(zip(rows, batched)):
-            want = sample_one(logits[i], row, EOS, noise[i], mode)
+            want = sample_one(logits[i], row, EOS, None if noise is None else noise[i], mode)
             assert got.token == want.token, f"row {i} ({row.params}): {got.token} != {want.token}"
             if row.params.logprobs is None:
                 assert got.logprob is None and got.top_ids is None
@@ -238,6 +238,15 @@ def test_logprobs_are_log_softmax_values_best_first(mode):
 def test_out_of_range_values_are_refused_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_all_greedy_steps_draw_no_noise_and_sampling_rows_need_it():
+    greedy = random_rows([SamplingParams(), SamplingParams(top_k=1, temperature=1.0)])
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    assert draw_noise(greedy, VOCAB, generator) is None and torch.equal(generator.get_state(), state)
+    with pytest.raises(ValueError, match="noise"):
+        sample_batch(random_logits(1), random_rows([SamplingParams(temperature=1.0)]), EOS, None)
 
 
 def test_unknown_logprobs_mode_is_refused():
