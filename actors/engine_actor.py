@@ -40,6 +40,14 @@ def _first_batch_counts(seq: GenerationSequence) -> dict:
     return {"prompt_tokens": len(seq.prompt), "cached_tokens": seq.num_cached_prompt_tokens}
 
 
+def _logprob_fields(seq: GenerationSequence) -> dict:
+    """The latest sampled token's logprob and top alternatives, when the request asked."""
+    if seq.params.logprobs is None or not seq.logprobs:
+        return {}
+    return {"logprobs": [float(seq.logprobs[-1])], "top_ids": seq.top_ids[-1][None, :],
+            "top_logprobs": seq.top_logprobs[-1][None, :]}
+
+
 class EngineActor:
     """Owns an `Engine`; fed by one PULL channel, answers on one PUSH channel."""
 
@@ -119,7 +127,7 @@ class EngineActor:
                 self.hand_over(seq)
                 continue
             self.outbox.send(TokenBatch(seq.request_id, [seq.output[-1]], seq.finish_reason if done else None,
-                                        **_first_batch_counts(seq)))
+                                        **_first_batch_counts(seq), **_logprob_fields(seq)))
             if done:
                 self.requests.pop(seq.request_id, None)
                 self.specs.pop(seq.request_id, None)
@@ -130,5 +138,6 @@ class EngineActor:
         self.engine.cancel(seq)
         self.requests.pop(seq.request_id, None)
         spec = self.specs.pop(seq.request_id)
-        self.outbox.send(TokenBatch(seq.request_id, [seq.output[0]], None, **_first_batch_counts(seq)))
+        self.outbox.send(TokenBatch(seq.request_id, [seq.output[0]], None, **_first_batch_counts(seq),
+                                    **_logprob_fields(seq)))
         self.handoff.send(handoff_message(seq.request_id, seq.prompt, seq.output[0], spec, payload))
