@@ -103,7 +103,7 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event) -> N
     outbox = push(zctx, ctx.wiring.results)
     role = ctx.actor.kind
     handoff = connect_all(zctx, ctx.wiring.of_kind("decode")) if role == "prefill" else None
-    actor = EngineActor(engine, inbox, outbox, role=role, handoff=handoff)
+    actor = EngineActor(engine, inbox, outbox, role=role, handoff=handoff, replica=ctx.actor.replica)
     announce_ready(zctx, ctx)
     actor.run(stop)
 

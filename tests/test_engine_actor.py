@@ -9,7 +9,7 @@ import torch
 import zmq
 
 from actors.engine_actor import EngineActor
-from actors.messages import CancelRequest, PrefillJob, RequestError, SamplingSpec, TokenBatch
+from actors.messages import ActorStats, CancelRequest, PrefillJob, RequestError, SamplingSpec, TokenBatch
 from actors.transport import pull, push
 from gemma4_model.engine import Engine
 from gemma4_model.kv_cache import PagedKVCache
@@ -41,6 +41,8 @@ def collect(channel, until_done: set[str], timeout_ms=20_000) -> dict[str, list]
     while until_done:
         msg = channel.recv(timeout_ms=timeout_ms)
         assert msg is not None, f"no answer for {until_done}"
+        if isinstance(msg, ActorStats):  # load figures for /metrics, interleaved with the tokens
+            continue
         got.setdefault(msg.request_id, []).append(msg)
         if isinstance(msg, RequestError) or msg.finish_reason is not None:
             until_done.discard(msg.request_id)
@@ -68,6 +70,8 @@ def test_cancel_frees_pages_and_oversize_is_refused(actor):
     engine, client_in, client_out = actor
     client_in.send(job("long", 30, max_tokens=200))
     first = client_out.recv(timeout_ms=20_000)
+    while isinstance(first, ActorStats):
+        first = client_out.recv(timeout_ms=20_000)
     assert isinstance(first, TokenBatch) and first.request_id == "long"
     client_in.send(CancelRequest("long"))
     client_in.send(job("huge", 400, max_tokens=8))
