@@ -152,14 +152,18 @@ class ZmqBackend:
     def cancel(self, request_id: str) -> None:
         """Forget the request and tell every engine to drop it (and free its pages)."""
         with self._lock:
-            if self._streams.pop(request_id, None) is None or self._closed:
-                return
-            frames = encode(CancelRequest(request_id))
-            for sock in self._cancels:
-                try:
-                    sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    log.warning("cancel of %s not delivered: an engine inbox is full", request_id)
+            if self._streams.pop(request_id, None) is not None:
+                self._send_cancel(request_id)
+
+    def _send_cancel(self, request_id: str) -> None:
+        if self._closed or self._thread is None:
+            return
+        frames = encode(CancelRequest(request_id))
+        for sock in self._cancels:
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                log.warning("cancel of %s not delivered: an engine inbox is full", request_id)
 
     def finished(self, request_id: str) -> None:
         """The request ended normally: stop routing to it (no cancel needed)."""
@@ -167,9 +171,12 @@ class ZmqBackend:
             self._streams.pop(request_id, None)
 
     def fail_all(self, status: int, message: str) -> None:
-        """End every request in flight now with this error (from any thread)."""
+        """End every request in flight now with this error (from any thread); the actors still
+        alive are told to drop them, so their pages come free."""
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
+            for stream in streams:
+                self._send_cancel(stream.request_id)
         for stream in streams:
             stream.deliver(RequestError(stream.request_id, status, message))
 

@@ -138,5 +138,13 @@ def parse_body(model: type[BaseModel], body: Any) -> BaseModel:
         return model.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p)) or None
         raise ApiError(400, f"{param or 'body'}: {first['msg']}", param=param) from None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic names the union member it tried in an error's location (`str`, `list[int]`)."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
