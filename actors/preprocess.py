@@ -62,7 +62,8 @@ class Preprocessor:
         if not ids:
             raise ValueError("the prompt has no tokens")
         sampling = request.sampling
-        stops = sorted(set(sampling.stop_token_ids) | set(self.stop_token_ids))
+        model_stops = set() if sampling.ignore_eos else set(self.stop_token_ids)  # benchmarks run to max_tokens
+        stops = sorted(set(sampling.stop_token_ids) | model_stops)
         spec = type(sampling)(**{**sampling.__dict__, "stop_token_ids": stops})
         return PrefillJob(request.request_id, np.asarray(ids, dtype=np.int32), spec)
 
