@@ -15,11 +15,13 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -32,6 +34,8 @@ from .logprobs import TokenText
 from .metrics import ApiMetrics
 from .schema import ChatCompletionRequest, CompletionRequest, parse_body
 from .streaming import DONE, EventStreamResponse, sse
+
+log = logging.getLogger("tandem.api")
 
 CLIENT_CLOSED = 499  # nginx's status for a client that went away (metrics only: nobody reads it)
 
@@ -119,14 +123,19 @@ class OpenAIRoutes:
             fmt = format_cls(self.names, self.config.model_name, len(generation.choices),
                              body.top_count is not None, generation.requests[0].request_id.rsplit("-", 1)[0])
             generation.submit()
-            if body.stream:
-                response = await self._stream(request, route, body, generation, fmt)
-            else:
-                response = await self._complete(request, route, body, generation, fmt)
         except ApiError as exc:
             self.metrics.count(route, exc.status)
             return error_response(exc)
-        return response
+        try:
+            if body.stream:
+                return await self._stream(request, route, body, generation, fmt)
+            return await self._complete(request, route, body, generation, fmt)
+        except ApiError as exc:
+            self.metrics.count(route, exc.status)
+            return error_response(exc)
+        except BaseException:
+            generation.abort()  # a bug or a cancelled handler must not leave engine requests running
+            raise
 
     async def _complete(self, request, route, body, generation: Generation, fmt: ResponseFormat) -> Response:
         async def collect() -> None:
@@ -167,6 +176,11 @@ class OpenAIRoutes:
             except ApiError as exc:  # mid-stream: an error event ends the stream
                 outcome["status"] = exc.status
                 yield sse(exc.body())
+                return
+            except Exception:
+                log.exception("unhandled error while streaming")
+                outcome["status"] = 500
+                yield sse(ApiError(500, "internal server error").body())
                 return
             finally:
                 with contextlib.suppress(Exception):
@@ -225,7 +239,14 @@ def create_app(backend: ZmqBackend, tokenizer, model_name: str, api_key: str | N
         finally:
             backend.close()
 
-    app = Starlette(routes=[
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return error_response(ApiError(exc.status_code, str(exc.detail)))
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        return error_response(ApiError(500, "internal server error"))
+
+    app = Starlette(exception_handlers={HTTPException: http_error, Exception: internal_error}, routes=[
         Route("/v1/chat/completions", routes.chat, methods=["POST"]),
         Route("/v1/completions", routes.completions, methods=["POST"]),
         Route("/v1/models", routes.models, methods=["GET"]),

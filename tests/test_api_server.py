@@ -191,6 +191,8 @@ def test_bad_inputs_are_openai_errors_and_the_server_keeps_serving(pipeline, cli
                    ({"model": MODEL_NAME, "prompt": long_prompt, "stream": True}, 413)]
     for body, status in completions:
         error_of(post(pipeline, "/v1/completions", body=body), status)
+    error_of(post(pipeline, "/v1/embeddings", body={"model": MODEL_NAME}), 404)
+    error_of(httpx.get(pipeline.base_url + "/v1/chat/completions"), 405)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[QUESTION])
     with pytest.raises(openai.BadRequestError):
