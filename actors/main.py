@@ -65,8 +65,7 @@ def stop_token_ids(checkpoint: Path) -> list[int]:
 def announce_ready(zctx: zmq.Context, ctx: ActorContext) -> None:
     control = push(zctx, ctx.wiring.controls[ctx.wiring.nodes[ctx.actor]])
     control.send(ActorReady(ctx.actor.kind, ctx.actor.replica, os.getpid()))
-    control.socket.setsockopt(zmq.LINGER, 2000)  # let the notice leave before the socket closes
-    control.close()
+    control.socket.close(linger=2000)  # let the notice leave first (Channel.close would drop it: linger 0)
 
 
 def run_preprocess(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event) -> None:

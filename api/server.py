@@ -4,10 +4,14 @@ tells another thread when connections are accepted."""
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
 import uvicorn
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -27,8 +31,19 @@ class ApiServer:
         ))
 
     def run(self) -> None:
-        """Serve until asked to stop (a signal, or `stop()` from another thread)."""
-        self.server.run()
+        """Serve until asked to stop (SIGINT / SIGTERM, or `stop()` from another thread), then
+        return normally so the caller's cleanup runs.
+
+        uvicorn shuts down gracefully on those signals and then re-raises them to the handlers
+        it found; ours only ask it to stop, so the process is not killed by the re-raise.
+        """
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, lambda *_: self.stop()) for sig in STOP_SIGNALS} if on_main else {}
+        try:
+            self.server.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def stop(self) -> None:
         self.server.should_exit = True
