@@ -44,9 +44,9 @@ def engine_requests(body: ChatCompletionRequest | CompletionRequest, default_max
     else:
         prompts = [{"messages_json": "", "prompt_text": p} if isinstance(p, str) else
                    {"messages_json": "", "prompt_ids": list(p)} for p in body.prompts]
-    spec = body.token_limit or default_max_tokens
-    if body.min_tokens > spec:
-        raise ApiError(400, f"min_tokens ({body.min_tokens}) exceeds max_tokens ({spec})", param="min_tokens")
+    limit = body.token_limit or default_max_tokens
+    if body.min_tokens > limit:
+        raise ApiError(400, f"min_tokens ({body.min_tokens}) exceeds max_tokens ({limit})", param="min_tokens")
     base = uuid.uuid4().hex
     out = []
     for p, prompt in enumerate(prompts):
