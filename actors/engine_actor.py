@@ -12,6 +12,10 @@ malformed, ends at once with a `RequestError`; nothing is left waiting.
 from __future__ import annotations
 
 import threading
+import time
+from collections import OrderedDict
+
+import zmq
 
 from gemma4_model.engine import Engine, GenerationSequence, Status
 from gemma4_model.kv_cache import RequestTooLargeError
@@ -20,10 +24,11 @@ from gemma4_model.sampling import SamplingParams
 from transfer.kv_pages import export_pages, import_pages
 
 from .handoff import handoff_message, payload_of
-from .messages import CancelRequest, KVHandoff, PrefillJob, RequestError, SamplingSpec, TokenBatch
+from .messages import ActorStats, CancelRequest, KVHandoff, PrefillJob, RequestError, SamplingSpec, TokenBatch, encode
 from .transport import Channel
 
 ROLES = ("engine", "prefill", "decode")
+MAX_REMEMBERED_CANCELS = 4096  # cancels that overtook their request (bounded: ids of gone requests age out)
 
 
 def sampling_params(spec: SamplingSpec) -> SamplingParams:
@@ -52,7 +57,7 @@ class EngineActor:
     """Owns an `Engine`; fed by one PULL channel, answers on one PUSH channel."""
 
     def __init__(self, engine: Engine, inbox: Channel, outbox: Channel, role: str = "engine",
-                 handoff: Channel | None = None):
+                 handoff: Channel | None = None, replica: int = 0, stats_interval_s: float = 0.5):
         if role not in ROLES or (role == "prefill") != (handoff is not None):
             raise ValueError(f"role {role!r} needs a handoff channel exactly when it is 'prefill'")
         self.engine = engine
@@ -62,6 +67,11 @@ class EngineActor:
         self.handoff = handoff
         self.requests: dict[str, GenerationSequence] = {}
         self.specs: dict[str, SamplingSpec] = {}
+        self.cancelled: OrderedDict[str, None] = OrderedDict()  # cancels for requests not seen yet
+        self.replica = replica
+        self.stats_interval_s = stats_interval_s
+        self.last_stats = 0.0
+        self.last_batch = 0
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -72,6 +82,7 @@ class EngineActor:
                 msg = self.inbox.recv(timeout_ms=0)
             if self.engine.scheduler.has_work():
                 self.step()
+            self.report_load()
 
     def handle(self, msg) -> None:
         if isinstance(msg, PrefillJob) and self.role != "decode":
@@ -83,10 +94,17 @@ class EngineActor:
             self.specs.pop(msg.request_id, None)
             if seq is not None:
                 self.engine.cancel(seq)
+            else:  # the cancel overtook its job (e.g. still in prefill): drop the job when it comes
+                self.cancelled[msg.request_id] = None
+                while len(self.cancelled) > MAX_REMEMBERED_CANCELS:
+                    self.cancelled.popitem(last=False)
         else:
             raise TypeError(f"engine actor got an unexpected {type(msg).__name__}")
 
     def admit(self, job: PrefillJob) -> None:
+        if job.request_id in self.cancelled:  # its cancel came first
+            del self.cancelled[job.request_id]
+            return
         if job.request_id in self.requests:
             self.outbox.send(RequestError(job.request_id, 409, "a request with this id is already running"))
             return
@@ -102,6 +120,9 @@ class EngineActor:
         self.specs[job.request_id] = job.sampling
 
     def adopt(self, msg: KVHandoff) -> None:
+        if msg.request_id in self.cancelled:  # its cancel came first
+            del self.cancelled[msg.request_id]
+            return
         if msg.request_id in self.requests:
             self.outbox.send(RequestError(msg.request_id, 409, "a request with this id is already running"))
             return
@@ -120,8 +141,25 @@ class EngineActor:
             return
         self.requests[msg.request_id] = seq
 
+    def report_load(self) -> None:
+        """Load figures to the api for /metrics, at most every `stats_interval_s`."""
+        now = time.monotonic()
+        if now - self.last_stats < self.stats_interval_s:
+            return
+        self.last_stats = now
+        cache, scheduler = self.engine.cache, self.engine.scheduler
+        stats = ActorStats(self.role, self.replica, len(scheduler.waiting), len(scheduler.running),
+                           sum(cache.pages_in_use().values()), sum(g.pool.num_pages for g in cache.groups.values()),
+                           self.last_batch, self.engine.stats.steps)
+        try:  # figures are disposable: never block the engine on an api that is not reading
+            self.outbox.socket.send_multipart(encode(stats), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass
+
     def step(self) -> None:
-        for seq in self.engine.step():
+        advanced = self.engine.step()
+        self.last_batch = len(advanced)
+        for seq in advanced:
             done = seq.status is Status.FINISHED
             if self.role == "prefill" and not done:
                 self.hand_over(seq)

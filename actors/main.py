@@ -65,8 +65,7 @@ def stop_token_ids(checkpoint: Path) -> list[int]:
 def announce_ready(zctx: zmq.Context, ctx: ActorContext) -> None:
     control = push(zctx, ctx.wiring.controls[ctx.wiring.nodes[ctx.actor]])
     control.send(ActorReady(ctx.actor.kind, ctx.actor.replica, os.getpid()))
-    control.socket.setsockopt(zmq.LINGER, 2000)  # let the notice leave before the socket closes
-    control.close()
+    control.socket.close(linger=2000)  # let the notice leave first (Channel.close would drop it: linger 0)
 
 
 def run_preprocess(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event) -> None:
@@ -103,7 +102,7 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event) -> N
     outbox = push(zctx, ctx.wiring.results)
     role = ctx.actor.kind
     handoff = connect_all(zctx, ctx.wiring.of_kind("decode")) if role == "prefill" else None
-    actor = EngineActor(engine, inbox, outbox, role=role, handoff=handoff)
+    actor = EngineActor(engine, inbox, outbox, role=role, handoff=handoff, replica=ctx.actor.replica)
     announce_ready(zctx, ctx)
     actor.run(stop)
 

@@ -172,6 +172,20 @@ class ActorStatus:
     detail: str
 
 
+@message
+class ActorStats:
+    """engine / prefill / decode -> api: load figures for /metrics, sent at most every few tenths of a second."""
+
+    actor: str
+    replica: int
+    waiting: int
+    running: int
+    kv_pages_used: int
+    kv_pages_total: int
+    decode_batch: int  # sequences that got a token in the last step
+    steps: int
+
+
 _SCALARS = (int, float, str, bool, type(None))
 
 

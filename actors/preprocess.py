@@ -27,6 +27,8 @@ class Preprocessor:
 
     def prefill_job(self, request: GenerateRequest) -> PrefillJob:
         """Raises ValueError with a client-facing message when the request cannot be rendered."""
+        if request.prompt_ids is not None or request.prompt_text is not None:
+            return self._job(request, self._completion_ids(request))
         try:
             body = json.loads(request.messages_json)
         except json.JSONDecodeError as exc:
@@ -43,9 +45,25 @@ class Preprocessor:
             )
         except Exception as exc:  # jinja raises many types for messages it cannot render
             raise ValueError(f"the chat template cannot render these messages: {exc}") from None
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return self._job(request, self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def _completion_ids(self, request: GenerateRequest) -> list[int]:
+        """A completions prompt: token ids as given (checked against the vocabulary), or text
+        tokenized as the tokenizer does by default (with its BOS), as `transformers` would."""
+        if request.prompt_ids is None:
+            return self.tokenizer(request.prompt_text).input_ids
+        vocab = len(self.tokenizer)
+        bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of the vocabulary [0, {vocab}): {bad[:5]}")
+        return list(request.prompt_ids)
+
+    def _job(self, request: GenerateRequest, ids: list[int]) -> PrefillJob:
+        if not ids:
+            raise ValueError("the prompt has no tokens")
         sampling = request.sampling
-        stops = sorted(set(sampling.stop_token_ids) | set(self.stop_token_ids))
+        model_stops = set() if sampling.ignore_eos else set(self.stop_token_ids)  # benchmarks run to max_tokens
+        stops = sorted(set(sampling.stop_token_ids) | model_stops)
         spec = type(sampling)(**{**sampling.__dict__, "stop_token_ids": stops})
         return PrefillJob(request.request_id, np.asarray(ids, dtype=np.int32), spec)
 

@@ -9,7 +9,7 @@ import torch
 import zmq
 
 from actors.engine_actor import EngineActor
-from actors.messages import CancelRequest, PrefillJob, RequestError, SamplingSpec, TokenBatch
+from actors.messages import ActorStats, CancelRequest, PrefillJob, RequestError, SamplingSpec, TokenBatch
 from actors.transport import pull, push
 from gemma4_model.engine import Engine
 from gemma4_model.kv_cache import PagedKVCache
@@ -41,6 +41,8 @@ def collect(channel, until_done: set[str], timeout_ms=20_000) -> dict[str, list]
     while until_done:
         msg = channel.recv(timeout_ms=timeout_ms)
         assert msg is not None, f"no answer for {until_done}"
+        if isinstance(msg, ActorStats):  # load figures for /metrics, interleaved with the tokens
+            continue
         got.setdefault(msg.request_id, []).append(msg)
         if isinstance(msg, RequestError) or msg.finish_reason is not None:
             until_done.discard(msg.request_id)
@@ -68,6 +70,8 @@ def test_cancel_frees_pages_and_oversize_is_refused(actor):
     engine, client_in, client_out = actor
     client_in.send(job("long", 30, max_tokens=200))
     first = client_out.recv(timeout_ms=20_000)
+    while isinstance(first, ActorStats):
+        first = client_out.recv(timeout_ms=20_000)
     assert isinstance(first, TokenBatch) and first.request_id == "long"
     client_in.send(CancelRequest("long"))
     client_in.send(job("huge", 400, max_tokens=8))
@@ -122,3 +126,28 @@ def test_disaggregated_prefill_and_decode_actors_give_colocated_tokens(tiny_chec
         ctx.term()
     assert prefill_cache.pages_in_use() == {k: 0 for k in prefill_cache.groups}
     assert decode_cache.pages_in_use() == {k: 0 for k in decode_cache.groups}
+
+
+def test_a_cancel_that_overtakes_its_job_drops_the_job(actor):
+    engine, client_in, client_out = actor
+    client_in.send(CancelRequest("early"))  # e.g. the client left while preprocess still held it
+    client_in.send(job("early", 10, max_tokens=50))
+    client_in.send(job("ok", 12, max_tokens=3))
+    got = collect(client_out, {"ok"})
+    assert "early" not in got and got["ok"][-1].finish_reason == "length"
+    assert engine.cache.pages_in_use() == {k: 0 for k in engine.cache.groups}
+
+
+def test_load_reports_reach_the_outbox(actor):
+    engine, client_in, client_out = actor
+    client_in.send(job("s", 10, max_tokens=2))
+    stats = None
+    deadline_msgs = 50
+    while deadline_msgs and stats is None:
+        msg = client_out.recv(timeout_ms=5000)
+        assert msg is not None
+        stats = msg if isinstance(msg, ActorStats) else None
+        deadline_msgs -= 1
+    assert stats is not None and (stats.actor, stats.replica) == ("engine", 0)
+    assert stats.kv_pages_total == sum(g.pool.num_pages for g in engine.cache.groups.values())
+    collect(client_out, {"s"})

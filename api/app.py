@@ -1,0 +1,257 @@
+"""The OpenAI-compatible HTTP app (starlette): routes, auth, body limits, and the glue from a
+validated request to its `Generation` and back to a JSON body or an SSE stream.
+
+POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (503 when
+unhealthy), GET /metrics. Every error is OpenAI-shaped (`errors.py`). A streaming request
+waits for the first result of each choice before sending its 200 headers, so an error before
+any token (a prompt too long: 413, a full server: 429 / 503) is a proper status code; a later
+error is sent as an SSE error event and ends the stream. A client that goes away cancels its
+requests in the engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .backend import ZmqBackend
+from .errors import ApiError, error_response
+from .formats import ChatFormat, CompletionFormat, ResponseFormat
+from .generation import Generation, engine_requests
+from .logprobs import TokenText
+from .metrics import ApiMetrics
+from .schema import ChatCompletionRequest, CompletionRequest, parse_body
+from .streaming import DONE, EventStreamResponse, sse
+
+log = logging.getLogger("tandem.api")
+
+CLIENT_CLOSED = 499  # nginx's status for a client that went away (metrics only: nobody reads it)
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    model_name: str
+    api_key: str | None
+    max_body_bytes: int
+    default_max_tokens: int
+
+
+class OpenAIRoutes:
+    """The handlers, sharing the backend, tokenizer, metrics and config."""
+
+    def __init__(self, backend: ZmqBackend, tokenizer, config: AppConfig):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.names = TokenText(tokenizer)
+        self.config = config
+        self.metrics = ApiMetrics(backend.actor_stats, lambda: backend.in_flight)
+
+    # --- checks -----------------------------------------------------------------------------
+    def check_auth(self, request: Request) -> None:
+        if self.config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.config.api_key.encode()):
+            raise ApiError(401, "invalid or missing API key", code="invalid_api_key")
+
+    async def read_json(self, request: Request):
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"the request body exceeds {limit} bytes")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise ApiError(413, f"the request body exceeds {limit} bytes")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+    def check_model(self, model: str) -> None:
+        if model != self.config.model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.config.model_name!r}",
+                           param="model", code="model_not_found")
+
+    # --- routes -----------------------------------------------------------------------------
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, "/v1/chat/completions", ChatCompletionRequest, ChatFormat)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "/v1/completions", CompletionRequest, CompletionFormat)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self.check_auth(request)
+        except ApiError as exc:
+            return error_response(exc)
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "tandem"}]})
+
+    async def health(self, request: Request) -> Response:
+        ok, detail = self.backend.health()
+        return JSONResponse({"status": "ok" if ok else "unhealthy", "detail": detail}, status_code=200 if ok else 503)
+
+    async def metrics_route(self, request: Request) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+    # --- generation -------------------------------------------------------------------------
+    async def _generate(self, request: Request, route: str, schema, format_cls) -> Response:
+        try:
+            self.check_auth(request)
+            body = parse_body(schema, await self.read_json(request))
+            self.check_model(body.model)
+            if getattr(body, "echo", False):
+                raise ApiError(400, "echo is not supported", param="echo")
+            generation = Generation(self.backend, self.tokenizer,
+                                    engine_requests(body, self.config.default_max_tokens), body.stop_strings)
+            fmt = format_cls(self.names, self.config.model_name, len(generation.choices),
+                             body.top_count is not None, generation.requests[0].request_id.rsplit("-", 1)[0])
+            generation.submit()
+        except ApiError as exc:
+            self.metrics.count(route, exc.status)
+            return error_response(exc)
+        try:
+            if body.stream:
+                return await self._stream(request, route, body, generation, fmt)
+            return await self._complete(request, route, body, generation, fmt)
+        except ApiError as exc:
+            self.metrics.count(route, exc.status)
+            return error_response(exc)
+        except BaseException:
+            generation.abort()  # a bug or a cancelled handler must not leave engine requests running
+            raise
+
+    async def _complete(self, request, route, body, generation: Generation, fmt: ResponseFormat) -> Response:
+        async def collect() -> None:
+            async for index, delta in generation.results():
+                fmt.collect(index, delta)
+
+        if not await _unless_disconnected(request, collect(), generation):
+            self.metrics.count(route, CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
+        self._observe(generation)
+        self.metrics.count(route, 200)
+        choices = [fmt.full_choice(c) for c in generation.choices]
+        return JSONResponse(fmt.envelope(False, choices, generation.usage(body.n)))
+
+    async def _stream(self, request, route, body, generation: Generation, fmt: ResponseFormat) -> Response:
+        results = generation.results()
+        early: list = []
+
+        async def first_of_each() -> None:  # errors before any token become the status code
+            waiting = set(range(len(generation.choices)))
+            while waiting:
+                index, delta = await results.__anext__()
+                early.append((index, delta))
+                waiting.discard(index)
+
+        if not await _unless_disconnected(request, first_of_each(), generation):
+            self.metrics.count(route, CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
+        include_usage = body.include_usage
+        outcome = {"status": CLIENT_CLOSED}
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                for index, delta in early:
+                    yield sse(fmt.envelope(True, [fmt.chunk_choice(index, delta)], with_usage=include_usage))
+                async for index, delta in results:
+                    yield sse(fmt.envelope(True, [fmt.chunk_choice(index, delta)], with_usage=include_usage))
+            except ApiError as exc:  # mid-stream: an error event ends the stream
+                outcome["status"] = exc.status
+                yield sse(exc.body())
+                return
+            except Exception:
+                log.exception("unhandled error while streaming")
+                outcome["status"] = 500
+                yield sse(ApiError(500, "internal server error").body())
+                return
+            finally:
+                with contextlib.suppress(Exception):
+                    await results.aclose()
+            if include_usage:
+                yield sse(fmt.usage_chunk(generation.usage(body.n)))
+            outcome["status"] = 200
+            self._observe(generation)
+            yield DONE
+
+        def on_close() -> None:
+            generation.abort()
+            self.metrics.count(route, outcome["status"])
+
+        return EventStreamResponse(events(), on_close)
+
+    def _observe(self, generation: Generation) -> None:
+        now = time.monotonic()
+        for choice in generation.choices:
+            self.metrics.observe(generation.started_at, choice.first_token_at, now, choice.completion_tokens)
+
+
+async def _unless_disconnected(request: Request, work, generation: Generation) -> bool:
+    """Run `work` (raising its ApiError) unless the client disconnects first; then cancel it all."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            generation.abort()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return False
+    task.result()
+    return True
+
+
+def create_app(backend: ZmqBackend, tokenizer, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = 4 << 20, default_max_tokens: int = 256) -> Starlette:
+    """The app; its lifespan starts the backend and closes it (ending every request) at shutdown."""
+    routes = OpenAIRoutes(backend, tokenizer, AppConfig(model_name, api_key, max_body_bytes, default_max_tokens))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        backend.start()
+        try:
+            yield
+        finally:
+            backend.close()
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return error_response(ApiError(exc.status_code, str(exc.detail)))
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        return error_response(ApiError(500, "internal server error"))
+
+    app = Starlette(exception_handlers={HTTPException: http_error, Exception: internal_error}, routes=[
+        Route("/v1/chat/completions", routes.chat, methods=["POST"]),
+        Route("/v1/completions", routes.completions, methods=["POST"]),
+        Route("/v1/models", routes.models, methods=["GET"]),
+        Route("/health", routes.health, methods=["GET"]),
+        Route("/metrics", routes.metrics_route, methods=["GET"]),
+    ], lifespan=lifespan)
+    app.state.routes = routes
+    return app

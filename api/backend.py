@@ -1,0 +1,234 @@
+"""The api's ZeroMQ side: requests out to preprocess, every actor's results in, cancels out.
+
+- one PUSH connected to every preprocess replica (ZeroMQ deals requests round-robin);
+- the results PULL, bound here: `TokenBatch`, `RequestError` and `ActorStats` from every actor;
+- one PUSH per engine / prefill / decode inbox, to broadcast `CancelRequest`s.
+
+A receiver thread routes each result to its request's `RequestStream`, an asyncio queue on the
+event loop that submitted it. Nothing waits forever: `fail_all` and `close` end every stream in
+flight with an error at once, and a full table of in-flight requests refuses new ones (429).
+Sockets are used under one lock, so any thread may submit, cancel or fail requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Sequence
+
+import zmq
+
+from actors.messages import (ActorStats, CancelRequest, GenerateRequest, MessageError, RequestError, TokenBatch,
+                             decode, encode)
+from actors.transport import MAX_MESSAGE_BYTES
+
+from .errors import ApiError
+
+log = logging.getLogger("tandem.api")
+
+
+class RequestStream:
+    """The results of one request, in order; iteration ends after its last batch or an error."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.done = False  # set by the consumer once it has seen the final message
+
+    def deliver(self, msg: TokenBatch | RequestError) -> None:
+        """From any thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, msg)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    async def next(self, timeout_s: float | None = None) -> TokenBatch | RequestError:
+        if timeout_s is None:
+            msg = await self.queue.get()
+        else:
+            msg = await asyncio.wait_for(self.queue.get(), timeout_s)
+        if isinstance(msg, RequestError) or msg.finish_reason is not None:
+            self.done = True
+        return msg
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> TokenBatch | RequestError:
+        if self.done:
+            raise StopAsyncIteration
+        return await self.next()
+
+
+class ZmqBackend:
+    """Submit `GenerateRequest`s and stream their results; see the module docstring."""
+
+    def __init__(self, requests_endpoints: Sequence[str], results_endpoint: str, cancel_endpoints: Sequence[str],
+                 *, max_in_flight: int = 1024, context: zmq.Context | None = None):
+        if not requests_endpoints:
+            raise ValueError("the backend needs at least one preprocess endpoint")
+        self.requests_endpoints = list(requests_endpoints)
+        self.results_endpoint = results_endpoint
+        self.cancel_endpoints = list(cancel_endpoints)
+        self.max_in_flight = max_in_flight
+        self._own_context = context is None
+        self._zctx = context or zmq.Context()
+        self._lock = threading.Lock()  # guards the sockets and the tables below
+        self._streams: dict[str, RequestStream] = {}
+        self._stats: dict[tuple[str, int], ActorStats] = {}
+        self._health = (True, "ok")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._requests = self._results = None
+        self._cancels: list[zmq.Socket] = []
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind and connect the sockets and start the receiver (idempotent)."""
+        with self._lock:
+            if self._thread is not None or self._closed:
+                return
+            self._results = self._socket(zmq.PULL)
+            self._results.bind(self.results_endpoint)
+            self._requests = self._socket(zmq.PUSH)
+            for endpoint in self.requests_endpoints:
+                self._requests.connect(endpoint)
+            for endpoint in self.cancel_endpoints:
+                sock = self._socket(zmq.PUSH)
+                sock.connect(endpoint)
+                self._cancels.append(sock)
+            self._thread = threading.Thread(target=self._receive, name="api-results", daemon=True)
+            self._thread.start()
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self._zctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        return sock
+
+    def close(self) -> None:
+        """End every request in flight (503), stop the receiver and close the sockets (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.fail_all(503, "the server is shutting down")
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            for sock in [self._requests, self._results, *self._cancels]:
+                if sock is not None:
+                    sock.close(linger=0)
+        if self._own_context:
+            self._zctx.term()
+
+    # --- requests -------------------------------------------------------------------------
+    def submit(self, request: GenerateRequest) -> RequestStream:
+        """Send a request on; its results arrive on the returned stream. Call from the event loop.
+
+        Raises `ApiError` 503 when the backend is down or the pipeline refuses it, 429 when the
+        table of in-flight requests is full.
+        """
+        stream = RequestStream(request.request_id, asyncio.get_running_loop())
+        with self._lock:
+            if self._closed or self._thread is None:
+                raise ApiError(503, "the server is not accepting requests")
+            if len(self._streams) >= self.max_in_flight:
+                raise ApiError(429, f"too many requests in flight ({self.max_in_flight}); retry later")
+            if request.request_id in self._streams:
+                raise ApiError(409, f"request id {request.request_id!r} is already in flight")
+            self._streams[request.request_id] = stream
+            try:
+                self._requests.send_multipart(encode(request), flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                del self._streams[request.request_id]
+                raise ApiError(503, "the preprocess queue is full; retry later") from None
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        """Forget the request and tell every engine to drop it (and free its pages)."""
+        with self._lock:
+            if self._streams.pop(request_id, None) is not None:
+                self._send_cancel(request_id)
+
+    def _send_cancel(self, request_id: str) -> None:
+        if self._closed or self._thread is None:
+            return
+        frames = encode(CancelRequest(request_id))
+        for sock in self._cancels:
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                log.warning("cancel of %s not delivered: an engine inbox is full", request_id)
+
+    def finished(self, request_id: str) -> None:
+        """The request ended normally: stop routing to it (no cancel needed)."""
+        with self._lock:
+            self._streams.pop(request_id, None)
+
+    def fail_all(self, status: int, message: str) -> None:
+        """End every request in flight now with this error (from any thread); the actors still
+        alive are told to drop them, so their pages come free."""
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+            for stream in streams:
+                self._send_cancel(stream.request_id)
+        for stream in streams:
+            stream.deliver(RequestError(stream.request_id, status, message))
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    # --- health and load ------------------------------------------------------------------
+    def set_health(self, ok: bool, detail: str) -> None:
+        self._health = (ok, detail)
+
+    def health(self) -> tuple[bool, str]:
+        if self._closed or self._thread is None:
+            return False, "backend not running"
+        return self._health
+
+    def actor_stats(self) -> list[ActorStats]:
+        """The latest figures of every actor that has reported."""
+        with self._lock:
+            return list(self._stats.values())
+
+    # --- the receiver thread --------------------------------------------------------------
+    def _receive(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._results, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(100):
+                continue
+            while True:
+                try:
+                    frames = self._results.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
+                    return  # socket closed under us at shutdown
+                try:
+                    msg = decode([f.buffer for f in frames])
+                except MessageError as exc:
+                    log.warning("dropped a malformed result message: %s", exc)
+                    continue
+                self._route(msg)
+
+    def _route(self, msg) -> None:
+        if isinstance(msg, ActorStats):
+            with self._lock:
+                self._stats[(msg.actor, msg.replica)] = msg
+            return
+        if not isinstance(msg, (TokenBatch, RequestError)):
+            log.warning("unexpected %s on the results socket", type(msg).__name__)
+            return
+        with self._lock:
+            final = isinstance(msg, RequestError) or msg.finish_reason is not None
+            stream = self._streams.pop(msg.request_id, None) if final else self._streams.get(msg.request_id)
+        if stream is not None:  # results of cancelled or failed requests are dropped
+            stream.deliver(msg)
