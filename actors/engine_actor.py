@@ -72,6 +72,7 @@ class EngineActor:
         self.stats_interval_s = stats_interval_s
         self.last_stats = 0.0
         self.last_batch = 0
+        self.peak_batch = 0
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -150,7 +151,7 @@ class EngineActor:
         cache, scheduler = self.engine.cache, self.engine.scheduler
         stats = ActorStats(self.role, self.replica, len(scheduler.waiting), len(scheduler.running),
                            sum(cache.pages_in_use().values()), sum(g.pool.num_pages for g in cache.groups.values()),
-                           self.last_batch, self.engine.stats.steps)
+                           self.last_batch, self.engine.stats.steps, self.peak_batch)
         try:  # figures are disposable: never block the engine on an api that is not reading
             self.outbox.socket.send_multipart(encode(stats), flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -159,6 +160,7 @@ class EngineActor:
     def step(self) -> None:
         advanced = self.engine.step()
         self.last_batch = len(advanced)
+        self.peak_batch = max(self.peak_batch, self.last_batch)
         for seq in advanced:
             done = seq.status is Status.FINISHED
             if self.role == "prefill" and not done:

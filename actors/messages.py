@@ -184,6 +184,7 @@ class ActorStats:
     kv_pages_total: int
     decode_batch: int  # sequences that got a token in the last step
     steps: int
+    peak_batch: int = 0  # the most sequences that got a token in one step so far
 
 
 _SCALARS = (int, float, str, bool, type(None))

@@ -148,6 +148,9 @@ class OpenAIRoutes:
         self._observe(generation)
         self.metrics.count(route, 200)
         choices = [fmt.full_choice(c) for c in generation.choices]
+        if body.return_token_ids:
+            for choice, state in zip(choices, generation.choices):
+                choice["token_ids"] = state.token_ids
         return JSONResponse(fmt.envelope(False, choices, generation.usage(body.n)))
 
     async def _stream(self, request, route, body, generation: Generation, fmt: ResponseFormat) -> Response:
@@ -167,12 +170,18 @@ class OpenAIRoutes:
         include_usage = body.include_usage
         outcome = {"status": CLIENT_CLOSED}
 
+        def chunk_choice(index: int, delta) -> dict:
+            choice = fmt.chunk_choice(index, delta)
+            if body.return_token_ids:
+                choice["token_ids"] = delta.token_ids
+            return choice
+
         async def events() -> AsyncIterator[bytes]:
             try:
                 for index, delta in early:
-                    yield sse(fmt.envelope(True, [fmt.chunk_choice(index, delta)], with_usage=include_usage))
+                    yield sse(fmt.envelope(True, [chunk_choice(index, delta)], with_usage=include_usage))
                 async for index, delta in results:
-                    yield sse(fmt.envelope(True, [fmt.chunk_choice(index, delta)], with_usage=include_usage))
+                    yield sse(fmt.envelope(True, [chunk_choice(index, delta)], with_usage=include_usage))
             except ApiError as exc:  # mid-stream: an error event ends the stream
                 outcome["status"] = exc.status
                 yield sse(exc.body())

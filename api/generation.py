@@ -79,6 +79,7 @@ class Choice:
     finish_reason: str | None = None
     first_token_at: float | None = None
     text_parts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -91,6 +92,7 @@ class Choice:
             self.prompt_tokens = batch.prompt_tokens
             self.cached_tokens = batch.cached_tokens or 0
         self.completion_tokens += len(batch.token_ids)
+        self.token_ids.extend(batch.token_ids)
         text = self.stops.feed(self.detokenizer.add(list(batch.token_ids)))
         if self.stops.stopped:
             self.finish_reason = "stop"

@@ -24,6 +24,7 @@ ACTOR_GAUGES = (
     ("tandem_kv_pages_used", "KV cache pages in use", "kv_pages_used"),
     ("tandem_kv_pages_total", "KV cache pages in all", "kv_pages_total"),
     ("tandem_decode_batch_size", "sequences that got a token in the actor's last step", "decode_batch"),
+    ("tandem_peak_batch_size", "the most sequences that got a token in one step of the actor", "peak_batch"),
     ("tandem_engine_steps", "engine steps run so far", "steps"),
 )
 

@@ -50,6 +50,7 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
+    return_token_ids: bool = False  # as vLLM: each choice also carries its generated token ids
 
     @field_validator("stop")
     @classmethod
