@@ -176,17 +176,21 @@ class EngineActor:
         self.tracer.record("handoff_send", start, time.time_ns(), seq.request_id, bytes=report.nbytes,
                            pages=report.pages, replica=report.replica, backend=self.sender.backend)
 
-    def _progress(self) -> dict[str, tuple[GenerationSequence, int]]:
-        return {rid: (seq, seq.num_computed_tokens) for rid, seq in self.requests.items()}
+    def _progress(self) -> dict[str, tuple[GenerationSequence, int, int]]:
+        """Per request: tokens run so far (all attempts) and its position in the cache."""
+        cache = self.engine.cache
+        return {rid: (seq, seq.num_computed_tokens,
+                      cache.num_computed(seq.seq_id) if cache.has_sequence(seq.seq_id) else 0)
+                for rid, seq in self.requests.items()}
 
-    def _trace_step(self, before: dict[str, tuple[GenerationSequence, int]], start: int, end: int) -> None:
-        """One span per kind of work in the step: `prefill` (prompt chunks) and `decode` (one
-        token each), with the requests it served, their tokens and the batch size."""
+    def _trace_step(self, before: dict[str, tuple[GenerationSequence, int, int]], start: int, end: int) -> None:
+        """One span per kind of work in the step: `prefill` (prompt chunks, or a recompute after
+        preemption) and `decode` (one token each), with the requests, their tokens and the batch."""
         work: dict[str, list[tuple[str, int]]] = {"prefill": [], "decode": []}
-        for rid, (seq, computed) in before.items():
-            done = seq.num_computed_tokens - computed
+        for rid, (seq, ran, position) in before.items():
+            done = seq.num_computed_tokens - ran
             if done > 0:
-                work["prefill" if computed < len(seq.prompt) else "decode"].append((rid, done))
+                work["prefill" if position < len(seq.prompt) or done > 1 else "decode"].append((rid, done))
         for stage, items in work.items():
             if items:
                 self.tracer.record(stage, start, end, [rid for rid, _ in items], batch=len(items),

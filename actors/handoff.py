@@ -61,10 +61,12 @@ def payload_from_arrays(num_tokens: int, kv_dtype: str, arrays: Mapping[str, np.
         if pages is None or k is None or v is None:
             raise PayloadError(f"group {name}: pages, k and v must travel together")
         if pages.ndim != 1 or pages.dtype.kind not in "iu":
-            raise PayloadError(f"group {name}: page numbers must be a 1-D integer array, got {pages.dtype} {pages.shape}")
+            raise PayloadError(f"group {name}: page numbers must be a 1-D integer array, "
+                               f"got {pages.dtype} {pages.shape}")
         for part, a in (("k", k), ("v", v)):
             if str(a.dtype) != KV_DTYPES[kv_dtype]:
-                raise PayloadError(f"group {name}: {part} is {a.dtype}, but kv_dtype {kv_dtype} travels as {KV_DTYPES[kv_dtype]}")
+                raise PayloadError(f"group {name}: {part} is {a.dtype}, "
+                                   f"but kv_dtype {kv_dtype} travels as {KV_DTYPES[kv_dtype]}")
             if a.ndim != 5 or a.shape[1] != len(pages):
                 raise PayloadError(f"group {name}: {part} has shape {a.shape}, expected "
                                    f"[layers, {len(pages)} pages, page_size, kv_heads, head_dim]")

@@ -80,7 +80,7 @@ class Tracer:
             return
         ids = (requests,) if isinstance(requests, str) else tuple(requests)
         self._buffer.append(Span(self.actor, stage, start_ns, end_ns, ids, attrs))
-        if len(self._buffer) >= self.max_buffered or end_ns - self._last_flush >= self.flush_interval_ns:
+        if len(self._buffer) >= self.max_buffered or time.time_ns() - self._last_flush >= self.flush_interval_ns:
             self.flush()
 
     def flush(self) -> None:

@@ -296,7 +296,8 @@ def test_disaggregated_decode_over_backend_equals_colocated(model, zctx, run_id,
     spans = read_spans(tmp_path)
     sent = [s for s in spans if s.stage == "handoff_send"]
     received = [s for s in spans if s.stage == "handoff_receive"]
-    assert sorted(s.requests[0] for s in sent) == sorted(s.requests[0] for s in received) == sorted(j.request_id for j in jobs)
+    expected = sorted(j.request_id for j in jobs)
+    assert sorted(s.requests[0] for s in sent) == sorted(s.requests[0] for s in received) == expected
     assert {s.attrs["replica"] for s in sent} == {0, 1}  # round-robin over both replicas
     for s in sent:  # the receiving replica is the one the sender chose (data and control met there)
         [r] = [x for x in received if x.requests == s.requests]

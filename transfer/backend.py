@@ -108,8 +108,8 @@ class KVSender:
         """Move `payload` and push `handoff` (built without pages) to the next replica."""
         replica = next(self._turn)
         arrays, kv_dtype = page_arrays(payload)
-        control = dataclasses.replace(handoff, num_tokens=payload.num_tokens, kv_dtype=kv_dtype,
-                                      data_ref=self._ship(replica, handoff.request_id, payload.num_tokens, kv_dtype, arrays))
+        data_ref = self._ship(replica, handoff.request_id, payload.num_tokens, kv_dtype, arrays)
+        control = dataclasses.replace(handoff, num_tokens=payload.num_tokens, kv_dtype=kv_dtype, data_ref=data_ref)
         if control.data_ref is None:
             control = dataclasses.replace(control, **arrays)
         self.controls[replica].send(control)

@@ -74,7 +74,8 @@ def check_payload(cache: PagedKVCache, payload: KVPayload, num_tokens: int) -> N
                 raise PayloadError(f"group {name}: {part} is {t.dtype}, this cache holds {group.k.dtype}")
         logical = list(pages.logical)
         if logical != sorted(set(logical)) or (logical and not 0 <= logical[0] <= logical[-1] < width):
-            raise PayloadError(f"group {name}: page numbers {logical[:8]}... are not distinct, sorted and below {width}")
+            raise PayloadError(f"group {name}: page numbers {logical[:8]}... are not distinct, "
+                               f"sorted and below {width}")
         needed = list(range(width)) if group.window is None else [width - 1]
         if not set(needed) <= set(logical):
             raise PayloadError(f"group {name}: pages {sorted(set(needed) - set(logical))[:8]} are missing")
