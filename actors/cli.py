@@ -1,12 +1,14 @@
 """`tandem`: the command line.
 
-    tandem serve [--topology cpu_colocated|FILE] [--node NAME] [--host H] [--port P]
+    tandem serve [--model PATH] [--topology cpu_colocated|FILE] [--host H] [--port P]
                  [--api-key KEY] [--trace-dir DIR]
+    tandem node --topology FILE --node NAME [...]
     tandem trace DIR [--chrome OUT.json]
 
-`serve` runs the launcher for one node of a topology (by default the CPU colocated example with
-the embedded default model) until SIGINT / SIGTERM. `trace` prints the per-request, per-stage
-time breakdown of the spans a `--trace-dir` run wrote (and can merge them into a Chrome trace).
+`serve` runs the launcher for a topology (by default the CPU colocated example with the embedded
+default model) until SIGINT / SIGTERM; `node` runs one node's share of a multi-node topology
+(start one per node, each with the same file); `trace` prints the per-request, per-stage time
+breakdown of the spans a `--trace-dir` run wrote (and can merge them into a Chrome trace).
 """
 
 from __future__ import annotations
@@ -33,17 +35,26 @@ def topology_path(value: str) -> Path:
     return example
 
 
+def add_common_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", help="a Gemma 4 checkpoint directory (default: the topology's model)")
+    command.add_argument("--host", help="api listen address (default from the topology: 127.0.0.1)")
+    command.add_argument("--port", type=int, help="api listen port (default from the topology)")
+    command.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"),
+                         help="require 'Authorization: Bearer KEY' (or set TANDEM_API_KEY)")
+    command.add_argument("--trace-dir", type=Path, help="write per-actor spans and a merged Chrome trace here")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tandem", description="Tandem: a disaggregated Gemma 4 server.")
     sub = ap.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="start a topology (this node's share of it) and serve the API")
+    serve = sub.add_parser("serve", help="start a topology and serve the API")
+    node = sub.add_parser("node", help="start one node's share of a multi-node topology")
     serve.add_argument("--topology", default="cpu_colocated", help="example name or TOML file")
     serve.add_argument("--node", help="which node of a multi-node topology this launcher runs")
-    serve.add_argument("--host", help="api listen address (default from the topology: 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="api listen port (default from the topology)")
-    serve.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' (or set TANDEM_API_KEY)")
-    serve.add_argument("--trace-dir", type=Path, help="write per-actor spans and a merged Chrome trace here")
+    node.add_argument("--topology", required=True, help="example name or TOML file")
+    node.add_argument("--node", required=True, help="this machine's node name in the topology")
+    for command in (serve, node):
+        add_common_options(command)
     trace = sub.add_parser("trace", help="print the per-request stage times of a --trace-dir run")
     trace.add_argument("dir", type=Path, help="the run's trace directory (the actors' *.jsonl files)")
     trace.add_argument("--chrome", type=Path, help="also write the merged Chrome-trace JSON here")
@@ -54,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.trace_dir:
             args.trace_dir.mkdir(parents=True, exist_ok=True)
         launcher = Launcher(topology_path(args.topology), LaunchOptions(
-            node=args.node, trace_dir=args.trace_dir, api_key=args.api_key, host=args.host, port=args.port))
+            node=args.node, model=args.model, trace_dir=args.trace_dir, api_key=args.api_key, host=args.host, port=args.port))
     except (TopologyError, LaunchError) as exc:
         print(f"tandem: {exc}", file=sys.stderr)
         return 2

@@ -43,6 +43,14 @@ def _first_batch_counts(seq: GenerationSequence) -> dict:
     return {"prompt_tokens": len(seq.prompt), "cached_tokens": seq.num_cached_prompt_tokens}
 
 
+def _logprob_fields(seq: GenerationSequence) -> dict:
+    """The latest sampled token's logprob and top alternatives, when the request asked."""
+    if seq.params.logprobs is None or not seq.logprobs:
+        return {}
+    return {"logprobs": [float(seq.logprobs[-1])], "top_ids": seq.top_ids[-1][None, :],
+            "top_logprobs": seq.top_logprobs[-1][None, :]}
+
+
 class EngineActor:
     """Owns an `Engine`; fed by one PULL channel, answers on one PUSH channel."""
 
@@ -155,7 +163,7 @@ class EngineActor:
                 self.hand_over(seq)
                 continue
             self.outbox.send(TokenBatch(seq.request_id, [seq.output[-1]], seq.finish_reason if done else None,
-                                        **_first_batch_counts(seq)))
+                                        **_first_batch_counts(seq), **_logprob_fields(seq)))
             if done:
                 self.requests.pop(seq.request_id, None)
                 self.specs.pop(seq.request_id, None)
@@ -167,7 +175,8 @@ class EngineActor:
         self.engine.cancel(seq)
         self.requests.pop(seq.request_id, None)
         spec = self.specs.pop(seq.request_id)
-        self.outbox.send(TokenBatch(seq.request_id, [seq.output[0]], None, **_first_batch_counts(seq)))
+        self.outbox.send(TokenBatch(seq.request_id, [seq.output[0]], None, **_first_batch_counts(seq),
+                                    **_logprob_fields(seq)))
         try:
             report = self.sender.send(handoff_message(seq.request_id, seq.prompt, seq.output[0], spec, None), payload)
         except OSError as exc:  # e.g. /dev/shm full: this request fails, the actor goes on

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import zmq
@@ -46,6 +46,16 @@ class LaunchError(RuntimeError):
     """The topology could not be started; says which actor and why."""
 
 
+def with_model(topology: Topology, model: str | None) -> Topology:
+    """The topology with its model path replaced (`tandem serve --model PATH`); checked here."""
+    if model is None:
+        return topology
+    if model != "default" and not (Path(model) / "config.json").is_file():
+        raise LaunchError(f"--model {model!r}: expected a checkpoint directory holding config.json")
+    path = model if model == "default" else str(Path(model).resolve())
+    return replace(topology, model=replace(topology.model, path=path))
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -61,6 +71,7 @@ class Child:
 @dataclass(frozen=True)
 class LaunchOptions:
     node: str | None = None  # None: the topology's only node (or the api's node)
+    model: str | None = None  # overrides the topology's model.path
     trace_dir: Path | None = None
     api_key: str | None = None
     host: str | None = None  # overrides of the api's listen address
@@ -74,7 +85,7 @@ class LaunchOptions:
 class Launcher:
     def __init__(self, topology_path: str | Path, options: LaunchOptions = LaunchOptions()):
         self.topology_path = str(Path(topology_path).resolve())
-        self.topology: Topology = load_topology(self.topology_path)
+        self.topology: Topology = with_model(load_topology(self.topology_path), options.model)
         self.options = options
         self.node = options.node or self.topology.api_node
         if self.node not in self.topology.nodes:
@@ -109,6 +120,8 @@ class Launcher:
                "--replica", str(actor.replica), "--run-dir", str(self.run_dir), "--run-id", self.run_id]
         if o.trace_dir:
             cmd += ["--trace-dir", str(o.trace_dir)]
+        if o.model:
+            cmd += ["--model", self.topology.model.path]
         if actor.kind == API:
             cmd += [flag for flag, value in (("--host", o.host), ("--port", o.port)) if value is not None
                     for flag in (flag, str(value))]

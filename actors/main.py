@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import zmq
@@ -137,6 +137,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--run-id", required=True)
     ap.add_argument("--trace-dir")
+    ap.add_argument("--model", help="checkpoint directory replacing the topology's model.path")
     ap.add_argument("--host", help="api: listen address (default: the topology's)")
     ap.add_argument("--port", type=int, help="api: listen port (default: the topology's)")
     return ap.parse_args(argv)
@@ -145,6 +146,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     topology = load_topology(args.topology)
+    if args.model:
+        topology = replace(topology, model=replace(topology.model, path=args.model))
     ctx = ActorContext(topology, plan_wiring(topology, args.run_dir), ActorId(args.actor, args.replica),
                        args.run_id, Path(args.trace_dir) if args.trace_dir else None,
                        os.environ.get("TANDEM_API_KEY") or None, args.host, args.port)

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .batch import ForwardBatch, SequenceChunk
 from .decoder import TextDecoder
 from .kv_cache import PagedKVCache, RequestTooLargeError
-from .sampling import SamplingParams, sample
+from .sampling import LOGPROBS_RAW, RowSample, Sampler, SamplingParams, SamplingRow
 
 
 class Status(Enum):
@@ -37,7 +38,11 @@ class GenerationSequence:
     num_cached_prompt_tokens: int = 0  # reused from the prefix cache at the last admission
     num_computed_tokens: int = 0  # positions run through the model (prefill and decode), all attempts
     step_logits: list[torch.Tensor] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    # One entry per token this engine sampled, when params.logprobs is not None (a prefilled
+    # sequence's first token was sampled, and reported, by the prefill engine).
+    logprobs: list[float] = field(default_factory=list)
+    top_ids: list[np.ndarray] = field(default_factory=list)  # int32 [k] each, best first
+    top_logprobs: list[np.ndarray] = field(default_factory=list)  # float32 [k] each
     request_id: str | None = None  # the caller's name for it (actors use the API request id)
 
     @property
@@ -167,19 +172,20 @@ class EngineStats:
 class Engine:
     """Runs scheduled steps through the decoder and samples; offline `generate` for demos/tests."""
 
-    def __init__(self, model: TextDecoder, cache: PagedKVCache, limits: SchedulerLimits = SchedulerLimits()):
+    def __init__(self, model: TextDecoder, cache: PagedKVCache, limits: SchedulerLimits = SchedulerLimits(),
+                 seed: int | None = None, logprobs_mode: str = LOGPROBS_RAW):
         self.model = model
         self.cache = cache
         self.scheduler = Scheduler(cache, limits, model.cfg.max_position_embeddings)
         self.device = next(model.parameters()).device
         self.stats = EngineStats()
+        # seed: the noise of requests without their own seed
+        self.sampler = Sampler(model.cfg.eos_token_ids, seed, logprobs_mode, self.device)
         self._next_id = 0
 
     def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None) -> GenerationSequence:
         seq = GenerationSequence(self._next_id, list(prompt), params, request_id=request_id)
         self._next_id += 1
-        if params.seed is not None:
-            seq.generator = torch.Generator().manual_seed(params.seed)
         self.scheduler.add(seq)
         return seq
 
@@ -189,8 +195,6 @@ class Engine:
         this engine's cache (a KV handoff), then it decodes from its first token."""
         seq = GenerationSequence(self._next_id, list(prompt), params, output=[first_token], request_id=request_id)
         self._next_id += 1
-        if params.seed is not None:
-            seq.generator = torch.Generator().manual_seed(params.seed)
         install(self.cache, seq.seq_id)
         self.scheduler.adopt(seq)
         return seq
@@ -210,23 +214,33 @@ class Engine:
         batch = ForwardBatch.build(plan.chunks, self.cache, self.device)
         out = self.model(batch, self.cache)
         self._count(plan)
-        advanced = []
+        rows = []
         for i, (seq, chunk, sampled) in enumerate(zip(plan.seqs, plan.chunks, plan.samples)):
             end = chunk.start + len(chunk.token_ids)
             seq.num_computed_tokens += len(chunk.token_ids)
             self.cache.commit(seq.seq_id, seq.tokens, end)
-            if not sampled:
-                continue
-            logits = out.logits[i]
-            if seq.params.keep_logits:
-                seq.step_logits.append(logits.float().cpu())
-            token = sample(logits, seq.params, seq.generator)
-            seq.output.append(token)
-            advanced.append(seq)
-            reason = self._finish_reason(seq, token)
+            if sampled:
+                rows.append(i)
+                if seq.params.keep_logits:
+                    seq.step_logits.append(out.logits[i].float().cpu())
+        if not rows:
+            return []
+        advanced = [plan.seqs[i] for i in rows]
+        choices = self.sampler(out.logits[rows], [SamplingRow(s.params, s.prompt, s.output) for s in advanced])
+        for seq, choice in zip(advanced, choices):
+            self._record(seq, choice)
+            reason = self._finish_reason(seq, choice.token)
             if reason:
                 self.scheduler.finish(seq, reason)
         return advanced
+
+    @staticmethod
+    def _record(seq: GenerationSequence, choice: RowSample) -> None:
+        seq.output.append(choice.token)
+        if choice.logprob is not None:
+            seq.logprobs.append(choice.logprob)
+            seq.top_ids.append(choice.top_ids)
+            seq.top_logprobs.append(choice.top_logprobs)
 
     def _count(self, plan: StepPlan) -> None:
         decode = [chunk.start >= len(seq.prompt) for seq, chunk in zip(plan.seqs, plan.chunks)]
