@@ -3,10 +3,12 @@
     tandem serve [--model PATH] [--topology cpu_colocated|FILE] [--host H] [--port P]
                  [--api-key KEY] [--trace-dir DIR]
     tandem node --topology FILE --node NAME [...]
+    tandem trace DIR [--chrome OUT.json]
 
 `serve` runs the launcher for a topology (by default the CPU colocated example with the embedded
 default model) until SIGINT / SIGTERM; `node` runs one node's share of a multi-node topology
-(start one per node, each with the same file).
+(start one per node, each with the same file); `trace` prints the per-request, per-stage time
+breakdown of the spans a `--trace-dir` run wrote (and can merge them into a Chrome trace).
 """
 
 from __future__ import annotations
@@ -53,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--node", required=True, help="this machine's node name in the topology")
     for command in (serve, node):
         add_common_options(command)
+    trace = sub.add_parser("trace", help="print the per-request stage times of a --trace-dir run")
+    trace.add_argument("dir", type=Path, help="the run's trace directory (the actors' *.jsonl files)")
+    trace.add_argument("--chrome", type=Path, help="also write the merged Chrome-trace JSON here")
     args = ap.parse_args(argv)
+    if args.command == "trace":
+        return print_trace(args.dir, args.chrome)
     try:
         if args.trace_dir:
             args.trace_dir.mkdir(parents=True, exist_ok=True)
@@ -63,6 +70,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tandem: {exc}", file=sys.stderr)
         return 2
     return launcher.run_until_signalled()
+
+
+def print_trace(trace_dir: Path, chrome: Path | None) -> int:
+    from .tracing import format_breakdown, merge_chrome_trace, read_spans, stage_breakdown
+
+    spans = read_spans(trace_dir) if trace_dir.is_dir() else []
+    if not spans:
+        print(f"tandem: no spans in {trace_dir} (a run with --trace-dir writes <actor>.jsonl there)", file=sys.stderr)
+        return 1
+    print(format_breakdown(stage_breakdown(spans)))
+    if chrome is not None:
+        merge_chrome_trace(trace_dir, chrome)
+        print(f"Chrome trace: {chrome}")
+    return 0
 
 
 if __name__ == "__main__":

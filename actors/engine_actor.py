@@ -21,10 +21,12 @@ from gemma4_model.engine import Engine, GenerationSequence, Status
 from gemma4_model.kv_cache import RequestTooLargeError
 from gemma4_model.page_pool import KVCacheFullError
 from gemma4_model.sampling import SamplingParams
-from transfer.kv_pages import export_pages, import_pages
+from transfer.backend import Arrival, KVReceiver, KVSender
+from transfer.kv_pages import KVPayload, PayloadError, check_payload, export_pages, import_pages
 
-from .handoff import handoff_message, payload_of
+from .handoff import handoff_message
 from .messages import ActorStats, CancelRequest, KVHandoff, PrefillJob, RequestError, SamplingSpec, TokenBatch, encode
+from .tracing import Tracer
 from .transport import Channel
 
 ROLES = ("engine", "prefill", "decode")
@@ -57,14 +59,21 @@ class EngineActor:
     """Owns an `Engine`; fed by one PULL channel, answers on one PUSH channel."""
 
     def __init__(self, engine: Engine, inbox: Channel, outbox: Channel, role: str = "engine",
-                 handoff: Channel | None = None, replica: int = 0, stats_interval_s: float = 0.5):
-        if role not in ROLES or (role == "prefill") != (handoff is not None):
-            raise ValueError(f"role {role!r} needs a handoff channel exactly when it is 'prefill'")
+                 handoff: Channel | None = None, sender: KVSender | None = None,
+                 receiver: KVReceiver | None = None, tracer: Tracer | None = None, replica: int = 0,
+                 stats_interval_s: float = 0.5):
+        """`prefill` needs a `sender` (or a `handoff` channel: pages inline to one decode);
+        `decode` takes a `receiver` (default: pages inline in the `KVHandoff`)."""
+        if role not in ROLES or (role == "prefill") != (handoff is not None or sender is not None):
+            raise ValueError(f"role {role!r} needs a handoff channel or KV sender exactly when it is 'prefill'")
         self.engine = engine
         self.inbox = inbox
         self.outbox = outbox
         self.role = role
         self.handoff = handoff
+        self.sender = sender or (KVSender([handoff]) if handoff is not None else None)
+        self.receiver = receiver or (KVReceiver() if role == "decode" else None)
+        self.tracer = tracer or Tracer(role, None)
         self.requests: dict[str, GenerationSequence] = {}
         self.specs: dict[str, SamplingSpec] = {}
         self.cancelled: OrderedDict[str, None] = OrderedDict()  # cancels for requests not seen yet
@@ -77,10 +86,14 @@ class EngineActor:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             idle = not self.engine.scheduler.has_work()
-            msg = self.inbox.recv(timeout_ms=50 if idle else 0)
+            waiting = self.receiver is not None and self.receiver.pending()  # a handoff's other half is due
+            msg = self.inbox.recv(timeout_ms=(2 if waiting else 50) if idle else 0)
             while msg is not None:  # take everything that has arrived before the next step
                 self.handle(msg)
                 msg = self.inbox.recv(timeout_ms=0)
+            if self.receiver is not None:
+                for arrival in self.receiver.poll():
+                    self.receive(arrival)
             if self.engine.scheduler.has_work():
                 self.step()
             self.report_load()
@@ -89,7 +102,7 @@ class EngineActor:
         if isinstance(msg, PrefillJob) and self.role != "decode":
             self.admit(msg)
         elif isinstance(msg, KVHandoff) and self.role == "decode":
-            self.adopt(msg)
+            self.receiver.accept(msg)
         elif isinstance(msg, CancelRequest):
             seq = self.requests.pop(msg.request_id, None)
             self.specs.pop(msg.request_id, None)
@@ -99,6 +112,8 @@ class EngineActor:
                 self.cancelled[msg.request_id] = None
                 while len(self.cancelled) > MAX_REMEMBERED_CANCELS:
                     self.cancelled.popitem(last=False)
+            if self.receiver is not None:  # a handoff still in flight is dropped, its data freed
+                self.receiver.discard(msg.request_id)
         else:
             raise TypeError(f"engine actor got an unexpected {type(msg).__name__}")
 
@@ -120,25 +135,41 @@ class EngineActor:
         self.requests[job.request_id] = seq
         self.specs[job.request_id] = job.sampling
 
-    def adopt(self, msg: KVHandoff) -> None:
+    def receive(self, arrival: Arrival) -> None:
+        """A handoff whose pages are here (adopt it) or that failed in transfer (end it)."""
+        if arrival.error is not None:
+            self.outbox.send(RequestError(arrival.request_id, arrival.code, arrival.error))
+            return
+        self.adopt(arrival.handoff, arrival.payload)
+        self.tracer.record("handoff_receive", arrival.since_ns, time.time_ns(), arrival.request_id,
+                           bytes=arrival.nbytes, pages=arrival.pages, backend=self.receiver.backend)
+
+    def adopt(self, msg: KVHandoff, payload: KVPayload) -> None:
         if msg.request_id in self.cancelled:  # its cancel came first
             del self.cancelled[msg.request_id]
             return
         if msg.request_id in self.requests:
             self.outbox.send(RequestError(msg.request_id, 409, "a request with this id is already running"))
             return
-        params = sampling_params(msg.sampling)
         try:
+            params = sampling_params(msg.sampling)
+            check_payload(self.engine.cache, payload, len(msg.prompt_ids))
             self.engine.cache.check_fits(len(msg.prompt_ids) + params.max_tokens, self.engine.scheduler.limits.chunk_size)
             seq = self.engine.add_prefilled(
                 msg.prompt_ids.tolist(), msg.first_token, params,
-                lambda cache, seq_id: import_pages(cache, seq_id, payload_of(msg)), msg.request_id,
+                lambda cache, seq_id: import_pages(cache, seq_id, payload), msg.request_id,
             )
+        except PayloadError as exc:
+            self.outbox.send(RequestError(msg.request_id, 502, f"bad KV handoff: {exc}"))
+            return
         except RequestTooLargeError as exc:
             self.outbox.send(RequestError(msg.request_id, 413, str(exc)))
             return
         except KVCacheFullError as exc:
             self.outbox.send(RequestError(msg.request_id, 503, f"decode has no free KV pages: {exc}"))
+            return
+        except ValueError as exc:  # sampling settings out of range
+            self.outbox.send(RequestError(msg.request_id, 400, str(exc)))
             return
         self.requests[msg.request_id] = seq
 
@@ -158,9 +189,13 @@ class EngineActor:
             pass
 
     def step(self) -> None:
+        before = self._progress() if self.tracer.enabled else None
+        start = time.time_ns()
         advanced = self.engine.step()
         self.last_batch = len(advanced)
         self.peak_batch = max(self.peak_batch, self.last_batch)
+        if before is not None:
+            self._trace_step(before, start, time.time_ns())
         for seq in advanced:
             done = seq.status is Status.FINISHED
             if self.role == "prefill" and not done:
@@ -174,10 +209,37 @@ class EngineActor:
 
     def hand_over(self, seq: GenerationSequence) -> None:
         """First token to the api, the needed pages to decode; this actor's pages are then free."""
+        start = time.time_ns()
         payload = export_pages(self.engine.cache, seq.seq_id)
         self.engine.cancel(seq)
         self.requests.pop(seq.request_id, None)
         spec = self.specs.pop(seq.request_id)
         self.outbox.send(TokenBatch(seq.request_id, [seq.output[0]], None, **_first_batch_counts(seq),
                                     **_logprob_fields(seq)))
-        self.handoff.send(handoff_message(seq.request_id, seq.prompt, seq.output[0], spec, payload))
+        try:
+            report = self.sender.send(handoff_message(seq.request_id, seq.prompt, seq.output[0], spec, None), payload)
+        except OSError as exc:  # e.g. /dev/shm full: this request fails, the actor goes on
+            self.outbox.send(RequestError(seq.request_id, 503, f"KV handoff failed: {exc}"))
+            return
+        self.tracer.record("handoff_send", start, time.time_ns(), seq.request_id, bytes=report.nbytes,
+                           pages=report.pages, replica=report.replica, backend=self.sender.backend)
+
+    def _progress(self) -> dict[str, tuple[GenerationSequence, int, int]]:
+        """Per request: tokens run so far (all attempts) and its position in the cache."""
+        cache = self.engine.cache
+        return {rid: (seq, seq.num_computed_tokens,
+                      cache.num_computed(seq.seq_id) if cache.has_sequence(seq.seq_id) else 0)
+                for rid, seq in self.requests.items()}
+
+    def _trace_step(self, before: dict[str, tuple[GenerationSequence, int, int]], start: int, end: int) -> None:
+        """One span per kind of work in the step: `prefill` (prompt chunks, or a recompute after
+        preemption) and `decode` (one token each), with the requests, their tokens and the batch."""
+        work: dict[str, list[tuple[str, int]]] = {"prefill": [], "decode": []}
+        for rid, (seq, ran, position) in before.items():
+            done = seq.num_computed_tokens - ran
+            if done > 0:
+                work["prefill" if position < len(seq.prompt) or done > 1 else "decode"].append((rid, done))
+        for stage, items in work.items():
+            if items:
+                self.tracer.record(stage, start, end, [rid for rid, _ in items], batch=len(items),
+                                   tokens=sum(n for _, n in items))

@@ -23,6 +23,7 @@ from topology.config import Topology, load_topology
 from topology.wiring import API, ActorId, Wiring, plan_wiring
 
 from .messages import ActorReady
+from .tracing import Tracer
 from .transport import Channel, pull, push
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -68,7 +69,7 @@ def announce_ready(zctx: zmq.Context, ctx: ActorContext) -> None:
     control.socket.close(linger=2000)  # let the notice leave first (Channel.close would drop it: linger 0)
 
 
-def run_preprocess(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event) -> None:
+def run_preprocess(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, tracer: Tracer) -> None:
     from transformers import AutoTokenizer
 
     from .preprocess import Preprocessor, PreprocessActor
@@ -80,15 +81,17 @@ def run_preprocess(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event) 
     downstream = connect_all(zctx, ctx.wiring.of_kind(downstream_kind))
     errors = push(zctx, ctx.wiring.results)
     announce_ready(zctx, ctx)
-    PreprocessActor(preprocessor, inbox, downstream, errors).run(stop)
+    PreprocessActor(preprocessor, inbox, downstream, errors, tracer=tracer).run(stop)
 
 
-def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event) -> None:
+def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, tracer: Tracer) -> None:
     import torch
 
     from gemma4_model.engine import Engine
     from gemma4_model.kv_cache import PagedKVCache
     from gemma4_model.loader import load_text_decoder
+
+    from transfer.backend import make_receiver, make_sender
 
     from .engine_actor import EngineActor
 
@@ -100,9 +103,17 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event) -> N
     engine = Engine(model, cache)
     inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor])
     outbox = push(zctx, ctx.wiring.results)
-    role = ctx.actor.kind
-    handoff = connect_all(zctx, ctx.wiring.of_kind("decode")) if role == "prefill" else None
-    actor = EngineActor(engine, inbox, outbox, role=role, handoff=handoff, replica=ctx.actor.replica)
+    role, backend = ctx.actor.kind, ctx.topology.transfer
+    sender = receiver = None
+    if role == "prefill":  # the sender picks the decode replica itself, so data and control meet
+        sender = make_sender(backend, zctx=zctx, decode_inboxes=ctx.wiring.of_kind("decode"),
+                             kv_data_endpoints=[ctx.wiring.kv_data[r] for r in sorted(ctx.wiring.kv_data)],
+                             run_id=ctx.run_id)
+    elif role == "decode":
+        receiver = make_receiver(backend, zctx=zctx, kv_data_endpoint=ctx.wiring.kv_data[ctx.actor.replica],
+                                 run_id=ctx.run_id)
+    actor = EngineActor(engine, inbox, outbox, role=role, sender=sender, receiver=receiver, tracer=tracer,
+                        replica=ctx.actor.replica)
     announce_ready(zctx, ctx)
     actor.run(stop)
 
@@ -152,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     zctx = zmq.Context()
+    tracer = Tracer(ctx.actor.name, ctx.trace_dir)  # off (and free) without --trace-dir
     try:
-        runner(zctx, ctx, stop)
+        runner(zctx, ctx, stop, tracer)
     finally:
+        tracer.flush()
         zctx.destroy(linger=0)
     return 0
 

@@ -121,6 +121,25 @@ class KVHandoff:
     sliding_pages: np.ndarray | None = None
     sliding_k: np.ndarray | None = None
     sliding_v: np.ndarray | None = None
+    data_ref: str | None = None  # set when the pages travel apart (transfer backend shm or tcp); arrays then absent
+
+
+@message
+class KVData:
+    """prefill -> decode over the decode replica's `kv_data` channel (transfer backend `tcp`): the
+    page arrays of one handoff, matched with its `KVHandoff` by `ref` (= its `data_ref`), in
+    either arrival order. Array fields as in `KVHandoff`."""
+
+    ref: str
+    request_id: str
+    num_tokens: int
+    kv_dtype: str
+    full_pages: np.ndarray | None = None
+    full_k: np.ndarray | None = None
+    full_v: np.ndarray | None = None
+    sliding_pages: np.ndarray | None = None
+    sliding_k: np.ndarray | None = None
+    sliding_v: np.ndarray | None = None
 
 
 @message

@@ -15,6 +15,7 @@ import threading
 import numpy as np
 
 from .messages import GenerateRequest, PrefillJob, RequestError
+from .tracing import Tracer
 from .transport import Channel
 
 
@@ -90,11 +91,13 @@ def _with_parsed_arguments(message):
 class PreprocessActor:
     """Pulls `GenerateRequest`s, pushes `PrefillJob`s downstream and errors back to the api."""
 
-    def __init__(self, preprocessor: Preprocessor, inbox: Channel, downstream: Channel, errors: Channel):
+    def __init__(self, preprocessor: Preprocessor, inbox: Channel, downstream: Channel, errors: Channel,
+                 tracer: Tracer | None = None):
         self.preprocessor = preprocessor
         self.inbox = inbox
         self.downstream = downstream
         self.errors = errors
+        self.tracer = tracer or Tracer("preprocess", None)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -104,6 +107,9 @@ class PreprocessActor:
             if not isinstance(msg, GenerateRequest):
                 raise TypeError(f"preprocess got an unexpected {type(msg).__name__}")
             try:
-                self.downstream.send(self.preprocessor.prefill_job(msg))
+                with self.tracer.span("tokenize", msg.request_id) as attrs:
+                    job = self.preprocessor.prefill_job(msg)
+                    attrs["tokens"] = len(job.token_ids)
+                self.downstream.send(job)
             except ValueError as exc:
                 self.errors.send(RequestError(msg.request_id, 400, str(exc)))

@@ -15,6 +15,11 @@ import torch
 from gemma4_model.kv_cache import PagedKVCache
 
 
+class PayloadError(ValueError):
+    """Received pages that cannot be this cache's KV of the announced sequence (wrong group,
+    shape, dtype or page numbers). The request fails; the receiver goes on."""
+
+
 @dataclass(frozen=True)
 class GroupPages:
     """One layer group's pages of one sequence: logical page numbers and their K/V."""
@@ -47,6 +52,33 @@ def export_pages(cache: PagedKVCache, seq_id: int) -> KVPayload:
         group = cache.groups[name]
         groups[name] = GroupPages(tuple(logical), group.k[:, physical].clone(), group.v[:, physical].clone())
     return KVPayload(cache.num_computed(seq_id), groups)
+
+
+def check_payload(cache: PagedKVCache, payload: KVPayload, num_tokens: int) -> None:
+    """Raise `PayloadError` unless `payload` can be this cache's KV of a sequence whose first
+    `num_tokens` positions are computed: every group the cache has, in its shape and dtype, the
+    full group's every page and the sliding group's newest one, page numbers in range."""
+    if payload.num_tokens != num_tokens:
+        raise PayloadError(f"the pages hold {payload.num_tokens} positions but the handoff announces {num_tokens}")
+    width = -(-num_tokens // cache.page_size)
+    if set(payload.groups) != set(cache.groups):
+        raise PayloadError(f"payload has groups {sorted(payload.groups)}, this cache {sorted(cache.groups)}")
+    for name, pages in payload.groups.items():
+        group = cache.groups[name]
+        expected = (group.k.shape[0], len(pages.logical), *group.k.shape[2:])
+        for part, t in (("k", pages.k), ("v", pages.v)):
+            if tuple(t.shape) != expected:
+                raise PayloadError(f"group {name}: {part} has shape {tuple(t.shape)}, this cache needs {expected} "
+                                   "(layers, pages, page_size, kv_heads, head_dim): a different model or page size?")
+            if t.dtype != group.k.dtype:
+                raise PayloadError(f"group {name}: {part} is {t.dtype}, this cache holds {group.k.dtype}")
+        logical = list(pages.logical)
+        if logical != sorted(set(logical)) or (logical and not 0 <= logical[0] <= logical[-1] < width):
+            raise PayloadError(f"group {name}: page numbers {logical[:8]}... are not distinct, "
+                               f"sorted and below {width}")
+        needed = list(range(width)) if group.window is None else [width - 1]
+        if not set(needed) <= set(logical):
+            raise PayloadError(f"group {name}: pages {sorted(set(needed) - set(logical))[:8]} are missing")
 
 
 def import_pages(cache: PagedKVCache, seq_id: int, payload: KVPayload) -> None:
