@@ -4,8 +4,8 @@ Drafting protocol (as `transformers`' `SinglePositionMultiTokenCandidateGenerato
 Gemma 4 assistant): the target has run up to the last seen token x_q at position q. The
 assistant's input is concat(target embedding of x_q, target's final-norm hidden state at q-1)
 -> `pre_projection`; every assistant layer attends the target's KV of the last KV-owning layer
-of its own type (positions < q; sliding layers the last `sliding_window` of them) with the query
-at position q. Its logits propose x_{q+1}; `post_projection` of its hidden state replaces the
+of its own type (positions < q; sliding layers the last `sliding_window + 1` of them, see
+`sliding_span`) with the query at position q. Its logits propose x_{q+1}; `post_projection` of its hidden state replaces the
 target hidden state for the next draft step, which embeds the drafted token and keeps position
 q. So K drafts cost K small forwards and no KV of the assistant's own.
 
@@ -66,15 +66,35 @@ def build_assistant(target_config, device):
     return model.to(device)
 
 
+def sliding_span(window: int) -> int:
+    """How many target KV positions below q a sliding assistant layer sees: `window + 1`.
+
+    `transformers`' assistant (`Gemma4AssistantForCausalLM.create_attention_masks`) builds its
+    sliding mask as a bidirectional window over the KV flipped to "distance from q - 1", and that
+    window is inclusive (distance <= `sliding_window`): positions q - 1 - window .. q - 1. (The
+    target's own sliding layers see `window` positions counting the query's own.) Drafting and
+    training use this span so the drafts equal `transformers`' generator's.
+    """
+    return window + 1
+
+
+def draft_kv(kv: dict, q: int, window: int) -> dict:
+    """The target KV that a draft step at position q attends: full below q, sliding its span of it."""
+    first = max(0, q - sliding_span(window))
+    return {"full_attention": tuple(t[:, :, :q] for t in kv["full_attention"]),
+            "sliding_attention": tuple(t[:, :, first: q] for t in kv["sliding_attention"])}
+
+
 def strict_causal_masks(length: int, window: int, device) -> dict[str, torch.Tensor]:
-    """[1, 1, L, L] boolean masks: query q sees target KV at positions < q (sliding: >= q - window).
+    """[1, 1, L, L] boolean masks: query q sees target KV at positions < q (sliding: the last
+    `sliding_span(window)` of them, as `draft_kv` slices them).
 
     Row 0 would see nothing; it gets position 0 so attention stays finite (never in the loss).
     """
     q = torch.arange(length, device=device)[:, None]
     kv = torch.arange(length, device=device)[None, :]
     full = (kv < q) | ((q == 0) & (kv == 0))
-    sliding = full & (kv >= q - window)
+    sliding = full & (kv >= q - sliding_span(window))
     return {"full_attention": full[None, None], "sliding_attention": sliding[None, None]}
 
 
@@ -165,8 +185,7 @@ def accepted_drafts(target, assistant, target_kwargs: dict, prompt_len: int, ste
     while q < end - 1:
         state = hidden[:, q - 1: q]
         token_embed = embeds[:, q: q + 1]
-        shared = {"full_attention": tuple(t[:, :, :q] for t in kv["full_attention"]),
-                  "sliding_attention": tuple(t[:, :, max(0, q - window): q] for t in kv["sliding_attention"])}
+        shared = draft_kv(kv, q, window)
         position = torch.tensor([[q]], device=ids.device)
         accepted = 0
         for j in range(steps):
