@@ -116,19 +116,30 @@ def target_pass(target, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return embeds, out.hidden_states[-1], out.logits, dict(out.shared_kv_states)
 
 
+def teacher_forced_steps(assistant, embeds, hidden, kv, steps: int, window: int):
+    """Each step's draft logits [B, L, V] for every anchor q at once, teacher-forced.
+
+    Step j at anchor q feeds the data token x_{q+j-1} and the previous step's projected state
+    (step 1: the target's h_{q-1}), with the query at position q over the target KV that
+    `draft_kv(kv, q, window)` would give: the drafting protocol, for all anchors in one pass.
+    """
+    batch, length = embeds.shape[:2]
+    masks = strict_causal_masks(length, window, embeds.device)
+    positions = torch.arange(length, device=embeds.device)[None].expand(batch, -1)
+    prev = F.pad(hidden, (0, 0, 1, 0))[:, :length]  # state entering step 1 at q: h_{q-1}
+    for shift in range(steps):
+        step_embeds = F.pad(embeds[:, shift:], (0, 0, 0, shift))  # x_{q+j-1}, j = shift + 1
+        draft_logits, prev = assistant_forward(assistant, step_embeds, prev, positions, kv, masks)
+        yield draft_logits
+
+
 def chain_loss(assistant, embeds, hidden, logits, kv, answer: torch.Tensor, steps: int, window: int):
     """Mean soft cross-entropy of `steps` teacher-forced draft steps over all answer anchors."""
-    batch, length = answer.shape
-    masks = strict_causal_masks(length, window, answer.device)
-    positions = torch.arange(length, device=answer.device)[None].expand(batch, -1)
-    prev = F.pad(hidden, (0, 0, 1, 0))[:, :length]  # state entering step 1 at q: h_{q-1}
     losses = []
-    for j in range(1, steps + 1):
+    for j, draft_logits in enumerate(teacher_forced_steps(assistant, embeds, hidden, kv, steps, window), start=1):
         shift = j - 1
-        step_embeds = F.pad(embeds[:, shift:], (0, 0, 0, shift))  # x_{q+j-1}
-        target_logits = F.pad(logits[:, shift:], (0, 0, 0, shift))  # target's next-token logits there
+        target_logits = F.pad(logits[:, shift:], (0, 0, 0, shift))  # target's next-token logits at q+j-1
         valid = answer & F.pad(answer[:, j:], (0, j), value=False)  # x_q and x_{q+j} are answer tokens
-        draft_logits, prev = assistant_forward(assistant, step_embeds, prev, positions, kv, masks)
         if not valid.any():
             break
         teacher = torch.softmax(target_logits[valid].float(), dim=-1)

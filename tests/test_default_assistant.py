@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from default_model import CHECKPOINT
-from default_model.assistant import assistant_forward, build_assistant, draft_kv, target_pass
+from default_model.assistant import (assistant_forward, build_assistant, draft_kv, sliding_span, target_pass,
+                                     teacher_forced_steps)
 from default_model.evaluate import model_inputs
 from default_model.formatting import Renderer
 from default_model.tasks import make_set
@@ -75,19 +76,31 @@ def _our_drafts(target, assistant, kwargs, q: int, steps: int) -> list[int]:
     return drafts
 
 
+def _prompts(tokenizer, window: int):
+    """Held-out prompts: two shorter than the sliding window, two longer (one beyond twice the
+    window), and one with an image and one with audio."""
+    renderer = Renderer(tokenizer, *media_processors())
+    insts = make_set(3, 40, heldout=True)
+    text = [renderer.render(i, with_answer=False) for i in insts if i.image is None and i.audio is None]
+    short = [r for r in text if len(r.prompt_ids) < window][:2]
+    long = [r for r in text if len(r.prompt_ids) > window + 10]
+    longest = max(long, key=lambda r: len(r.prompt_ids))
+    assert len(short) == 2 and len(long) >= 2 and len(longest.prompt_ids) > 2 * window
+    image = next(i for i in insts if i.image is not None)
+    audio = next(i for i in insts if i.audio is not None)
+    media = [renderer.render(i, with_answer=False) for i in (image, audio)]
+    return short + [long[0], longest] + media
+
+
 @torch.no_grad()
 def test_drafting_protocol_matches_transformers_candidate_generator(models):
-    """First drafts after a prefill, for a prompt shorter and one longer than the sliding window."""
+    """First drafts after a prefill: prompts shorter and longer than the sliding window, media."""
     from transformers import GenerationConfig
     from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
 
     tokenizer, target, assistant = models
-    renderer = Renderer(tokenizer, *media_processors())
     window = assistant.config.get_text_config().sliding_window
-    rendered = [renderer.render(inst, with_answer=False) for inst in make_set(3, 40, heldout=True)]
-    short = next(r for r in rendered if len(r.prompt_ids) < window)
-    long = next(r for r in rendered if len(r.prompt_ids) > window + 10)
-    for prompt in (short, long):
+    for prompt in _prompts(tokenizer, window):
         kwargs = model_inputs(target, prompt, "cpu")
         out = target(**kwargs, output_hidden_states=True, return_shared_kv_states=True, use_cache=False)
         first = int(out.logits[0, -1].argmax())
@@ -98,4 +111,30 @@ def test_drafting_protocol_matches_transformers_candidate_generator(models):
                                                  is_first_iteration=False, n_last_matches=0)
         theirs = candidates[0, ids.shape[1]:].tolist()
         ours = _our_drafts(target, assistant, model_inputs(target, prompt, "cpu", [first]), ids.shape[1] - 1, 5)
-        assert ours == theirs
+        assert ours == theirs, (len(prompt.prompt_ids), ours, theirs)
+
+
+@torch.no_grad()
+def test_training_steps_equal_transformers_assistant_calls(models):
+    """Training's all-anchors pass gives, at every anchor q, the logits of transformers' own
+    assistant called as its generator calls it (one query at q, the target's KV below q, an
+    all-ones attention mask), teacher-forced on the data tokens, across the sliding window edge."""
+    tokenizer, target, assistant = models
+    window = assistant.config.get_text_config().sliding_window
+    prompt = max(_prompts(tokenizer, window)[:4], key=lambda r: len(r.prompt_ids))
+    kwargs = model_inputs(target, prompt, "cpu")
+    embeds, hidden, _, kv = target_pass(target, kwargs)
+    steps, length = 3, kwargs["input_ids"].shape[1]
+    edge = sliding_span(window)
+    anchors = [1, 7, edge - 1, edge, edge + 1, 2 * window + 1, length - steps]
+    assert 2 * window + 1 < length - steps
+    batched = list(teacher_forced_steps(assistant, embeds, hidden, kv, steps, window))
+    for q in anchors:
+        shared = {k: (v[0][:, :, :q], v[1][:, :, :q]) for k, v in kv.items()}
+        state = hidden[:, q - 1: q]
+        for j in range(steps):
+            out = assistant(inputs_embeds=torch.cat([embeds[:, q + j: q + j + 1], state], dim=-1),
+                            attention_mask=torch.ones(1, q + 1, dtype=torch.long), position_ids=torch.tensor([[q]]),
+                            shared_kv_states=shared, use_cache=False)
+            state = out.last_hidden_state
+            torch.testing.assert_close(batched[j][0, q], out.logits[0, 0], rtol=1e-4, atol=1e-4)
