@@ -4,8 +4,8 @@ Drafting protocol (as `transformers`' `SinglePositionMultiTokenCandidateGenerato
 Gemma 4 assistant): the target has run up to the last seen token x_q at position q. The
 assistant's input is concat(target embedding of x_q, target's final-norm hidden state at q-1)
 -> `pre_projection`; every assistant layer attends the target's KV of the last KV-owning layer
-of its own type (positions < q; sliding layers the last `sliding_window` of them) with the query
-at position q. Its logits propose x_{q+1}; `post_projection` of its hidden state replaces the
+of its own type (positions < q; sliding layers the last `sliding_window + 1` of them, see
+`sliding_span`) with the query at position q. Its logits propose x_{q+1}; `post_projection` of its hidden state replaces the
 target hidden state for the next draft step, which embeds the drafted token and keeps position
 q. So K drafts cost K small forwards and no KV of the assistant's own.
 
@@ -66,15 +66,35 @@ def build_assistant(target_config, device):
     return model.to(device)
 
 
+def sliding_span(window: int) -> int:
+    """How many target KV positions below q a sliding assistant layer sees: `window + 1`.
+
+    `transformers`' assistant (`Gemma4AssistantForCausalLM.create_attention_masks`) builds its
+    sliding mask as a bidirectional window over the KV flipped to "distance from q - 1", and that
+    window is inclusive (distance <= `sliding_window`): positions q - 1 - window .. q - 1. (The
+    target's own sliding layers see `window` positions counting the query's own.) Drafting and
+    training use this span so the drafts equal `transformers`' generator's.
+    """
+    return window + 1
+
+
+def draft_kv(kv: dict, q: int, window: int) -> dict:
+    """The target KV that a draft step at position q attends: full below q, sliding its span of it."""
+    first = max(0, q - sliding_span(window))
+    return {"full_attention": tuple(t[:, :, :q] for t in kv["full_attention"]),
+            "sliding_attention": tuple(t[:, :, first: q] for t in kv["sliding_attention"])}
+
+
 def strict_causal_masks(length: int, window: int, device) -> dict[str, torch.Tensor]:
-    """[1, 1, L, L] boolean masks: query q sees target KV at positions < q (sliding: >= q - window).
+    """[1, 1, L, L] boolean masks: query q sees target KV at positions < q (sliding: the last
+    `sliding_span(window)` of them, as `draft_kv` slices them).
 
     Row 0 would see nothing; it gets position 0 so attention stays finite (never in the loss).
     """
     q = torch.arange(length, device=device)[:, None]
     kv = torch.arange(length, device=device)[None, :]
     full = (kv < q) | ((q == 0) & (kv == 0))
-    sliding = full & (kv >= q - window)
+    sliding = full & (kv >= q - sliding_span(window))
     return {"full_attention": full[None, None], "sliding_attention": sliding[None, None]}
 
 
@@ -96,19 +116,30 @@ def target_pass(target, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return embeds, out.hidden_states[-1], out.logits, dict(out.shared_kv_states)
 
 
+def teacher_forced_steps(assistant, embeds, hidden, kv, steps: int, window: int):
+    """Each step's draft logits [B, L, V] for every anchor q at once, teacher-forced.
+
+    Step j at anchor q feeds the data token x_{q+j-1} and the previous step's projected state
+    (step 1: the target's h_{q-1}), with the query at position q over the target KV that
+    `draft_kv(kv, q, window)` would give: the drafting protocol, for all anchors in one pass.
+    """
+    batch, length = embeds.shape[:2]
+    masks = strict_causal_masks(length, window, embeds.device)
+    positions = torch.arange(length, device=embeds.device)[None].expand(batch, -1)
+    prev = F.pad(hidden, (0, 0, 1, 0))[:, :length]  # state entering step 1 at q: h_{q-1}
+    for shift in range(steps):
+        step_embeds = F.pad(embeds[:, shift:], (0, 0, 0, shift))  # x_{q+j-1}, j = shift + 1
+        draft_logits, prev = assistant_forward(assistant, step_embeds, prev, positions, kv, masks)
+        yield draft_logits
+
+
 def chain_loss(assistant, embeds, hidden, logits, kv, answer: torch.Tensor, steps: int, window: int):
     """Mean soft cross-entropy of `steps` teacher-forced draft steps over all answer anchors."""
-    batch, length = answer.shape
-    masks = strict_causal_masks(length, window, answer.device)
-    positions = torch.arange(length, device=answer.device)[None].expand(batch, -1)
-    prev = F.pad(hidden, (0, 0, 1, 0))[:, :length]  # state entering step 1 at q: h_{q-1}
     losses = []
-    for j in range(1, steps + 1):
+    for j, draft_logits in enumerate(teacher_forced_steps(assistant, embeds, hidden, kv, steps, window), start=1):
         shift = j - 1
-        step_embeds = F.pad(embeds[:, shift:], (0, 0, 0, shift))  # x_{q+j-1}
-        target_logits = F.pad(logits[:, shift:], (0, 0, 0, shift))  # target's next-token logits there
+        target_logits = F.pad(logits[:, shift:], (0, 0, 0, shift))  # target's next-token logits at q+j-1
         valid = answer & F.pad(answer[:, j:], (0, j), value=False)  # x_q and x_{q+j} are answer tokens
-        draft_logits, prev = assistant_forward(assistant, step_embeds, prev, positions, kv, masks)
         if not valid.any():
             break
         teacher = torch.softmax(target_logits[valid].float(), dim=-1)
@@ -165,8 +196,7 @@ def accepted_drafts(target, assistant, target_kwargs: dict, prompt_len: int, ste
     while q < end - 1:
         state = hidden[:, q - 1: q]
         token_embed = embeds[:, q: q + 1]
-        shared = {"full_attention": tuple(t[:, :, :q] for t in kv["full_attention"]),
-                  "sliding_attention": tuple(t[:, :, max(0, q - window): q] for t in kv["sliding_attention"])}
+        shared = draft_kv(kv, q, window)
         position = torch.tensor([[q]], device=ids.device)
         accepted = 0
         for j in range(steps):
