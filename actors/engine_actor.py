@@ -91,9 +91,7 @@ class EngineActor:
             while msg is not None:  # take everything that has arrived before the next step
                 self.handle(msg)
                 msg = self.inbox.recv(timeout_ms=0)
-            if self.receiver is not None:
-                for arrival in self.receiver.poll():
-                    self.receive(arrival)
+            self.receive_ready()
             if self.engine.scheduler.has_work():
                 self.step()
             self.report_load()
@@ -103,6 +101,7 @@ class EngineActor:
             self.admit(msg)
         elif isinstance(msg, KVHandoff) and self.role == "decode":
             self.receiver.accept(msg)
+            self.receive_ready()  # inline and shm pages are here at once; tcp may wait for its data
         elif isinstance(msg, CancelRequest):
             seq = self.requests.pop(msg.request_id, None)
             self.specs.pop(msg.request_id, None)
@@ -134,6 +133,11 @@ class EngineActor:
             return
         self.requests[job.request_id] = seq
         self.specs[job.request_id] = job.sampling
+
+    def receive_ready(self) -> None:
+        if self.receiver is not None:
+            for arrival in self.receiver.poll():
+                self.receive(arrival)
 
     def receive(self, arrival: Arrival) -> None:
         """A handoff whose pages are here (adopt it) or that failed in transfer (end it)."""
