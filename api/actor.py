@@ -15,6 +15,7 @@ import zmq
 
 from actors.main import ActorContext, announce_ready, checkpoint_dir
 from actors.messages import ActorStatus
+from actors.tracing import Tracer
 from actors.transport import pull
 
 from .app import create_app
@@ -55,7 +56,8 @@ def run_api(ctx: ActorContext) -> int:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir(ctx.topology))
     cancels = [endpoint for kind in ENGINE_KINDS for endpoint in wiring.of_kind(kind)]
     backend = ZmqBackend(wiring.of_kind("preprocess"), wiring.results, cancels)
-    app = create_app(backend, tokenizer, served_model_name(ctx), api_key=ctx.api_key)
+    tracer = Tracer(ctx.actor.name, ctx.trace_dir)
+    app = create_app(backend, tokenizer, served_model_name(ctx), api_key=ctx.api_key, tracer=tracer)
     api = ctx.topology.api
     server = ApiServer(app, ServerConfig(host=ctx.host or api.host, port=ctx.port or api.port))
     zctx = zmq.Context()
@@ -72,6 +74,7 @@ def run_api(ctx: ActorContext) -> int:
         server.run()  # on the main thread: uvicorn handles SIGINT / SIGTERM
     finally:
         stop.set()
+        tracer.flush()
         notices.join(timeout=2)
         zctx.destroy(linger=0)
     return 0

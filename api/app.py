@@ -26,6 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from actors.tracing import Tracer
+
 from .backend import ZmqBackend
 from .errors import ApiError, error_response
 from .formats import ChatFormat, CompletionFormat, ResponseFormat
@@ -51,8 +53,9 @@ class AppConfig:
 class OpenAIRoutes:
     """The handlers, sharing the backend, tokenizer, metrics and config."""
 
-    def __init__(self, backend: ZmqBackend, tokenizer, config: AppConfig):
+    def __init__(self, backend: ZmqBackend, tokenizer, config: AppConfig, tracer: Tracer | None = None):
         self.backend = backend
+        self.tracer = tracer or Tracer("api-0", None)
         self.tokenizer = tokenizer
         self.names = TokenText(tokenizer)
         self.config = config
@@ -207,9 +210,11 @@ class OpenAIRoutes:
         return EventStreamResponse(events(), on_close)
 
     def _observe(self, generation: Generation) -> None:
-        now = time.monotonic()
-        for choice in generation.choices:
+        now, now_ns = time.monotonic(), time.time_ns()
+        for choice, request in zip(generation.choices, generation.requests):
             self.metrics.observe(generation.started_at, choice.first_token_at, now, choice.completion_tokens)
+            self.tracer.record("request", generation.started_ns, now_ns, request.request_id,
+                               tokens=choice.completion_tokens, prompt_tokens=choice.prompt_tokens)
 
 
 async def _unless_disconnected(request: Request, work, generation: Generation) -> bool:
@@ -236,9 +241,11 @@ async def _unless_disconnected(request: Request, work, generation: Generation) -
 
 
 def create_app(backend: ZmqBackend, tokenizer, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = 4 << 20, default_max_tokens: int = 256) -> Starlette:
-    """The app; its lifespan starts the backend and closes it (ending every request) at shutdown."""
-    routes = OpenAIRoutes(backend, tokenizer, AppConfig(model_name, api_key, max_body_bytes, default_max_tokens))
+               max_body_bytes: int = 4 << 20, default_max_tokens: int = 256, tracer: Tracer | None = None) -> Starlette:
+    """The app; its lifespan starts the backend and closes it (ending every request) at shutdown.
+    `tracer` records one `request` span per engine request (arrival to last token)."""
+    routes = OpenAIRoutes(backend, tokenizer, AppConfig(model_name, api_key, max_body_bytes, default_max_tokens),
+                          tracer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

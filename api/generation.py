@@ -124,6 +124,7 @@ class Generation:
         self.choices = [Choice(i, IncrementalDetokenizer(tokenizer), StopStringMatcher(stops))
                         for i in range(len(requests))]
         self.started_at = time.monotonic()
+        self.started_ns = time.time_ns()  # the traces' common clock
         self._streams: list[RequestStream] = []
         self._merged: asyncio.Queue = asyncio.Queue()
         self._pumps: list[asyncio.Task] = []
