@@ -261,3 +261,51 @@ def test_two_nodes_in_network_namespaces_kv_over_tcp(two_namespaces, colocated, 
             assert status == 200, reply
             assert reply["choices"][0]["token_ids"] == _chat(colocated.url, _chat_body(inst))["choices"][0]["token_ids"]
         assert front_node.stop() == 0 and back_node.stop() == 0
+
+
+def test_openai_client_against_tandem_serve(colocated):
+    """Acceptance 1 on the real server: the official client, streaming and not."""
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT)
+    client = OpenAI(base_url=f"{colocated.url}/v1", api_key="none", max_retries=0, timeout=120)
+    conversation = [{"role": "system", "content": "You are terse."},
+                    {"role": "user", "content": "Add 12 and 30."}, {"role": "assistant", "content": "42"},
+                    {"role": "user", "content": "Copy: river stone lantern"}]
+    reply = client.chat.completions.create(model="tandem-default", messages=conversation, temperature=0, max_tokens=30)
+    prompt_ids = tokenizer(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False),
+                           add_special_tokens=False).input_ids
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.prompt_tokens == len(prompt_ids)
+    assert reply.usage.completion_tokens == len(tokenizer(reply.choices[0].message.content + "<turn|>",
+                                                          add_special_tokens=False).input_ids)
+
+    chunks = list(client.chat.completions.create(model="tandem-default", messages=conversation, temperature=0,
+                                                 max_tokens=30, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+    short = client.chat.completions.create(model="tandem-default", messages=conversation, max_tokens=2, temperature=0)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
+
+    question = [{"role": "user", "content": "Copy: river stone"}]
+    full = client.chat.completions.create(model="tandem-default", messages=question, temperature=0, max_tokens=30)
+    text = full.choices[0].message.content
+    assert len(text) >= 4, text
+    cut = client.chat.completions.create(model="tandem-default", messages=question, temperature=0, max_tokens=30,
+                                         stop=[text[2:4]])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[:2]
+
+    two = client.chat.completions.create(model="tandem-default", messages=question, n=2, seed=5, temperature=1.0,
+                                         max_tokens=12)
+    again = client.chat.completions.create(model="tandem-default", messages=question, n=2, seed=5, temperature=1.0,
+                                           max_tokens=12)
+    assert len(two.choices) == 2
+    assert [c.message.content for c in two.choices] == [c.message.content for c in again.choices]
+
+    scored = client.chat.completions.create(model="tandem-default", messages=question, temperature=0, max_tokens=6,
+                                            logprobs=True, top_logprobs=3)
+    entries = scored.choices[0].logprobs.content
+    assert entries and all(e.logprob <= 0 and len(e.top_logprobs) == 3 for e in entries)
+    assert all(e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in entries)
