@@ -80,6 +80,7 @@ class LaunchOptions:
     stop_grace_s: float = 10.0
     restart_limit: int = 3
     restart_window_s: float = 60.0
+    verbose: bool = True  # a log line per actor as it starts, gets ready, dies or restarts
 
 
 class Launcher:
@@ -109,6 +110,7 @@ class Launcher:
         try:
             for actor in mine:
                 self.children[actor] = Child(actor, self._spawn(actor))
+                self._log(f"starting {actor.name} (pid {self.children[actor].process.pid})")
             self._wait_ready(set(mine))
         except BaseException:
             self.stop()
@@ -134,7 +136,8 @@ class Launcher:
         return subprocess.Popen(self._command(actor), env=env, preexec_fn=_die_with_parent)
 
     def _wait_ready(self, waiting: set[ActorId]) -> None:
-        deadline = time.monotonic() + self.options.ready_timeout_s
+        started = time.monotonic()
+        deadline = started + self.options.ready_timeout_s
         while waiting:
             for actor in list(waiting):
                 code = self.children[actor].process.poll()
@@ -144,8 +147,13 @@ class Launcher:
                 names = ", ".join(sorted(a.name for a in waiting))
                 raise LaunchError(f"not ready after {self.options.ready_timeout_s:.0f} s: {names}")
             msg = self.control.recv(timeout_ms=100)
-            if isinstance(msg, ActorReady):
+            if isinstance(msg, ActorReady) and ActorId(msg.actor, msg.replica) in waiting:
                 waiting.discard(ActorId(msg.actor, msg.replica))
+                self._log(f"{msg.actor}-{msg.replica} ready after {time.monotonic() - started:.1f} s")
+
+    def _log(self, line: str) -> None:
+        if self.options.verbose:
+            print(f"tandem[{self.node}]: {line}", flush=True)
 
     # -- supervise ---------------------------------------------------------------------------
     def supervise(self) -> None:
@@ -162,6 +170,7 @@ class Launcher:
         now = time.monotonic()
         actor = child.actor
         self.events.append((now, f"{actor.name} exited with code {code}"))
+        self._log(f"{actor.name} exited with code {code}")
         self.notices.send(ActorStatus(actor.kind, actor.replica, False, f"{actor.name} exited with code {code}"))
         self._cleanup_shared_memory()
         child.deaths.append(now)
@@ -170,6 +179,7 @@ class Launcher:
             child.given_up = True
             self.events.append((now, f"{actor.name} not restarted: {len(recent)} deaths in "
                                      f"{self.options.restart_window_s:.0f} s"))
+            self._log(f"{actor.name} not restarted ({len(recent)} deaths): the server stays unhealthy")
             return
         child.process = self._spawn(actor)
         try:
@@ -178,6 +188,7 @@ class Launcher:
             self.events.append((time.monotonic(), f"restart of {actor.name} failed: {exc}"))
             return  # the next poll sees it dead and counts another death
         self.events.append((time.monotonic(), f"{actor.name} restarted"))
+        self._log(f"{actor.name} restarted")
         self.notices.send(ActorStatus(actor.kind, actor.replica, True, f"{actor.name} restarted"))
 
     # -- stop --------------------------------------------------------------------------------
@@ -203,6 +214,7 @@ class Launcher:
         self._cleanup_shared_memory()
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self._merge_traces()
+        self._log("stopped: every actor exited, run directory and shared memory removed")
 
     def _cleanup_shared_memory(self) -> None:
         try:
