@@ -14,7 +14,7 @@ import zmq
 
 from actors.engine_actor import EngineActor
 from actors.handoff import handoff_message, page_arrays
-from actors.messages import ActorStats, CancelRequest, KVData, KVHandoff, PrefillJob, RequestError, SamplingSpec, TokenBatch
+from actors.messages import CancelRequest, KVData, KVHandoff, PrefillJob, RequestError, SamplingSpec, TokenBatch
 from actors.tracing import Tracer, read_spans
 from actors.transport import pull, push
 from gemma4_model.engine import Engine, SchedulerLimits
@@ -29,6 +29,7 @@ from transfer.backend import (
     make_receiver,
     make_sender,
 )
+from tests.test_engine_actor import collect
 from transfer.kv_pages import export_pages
 
 PAGE = 4
@@ -224,19 +225,6 @@ def test_cancel_discards_a_pending_handoff_and_frees_its_segment(exported, zctx,
 def job(rid, n, seed, max_tokens=8):
     ids = torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(seed)).numpy().astype(np.int32)
     return PrefillJob(rid, ids, SamplingSpec(max_tokens=max_tokens, ignore_eos=True))
-
-
-def collect(api, until_done, timeout_ms=20_000):
-    got = {}
-    while until_done:
-        msg = api.recv(timeout_ms=timeout_ms)
-        assert msg is not None, f"no answer for {until_done}"
-        if isinstance(msg, ActorStats):  # load figures for /metrics, interleaved with the tokens
-            continue
-        got.setdefault(msg.request_id, []).append(msg)
-        if isinstance(msg, RequestError) or msg.finish_reason is not None:
-            until_done.discard(msg.request_id)
-    return got
 
 
 class Pipeline:
