@@ -38,10 +38,11 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
     """The wire spec as the engine's params (raises ValueError for out-of-range values)."""
     fields = dict(spec.__dict__)
     fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
-    kind, text, after = fields.pop("grammar_kind"), fields.pop("grammar"), fields.pop("grammar_after_token_id")
+    kind, text = fields.pop("grammar_kind"), fields.pop("grammar")
+    after, opener = fields.pop("grammar_after_token_id"), fields.pop("grammar_open_token_id")
     if (kind is None) != (text is None):
         raise GrammarError("grammar_kind and grammar come together")
-    grammar = GrammarSpec(kind, text, after) if kind is not None else None
+    grammar = GrammarSpec(kind, text, after, opener) if kind is not None else None
     return SamplingParams(**fields, grammar=grammar)
 
 

@@ -18,7 +18,7 @@ from .messages import GenerateRequest, PrefillJob, RequestError
 from .tracing import Tracer
 from .transport import Channel
 
-THINKING_END = "<channel|>"  # closes Gemma 4's thinking channel; a grammar starts after it
+THINKING_START, THINKING_END = "<|channel>", "<channel|>"  # Gemma 4's thinking channel; a grammar starts after it
 
 
 class Preprocessor:
@@ -70,6 +70,7 @@ class Preprocessor:
         stops = sorted(set(sampling.stop_token_ids) | model_stops)
         fields = {**sampling.__dict__, "stop_token_ids": stops}
         if thinking and sampling.grammar_kind is not None:  # the answer, not the thinking, follows the grammar
+            fields["grammar_open_token_id"] = self.tokenizer.convert_tokens_to_ids(THINKING_START)
             fields["grammar_after_token_id"] = self.tokenizer.convert_tokens_to_ids(THINKING_END)
         spec = type(sampling)(**fields)
         return PrefillJob(request.request_id, np.asarray(ids, dtype=np.int32), spec)

@@ -9,7 +9,11 @@ output tokens the matcher has seen. Each step the engine fills one packed token 
 grammar is active, in one call; the sampler applies it; the chosen token is then accepted.
 
 Thinking: with `after_token_id` set (the `<channel|>` that closes Gemma 4's thinking channel),
-the grammar starts after that token, which itself is not fed to the matcher. Because a state
+the grammar starts after that token, which itself is not fed to the matcher. With
+`open_token_id` set too (`<|channel>`, which opens the channel), thinking is optional: the first
+token may be that one (then the grammar waits for `after_token_id`) or any token the grammar
+allows (then the grammar holds from the start), as a thinking model may skip its thoughts on an
+easy question. Because a state
 is rebuilt from a sequence's output tokens (`sync`), a decode engine that adopts a request
 prefilled elsewhere, or any engine after preemption by recompute, arrives at the same matcher
 state as the engine that sampled those tokens.
@@ -40,6 +44,7 @@ class GrammarSpec:
     kind: str
     text: str
     after_token_id: int | None = None  # the grammar starts after this token (thinking's end)
+    open_token_id: int | None = None  # with after_token_id: a first token that opens the free span
 
     def __post_init__(self):
         if self.kind not in GRAMMAR_KINDS:
@@ -53,26 +58,36 @@ def bitmask_words(vocab_size: int) -> int:
 class GrammarState:
     """One sequence's matcher and how far through its output tokens it is."""
 
-    def __init__(self, matcher: xgr.GrammarMatcher, after_token_id: int | None):
+    def __init__(self, matcher: xgr.GrammarMatcher, after_token_id: int | None, open_token_id: int | None = None):
         self.matcher = matcher
         self.after_token_id = after_token_id
-        self.active = after_token_id is None
+        self.open_token_id = open_token_id if after_token_id is not None else None
+        # "active": the grammar holds; "free": until after_token_id; "either": the first token decides
+        self.mode = "active" if after_token_id is None else "free" if open_token_id is None else "either"
         self.seen = 0  # output tokens looked at so far
         self.rejected = False  # a token the grammar did not allow was fed (should not happen)
+
+    @property
+    def active(self) -> bool:
+        """This step's token is constrained (in mode "either": to the grammar or the open token)."""
+        return self.mode != "free"
 
     def sync(self, output: Sequence[int]) -> None:
         """Feed the output tokens not seen yet (none, in a plain decode step)."""
         for token in output[self.seen:]:
             self.seen += 1
-            if not self.active:
-                self.active = token == self.after_token_id
-            elif not self.matcher.is_terminated() and not self.matcher.accept_token(int(token)):
+            if self.mode == "either":
+                self.mode = "free" if token == self.open_token_id else "active"
+            elif self.mode == "free":
+                self.mode = "active" if token == self.after_token_id else "free"
+                continue
+            if self.mode == "active" and not self.matcher.is_terminated() and not self.matcher.accept_token(int(token)):
                 self.rejected = True
 
     @property
     def terminated(self) -> bool:
         """The grammar is complete and has taken its stop token (or needs none): the sequence ends."""
-        return self.active and (self.rejected or self.matcher.is_terminated())
+        return self.mode == "active" and (self.rejected or self.matcher.is_terminated())
 
 
 class GrammarBook:
@@ -126,7 +141,7 @@ class GrammarBook:
         stops = sorted(set(stop_token_ids))
         matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=stops or None,
                                      terminate_without_stop_token=not stops)
-        return GrammarState(matcher, spec.after_token_id)
+        return GrammarState(matcher, spec.after_token_id, spec.open_token_id)
 
     def fill(self, states: Sequence[GrammarState | None]) -> tuple[torch.Tensor | None, list[bool]]:
         """The packed bitmask [rows, words] for one step (rows without an active grammar all ones)
@@ -139,4 +154,8 @@ class GrammarBook:
         self.batch.batch_fill_next_token_bitmask([states[i].matcher for i in rows], bitmask, indices=rows)
         for i in rows:
             constrained[i] = True
+            if states[i].mode == "either":  # the thinking channel may open instead
+                opener = states[i].open_token_id
+                word = int(bitmask[i, opener // 32]) | (1 << (opener % 32))
+                bitmask[i, opener // 32] = word - (1 << 32) if word >= 1 << 31 else word
         return bitmask, constrained
