@@ -21,6 +21,7 @@ state as the engine that sampled those tokens.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +130,8 @@ class GrammarBook:
             else:
                 grammar = self.compiler.compile_structural_tag(text)
         except Exception as exc:  # xgrammar raises RuntimeError / ValueError / its own types
-            raise GrammarError(f"cannot compile the {kind}: {str(exc).strip().splitlines()[-1][:300]}") from None
+            reason = re.sub(r"^\[[^\]]*\] \S+: ", "", (str(exc).strip().splitlines() or ["unknown error"])[0])
+            raise GrammarError(f"cannot compile the {kind}: {reason[:300]}") from None
         self.compiled[key] = grammar
         while len(self.compiled) > self.max_cached:
             self.compiled.popitem(last=False)
