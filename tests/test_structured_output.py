@@ -7,9 +7,8 @@ import asyncio
 import contextlib
 import json
 import random
-import time
+import re
 
-import numpy as np
 import openai
 import pytest
 import torch
@@ -22,12 +21,13 @@ from actors.messages import GenerateRequest, SamplingSpec, decode, encode
 from actors.preprocess import Preprocessor
 from api_pipeline import API_KEY, MODEL_NAME, start_pipeline
 from default_model import CHECKPOINT
-from default_model.tasks import make_instance
-from gemma4_model.engine import Engine, GenerationSequence, SchedulerLimits
+from default_model.tasks import TIME_TOOL, WEATHER_TOOL, make_instance
+from gemma4_model.engine import Engine, SchedulerLimits
 from gemma4_model.grammar import GrammarBook, GrammarError, GrammarSpec
 from gemma4_model.kv_cache import PagedKVCache
 from gemma4_model.loader import load_text_decoder
 from gemma4_model.sampling import SamplingParams, SamplingRow, sample_batch, sample_one
+from gemma4_model.tool_grammar import forced_tool_call_ebnf
 from transfer.kv_pages import export_pages, import_pages
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
@@ -186,6 +186,33 @@ def test_a_grammar_that_cannot_compile_is_a_grammar_error(default_model):
     assert book.compile("ebnf", 'root ::= "a" | "b"') is first  # cached by (kind, text)
     with pytest.raises(GrammarError):
         GrammarSpec("regex", "a+")
+
+
+def forced_call(default_model, question: str, name: str | None) -> tuple[str, str]:
+    tokenizer, _, _, stops, _ = default_model
+    tools = [WEATHER_TOOL, TIME_TOOL]
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], tools=tools,
+                                        add_generation_prompt=True, tokenize=True)["input_ids"]
+    params = SamplingParams(max_tokens=40, stop_token_ids=tuple(stops),
+                            grammar=GrammarSpec("ebnf", forced_tool_call_ebnf(tools, name)))
+    [seq] = engine_of(default_model).generate([ids], params)
+    assert seq.finish_reason == "stop" and seq.output[-1] in stops
+    return tokenizer.decode(seq.output[:-1]), seq.finish_reason
+
+
+def test_a_forced_tool_call_is_a_well_formed_gemma4_call(default_model):
+    call = re.compile(r'<\|tool_call>call:(get_weather|get_time)\{location:<\|"\|>([^<]*)<\|"\|>'
+                      r'(,unit:<\|"\|>(celsius|fahrenheit)<\|"\|>)?\}<tool_call\|>')
+    # a question the model answers in text without a grammar still gets a call
+    text, _ = forced_call(default_model, "What is 12 + 30?", None)
+    assert call.fullmatch(text), text
+    # a named function is the one called, even where the model would call another
+    text, _ = forced_call(default_model, "What's the weather in Paris?", "get_time")
+    assert call.fullmatch(text) and call.fullmatch(text).group(1) == "get_time", text
+    text, _ = forced_call(default_model, "What's the weather in Paris?", None)
+    assert text == '<|tool_call>call:get_weather{location:<|"|>Paris<|"|>}<tool_call|>'
+    with pytest.raises(ValueError):
+        forced_tool_call_ebnf([WEATHER_TOOL], "no_such_tool")
 
 
 # ---- the API --------------------------------------------------------------------------------
