@@ -128,6 +128,13 @@ def test_grammar_starts_after_the_thinking_block(default_model):
     [seq] = engine_of(default_model).generate([job.token_ids.tolist()], sampling_params(job.sampling))
     assert seq.finish_reason == "stop" and seq.output[-1] in job.sampling.stop_token_ids
     assert isinstance(json.loads(tokenizer.decode(seq.output[:-1])), int)
+    # thinking enabled, but the model answers at once: the grammar holds from the first token
+    person = SamplingSpec(max_tokens=40, grammar_kind="json_schema", grammar=json.dumps(PERSON))
+    job = prefill_job(default_model, "Extract name, age and city as JSON: Anna is 30 years old and lives in Paris.",
+                      person, thinking=True)
+    [seq] = engine_of(default_model).generate([job.token_ids.tolist()], sampling_params(job.sampling))
+    assert seq.grammar.mode == "active" and seq.finish_reason == "stop"
+    assert json.loads(tokenizer.decode(seq.output[:-1])) == {"name": "Anna", "age": 30, "city": "Paris"}
 
 
 def test_disaggregated_decode_rebuilds_the_matcher_and_equals_colocated(default_model):
