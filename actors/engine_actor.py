@@ -18,6 +18,7 @@ from collections import OrderedDict
 import zmq
 
 from gemma4_model.engine import Engine, GenerationSequence, Status
+from gemma4_model.grammar import GrammarError, GrammarSpec
 from gemma4_model.kv_cache import RequestTooLargeError
 from gemma4_model.page_pool import KVCacheFullError
 from gemma4_model.sampling import SamplingParams
@@ -37,7 +38,12 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
     """The wire spec as the engine's params (raises ValueError for out-of-range values)."""
     fields = dict(spec.__dict__)
     fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
-    return SamplingParams(**fields)
+    kind, text = fields.pop("grammar_kind"), fields.pop("grammar")
+    after, opener = fields.pop("grammar_after_token_id"), fields.pop("grammar_open_token_id")
+    if (kind is None) != (text is None):
+        raise GrammarError("grammar_kind and grammar come together")
+    grammar = GrammarSpec(kind, text, after, opener) if kind is not None else None
+    return SamplingParams(**fields, grammar=grammar)
 
 
 def _first_batch_counts(seq: GenerationSequence) -> dict:
@@ -128,6 +134,9 @@ class EngineActor:
         except RequestTooLargeError as exc:
             self.outbox.send(RequestError(job.request_id, 413, str(exc)))
             return
+        except GrammarError as exc:
+            self.outbox.send(RequestError(job.request_id, 400, f"response_format: {exc}", param="response_format"))
+            return
         except ValueError as exc:
             self.outbox.send(RequestError(job.request_id, 400, str(exc)))
             return
@@ -171,6 +180,9 @@ class EngineActor:
             return
         except KVCacheFullError as exc:
             self.outbox.send(RequestError(msg.request_id, 503, f"decode has no free KV pages: {exc}"))
+            return
+        except GrammarError as exc:
+            self.outbox.send(RequestError(msg.request_id, 400, f"response_format: {exc}", param="response_format"))
             return
         except ValueError as exc:  # sampling settings out of range
             self.outbox.send(RequestError(msg.request_id, 400, str(exc)))

@@ -88,6 +88,7 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     import torch
 
     from gemma4_model.engine import Engine
+    from gemma4_model.grammar import GrammarBook
     from gemma4_model.kv_cache import PagedKVCache
     from gemma4_model.loader import load_text_decoder
 
@@ -100,7 +101,10 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     config, model = load_text_decoder(checkpoint_dir(ctx.topology), device=ctx.device, dtype=dtype)
     cache = PagedKVCache(config.text, page_size=model_section.page_size, num_pages=model_section.kv_pages,
                          device=ctx.device, dtype=dtype)
-    engine = Engine(model, cache)
+    checkpoint = checkpoint_dir(ctx.topology)
+    grammars = GrammarBook.from_checkpoint(checkpoint, config.text.vocab_size,
+                                           sorted(set(stop_token_ids(checkpoint)) | set(config.text.eos_token_ids)))
+    engine = Engine(model, cache, grammars=grammars)
     inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor])
     outbox = push(zctx, ctx.wiring.results)
     role, backend = ctx.actor.kind, ctx.topology.transfer

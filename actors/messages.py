@@ -63,6 +63,13 @@ class SamplingSpec:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    # Structured output (gemma4_model/grammar.py): kind "json_schema" / "ebnf" / "structural_tag" and its text;
+    # with grammar_after_token_id the grammar starts after that token (the end of a thinking block);
+    # with grammar_open_token_id too, only if the output opens with that token (thinking is optional).
+    grammar_kind: str | None = None
+    grammar: str | None = None
+    grammar_after_token_id: int | None = None
+    grammar_open_token_id: int | None = None
 
 
 @message
@@ -163,6 +170,7 @@ class RequestError:
     request_id: str
     code: int  # HTTP-like status
     message: str
+    param: str | None = None  # the request field at fault, when known (e.g. response_format)
 
 
 @message

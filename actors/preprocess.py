@@ -18,6 +18,8 @@ from .messages import GenerateRequest, PrefillJob, RequestError
 from .tracing import Tracer
 from .transport import Channel
 
+THINKING_START, THINKING_END = "<|channel>", "<channel|>"  # Gemma 4's thinking channel; a grammar starts after it
+
 
 class Preprocessor:
     """Renders OpenAI-style messages through the checkpoint's chat template and tokenizes."""
@@ -46,7 +48,8 @@ class Preprocessor:
             )
         except Exception as exc:  # jinja raises many types for messages it cannot render
             raise ValueError(f"the chat template cannot render these messages: {exc}") from None
-        return self._job(request, self.tokenizer(text, add_special_tokens=False).input_ids)
+        return self._job(request, self.tokenizer(text, add_special_tokens=False).input_ids,
+                         thinking=bool(kwargs.get("enable_thinking")))
 
     def _completion_ids(self, request: GenerateRequest) -> list[int]:
         """A completions prompt: token ids as given (checked against the vocabulary), or text
@@ -59,13 +62,17 @@ class Preprocessor:
             raise ValueError(f"prompt token ids out of the vocabulary [0, {vocab}): {bad[:5]}")
         return list(request.prompt_ids)
 
-    def _job(self, request: GenerateRequest, ids: list[int]) -> PrefillJob:
+    def _job(self, request: GenerateRequest, ids: list[int], thinking: bool = False) -> PrefillJob:
         if not ids:
             raise ValueError("the prompt has no tokens")
         sampling = request.sampling
         model_stops = set() if sampling.ignore_eos else set(self.stop_token_ids)  # benchmarks run to max_tokens
         stops = sorted(set(sampling.stop_token_ids) | model_stops)
-        spec = type(sampling)(**{**sampling.__dict__, "stop_token_ids": stops})
+        fields = {**sampling.__dict__, "stop_token_ids": stops}
+        if thinking and sampling.grammar_kind is not None:  # the answer, not the thinking, follows the grammar
+            fields["grammar_open_token_id"] = self.tokenizer.convert_tokens_to_ids(THINKING_START)
+            fields["grammar_after_token_id"] = self.tokenizer.convert_tokens_to_ids(THINKING_END)
+        spec = type(sampling)(**fields)
         return PrefillJob(request.request_id, np.asarray(ids, dtype=np.int32), spec)
 
 

@@ -29,7 +29,18 @@ def sampling_spec(body: ChatCompletionRequest | CompletionRequest, default_max_t
         top_k=max(body.top_k, 0), seed=seed, ignore_eos=body.ignore_eos, min_p=body.min_p,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens, logprobs=body.top_count,
+        **grammar_fields(body),
     )
+
+
+def grammar_fields(body: ChatCompletionRequest | CompletionRequest) -> dict:
+    """`response_format` as the engine's grammar (kind and text); the engine compiles it and
+    answers 400 naming `response_format` when it cannot. Plain text needs none."""
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return {}
+    schema = {"type": "object"} if fmt.type == "json_object" else fmt.json_schema.schema_
+    return {"grammar_kind": "json_schema", "grammar": json.dumps(schema)}
 
 
 def engine_requests(body: ChatCompletionRequest | CompletionRequest, default_max_tokens: int) -> list[GenerateRequest]:
@@ -155,7 +166,7 @@ class Generation:
                 continue  # tokens that were in flight when a stop string ended the choice
             if isinstance(msg, RequestError):
                 self.abort()
-                raise ApiError(msg.code, msg.message)
+                raise ApiError(msg.code, msg.message, param=msg.param)
             delta = choice.feed(msg)
             if choice.finished and msg.finish_reason is None:
                 self.backend.cancel(self.requests[index].request_id)  # a stop string: the engine may stop

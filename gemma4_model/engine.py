@@ -15,6 +15,7 @@ import torch
 
 from .batch import ForwardBatch, SequenceChunk
 from .decoder import TextDecoder
+from .grammar import GrammarBook, GrammarState
 from .kv_cache import PagedKVCache, RequestTooLargeError
 from .sampling import LOGPROBS_RAW, RowSample, Sampler, SamplingParams, SamplingRow
 
@@ -44,6 +45,7 @@ class GenerationSequence:
     top_ids: list[np.ndarray] = field(default_factory=list)  # int32 [k] each, best first
     top_logprobs: list[np.ndarray] = field(default_factory=list)  # float32 [k] each
     request_id: str | None = None  # the caller's name for it (actors use the API request id)
+    grammar: GrammarState | None = None  # structured output: its matcher, synced with `output`
 
     @property
     def tokens(self) -> list[int]:
@@ -173,8 +175,9 @@ class Engine:
     """Runs scheduled steps through the decoder and samples; offline `generate` for demos/tests."""
 
     def __init__(self, model: TextDecoder, cache: PagedKVCache, limits: SchedulerLimits = SchedulerLimits(),
-                 seed: int | None = None, logprobs_mode: str = LOGPROBS_RAW):
+                 seed: int | None = None, logprobs_mode: str = LOGPROBS_RAW, grammars: GrammarBook | None = None):
         self.model = model
+        self.grammars = grammars  # None: requests with a grammar are refused
         self.cache = cache
         self.scheduler = Scheduler(cache, limits, model.cfg.max_position_embeddings)
         self.device = next(model.parameters()).device
@@ -185,6 +188,7 @@ class Engine:
 
     def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None) -> GenerationSequence:
         seq = GenerationSequence(self._next_id, list(prompt), params, request_id=request_id)
+        seq.grammar = self._grammar_state(params, seq.output)
         self._next_id += 1
         self.scheduler.add(seq)
         return seq
@@ -194,10 +198,23 @@ class Engine:
         """Continue a request prefilled elsewhere: `install(cache, seq_id)` puts its KV pages in
         this engine's cache (a KV handoff), then it decodes from its first token."""
         seq = GenerationSequence(self._next_id, list(prompt), params, output=[first_token], request_id=request_id)
+        seq.grammar = self._grammar_state(params, seq.output)  # rebuilt from the first token
         self._next_id += 1
         install(self.cache, seq.seq_id)
         self.scheduler.adopt(seq)
         return seq
+
+    def _grammar_state(self, params: SamplingParams, output: Sequence[int]) -> GrammarState | None:
+        """A matcher for a constrained request, fed its output so far (raises GrammarError, a
+        ValueError, for a grammar that cannot compile or an engine without grammar support)."""
+        if params.grammar is None:
+            return None
+        if self.grammars is None:
+            raise ValueError("this engine was started without structured-output support")
+        stops = list(params.stop_token_ids) + ([] if params.ignore_eos else list(self.model.cfg.eos_token_ids))
+        state = self.grammars.start(params.grammar, stops)
+        state.sync(output)
+        return state
 
     def cancel(self, seq: GenerationSequence) -> None:
         """Drop a sequence wherever it is (waiting or running) and free its pages now."""
@@ -226,13 +243,24 @@ class Engine:
         if not rows:
             return []
         advanced = [plan.seqs[i] for i in rows]
-        choices = self.sampler(out.logits[rows], [SamplingRow(s.params, s.prompt, s.output) for s in advanced])
+        bitmask, constrained = self._grammar_masks(advanced)
+        choices = self.sampler(out.logits[rows], [SamplingRow(s.params, s.prompt, s.output, c)
+                                                  for s, c in zip(advanced, constrained)], bitmask)
         for seq, choice in zip(advanced, choices):
             self._record(seq, choice)
+            if seq.grammar is not None:
+                seq.grammar.sync(seq.output)
             reason = self._finish_reason(seq, choice.token)
             if reason:
                 self.scheduler.finish(seq, reason)
         return advanced
+
+    def _grammar_masks(self, seqs: Sequence[GenerationSequence]) -> tuple[torch.Tensor | None, list[bool]]:
+        """This step's token bitmask for the constrained rows, filled in one call."""
+        states = [s.grammar for s in seqs]
+        if self.grammars is None or all(g is None for g in states):
+            return None, [False] * len(seqs)
+        return self.grammars.fill(states)
 
     @staticmethod
     def _record(seq: GenerationSequence, choice: RowSample) -> None:
@@ -256,6 +284,8 @@ class Engine:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.model.cfg.eos_token_ids):
             return "stop"
+        if seq.grammar is not None and seq.grammar.terminated:
+            return "stop"  # the grammar is complete (and needed no stop token): nothing else may follow
         if len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.scheduler.max_model_len:
             return "length"
         return None

@@ -7,6 +7,8 @@ Per row, in this order (vLLM's v1 order):
 2. presence and frequency penalties over output tokens (OpenAI: logit -= frequency * count +
    presence * (count > 0));
 3. min_tokens: stop ids (and EOS unless ignore_eos) get -inf until min_tokens outputs exist;
+   a row whose grammar is active (`SamplingRow.constrained`) then gets -inf for every token its
+   packed bitmask (`grammar.py`: int32 words, bit t set = token t allowed) does not allow;
 4. temperature 0 (or top_k 1): argmax of these penalised logits; neutral penalties leave the
    logits untouched, so greedy output is what plain argmax gave before;
 5. otherwise divide by the temperature, drop tokens under min_p times the top probability,
@@ -28,10 +30,14 @@ before min-p / top-k / top-p truncation (vLLM v0's convention).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
+import xgrammar as xgr
+
+if TYPE_CHECKING:
+    from .grammar import GrammarSpec
 
 LOGPROBS_RAW = "raw"
 LOGPROBS_PROCESSED = "processed"
@@ -56,6 +62,7 @@ class SamplingParams:
     min_tokens: int = 0  # stop and EOS tokens are masked until this many tokens were generated
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
     keep_logits: bool = False  # keep each step's logits on the sequence (tests)
+    grammar: GrammarSpec | None = None  # structured output: what the output must match
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -98,6 +105,7 @@ class SamplingRow:
     params: SamplingParams
     prompt: Sequence[int]
     output: Sequence[int]  # tokens generated so far; len(output) is this token's position
+    constrained: bool = False  # its grammar is active: the step's token bitmask row applies
 
 
 @dataclass(frozen=True)
@@ -151,9 +159,10 @@ def draw_noise(rows: Sequence[SamplingRow], vocab: int, generator: torch.Generat
 
 
 def sample_one(logits: torch.Tensor, row: SamplingRow, eos_token_ids: Sequence[int], noise: torch.Tensor | None,
-               logprobs_mode: str = LOGPROBS_RAW) -> RowSample:
+               logprobs_mode: str = LOGPROBS_RAW, token_bitmask: torch.Tensor | None = None) -> RowSample:
     """One token from a [vocab] logits row, step by step as the module docstring says
-    (`noise`, Exp(1) [vocab], is used only when the row samples)."""
+    (`noise`, Exp(1) [vocab], is used only when the row samples; `token_bitmask`, int32
+    [ceil(vocab / 32)], only when the row is constrained)."""
     p = row.params
     raw = logits.float()
     x = raw.clone()
@@ -169,6 +178,11 @@ def sample_one(logits: torch.Tensor, row: SamplingRow, eos_token_ids: Sequence[i
     if len(row.output) < p.min_tokens:
         for t in _stop_ids(p, eos_token_ids):
             x[t] = float("-inf")
+    if row.constrained:
+        words = [int(w) for w in token_bitmask.tolist()]
+        for t in range(vocab):
+            if not (words[t // 32] >> (t % 32)) & 1:
+                x[t] = float("-inf")
     penalised = x
     if p.greedy:
         token = int(torch.argmax(x))
@@ -205,9 +219,11 @@ def _stop_ids(p: SamplingParams, eos_token_ids: Sequence[int]) -> list[int]:
 
 
 def sample_batch(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Sequence[int],
-                 noise: torch.Tensor | None, logprobs_mode: str = LOGPROBS_RAW) -> list[RowSample]:
+                 noise: torch.Tensor | None, logprobs_mode: str = LOGPROBS_RAW,
+                 token_bitmask: torch.Tensor | None = None) -> list[RowSample]:
     """One token per row of [rows, vocab] logits; the same choices as `sample_one` row by row.
-    `noise` [rows, vocab] (Exp(1)) may be None only when every row is greedy."""
+    `noise` [rows, vocab] (Exp(1)) may be None only when every row is greedy; `token_bitmask`
+    [rows, ceil(vocab / 32)] int32 is needed when a row is constrained."""
     if logprobs_mode not in LOGPROBS_MODES:
         raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
     n, vocab = logits.shape
@@ -216,6 +232,7 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_id
     raw = logits.float()
     x = _penalise(raw, rows, device)
     x = _mask_early_stops(x, rows, eos_token_ids)
+    x = _mask_by_grammar(x, rows, token_bitmask)
     penalised = x
     tokens = torch.argmax(x, dim=-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -290,6 +307,20 @@ def _mask_early_stops(x: torch.Tensor, rows: Sequence[SamplingRow], eos_token_id
     return x
 
 
+def _mask_by_grammar(x: torch.Tensor, rows: Sequence[SamplingRow], token_bitmask: torch.Tensor | None) -> torch.Tensor:
+    """-inf where a constrained row's bitmask forbids the token; other rows untouched. xgrammar's
+    kernel (C++ on CPU, CUDA/Triton on GPU) does it in place on the marked rows: a torch unpack
+    of the bits costs several times more at Gemma 4's 262144 ids (bench/grammar_mask.py)."""
+    marked = [i for i, r in enumerate(rows) if r.constrained]
+    if not marked:
+        return x
+    if token_bitmask is None:
+        raise ValueError("constrained rows need a token bitmask")
+    x = x.clone()  # x may be the raw logits, which logprobs still need
+    xgr.apply_token_bitmask_inplace(x, token_bitmask.to(x.device), vocab_size=x.shape[1], indices=marked)
+    return x
+
+
 def _sample_rows(x: torch.Tensor, params: Sequence[SamplingParams], noise: torch.Tensor) -> torch.Tensor:
     """Temperature, min-p, top-k, top-p, then the exponential race, for rows that sample."""
     n, vocab = x.shape
@@ -330,6 +361,7 @@ class Sampler:
         else:
             self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[RowSample]:
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 token_bitmask: torch.Tensor | None = None) -> list[RowSample]:
         noise = draw_noise(rows, logits.shape[-1], self.generator)
-        return sample_batch(logits, rows, self.eos_token_ids, noise, self.logprobs_mode)
+        return sample_batch(logits, rows, self.eos_token_ids, noise, self.logprobs_mode, token_bitmask)

@@ -20,6 +20,7 @@ from api.backend import ZmqBackend
 from api.server import ApiServer, ServerConfig
 from default_model import CHECKPOINT
 from gemma4_model.engine import Engine
+from gemma4_model.grammar import GrammarBook
 from gemma4_model.kv_cache import PagedKVCache
 from gemma4_model.loader import load_text_decoder
 
@@ -58,7 +59,9 @@ def start_pipeline(run_dir: Path, stack, **app_options) -> Pipeline:
 
     tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT)
     config, model = load_text_decoder(CHECKPOINT, device="cpu", dtype=torch.float32)
-    engine = Engine(model, PagedKVCache(config.text, page_size=PAGE_SIZE, num_pages=KV_PAGES))
+    stops = stop_token_ids(CHECKPOINT)
+    grammars = GrammarBook.from_checkpoint(CHECKPOINT, config.text.vocab_size, sorted(set(stops) | set(config.text.eos_token_ids)))
+    engine = Engine(model, PagedKVCache(config.text, page_size=PAGE_SIZE, num_pages=KV_PAGES), grammars=grammars)
     endpoints = {name: f"ipc://{run_dir}/{name}" for name in ("preprocess.in", "engine.in", "api.results")}
     zctx = zmq.Context()
     stack.callback(zctx.destroy, linger=0)
@@ -68,7 +71,6 @@ def start_pipeline(run_dir: Path, stack, **app_options) -> Pipeline:
     backend.start()  # binds the results socket before the actors connect to it
     stack.callback(backend.close)
 
-    stops = stop_token_ids(CHECKPOINT)
     preprocess = PreprocessActor(Preprocessor(tokenizer, stops), pull(zctx, endpoints["preprocess.in"]),
                                  push(zctx, endpoints["engine.in"]), push(zctx, endpoints["api.results"]))
     engine_actor = EngineActor(engine, pull(zctx, endpoints["engine.in"]), push(zctx, endpoints["api.results"]),
