@@ -37,6 +37,7 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
     """The wire spec as the engine's params (raises ValueError for out-of-range values)."""
     fields = dict(spec.__dict__)
     fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
+    fields.pop("tool_choice", None)  # a forced tool call is the structured-output grammar's, not the sampler's
     return SamplingParams(**fields)
 
 

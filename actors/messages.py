@@ -63,6 +63,7 @@ class SamplingSpec:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    tool_choice: str | None = None  # "required" / "function:NAME": a call the grammar must force (tools in messages_json)
 
 
 @message
