@@ -85,7 +85,7 @@ class ChatOutput:
             if parsed is not None:
                 out.content = parsed.content
                 limit = self.config.max_calls
-                out.tool_calls = [d.openai() for d in parsed.calls if limit is None or d.index < limit]
+                out.tool_calls = _merged([d for d in parsed.calls if limit is None or d.index < limit])
         self.reasoning_parts.append(out.reasoning)
         self.content_parts.append(out.content)
         for delta in out.tool_calls:
@@ -103,6 +103,17 @@ class ChatOutput:
     @property
     def content_text(self) -> str:
         return "".join(self.content_parts)
+
+
+def _merged(deltas) -> list[dict]:
+    """OpenAI deltas, argument fragments of one call that follow each other joined into one."""
+    out: list[dict] = []
+    for d in deltas:
+        if d.id is None and out and out[-1]["index"] == d.index and "id" not in out[-1]:
+            out[-1]["function"]["arguments"] += d.arguments
+        else:
+            out.append(d.openai())
+    return out
 
 
 def _join(a, b):
