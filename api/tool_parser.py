@@ -39,6 +39,7 @@ _NAME = re.compile(r"[^\s{}\[\]<>,:\"']+")
 _JSON_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
 _BARE_END = ",}]"
 _WORDS = {"true": "true", "false": "false", "null": "null"}
+_SETTLES = frozenset(",{}[]>")  # only text with one of these can complete, open or close an item
 
 
 @dataclass
@@ -249,6 +250,7 @@ class ToolCallParser:
         self.announced = False  # the current call's id and name were sent
         self.sent = ""  # argument JSON sent for the current call
         self.args_from = 0  # where the current call's arguments start in `held`
+        self.scanned = 0  # length of the current call's text at its last scan
 
     def feed(self, text: str) -> ToolParse:
         return self._run(self.held + text, final=False)
@@ -270,7 +272,7 @@ class ToolCallParser:
                     break
                 content.append(buffer[:at])
                 buffer = buffer[at + len(CALL_OPEN):]
-                self.in_call, self.announced, self.sent = True, False, ""
+                self.in_call, self.announced, self.sent, self.scanned = True, False, "", 0
                 continue
             buffer = self._call(buffer, final, result, content)
             if self.in_call:  # waiting for more text
@@ -295,6 +297,10 @@ class ToolCallParser:
             result.calls.append(ToolCallDelta(self.calls, "", self.id_factory(), name))
             self.calls += 1
         index = self.calls - 1
+        if not final and self.scanned and _SETTLES.isdisjoint(text[self.scanned:]):
+            self.held = text  # nothing new can be complete: skip re-scanning (long strings stay linear-ish)
+            return ""
+        self.scanned = len(text)
         scan = _ArgsScan(text[self.args_from:])
         error = False
         try:
