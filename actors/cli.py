@@ -42,6 +42,18 @@ def add_common_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"),
                          help="require 'Authorization: Bearer KEY' (or set TANDEM_API_KEY)")
     command.add_argument("--trace-dir", type=Path, help="write per-actor spans and a merged Chrome trace here")
+    command.add_argument("--cors-origin", action="append", dest="cors_origins", metavar="ORIGIN",
+                         help="allow this browser origin (repeatable; default: CORS off)")
+    command.add_argument("--allowed-media-host", action="append", dest="allowed_media_hosts", metavar="HOST",
+                         help="allow fetching image/audio URLs from this host (repeatable; default: none)")
+    command.add_argument("--request-timeout", type=float, dest="request_timeout_s", metavar="SECONDS",
+                         help="end a request still running after this long with a 504 (default 600)")
+    command.add_argument("--max-body-bytes", type=int, help="larger request bodies get a 413 (default 4 MiB)")
+
+
+def api_overrides(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
+    names = ("cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes")
+    return tuple((name, getattr(args, name)) for name in names if getattr(args, name) is not None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.trace_dir:
             args.trace_dir.mkdir(parents=True, exist_ok=True)
         launcher = Launcher(topology_path(args.topology), LaunchOptions(
-            node=args.node, model=args.model, trace_dir=args.trace_dir, api_key=args.api_key, host=args.host, port=args.port))
+            node=args.node, model=args.model, api_overrides=api_overrides(args), trace_dir=args.trace_dir,
+            api_key=args.api_key, host=args.host, port=args.port))
     except (TopologyError, LaunchError) as exc:
         print(f"tandem: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import zmq
 
-from topology.config import Topology, load_topology
+from topology.config import Topology, load_topology, with_api_overrides
 from topology.wiring import API, ActorId, plan_wiring
 
 from .messages import ActorReady, ActorStatus
@@ -72,6 +73,7 @@ class Child:
 class LaunchOptions:
     node: str | None = None  # None: the topology's only node (or the api's node)
     model: str | None = None  # overrides the topology's model.path
+    api_overrides: tuple[tuple[str, object], ...] = ()  # [api] fields from the command line
     trace_dir: Path | None = None
     api_key: str | None = None
     host: str | None = None  # overrides of the api's listen address
@@ -86,7 +88,8 @@ class LaunchOptions:
 class Launcher:
     def __init__(self, topology_path: str | Path, options: LaunchOptions = LaunchOptions()):
         self.topology_path = str(Path(topology_path).resolve())
-        self.topology: Topology = with_model(load_topology(self.topology_path), options.model)
+        self.topology: Topology = with_api_overrides(with_model(load_topology(self.topology_path), options.model),
+                                                     dict(options.api_overrides))
         self.options = options
         self.node = options.node or self.topology.api_node
         if self.node not in self.topology.nodes:
@@ -127,6 +130,8 @@ class Launcher:
         if actor.kind == API:
             cmd += [flag for flag, value in (("--host", o.host), ("--port", o.port)) if value is not None
                     for flag in (flag, str(value))]
+            if o.api_overrides:
+                cmd += ["--api-overrides", json.dumps(dict(o.api_overrides))]
         return cmd
 
     def _spawn(self, actor: ActorId) -> subprocess.Popen:

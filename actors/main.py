@@ -19,7 +19,7 @@ from pathlib import Path
 
 import zmq
 
-from topology.config import Topology, load_topology
+from topology.config import Topology, load_topology, with_api_overrides
 from topology.wiring import API, ActorId, Wiring, plan_wiring
 
 from .messages import ActorReady
@@ -138,6 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--run-id", required=True)
     ap.add_argument("--trace-dir")
     ap.add_argument("--model", help="checkpoint directory replacing the topology's model.path")
+    ap.add_argument("--api-overrides", help="api: JSON object of [api] fields replacing the topology's")
     ap.add_argument("--host", help="api: listen address (default: the topology's)")
     ap.add_argument("--port", type=int, help="api: listen port (default: the topology's)")
     return ap.parse_args(argv)
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     topology = load_topology(args.topology)
     if args.model:
         topology = replace(topology, model=replace(topology.model, path=args.model))
+    if args.api_overrides:
+        topology = with_api_overrides(topology, json.loads(args.api_overrides))
     ctx = ActorContext(topology, plan_wiring(topology, args.run_dir), ActorId(args.actor, args.replica),
                        args.run_id, Path(args.trace_dir) if args.trace_dir else None,
                        os.environ.get("TANDEM_API_KEY") or None, args.host, args.port)

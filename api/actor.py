@@ -57,8 +57,10 @@ def run_api(ctx: ActorContext) -> int:
     cancels = [endpoint for kind in ENGINE_KINDS for endpoint in wiring.of_kind(kind)]
     backend = ZmqBackend(wiring.of_kind("preprocess"), wiring.results, cancels)
     tracer = Tracer(ctx.actor.name, ctx.trace_dir)
-    app = create_app(backend, tokenizer, served_model_name(ctx), api_key=ctx.api_key, tracer=tracer)
     api = ctx.topology.api
+    app = create_app(backend, tokenizer, served_model_name(ctx), api_key=ctx.api_key, tracer=tracer,
+                     max_body_bytes=api.max_body_bytes, request_timeout_s=api.request_timeout_s,
+                     allowed_media_hosts=api.allowed_media_hosts, cors_origins=api.cors_origins)
     server = ApiServer(app, ServerConfig(host=ctx.host or api.host, port=ctx.port or api.port))
     zctx = zmq.Context()
     stop = threading.Event()

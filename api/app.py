@@ -22,6 +22,7 @@ from typing import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -34,6 +35,7 @@ from .formats import ChatFormat, CompletionFormat, ResponseFormat
 from .chat_output import SpecialIds
 from .generation import Generation, chat_output_config, engine_requests
 from .logprobs import TokenText
+from .media import check_media
 from .metrics import ApiMetrics
 from .schema import ChatCompletionRequest, CompletionRequest, parse_body
 from .streaming import DONE, EventStreamResponse, sse
@@ -49,6 +51,9 @@ class AppConfig:
     api_key: str | None
     max_body_bytes: int
     default_max_tokens: int
+    request_timeout_s: float | None = None  # None: no limit
+    allowed_media_hosts: tuple[str, ...] = ()
+    media_kinds: frozenset[str] = frozenset()  # media the topology has encoders for
 
 
 class OpenAIRoutes:
@@ -121,12 +126,14 @@ class OpenAIRoutes:
             self.check_auth(request)
             body = parse_body(schema, await self.read_json(request))
             self.check_model(body.model)
+            if isinstance(body, ChatCompletionRequest):
+                check_media(body.messages, self.config.allowed_media_hosts, self.config.media_kinds)
             if getattr(body, "echo", False):
                 raise ApiError(400, "echo is not supported", param="echo")
             output = chat_output_config(body) if isinstance(body, ChatCompletionRequest) else None
-            generation = Generation(self.backend, self.tokenizer,
-                                    engine_requests(body, self.config.default_max_tokens), body.stop_strings,
-                                    output, self.special)
+            generation = Generation(self.backend, self.tokenizer, engine_requests(body, self.config.default_max_tokens),
+                                    body.stop_strings, timeout_s=self.config.request_timeout_s,
+                                    output=output, special=self.special)
             fmt = format_cls(self.names, self.config.model_name, len(generation.choices),
                              body.top_count is not None, generation.requests[0].request_id.rsplit("-", 1)[0])
             generation.submit()
@@ -245,11 +252,15 @@ async def _unless_disconnected(request: Request, work, generation: Generation) -
 
 
 def create_app(backend: ZmqBackend, tokenizer, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = 4 << 20, default_max_tokens: int = 256, tracer: Tracer | None = None) -> Starlette:
+               max_body_bytes: int = 4 << 20, default_max_tokens: int = 256, tracer: Tracer | None = None,
+               request_timeout_s: float | None = None, allowed_media_hosts: tuple[str, ...] = (),
+               cors_origins: tuple[str, ...] = ()) -> Starlette:
     """The app; its lifespan starts the backend and closes it (ending every request) at shutdown.
-    `tracer` records one `request` span per engine request (arrival to last token)."""
-    routes = OpenAIRoutes(backend, tokenizer, AppConfig(model_name, api_key, max_body_bytes, default_max_tokens),
-                          tracer)
+    `tracer` records one `request` span per engine request (arrival to last token); CORS is off
+    unless `cors_origins` names the browser origins to allow."""
+    config = AppConfig(model_name, api_key, max_body_bytes, default_max_tokens, request_timeout_s,
+                       tuple(allowed_media_hosts))
+    routes = OpenAIRoutes(backend, tokenizer, config, tracer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -273,5 +284,8 @@ def create_app(backend: ZmqBackend, tokenizer, model_name: str, api_key: str | N
         Route("/health", routes.health, methods=["GET"]),
         Route("/metrics", routes.metrics_route, methods=["GET"]),
     ], lifespan=lifespan)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
     app.state.routes = routes
     return app

@@ -152,10 +152,12 @@ class Generation:
     """The engine requests behind one HTTP request and their merged results."""
 
     def __init__(self, backend: ZmqBackend, tokenizer, requests: list[GenerateRequest], stops: list[str],
-                 output: ChatOutputConfig | None = None, special: SpecialIds | None = None):
+                 timeout_s: float | None = None, output: ChatOutputConfig | None = None,
+                 special: SpecialIds | None = None):
         """`output` (chat): decode with the format markers kept and split reasoning, content and
         tool calls (`special` names the ids to drop, default: read from the tokenizer)."""
         self.backend = backend
+        self.timeout_s = timeout_s
         self.requests = requests
         if output is None:
             self.choices = [Choice(i, IncrementalDetokenizer(tokenizer), StopStringMatcher(stops))
@@ -189,7 +191,7 @@ class Generation:
         """Each choice's deltas in arrival order until every choice has finished; a
         `RequestError` of any choice raises `ApiError` (the others are then cancelled)."""
         while not all(c.finished for c in self.choices):
-            index, msg = await self._merged.get()
+            index, msg = await self._next()
             choice = self.choices[index]
             if choice.finished:
                 continue  # tokens that were in flight when a stop string ended the choice
@@ -202,6 +204,16 @@ class Generation:
             elif msg.finish_reason is not None:
                 self.backend.finished(self.requests[index].request_id)
             yield index, delta
+
+    async def _next(self) -> tuple[int, TokenBatch | RequestError]:
+        if self.timeout_s is None:
+            return await self._merged.get()
+        left = self.started_at + self.timeout_s - time.monotonic()
+        try:
+            return await asyncio.wait_for(self._merged.get(), max(left, 0.0))
+        except asyncio.TimeoutError:
+            self.abort()
+            raise ApiError(504, f"the request did not finish within {self.timeout_s:g} s (request timeout)") from None
 
     def abort(self) -> None:
         """Cancel every unfinished request (client gone, error, or shutdown)."""

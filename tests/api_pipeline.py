@@ -51,8 +51,9 @@ class Pipeline:
         return Engine(self.model, PagedKVCache(self.config.text, page_size=PAGE_SIZE, num_pages=KV_PAGES))
 
 
-def start_pipeline(run_dir: Path, stack) -> Pipeline:
-    """Start everything; `stack` (an ExitStack) stops it all in reverse order."""
+def start_pipeline(run_dir: Path, stack, **app_options) -> Pipeline:
+    """Start everything; `stack` (an ExitStack) stops it all in reverse order. `app_options`
+    go to `create_app` (front-door settings)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT)
@@ -86,7 +87,8 @@ def start_pipeline(run_dir: Path, stack) -> Pipeline:
     stack.callback(stop_actors)
 
     port = free_port()
-    app = create_app(backend, tokenizer, MODEL_NAME, api_key=API_KEY, max_body_bytes=64 << 10, default_max_tokens=32)
+    options = {"max_body_bytes": 64 << 10, "default_max_tokens": 32, **app_options}
+    app = create_app(backend, tokenizer, MODEL_NAME, api_key=API_KEY, **options)
     server = ApiServer(app, ServerConfig(host="127.0.0.1", port=port))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,6 +43,13 @@ class ApiSection:
     host: str
     port: int
     node: str | None  # the node the api actor runs on; None: the first declared node
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed by CORS; none: CORS off
+    allowed_media_hosts: tuple[str, ...] = ()  # hosts image/audio URLs may be fetched from; none: no fetching
+    request_timeout_s: float = 600.0  # a request still running after this ends with a 504
+    max_body_bytes: int = 4 << 20  # larger request bodies get a 413
+
+
+API_FIELDS = {"host", "port", "node", "cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes"}
 
 
 @dataclass(frozen=True)
@@ -164,11 +171,32 @@ def _model(t: Mapping[str, Any]) -> ModelSection:
 
 
 def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:
-    _only(t, "api.", {"host", "port", "node"})
+    _only(t, "api.", API_FIELDS)
     node = t.get("node")
     if node is not None and node not in nodes:
         raise TopologyError("api.node", f"{node!r} is not declared under [nodes]; declared: {sorted(nodes)}")
-    return ApiSection(_host(t.get("host", "127.0.0.1"), "api.host"), _int(t, "api.", "port", 8000, 1, 65535), node)
+    timeout = t.get("request_timeout_s", 600.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+        raise TopologyError("api.request_timeout_s", f"expected seconds in (0, 86400], got {timeout!r}")
+    return ApiSection(_host(t.get("host", "127.0.0.1"), "api.host"), _int(t, "api.", "port", 8000, 1, 65535), node,
+                      _strings(t, "api.", "cors_origins"), _strings(t, "api.", "allowed_media_hosts"), float(timeout),
+                      _int(t, "api.", "max_body_bytes", 4 << 20, 1024, 1 << 31))
+
+
+def _strings(table: Mapping[str, Any], where: str, name: str) -> tuple[str, ...]:
+    value = table.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise TopologyError(where + name, f"expected an array of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+def with_api_overrides(topology: Topology, overrides: Mapping[str, Any]) -> Topology:
+    """The topology with [api] fields replaced (command-line flags), validated as in a file."""
+    if not overrides:
+        return topology
+    raw = {**{k: list(v) if isinstance(v, tuple) else v for k, v in vars(topology.api).items() if v is not None},
+           **overrides}
+    return replace(topology, api=_api(raw, topology.nodes))
 
 
 def _nodes(t: Mapping[str, Any]) -> dict[str, Node]:
