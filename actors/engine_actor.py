@@ -38,6 +38,7 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
     """The wire spec as the engine's params (raises ValueError for out-of-range values)."""
     fields = dict(spec.__dict__)
     fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
+    fields.pop("tool_choice", None)  # a forced tool call arrives here as its grammar (preprocess builds it)
     kind, text = fields.pop("grammar_kind"), fields.pop("grammar")
     after, opener = fields.pop("grammar_after_token_id"), fields.pop("grammar_open_token_id")
     if (kind is None) != (text is None):

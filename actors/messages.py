@@ -70,6 +70,7 @@ class SamplingSpec:
     grammar: str | None = None
     grammar_after_token_id: int | None = None
     grammar_open_token_id: int | None = None
+    tool_choice: str | None = None  # "required" / "function:NAME": a call the grammar must force (tools in messages_json)
 
 
 @message

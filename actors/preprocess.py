@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 
 import numpy as np
 
-from .messages import GenerateRequest, PrefillJob, RequestError
+from gemma4_model.tool_grammar import forced_tool_call_ebnf
+
+from .messages import GenerateRequest, PrefillJob, RequestError, SamplingSpec
 from .tracing import Tracer
 from .transport import Channel
 
@@ -49,7 +52,7 @@ class Preprocessor:
         except Exception as exc:  # jinja raises many types for messages it cannot render
             raise ValueError(f"the chat template cannot render these messages: {exc}") from None
         return self._job(request, self.tokenizer(text, add_special_tokens=False).input_ids,
-                         thinking=bool(kwargs.get("enable_thinking")))
+                         thinking=bool(kwargs.get("enable_thinking")), tools=body.get("tools") or [])
 
     def _completion_ids(self, request: GenerateRequest) -> list[int]:
         """A completions prompt: token ids as given (checked against the vocabulary), or text
@@ -62,10 +65,10 @@ class Preprocessor:
             raise ValueError(f"prompt token ids out of the vocabulary [0, {vocab}): {bad[:5]}")
         return list(request.prompt_ids)
 
-    def _job(self, request: GenerateRequest, ids: list[int], thinking: bool = False) -> PrefillJob:
+    def _job(self, request: GenerateRequest, ids: list[int], thinking: bool = False, tools: list | None = None) -> PrefillJob:
         if not ids:
             raise ValueError("the prompt has no tokens")
-        sampling = request.sampling
+        sampling = forced_call_grammar(request.sampling, tools or [])
         model_stops = set() if sampling.ignore_eos else set(self.stop_token_ids)  # benchmarks run to max_tokens
         stops = sorted(set(sampling.stop_token_ids) | model_stops)
         fields = {**sampling.__dict__, "stop_token_ids": stops}
@@ -74,6 +77,17 @@ class Preprocessor:
             fields["grammar_after_token_id"] = self.tokenizer.convert_tokens_to_ids(THINKING_END)
         spec = type(sampling)(**fields)
         return PrefillJob(request.request_id, np.asarray(ids, dtype=np.int32), spec)
+
+
+def forced_call_grammar(sampling: SamplingSpec, tools: list) -> SamplingSpec:
+    """tool_choice "required" / "function:NAME" as the grammar of one Gemma 4 call of those tools."""
+    if sampling.tool_choice is None:
+        return sampling
+    if sampling.grammar_kind is not None:
+        raise ValueError("response_format cannot be combined with a forced tool_choice")
+    name = sampling.tool_choice.removeprefix("function:") if sampling.tool_choice.startswith("function:") else None
+    grammar = forced_tool_call_ebnf(tools, name)  # ValueError names an unknown function or a bad tool
+    return replace(sampling, grammar_kind="ebnf", grammar=grammar)
 
 
 def _with_parsed_arguments(message):

@@ -32,7 +32,8 @@ from actors.tracing import Tracer
 from .backend import ZmqBackend
 from .errors import ApiError, error_response
 from .formats import ChatFormat, CompletionFormat, ResponseFormat
-from .generation import Generation, engine_requests
+from .chat_output import SpecialIds
+from .generation import Generation, chat_output_config, engine_requests
 from .logprobs import TokenText
 from .media import check_media
 from .metrics import ApiMetrics
@@ -63,6 +64,7 @@ class OpenAIRoutes:
         self.tracer = tracer or Tracer("api-0", None)
         self.tokenizer = tokenizer
         self.names = TokenText(tokenizer)
+        self.special = SpecialIds.of(tokenizer)
         self.config = config
         self.metrics = ApiMetrics(backend.actor_stats, lambda: backend.in_flight)
 
@@ -128,8 +130,10 @@ class OpenAIRoutes:
                 check_media(body.messages, self.config.allowed_media_hosts, self.config.media_kinds)
             if getattr(body, "echo", False):
                 raise ApiError(400, "echo is not supported", param="echo")
+            output = chat_output_config(body) if isinstance(body, ChatCompletionRequest) else None
             generation = Generation(self.backend, self.tokenizer, engine_requests(body, self.config.default_max_tokens),
-                                    body.stop_strings, timeout_s=self.config.request_timeout_s)
+                                    body.stop_strings, timeout_s=self.config.request_timeout_s,
+                                    output=output, special=self.special)
             fmt = format_cls(self.names, self.config.model_name, len(generation.choices),
                              body.top_count is not None, generation.requests[0].request_id.rsplit("-", 1)[0])
             generation.submit()

@@ -47,7 +47,13 @@ class ChatFormat(ResponseFormat):
         return chat_entries(self.names, delta.token_ids, delta.logprobs, delta.top)
 
     def chunk_choice(self, index: int, delta: ChoiceDelta) -> dict:
-        message = {"content": delta.text}
+        message: dict = {"content": delta.text}
+        if delta.reasoning:
+            message["reasoning_content"] = message["reasoning"] = delta.reasoning
+        if delta.tool_calls:
+            message["tool_calls"] = delta.tool_calls
+            if not delta.text:
+                message["content"] = None
         if not self.sent_role[index]:
             message = {"role": "assistant", **message}
             self.sent_role[index] = True
@@ -62,8 +68,14 @@ class ChatFormat(ResponseFormat):
 
     def full_choice(self, choice: Choice) -> dict:
         logprobs = {"content": self.collected[choice.index]} if self.want_logprobs and self.collected[choice.index] else None
-        return {"index": choice.index, "message": {"role": "assistant", "content": choice.text},
-                "logprobs": logprobs, "finish_reason": choice.finish_reason}
+        message: dict = {"role": "assistant", "content": choice.text}
+        if choice.output is not None:
+            reasoning = choice.output.reasoning_text
+            message["reasoning_content"] = message["reasoning"] = reasoning
+            if choice.output.calls:
+                message["tool_calls"] = choice.output.calls
+                message["content"] = choice.text or None
+        return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": choice.finish_reason}
 
 
 class CompletionFormat(ResponseFormat):

@@ -18,6 +18,7 @@ from typing import AsyncIterator
 from actors.messages import GenerateRequest, RequestError, SamplingSpec, TokenBatch
 
 from .backend import RequestStream, ZmqBackend
+from .chat_output import ChatOutput, ChatOutputConfig, SpecialIds
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
 from .errors import ApiError
 from .schema import ChatCompletionRequest, CompletionRequest
@@ -29,7 +30,7 @@ def sampling_spec(body: ChatCompletionRequest | CompletionRequest, default_max_t
         top_k=max(body.top_k, 0), seed=seed, ignore_eos=body.ignore_eos, min_p=body.min_p,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens, logprobs=body.top_count,
-        **grammar_fields(body),
+        tool_choice=_forced_tool(body), **grammar_fields(body),
     )
 
 
@@ -43,11 +44,26 @@ def grammar_fields(body: ChatCompletionRequest | CompletionRequest) -> dict:
     return {"grammar_kind": "json_schema", "grammar": json.dumps(schema)}
 
 
+def _forced_tool(body) -> str | None:
+    """tool_choice "required" or a named function, for the structured-output grammar to enforce."""
+    mode = body.tool_mode if isinstance(body, ChatCompletionRequest) else "none"
+    return mode if mode == "required" or mode.startswith("function:") else None
+
+
+def chat_output_config(body: ChatCompletionRequest) -> ChatOutputConfig:
+    """Thinking (from `chat_template_kwargs.enable_thinking`), tool parsing and the call limit."""
+    thinking = bool((body.chat_template_kwargs or {}).get("enable_thinking"))
+    # The template opens the thought channel itself after a tool response when thinking is on.
+    return ChatOutputConfig(thinking=thinking, start_in_reasoning=thinking and body.messages[-1].role == "tool",
+                            parse_tools=body.tool_mode != "none",
+                            max_calls=None if body.parallel_tool_calls else 1)
+
+
 def engine_requests(body: ChatCompletionRequest | CompletionRequest, default_max_tokens: int) -> list[GenerateRequest]:
     """n requests per prompt, choice index = prompt index * n + i; seeds seed + i when a seed is given."""
     if isinstance(body, ChatCompletionRequest):
         chat = {"messages": [m.model_dump(exclude_none=True) for m in body.messages]}
-        if body.tools:
+        if body.tools and body.tool_mode != "none":  # tool_choice none: the template gets no tools
             chat["tools"] = body.tools
         if body.chat_template_kwargs:
             chat["chat_template_kwargs"] = body.chat_template_kwargs
@@ -75,6 +91,8 @@ class ChoiceDelta:
     logprobs: list[float] | None
     top: list[list[tuple[int, float]]] | None
     finish_reason: str | None
+    reasoning: str = ""  # chat with a parsed output: the thought channel's delta
+    tool_calls: list[dict] = field(default_factory=list)  # OpenAI streaming tool_call deltas
 
 
 @dataclass
@@ -91,6 +109,8 @@ class Choice:
     first_token_at: float | None = None
     text_parts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    output: ChatOutput | None = None  # chat: reasoning / content / tool calls split out of the text
+    dropped_ids: frozenset[int] = frozenset()  # special ids kept out of the text (markers stay)
 
     @property
     def finished(self) -> bool:
@@ -104,7 +124,8 @@ class Choice:
             self.cached_tokens = batch.cached_tokens or 0
         self.completion_tokens += len(batch.token_ids)
         self.token_ids.extend(batch.token_ids)
-        text = self.stops.feed(self.detokenizer.add(list(batch.token_ids)))
+        ids = [t for t in batch.token_ids if t not in self.dropped_ids] if self.dropped_ids else list(batch.token_ids)
+        text = self.stops.feed(self.detokenizer.add(ids))
         if self.stops.stopped:
             self.finish_reason = "stop"
         elif batch.finish_reason is not None:
@@ -114,12 +135,23 @@ class Choice:
             else:
                 text += self.stops.flush()
                 self.finish_reason = batch.finish_reason
+        reasoning, tool_calls = "", []
+        if self.output is not None:
+            parsed = self.output.feed(text)
+            if self.finished:
+                tail = self.output.flush()
+                parsed.reasoning += tail.reasoning
+                parsed.content += tail.content
+                parsed.tool_calls += tail.tool_calls
+                if self.output.calls and self.finish_reason == "stop":
+                    self.finish_reason = "tool_calls"
+            text, reasoning, tool_calls = parsed.content, parsed.reasoning, parsed.tool_calls
         self.text_parts.append(text)
         top = None
         if batch.top_ids is not None and batch.top_logprobs is not None:
             top = [list(zip(ids.tolist(), lps.tolist())) for ids, lps in zip(batch.top_ids, batch.top_logprobs)]
         return ChoiceDelta(text, list(batch.token_ids), list(batch.logprobs) if batch.logprobs is not None else None,
-                           top, self.finish_reason)
+                           top, self.finish_reason, reasoning, tool_calls)
 
     @property
     def text(self) -> str:
@@ -130,12 +162,21 @@ class Generation:
     """The engine requests behind one HTTP request and their merged results."""
 
     def __init__(self, backend: ZmqBackend, tokenizer, requests: list[GenerateRequest], stops: list[str],
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, output: ChatOutputConfig | None = None,
+                 special: SpecialIds | None = None):
+        """`output` (chat): decode with the format markers kept and split reasoning, content and
+        tool calls (`special` names the ids to drop, default: read from the tokenizer)."""
         self.backend = backend
         self.timeout_s = timeout_s
         self.requests = requests
-        self.choices = [Choice(i, IncrementalDetokenizer(tokenizer), StopStringMatcher(stops))
-                        for i in range(len(requests))]
+        if output is None:
+            self.choices = [Choice(i, IncrementalDetokenizer(tokenizer), StopStringMatcher(stops))
+                            for i in range(len(requests))]
+        else:
+            dropped = (special or SpecialIds.of(tokenizer)).dropped(output.parse_tools)
+            self.choices = [Choice(i, IncrementalDetokenizer(tokenizer, skip_special_tokens=False),
+                                   StopStringMatcher(stops), output=ChatOutput(output), dropped_ids=dropped)
+                            for i in range(len(requests))]
         self.started_at = time.monotonic()
         self.started_ns = time.time_ns()  # the traces' common clock
         self._streams: list[RequestStream] = []

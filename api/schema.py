@@ -53,6 +53,19 @@ class ResponseFormatField(BaseModel):
         return self
 
 
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(BaseModel):
+    """`{"type": "function", "function": {"name": ...}}`: the model must call that function."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionName
+
+
 class SamplingFields(BaseModel):
     """Fields both routes share."""
 
@@ -101,12 +114,36 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
+
+    @model_validator(mode="after")
+    def _tool_choice_needs_its_tool(self):
+        if self.tool_choice in (None, "none", "auto"):
+            return self
+        if not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {(t.get("function") or {}).get("name") for t in self.tools if isinstance(t, dict)}
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools")
+        return self
+
+    @property
+    def tool_mode(self) -> str:
+        """"none" (no tools, or tool_choice none: calls are not parsed), "auto", "required" or
+        "function:NAME" (a named function)."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return f"function:{self.tool_choice.function.name}"
+        return self.tool_choice or "auto"
 
     @property
     def token_limit(self) -> int | None:

@@ -39,14 +39,30 @@ def chat_ids(pipeline, messages) -> list[int]:
     return list(pipeline.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
 
 
-def expected(pipeline, prompt_ids, max_tokens, ignore_eos=False):
-    """Greedy tokens, text and finish reason from Tandem's own engine, offline."""
+def expected(pipeline, prompt_ids, max_tokens, ignore_eos=False, chat=False):
+    """Greedy tokens, text and finish reason from Tandem's own engine, offline. `chat`: the
+    content a chat client sees, without any thought channel (thinking is off)."""
     engine = pipeline.offline_engine()
     stops = () if ignore_eos else tuple(pipeline.stop_tokens)
     params = SamplingParams(max_tokens=max_tokens, stop_token_ids=stops, ignore_eos=ignore_eos)
     seq = engine.generate([prompt_ids], params)[0]
-    text = pipeline.tokenizer.decode(seq.output, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    ids = without_thought_channel(pipeline.tokenizer, seq.output) if chat else seq.output
+    text = pipeline.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     return seq.output, text, seq.finish_reason
+
+
+def without_thought_channel(tokenizer, ids):
+    """Token ids minus every `<|channel>` ... `<channel|>` span (an unclosed one to the end)."""
+    open_id, close_id = tokenizer.convert_tokens_to_ids(["<|channel>", "<channel|>"])
+    out, inside = [], False
+    for t in ids:
+        if t == open_id:
+            inside = True
+        elif t == close_id:
+            inside = False
+        elif not inside:
+            out.append(t)
+    return out
 
 
 def stream_text(stream):
@@ -69,7 +85,7 @@ def stream_text(stream):
                          ids=["single", "system", "multi-turn"])
 def test_chat_greedy_matches_engine_with_exact_usage(pipeline, client, messages):
     ids = chat_ids(pipeline, messages)
-    tokens, text, reason = expected(pipeline, ids, 24)
+    tokens, text, reason = expected(pipeline, ids, 24, chat=True)
     r = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=24, temperature=0)
     assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant"
     assert r.choices[0].finish_reason == reason
@@ -247,7 +263,7 @@ def test_client_disconnect_cancels_the_request(pipeline):
 
 def test_concurrent_streams_health_and_metrics(pipeline):
     messages = [QUESTION]
-    _, text, _ = expected(pipeline, chat_ids(pipeline, messages), 20, ignore_eos=True)
+    _, text, _ = expected(pipeline, chat_ids(pipeline, messages), 20, ignore_eos=True, chat=True)
 
     async def one(aclient):
         stream = await aclient.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=20,
