@@ -2,15 +2,13 @@
 Tandem's decoder giving transformers' greedy tokens."""
 
 import json
-from pathlib import Path
 
 import pytest
 
+from default_model import ASSISTANT, CHECKPOINT
 from default_model.evaluate import evaluate
 from default_model.tasks import KINDS
 from gemma4_model.config import load_config
-
-CHECKPOINT = Path(__file__).resolve().parents[1] / "default_model" / "checkpoint"
 
 
 def test_checkpoint_has_the_gemma4_architecture_and_fits_the_size_budget():
@@ -19,7 +17,7 @@ def test_checkpoint_has_the_gemma4_architecture_and_fits_the_size_budget():
     assert config.model_type == "gemma4" and config.vision is not None and config.audio is not None
     assert text.ple_dim > 0 and text.first_shared_layer < text.num_layers
     assert {l.layer_type for l in text.layers} == {"sliding_attention", "full_attention"}
-    size = sum(f.stat().st_size for f in CHECKPOINT.iterdir())
+    size = sum(f.stat().st_size for d in (CHECKPOINT, ASSISTANT) for f in d.iterdir())
     assert size <= 20 * 2**20, size
     tokenizer_config = json.loads((CHECKPOINT / "tokenizer_config.json").read_text())
     assert tokenizer_config["image_token"] == "<|image|>" and tokenizer_config["eot_token"] == "<turn|>"
@@ -27,7 +25,7 @@ def test_checkpoint_has_the_gemma4_architecture_and_fits_the_size_budget():
 
 @pytest.fixture(scope="module")
 def report():
-    return evaluate(CHECKPOINT, per_kind=10, seed=11, device="cpu")
+    return evaluate(CHECKPOINT, per_kind=10, seed=11, device="cpu", assistant_dir=ASSISTANT)
 
 
 def test_heldout_accuracy_with_transformers(report):
@@ -38,3 +36,11 @@ def test_heldout_accuracy_with_transformers(report):
 def test_tandem_decoder_gives_transformers_greedy_tokens(report):
     compared = report["tandem_matches_transformers"]
     assert compared["compared"] == 70 and compared["identical"] == compared["compared"]
+
+
+def test_assistant_drafts_are_mostly_accepted(report):
+    """Greedy, 5 drafts per round, held-out prompts of every kind (issue target: mean length >= 3)."""
+    acceptance = report["draft_acceptance"]
+    assert acceptance["draft_tokens"] == 5
+    assert set(acceptance["mean_acceptance_length_per_kind"]) == set(KINDS)
+    assert acceptance["mean_acceptance_length"] >= 3.0, acceptance
