@@ -14,6 +14,7 @@ breakdown of the spans a `--trace-dir` run wrote (and can merge them into a Chro
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -49,10 +50,13 @@ def add_common_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--request-timeout", type=float, dest="request_timeout_s", metavar="SECONDS",
                          help="end a request still running after this long with a 504 (default 600)")
     command.add_argument("--max-body-bytes", type=int, help="larger request bodies get a 413 (default 4 MiB)")
+    command.add_argument("--default-chat-template-kwargs", type=json.loads, metavar="JSON",
+                         help='chat template arguments for every chat request, e.g. \'{"enable_thinking": true}\' '
+                              "(a request's own chat_template_kwargs win)")
 
 
 def api_overrides(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
-    names = ("cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes")
+    names = ("cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes", "default_chat_template_kwargs")
     return tuple((name, getattr(args, name)) for name in names if getattr(args, name) is not None)
 
 

@@ -60,7 +60,8 @@ def run_api(ctx: ActorContext) -> int:
     api = ctx.topology.api
     app = create_app(backend, tokenizer, served_model_name(ctx), api_key=ctx.api_key, tracer=tracer,
                      max_body_bytes=api.max_body_bytes, request_timeout_s=api.request_timeout_s,
-                     allowed_media_hosts=api.allowed_media_hosts, cors_origins=api.cors_origins)
+                     allowed_media_hosts=api.allowed_media_hosts, cors_origins=api.cors_origins,
+                     default_chat_template_kwargs=dict(api.default_chat_template_kwargs))
     server = ApiServer(app, ServerConfig(host=ctx.host or api.host, port=ctx.port or api.port))
     zctx = zmq.Context()
     stop = threading.Event()

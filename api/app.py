@@ -54,6 +54,7 @@ class AppConfig:
     request_timeout_s: float | None = None  # None: no limit
     allowed_media_hosts: tuple[str, ...] = ()
     media_kinds: frozenset[str] = frozenset()  # media the topology has encoders for
+    default_chat_template_kwargs: tuple[tuple[str, object], ...] = ()  # e.g. (("enable_thinking", True),)
 
 
 class OpenAIRoutes:
@@ -125,6 +126,9 @@ class OpenAIRoutes:
         try:
             self.check_auth(request)
             body = parse_body(schema, await self.read_json(request))
+            if isinstance(body, ChatCompletionRequest) and self.config.default_chat_template_kwargs:
+                kwargs = {**dict(self.config.default_chat_template_kwargs), **(body.chat_template_kwargs or {})}
+                body = body.model_copy(update={"chat_template_kwargs": kwargs})  # the request's own win
             self.check_model(body.model)
             if isinstance(body, ChatCompletionRequest):
                 check_media(body.messages, self.config.allowed_media_hosts, self.config.media_kinds)
@@ -254,12 +258,13 @@ async def _unless_disconnected(request: Request, work, generation: Generation) -
 def create_app(backend: ZmqBackend, tokenizer, model_name: str, api_key: str | None = None,
                max_body_bytes: int = 4 << 20, default_max_tokens: int = 256, tracer: Tracer | None = None,
                request_timeout_s: float | None = None, allowed_media_hosts: tuple[str, ...] = (),
-               cors_origins: tuple[str, ...] = ()) -> Starlette:
+               cors_origins: tuple[str, ...] = (), default_chat_template_kwargs: dict | None = None) -> Starlette:
     """The app; its lifespan starts the backend and closes it (ending every request) at shutdown.
     `tracer` records one `request` span per engine request (arrival to last token); CORS is off
     unless `cors_origins` names the browser origins to allow."""
     config = AppConfig(model_name, api_key, max_body_bytes, default_max_tokens, request_timeout_s,
-                       tuple(allowed_media_hosts))
+                       tuple(allowed_media_hosts),
+                       default_chat_template_kwargs=tuple((default_chat_template_kwargs or {}).items()))
     routes = OpenAIRoutes(backend, tokenizer, config, tracer)
 
     @contextlib.asynccontextmanager

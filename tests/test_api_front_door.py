@@ -22,7 +22,8 @@ TIMEOUT_S = 1.0
 def pipeline(tmp_path_factory):
     with contextlib.ExitStack() as stack:
         p = start_pipeline(tmp_path_factory.mktemp("run"), stack, request_timeout_s=TIMEOUT_S,
-                           allowed_media_hosts=(ALLOWED, ".cdn.example"), cors_origins=(ORIGIN,))
+                           allowed_media_hosts=(ALLOWED, ".cdn.example"), cors_origins=(ORIGIN,),
+                           default_chat_template_kwargs={"enable_thinking": True})
         yield p
         deadline = time.monotonic() + 5  # timed-out requests were cancelled: their pages are free
         while any(p.engine.cache.pages_in_use().values()) and time.monotonic() < deadline:
@@ -108,6 +109,16 @@ def test_cors_only_for_the_configured_origin(pipeline):
     other = httpx.options(f"{pipeline.base_url}/v1/chat/completions",
                           headers={"Origin": "https://other.example", **preflight})
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_server_default_thinking_and_the_request_overriding_it(pipeline):
+    question = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 40,
+                "messages": [{"role": "user", "content": "Compute 17 plus 25."}]}
+    default = _post(pipeline, question).json()["choices"][0]["message"]
+    assert "17 + 25 = 42" in default["reasoning_content"] and default["content"].strip() == "42"
+    off = _post(pipeline, {**question, "chat_template_kwargs": {"enable_thinking": False}}).json()
+    assert not off["choices"][0]["message"].get("reasoning_content")
+    assert off["choices"][0]["message"]["content"].strip() == "42"
 
 
 def test_defaults_loopback_no_cors_no_media_hosts():

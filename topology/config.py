@@ -47,9 +47,11 @@ class ApiSection:
     allowed_media_hosts: tuple[str, ...] = ()  # hosts image/audio URLs may be fetched from; none: no fetching
     request_timeout_s: float = 600.0  # a request still running after this ends with a 504
     max_body_bytes: int = 4 << 20  # larger request bodies get a 413
+    default_chat_template_kwargs: tuple[tuple[str, Any], ...] = ()  # e.g. enable_thinking for every chat
 
 
-API_FIELDS = {"host", "port", "node", "cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes"}
+API_FIELDS = {"host", "port", "node", "cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes",
+              "default_chat_template_kwargs"}
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,16 @@ def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:
         raise TopologyError("api.request_timeout_s", f"expected seconds in (0, 86400], got {timeout!r}")
     return ApiSection(_host(t.get("host", "127.0.0.1"), "api.host"), _int(t, "api.", "port", 8000, 1, 65535), node,
                       _strings(t, "api.", "cors_origins"), _strings(t, "api.", "allowed_media_hosts"), float(timeout),
-                      _int(t, "api.", "max_body_bytes", 4 << 20, 1024, 1 << 31))
+                      _int(t, "api.", "max_body_bytes", 4 << 20, 1024, 1 << 31), _kwargs(t, "api.default_chat_template_kwargs"))
+
+
+def _kwargs(table: Mapping[str, Any], where: str) -> tuple[tuple[str, Any], ...]:
+    value = table.get(where.rpartition(".")[2], {})
+    if isinstance(value, (list, tuple)):  # as stored in an ApiSection (overrides re-validate it)
+        value = dict(value)
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise TopologyError(where, f"expected a table of template arguments, got {value!r}")
+    return tuple(sorted(value.items()))
 
 
 def _strings(table: Mapping[str, Any], where: str, name: str) -> tuple[str, ...]:
@@ -194,7 +205,8 @@ def with_api_overrides(topology: Topology, overrides: Mapping[str, Any]) -> Topo
     """The topology with [api] fields replaced (command-line flags), validated as in a file."""
     if not overrides:
         return topology
-    raw = {**{k: list(v) if isinstance(v, tuple) else v for k, v in vars(topology.api).items() if v is not None},
+    raw = {**{k: (dict(v) if k == "default_chat_template_kwargs" else list(v)) if isinstance(v, tuple) else v
+              for k, v in vars(topology.api).items() if v is not None},
            **overrides}
     return replace(topology, api=_api(raw, topology.nodes))
 
