@@ -393,3 +393,23 @@ def test_tool_choice_none_sends_no_tools_to_the_template(pipeline, client):
     assert [c.function.name for c in forced.choices[0].message.tool_calls] == ["get_weather"]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL_NAME, messages=[WEATHER_Q], tool_choice="required", max_tokens=4)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_named_tool_choice_is_enforced_even_against_the_models_preference(pipeline, client, stream):
+    """A weather question with tool_choice get_time: the grammar makes the model call get_time."""
+    kwargs = dict(model=MODEL_NAME, messages=[WEATHER_Q], tools=[WEATHER_TOOL, TIME_TOOL], temperature=0,
+                  max_tokens=48, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    free = client.chat.completions.create(**{**kwargs, "tool_choice": "auto", "stream": False})
+    assert [c.function.name for c in free.choices[0].message.tool_calls] == ["get_weather"]  # its own choice
+    if stream:
+        names, finish = "", None
+        for chunk in client.chat.completions.create(stream=True, **kwargs):
+            for call in chunk.choices[0].delta.tool_calls or []:
+                names += call.function.name or ""
+            finish = chunk.choices[0].finish_reason or finish
+    else:
+        reply = client.chat.completions.create(**kwargs)
+        names, finish = "".join(c.function.name for c in reply.choices[0].message.tool_calls), reply.choices[0].finish_reason
+        assert "location" in json.loads(reply.choices[0].message.tool_calls[0].function.arguments)
+    assert names == "get_time" and finish == "tool_calls"
