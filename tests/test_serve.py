@@ -274,13 +274,13 @@ def test_openai_client_against_tandem_serve(colocated):
     conversation = [{"role": "system", "content": "You are terse."},
                     {"role": "user", "content": "Add 12 and 30."}, {"role": "assistant", "content": "42"},
                     {"role": "user", "content": "Copy: river stone lantern"}]
-    reply = client.chat.completions.create(model="tandem-default", messages=conversation, temperature=0, max_tokens=30)
+    reply = client.chat.completions.create(model="tandem-default", messages=conversation, temperature=0, max_tokens=30,
+                                           extra_body={"return_token_ids": True})
     prompt_ids = tokenizer(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False),
                            add_special_tokens=False).input_ids
-    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].finish_reason in ("stop", "length")  # the model is trained on single turns
     assert reply.usage.prompt_tokens == len(prompt_ids)
-    assert reply.usage.completion_tokens == len(tokenizer(reply.choices[0].message.content + "<turn|>",
-                                                          add_special_tokens=False).input_ids)
+    assert reply.usage.completion_tokens == len(reply.choices[0].model_extra["token_ids"])
 
     chunks = list(client.chat.completions.create(model="tandem-default", messages=conversation, temperature=0,
                                                  max_tokens=30, stream=True, stream_options={"include_usage": True}))
@@ -290,10 +290,11 @@ def test_openai_client_against_tandem_serve(colocated):
     short = client.chat.completions.create(model="tandem-default", messages=conversation, max_tokens=2, temperature=0)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
 
-    question = [{"role": "user", "content": "Copy: river stone"}]
+    question = [{"role": "user", "content": "Repeat these words: river stone lantern"}]
     full = client.chat.completions.create(model="tandem-default", messages=question, temperature=0, max_tokens=30)
     text = full.choices[0].message.content
-    assert len(text) >= 4, text
+    assert full.choices[0].finish_reason == "stop" and len(text) >= 4, text
+    assert full.usage.completion_tokens == len(tokenizer(text + "<turn|>", add_special_tokens=False).input_ids)
     cut = client.chat.completions.create(model="tandem-default", messages=question, temperature=0, max_tokens=30,
                                          stop=[text[2:4]])
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[:2]

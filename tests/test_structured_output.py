@@ -236,9 +236,10 @@ def json_questions(count: int, seed: int) -> list[str]:
     return [make_instance("json", rng, heldout=bool(i % 2)).messages[0]["content"] for i in range(count)]
 
 
-async def ask(client, question: str, response_format: dict, stream: bool) -> tuple[str, str]:
+async def ask(client, question: str, response_format: dict, stream: bool, seed: int) -> tuple[str, str]:
+    """Seeded, so a run is reproducible; room for a long (but grammatical) answer."""
     kwargs = dict(model=MODEL_NAME, messages=[{"role": "user", "content": question}], temperature=1.0,
-                  max_tokens=48, response_format=response_format)
+                  max_tokens=128, response_format=response_format, seed=seed)
     if not stream:
         r = await client.chat.completions.create(**kwargs)
         return r.choices[0].message.content, r.choices[0].finish_reason
@@ -259,7 +260,7 @@ def test_json_outputs_parse_and_validate_100_of_100_at_temperature_1(pipeline, k
     async def run_all():
         async with openai.AsyncOpenAI(base_url=pipeline.base_url + "/v1", api_key=API_KEY, max_retries=0,
                                       timeout=120) as client:
-            return await asyncio.gather(*[ask(client, q, fmt, stream=bool(i % 2)) for i, q in enumerate(questions)])
+            return await asyncio.gather(*[ask(client, q, fmt, stream=bool(i % 2), seed=i) for i, q in enumerate(questions)])
 
     results = asyncio.run(run_all())
     failures = []
