@@ -2,7 +2,10 @@
 constrained rows (one xgrammar call), applying it to the logits (the sampler's mask step), and
 accepting the chosen tokens; the rest of the sampler (temperature, softmax, the race) for scale.
 
-    PYTHONPATH=. python bench/grammar_mask.py [--vocab 262144] [--rows 16] [--steps 200]
+    PYTHONPATH=. python bench/grammar_mask.py [--vocab 262144] [--rows 16] [--steps 200] [--out FILE.json]
+
+The result names its command, commit and machine; its anchor is the rest of the sampler in
+the same step (`overhead_vs_rest_of_sampler` = mask overhead / unconstrained sampling time).
 
 Vocabularies: the default model's tokenizer (1024 ids), and a synthetic one of `--vocab` ids
 (byte strings of a real tokenizer's shape: single bytes, then letter n-grams with and without a
@@ -15,8 +18,11 @@ import argparse
 import itertools
 import json
 import os
+import platform
 import statistics
 import string
+import subprocess
+import sys
 import time
 
 import torch
@@ -76,15 +82,26 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=262144)
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--out", help="also write the result (with command, commit, device) here")
     args = ap.parse_args()
     torch.manual_seed(0)
     from default_model import CHECKPOINT
 
     small = GrammarBook.from_checkpoint(CHECKPOINT, 1024, [1, 16])
-    print(json.dumps(measure(small, args.rows, args.steps, 1024)))
     info = xgr.TokenizerInfo(synthetic_vocab(args.vocab), vocab_size=args.vocab, stop_token_ids=[1])
     big = GrammarBook(info, args.vocab)
-    print(json.dumps(measure(big, args.rows, args.steps, args.vocab)))
+    runs = [measure(small, args.rows, args.steps, 1024), measure(big, args.rows, args.steps, args.vocab)]
+    for run in runs:
+        run["overhead_vs_rest_of_sampler"] = round(run["overhead_ms"] / run["rest_of_sampler_ms"], 4)
+    result = {"command": "PYTHONPATH=. python bench/grammar_mask.py " + " ".join(sys.argv[1:]),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip(),
+              "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}",
+              "runs": runs}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
