@@ -129,23 +129,27 @@ class _ArgsScan:
     # --- grammar ----------------------------------------------------------------------------
     def _members(self) -> None:
         """An object's members up to and including its `}`."""
+        self._items("}", lambda sep: self._value(sep, json.dumps(self._key(), ensure_ascii=False) + ": "))
+
+    def _items(self, closer: str, item) -> None:
+        """Comma-separated items (a trailing comma allowed) up to and including `closer`;
+        `item(separator)` parses one and emits it after the JSON separator."""
         first = True
         while True:
             self._skip_space()
-            if self.text[self.pos] == "}":
+            if self.text[self.pos] == closer:
                 self.pos += 1
                 self.closers.pop()
-                self._commit("}")
+                self._commit(closer)
                 return
             if not first:
                 if self.text[self.pos] != ",":
                     raise _Malformed
                 self.pos += 1
                 self._skip_space()
-                if self.text[self.pos] == "}":  # a trailing comma
+                if self.text[self.pos] == closer:  # a trailing comma
                     continue
-            key = self._key()
-            self._value(", " if not first else "", json.dumps(key, ensure_ascii=False) + ": ")
+            item(", " if not first else "")
             first = False
 
     def _key(self) -> str:
@@ -174,23 +178,7 @@ class _ArgsScan:
 
     def _elements(self) -> None:
         """An array's elements up to and including its `]`."""
-        first = True
-        while True:
-            self._skip_space()
-            if self.text[self.pos] == "]":
-                self.pos += 1
-                self.closers.pop()
-                self._commit("]")
-                return
-            if not first:
-                if self.text[self.pos] != ",":
-                    raise _Malformed
-                self.pos += 1
-                self._skip_space()
-                if self.text[self.pos] == "]":
-                    continue
-            self._value(", " if not first else "", "")
-            first = False
+        self._items("]", lambda sep: self._value(sep, ""))
 
     def _value(self, separator: str, key: str) -> None:
         """One value; `separator` and `key` are written with it once it is complete (or opened)."""
