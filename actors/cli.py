@@ -49,14 +49,21 @@ def add_common_options(command: argparse.ArgumentParser) -> None:
                          help="allow fetching image/audio URLs from this host (repeatable; default: none)")
     command.add_argument("--request-timeout", type=float, dest="request_timeout_s", metavar="SECONDS",
                          help="end a request still running after this long with a 504 (default 600)")
-    command.add_argument("--max-body-bytes", type=int, help="larger request bodies get a 413 (default 4 MiB)")
+    command.add_argument("--max-body-bytes", type=int, help="larger request bodies get a 413 (default 32 MiB)")
+    command.add_argument("--limit-mm-per-prompt", type=json.loads, metavar="JSON",
+                         help='most media items of each kind per prompt, e.g. \'{"image": 4, "audio": 1}\'')
+    command.add_argument("--mm-processor-kwargs", type=json.loads, metavar="JSON",
+                         help='default vision token budget, e.g. \'{"max_soft_tokens": 560}\' (70, 140, 280, 560 or '
+                              "1120; default: the checkpoint's; a request's own mm_processor_kwargs win)")
+    command.add_argument("--max-media-bytes", type=int, help="one media item's largest encoded size (default 20 MiB)")
     command.add_argument("--default-chat-template-kwargs", type=json.loads, metavar="JSON",
                          help='chat template arguments for every chat request, e.g. \'{"enable_thinking": true}\' '
                               "(a request's own chat_template_kwargs win)")
 
 
 def api_overrides(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
-    names = ("cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes", "default_chat_template_kwargs")
+    names = ("cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes", "default_chat_template_kwargs",
+             "limit_mm_per_prompt", "mm_processor_kwargs", "max_media_bytes")
     return tuple((name, getattr(args, name)) for name in names if getattr(args, name) is not None)
 
 

@@ -26,7 +26,9 @@ from transfer.backend import Arrival, KVReceiver, KVSender
 from transfer.kv_pages import KVPayload, PayloadError, check_payload, export_pages, import_pages
 
 from .handoff import handoff_message
-from .messages import ActorStats, CancelRequest, KVHandoff, PrefillJob, RequestError, SamplingSpec, TokenBatch, encode
+from .media_wait import MediaWaiter, handoff_media, spans_from_handoff
+from .messages import (ActorStats, CancelRequest, EncodeResult, KVHandoff, PrefillJob, RequestError, SamplingSpec,
+                       TokenBatch, encode)
 from .tracing import Tracer
 from .transport import Channel
 
@@ -89,29 +91,44 @@ class EngineActor:
         self.last_stats = 0.0
         self.last_batch = 0
         self.peak_batch = 0
+        self.media = MediaWaiter(engine.device, next(engine.model.parameters()).dtype)  # jobs waiting for encoders
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             idle = not self.engine.scheduler.has_work()
             waiting = self.receiver is not None and self.receiver.pending()  # a handoff's other half is due
+            waiting = waiting or self.media.pending()
             msg = self.inbox.recv(timeout_ms=(2 if waiting else 50) if idle else 0)
             while msg is not None:  # take everything that has arrived before the next step
                 self.handle(msg)
                 msg = self.inbox.recv(timeout_ms=0)
             self.receive_ready()
+            for request_id, code, problem in self.media.expired():
+                self.outbox.send(RequestError(request_id, code, problem))
             if self.engine.scheduler.has_work():
                 self.step()
             self.report_load()
 
     def handle(self, msg) -> None:
         if isinstance(msg, PrefillJob) and self.role != "decode":
-            self.admit(msg)
+            if msg.request_id in self.cancelled:  # its cancel came first
+                del self.cancelled[msg.request_id]
+            elif msg.media_kinds:
+                self.media.add_job(msg)
+                self.admit_media()
+            else:
+                self.admit(msg)
+        elif isinstance(msg, EncodeResult) and self.role != "decode":
+            if msg.request_id not in self.cancelled:
+                self.media.add_result(msg)
+                self.admit_media()
         elif isinstance(msg, KVHandoff) and self.role == "decode":
             self.receiver.accept(msg)
             self.receive_ready()  # inline and shm pages are here at once; tcp may wait for its data
         elif isinstance(msg, CancelRequest):
             seq = self.requests.pop(msg.request_id, None)
             self.specs.pop(msg.request_id, None)
+            self.media.discard(msg.request_id)
             if seq is not None:
                 self.engine.cancel(seq)
             else:  # the cancel overtook its job (e.g. still in prefill): drop the job when it comes
@@ -123,7 +140,15 @@ class EngineActor:
         else:
             raise TypeError(f"engine actor got an unexpected {type(msg).__name__}")
 
-    def admit(self, job: PrefillJob) -> None:
+    def admit_media(self) -> None:
+        """Admit the multimodal jobs whose every media item is encoded; end those that failed."""
+        for job, spans, failure in self.media.ready():
+            if failure is not None:
+                self.outbox.send(RequestError(job.request_id, failure[0], failure[1]))
+            else:
+                self.admit(job, spans)
+
+    def admit(self, job: PrefillJob, media=()) -> None:
         if job.request_id in self.cancelled:  # its cancel came first
             del self.cancelled[job.request_id]
             return
@@ -131,7 +156,8 @@ class EngineActor:
             self.outbox.send(RequestError(job.request_id, 409, "a request with this id is already running"))
             return
         try:
-            seq = self.engine.add_request(job.token_ids.tolist(), sampling_params(job.sampling), job.request_id)
+            seq = self.engine.add_request(job.token_ids.tolist(), sampling_params(job.sampling), job.request_id,
+                                          media=media)
         except RequestTooLargeError as exc:
             self.outbox.send(RequestError(job.request_id, 413, str(exc)))
             return
@@ -172,6 +198,7 @@ class EngineActor:
             seq = self.engine.add_prefilled(
                 msg.prompt_ids.tolist(), msg.first_token, params,
                 lambda cache, seq_id: import_pages(cache, seq_id, payload), msg.request_id,
+                media=spans_from_handoff(msg, self.media.device, self.media.dtype),
             )
         except PayloadError as exc:
             self.outbox.send(RequestError(msg.request_id, 502, f"bad KV handoff: {exc}"))
@@ -234,7 +261,8 @@ class EngineActor:
         self.outbox.send(TokenBatch(seq.request_id, [seq.output[0]], None, **_first_batch_counts(seq),
                                     **_logprob_fields(seq)))
         try:
-            report = self.sender.send(handoff_message(seq.request_id, seq.prompt, seq.output[0], spec, None), payload)
+            message = handoff_message(seq.request_id, seq.prompt, seq.output[0], spec, None, **handoff_media(seq.media))
+            report = self.sender.send(message, payload)
         except OSError as exc:  # e.g. /dev/shm full: this request fails, the actor goes on
             self.outbox.send(RequestError(seq.request_id, 503, f"KV handoff failed: {exc}"))
             return

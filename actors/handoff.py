@@ -77,13 +77,13 @@ def payload_from_arrays(num_tokens: int, kv_dtype: str, arrays: Mapping[str, np.
 
 
 def handoff_message(request_id: str, prompt: list[int], first_token: int, sampling: SamplingSpec,
-                    payload: KVPayload | None, data_ref: str | None = None) -> KVHandoff:
+                    payload: KVPayload | None, data_ref: str | None = None, **media) -> KVHandoff:
     """The control message; the pages ride in it unless `payload` is None (they travel apart,
-    referenced by `data_ref`)."""
+    referenced by `data_ref`). `media`: a multimodal prompt's `media_*` fields."""
     fields, kv_dtype = page_arrays(payload) if payload is not None else ({}, "float32")
     num_tokens = payload.num_tokens if payload is not None else len(prompt)
     return KVHandoff(request_id, np.asarray(prompt, dtype=np.int32), first_token, sampling,
-                     num_tokens, kv_dtype, **fields, data_ref=data_ref)
+                     num_tokens, kv_dtype, **fields, data_ref=data_ref, **media)
 
 
 def payload_of(msg) -> KVPayload:

@@ -24,7 +24,7 @@ from topology.wiring import API, ActorId, Wiring, plan_wiring
 
 from .messages import ActorReady
 from .tracing import Tracer
-from .transport import Channel, pull, push
+from .transport import pull, push
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -75,13 +75,55 @@ def run_preprocess(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, 
     from .preprocess import Preprocessor, PreprocessActor
 
     checkpoint = checkpoint_dir(ctx.topology)
-    preprocessor = Preprocessor(AutoTokenizer.from_pretrained(checkpoint), stop_token_ids(checkpoint))
-    downstream_kind = "engine" if ctx.topology.colocated else "prefill"
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    media = media_prompt(ctx.topology, checkpoint, tokenizer) if ctx.topology.media_kinds else None
+    preprocessor = Preprocessor(tokenizer, stop_token_ids(checkpoint), media)
     inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor])
-    downstream = connect_all(zctx, ctx.wiring.of_kind(downstream_kind))
+    downstream = [push(zctx, endpoint) for endpoint in ctx.wiring.of_kind(engine_kind(ctx.topology))]
+    encoders = {kind: [push(zctx, endpoint) for endpoint in ctx.wiring.of_kind(kind)]
+                for kind in ("vision_encoder", "audio_encoder")}
     errors = push(zctx, ctx.wiring.results)
     announce_ready(zctx, ctx)
-    PreprocessActor(preprocessor, inbox, downstream, errors, tracer=tracer).run(stop)
+    PreprocessActor(preprocessor, inbox, downstream, errors, tracer=tracer, encoders=encoders).run(stop)
+
+
+def engine_kind(topology: Topology) -> str:
+    """The actor kind that prefills: the colocated engine, or prefill."""
+    return "engine" if topology.colocated else "prefill"
+
+
+def media_prompt(topology: Topology, checkpoint: Path, tokenizer):
+    from gemma4_model.config import load_config
+
+    from .media_inputs import MediaLimits, MediaProcessor
+    from .media_prompt import MediaPrompt, MediaSettings, MediaTokens
+
+    api = topology.api
+    limits = dict(api.limit_mm_per_prompt)
+    budget = dict(api.mm_processor_kwargs).get("max_soft_tokens")
+    processor = MediaProcessor(checkpoint, MediaLimits(max_item_bytes=api.max_media_bytes), default_image_budget=budget)
+    settings = MediaSettings(api.allowed_media_hosts, api.max_media_bytes, api.media_fetch_timeout_s, limits, budget)
+    return MediaPrompt(processor, settings, MediaTokens.from_tokenizer(tokenizer, load_config(checkpoint).special_tokens))
+
+
+def run_encoder(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, tracer: Tracer) -> None:
+    import torch
+
+    from gemma4_model.audio import load_audio_encoder
+    from gemma4_model.vision import load_image_encoder
+
+    from .encoder_actor import EncoderActor, make_batch_encoder
+
+    dtype = getattr(torch, DTYPES[ctx.topology.model.dtype])
+    load = load_image_encoder if ctx.actor.kind == "vision_encoder" else load_audio_encoder
+    encoder = load(checkpoint_dir(ctx.topology), device=ctx.device, dtype=dtype)
+    if encoder is None:
+        raise SystemExit(f"{ctx.actor.name}: the checkpoint has no "
+                         f"{'vision' if ctx.actor.kind == 'vision_encoder' else 'audio'} section to encode with")
+    inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor])
+    replies = [push(zctx, endpoint) for endpoint in ctx.wiring.of_kind(engine_kind(ctx.topology))]
+    announce_ready(zctx, ctx)
+    EncoderActor(ctx.actor.kind, make_batch_encoder(encoder, ctx.device, dtype), inbox, replies, tracer=tracer).run(stop)
 
 
 def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, tracer: Tracer) -> None:
@@ -122,15 +164,8 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     actor.run(stop)
 
 
-def connect_all(zctx: zmq.Context, endpoints: list[str]) -> Channel:
-    """One PUSH socket connected to every replica: ZeroMQ deals messages round-robin."""
-    channel = push(zctx, endpoints[0])
-    for endpoint in endpoints[1:]:
-        channel.socket.connect(endpoint)
-    return channel
-
-
-RUNNERS = {"preprocess": run_preprocess, "engine": run_engine, "prefill": run_engine, "decode": run_engine}
+RUNNERS = {"preprocess": run_preprocess, "engine": run_engine, "prefill": run_engine, "decode": run_engine,
+           "vision_encoder": run_encoder, "audio_encoder": run_encoder}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

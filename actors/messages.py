@@ -91,22 +91,51 @@ class GenerateRequest:
 
 @message
 class PrefillJob:
-    """preprocess -> prefill: token ids ready to run (multimodal spans arrive as EncodeResult)."""
+    """preprocess -> prefill (or the colocated engine): token ids ready to run.
+
+    A multimodal prompt keeps its placeholder token ids; each media item's embeddings arrive
+    from an encoder as an `EncodeResult`, and the job runs once all of them are in.
+    """
 
     request_id: str
     token_ids: np.ndarray  # int32 [n]
     sampling: SamplingSpec
-    num_media: int = 0  # EncodeResults to wait for before prefill can run
+    media_kinds: list[str] = field(default_factory=list)  # per media item: "image", "video" or "audio"
+    media_keys: list[str] = field(default_factory=list)  # per item: its content hash (prefix-cache key)
+    # int32 [spans, 3]: (item index, first prompt position, length) of each placeholder run, in
+    # prompt order; an item's embeddings fill its runs in order (a video has one run per frame)
+    media_spans: np.ndarray | None = None
+
+
+@message
+class EncodeJob:
+    """preprocess -> vision / audio encoder: one media item of a request, processed and ready.
+
+    The encoder answers the engine replica `reply_to` (its index among the topology's engine or
+    prefill replicas) with an `EncodeResult`; `content_key` keys its cache of outputs.
+    """
+
+    request_id: str
+    media_index: int
+    kind: str  # "image", "video" or "audio"
+    content_key: str
+    reply_to: int
+    pixel_values: np.ndarray | None = None  # float32 [frames, patches, patch_dim] (an image is one frame)
+    position_ids: np.ndarray | None = None  # int32 [frames, patches, 2]; (-1, -1) marks padding patches
+    features: np.ndarray | None = None  # audio: float32 [frames, features]
+    feature_mask: np.ndarray | None = None  # audio: bool [frames], True where valid
 
 
 @message
 class EncodeResult:
-    """vision/audio encoder -> prefill: embeddings for one placeholder span."""
+    """vision / audio encoder -> prefill: one media item's soft tokens in LM space, or why not."""
 
     request_id: str
     media_index: int
-    start: int  # first placeholder position in the prompt
-    embeddings: np.ndarray  # [span, hidden]
+    embeddings: np.ndarray | None  # [tokens, hidden]; bfloat16 travels as uint16 (`dtype` says which)
+    dtype: str = "float32"
+    cached: bool = False  # served from the encoder's cache
+    error: str | None = None  # set (and embeddings None) when the item could not be encoded
 
 
 @message
@@ -130,6 +159,13 @@ class KVHandoff:
     sliding_k: np.ndarray | None = None
     sliding_v: np.ndarray | None = None
     data_ref: str | None = None  # set when the pages travel apart (transfer backend shm or tcp); arrays then absent
+    # A multimodal prompt's media, so that decode can recompute the prompt after a preemption:
+    # spans as in `PrefillJob.media_spans`, embeddings of every span concatenated in span order
+    media_kinds: list[str] = field(default_factory=list)
+    media_keys: list[str] = field(default_factory=list)
+    media_spans: np.ndarray | None = None
+    media_embeddings: np.ndarray | None = None
+    media_dtype: str = "float32"
 
 
 @message

@@ -1,5 +1,5 @@
-"""The preprocess actor: chat template and tokenization, turning a `GenerateRequest` into a
-`PrefillJob` for prefill (or the colocated engine).
+"""The preprocess actor: chat template, media and tokenization, turning a `GenerateRequest` into
+a `PrefillJob` for prefill (or the colocated engine) and one `EncodeJob` per media item.
 
 Detokenization lives in the api actor, not here: the api owns the client's stream and runs the
 reasoning / tool-call parsers on the text, so sending token ids back to it directly saves a hop
@@ -9,32 +9,54 @@ once with a `RequestError`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
-from dataclasses import replace
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import numpy as np
 
 from gemma4_model.tool_grammar import forced_tool_call_ebnf
 
-from .messages import GenerateRequest, PrefillJob, RequestError, SamplingSpec
+from .media_inputs import MediaError, ProcessedMedia
+from .media_prompt import PART_KINDS, MediaPrompt
+from .messages import EncodeJob, GenerateRequest, PrefillJob, RequestError, SamplingSpec
 from .tracing import Tracer
 from .transport import Channel
 
 THINKING_START, THINKING_END = "<|channel>", "<channel|>"  # Gemma 4's thinking channel; a grammar starts after it
 
 
-class Preprocessor:
-    """Renders OpenAI-style messages through the checkpoint's chat template and tokenizes."""
+ENCODER_OF = {"image": "vision_encoder", "video": "vision_encoder", "audio": "audio_encoder"}
 
-    def __init__(self, tokenizer, stop_token_ids: list[int]):
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready to go: its prefill job and its processed media items (in prompt order)."""
+
+    job: PrefillJob
+    media: list[ProcessedMedia] = field(default_factory=list)
+
+
+class Preprocessor:
+    """Renders OpenAI-style messages through the checkpoint's chat template and tokenizes;
+    with a `MediaPrompt`, also loads and processes their images, audio and video."""
+
+    def __init__(self, tokenizer, stop_token_ids: list[int], media: MediaPrompt | None = None):
         self.tokenizer = tokenizer
         self.stop_token_ids = list(stop_token_ids)
+        self.media = media
 
     def prefill_job(self, request: GenerateRequest) -> PrefillJob:
-        """Raises ValueError with a client-facing message when the request cannot be rendered."""
+        return self.prepare(request).job
+
+    def prepare(self, request: GenerateRequest) -> Prepared:
+        """Raises ValueError (`MediaError` with the part at fault) with a client-facing message
+        when the request cannot be rendered."""
         if request.prompt_ids is not None or request.prompt_text is not None:
-            return self._job(request, self._completion_ids(request))
+            return Prepared(self._job(request, self._completion_ids(request)))
         try:
             body = json.loads(request.messages_json)
         except json.JSONDecodeError as exc:
@@ -45,14 +67,25 @@ class Preprocessor:
         kwargs = body.get("chat_template_kwargs") or {}
         if not isinstance(kwargs, dict):
             raise ValueError("'chat_template_kwargs' must be an object")
+        items: list[ProcessedMedia] = []
+        if self.media is not None:
+            messages, items = self.media.collect(messages, body.get("mm_processor_kwargs"))
+        elif _has_media(messages):
+            raise ValueError("this server was started without media support")
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, tools=body.get("tools") or None, tokenize=False, add_generation_prompt=True, **kwargs,
             )
         except Exception as exc:  # jinja raises many types for messages it cannot render
             raise ValueError(f"the chat template cannot render these messages: {exc}") from None
-        return self._job(request, self.tokenizer(text, add_special_tokens=False).input_ids,
-                         thinking=bool(kwargs.get("enable_thinking")), tools=body.get("tools") or [])
+        if self.media is not None:
+            text = self.media.expand(text, items)
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        job = self._job(request, ids, thinking=bool(kwargs.get("enable_thinking")), tools=body.get("tools") or [])
+        if items:
+            job = replace(job, media_kinds=[m.kind for m in items], media_keys=[m.content_hash for m in items],
+                          media_spans=self.media.spans(ids, items))
+        return Prepared(job, items)
 
     def _completion_ids(self, request: GenerateRequest) -> list[int]:
         """A completions prompt: token ids as given (checked against the vocabulary), or text
@@ -90,6 +123,20 @@ def forced_call_grammar(sampling: SamplingSpec, tools: list) -> SamplingSpec:
     return replace(sampling, grammar_kind="ebnf", grammar=grammar)
 
 
+def _has_media(messages: list) -> bool:
+    return any(isinstance(part, dict) and part.get("type") in PART_KINDS
+               for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list) for part in m["content"])
+
+
+def encode_job(request_id: str, index: int, item: ProcessedMedia, reply_to: int) -> EncodeJob:
+    """One processed media item as the encoder's job."""
+    if item.kind == "audio":
+        return EncodeJob(request_id, index, item.kind, item.content_hash, reply_to,
+                         features=item.features, feature_mask=item.feature_mask)
+    return EncodeJob(request_id, index, item.kind, item.content_hash, reply_to,
+                     pixel_values=item.pixel_values, position_ids=item.position_ids)
+
+
 def _with_parsed_arguments(message):
     """OpenAI clients send tool-call arguments as JSON text; the Gemma 4 template wants a mapping."""
     if not isinstance(message, dict) or not isinstance(message.get("tool_calls"), list):
@@ -110,15 +157,22 @@ def _with_parsed_arguments(message):
 
 
 class PreprocessActor:
-    """Pulls `GenerateRequest`s, pushes `PrefillJob`s downstream and errors back to the api."""
+    """Pulls `GenerateRequest`s, pushes `PrefillJob`s downstream and errors back to the api.
 
-    def __init__(self, preprocessor: Preprocessor, inbox: Channel, downstream: Channel, errors: Channel,
-                 tracer: Tracer | None = None):
+    `downstream` is one channel per engine (or prefill) replica, taken in turn; a request's
+    media items go to `encoders[kind]` replicas chosen by content hash (a repeat meets the
+    replica that cached it), each told which engine replica waits for it."""
+
+    def __init__(self, preprocessor: Preprocessor, inbox: Channel, downstream: Channel | Sequence[Channel],
+                 errors: Channel, tracer: Tracer | None = None,
+                 encoders: dict[str, Sequence[Channel]] | None = None):
         self.preprocessor = preprocessor
         self.inbox = inbox
-        self.downstream = downstream
+        self.downstream = [downstream] if isinstance(downstream, Channel) else list(downstream)
+        self.turn = itertools.cycle(range(len(self.downstream)))
         self.errors = errors
         self.tracer = tracer or Tracer("preprocess", None)
+        self.encoders = {kind: list(chans) for kind, chans in (encoders or {}).items() if chans}
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -129,8 +183,24 @@ class PreprocessActor:
                 raise TypeError(f"preprocess got an unexpected {type(msg).__name__}")
             try:
                 with self.tracer.span("tokenize", msg.request_id) as attrs:
-                    job = self.preprocessor.prefill_job(msg)
-                    attrs["tokens"] = len(job.token_ids)
-                self.downstream.send(job)
+                    prepared = self.preprocessor.prepare(msg)
+                    attrs["tokens"] = len(prepared.job.token_ids)
+                    if prepared.media:
+                        attrs["media"] = len(prepared.media)
+                self.dispatch(prepared)
+            except MediaError as exc:
+                self.errors.send(RequestError(msg.request_id, 400, str(exc), param=exc.param))
             except ValueError as exc:
                 self.errors.send(RequestError(msg.request_id, 400, str(exc)))
+
+    def dispatch(self, prepared: Prepared) -> None:
+        for item in prepared.media:  # all or nothing: no job leaves for a request that fails here
+            if not self.encoders.get(ENCODER_OF[item.kind]):
+                raise ValueError(f"{item.kind} input is not supported by this server: its topology has no "
+                                 f"{ENCODER_OF[item.kind].replace('_', ' ')}")
+        replica = next(self.turn)
+        for index, item in enumerate(prepared.media):
+            encoders = self.encoders[ENCODER_OF[item.kind]]
+            chosen = encoders[zlib.crc32(item.content_hash.encode()) % len(encoders)]
+            chosen.send(encode_job(prepared.job.request_id, index, item, replica))
+        self.downstream[replica].send(prepared.job)

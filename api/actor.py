@@ -23,6 +23,7 @@ from .backend import ZmqBackend
 from .server import ApiServer, ServerConfig
 
 ENGINE_KINDS = ("engine", "prefill", "decode")
+ENCODER_KINDS = ("vision_encoder", "audio_encoder")  # cancels drop their queued jobs too
 
 
 def served_model_name(ctx: ActorContext) -> str:
@@ -54,14 +55,15 @@ def run_api(ctx: ActorContext) -> int:
 
     wiring = ctx.wiring
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir(ctx.topology))
-    cancels = [endpoint for kind in ENGINE_KINDS for endpoint in wiring.of_kind(kind)]
+    cancels = [endpoint for kind in (*ENGINE_KINDS, *ENCODER_KINDS) for endpoint in wiring.of_kind(kind)]
     backend = ZmqBackend(wiring.of_kind("preprocess"), wiring.results, cancels)
     tracer = Tracer(ctx.actor.name, ctx.trace_dir)
     api = ctx.topology.api
     app = create_app(backend, tokenizer, served_model_name(ctx), api_key=ctx.api_key, tracer=tracer,
                      max_body_bytes=api.max_body_bytes, request_timeout_s=api.request_timeout_s,
                      allowed_media_hosts=api.allowed_media_hosts, cors_origins=api.cors_origins,
-                     default_chat_template_kwargs=dict(api.default_chat_template_kwargs))
+                     default_chat_template_kwargs=dict(api.default_chat_template_kwargs),
+                     media_kinds=ctx.topology.media_kinds)
     server = ApiServer(app, ServerConfig(host=ctx.host or api.host, port=ctx.port or api.port))
     zctx = zmq.Context()
     stop = threading.Event()

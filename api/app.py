@@ -258,12 +258,14 @@ async def _unless_disconnected(request: Request, work, generation: Generation) -
 def create_app(backend: ZmqBackend, tokenizer, model_name: str, api_key: str | None = None,
                max_body_bytes: int = 4 << 20, default_max_tokens: int = 256, tracer: Tracer | None = None,
                request_timeout_s: float | None = None, allowed_media_hosts: tuple[str, ...] = (),
-               cors_origins: tuple[str, ...] = (), default_chat_template_kwargs: dict | None = None) -> Starlette:
+               cors_origins: tuple[str, ...] = (), default_chat_template_kwargs: dict | None = None,
+               media_kinds: frozenset[str] = frozenset()) -> Starlette:
     """The app; its lifespan starts the backend and closes it (ending every request) at shutdown.
     `tracer` records one `request` span per engine request (arrival to last token); CORS is off
-    unless `cors_origins` names the browser origins to allow."""
+    unless `cors_origins` names the browser origins to allow; `media_kinds` are the media the
+    topology has encoders for (others are refused with a 400)."""
     config = AppConfig(model_name, api_key, max_body_bytes, default_max_tokens, request_timeout_s,
-                       tuple(allowed_media_hosts),
+                       tuple(allowed_media_hosts), frozenset(media_kinds),
                        default_chat_template_kwargs=tuple((default_chat_template_kwargs or {}).items()))
     routes = OpenAIRoutes(backend, tokenizer, config, tracer)
 

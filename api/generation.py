@@ -67,6 +67,8 @@ def engine_requests(body: ChatCompletionRequest | CompletionRequest, default_max
             chat["tools"] = body.tools
         if body.chat_template_kwargs:
             chat["chat_template_kwargs"] = body.chat_template_kwargs
+        if body.mm_processor_kwargs:
+            chat["mm_processor_kwargs"] = body.mm_processor_kwargs
         prompts: list[dict] = [{"messages_json": json.dumps(chat)}]
     else:
         prompts = [{"messages_json": "", "prompt_text": p} if isinstance(p, str) else

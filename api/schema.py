@@ -107,6 +107,9 @@ class SamplingFields(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+VISION_BUDGETS = (70, 140, 280, 560, 1120)  # soft tokens per image Gemma 4 accepts
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, gt=0)
@@ -116,6 +119,18 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool = True
+    mm_processor_kwargs: dict[str, Any] | None = None  # {"max_soft_tokens": N}: this request's vision token budget
+
+    @model_validator(mode="after")
+    def _known_processor_kwargs(self):
+        kwargs = self.mm_processor_kwargs or {}
+        unknown = set(kwargs) - {"max_soft_tokens"}
+        if unknown:
+            raise ValueError(f"mm_processor_kwargs: unknown key {sorted(unknown)[0]!r}; supported: max_soft_tokens")
+        budget = kwargs.get("max_soft_tokens")
+        if budget is not None and (isinstance(budget, bool) or budget not in VISION_BUDGETS):
+            raise ValueError(f"mm_processor_kwargs.max_soft_tokens must be one of {list(VISION_BUDGETS)}, got {budget!r}")
+        return self
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):

@@ -83,7 +83,7 @@ def start_pipeline(run_dir: Path, stack, **app_options) -> Pipeline:
         stop.set()
         for t in threads:
             t.join(timeout=10)
-        for ch in (preprocess.inbox, preprocess.downstream, preprocess.errors, engine_actor.inbox, engine_actor.outbox):
+        for ch in (preprocess.inbox, *preprocess.downstream, preprocess.errors, engine_actor.inbox, engine_actor.outbox):
             ch.close()
 
     stack.callback(stop_actors)

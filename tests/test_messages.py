@@ -18,17 +18,21 @@ from actors.messages import (
 
 
 def test_round_trip_with_nested_spec_and_arrays():
-    job = PrefillJob("r1", np.arange(7, dtype=np.int32), SamplingSpec(max_tokens=5, stop_token_ids=[1, 106]), 2)
+    spans = np.array([[0, 2, 3], [1, 5, 1]], dtype=np.int32)
+    job = PrefillJob("r1", np.arange(7, dtype=np.int32), SamplingSpec(max_tokens=5, stop_token_ids=[1, 106]),
+                     ["image", "audio"], ["k0", "k1"], spans)
     frames = encode(job)
-    assert len(frames) == 2
+    assert len(frames) == 3
     back = decode([bytes(f) for f in frames])
-    assert back.request_id == "r1" and back.sampling == job.sampling and back.num_media == 2
+    assert back.request_id == "r1" and back.sampling == job.sampling
+    assert back.media_kinds == ["image", "audio"] and back.media_keys == ["k0", "k1"]
+    assert np.array_equal(back.media_spans, spans)
     assert np.array_equal(back.token_ids, job.token_ids) and back.token_ids.dtype == np.int32
 
 
 def test_arrays_are_views_of_their_frames():
     emb = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
-    header, frame = encode(EncodeResult("r", 0, 5, emb))
+    header, frame = encode(EncodeResult("r", 0, emb))
     buffer = bytearray(frame)
     back = decode([header, buffer])
     buffer[:4] = np.float32(42.0).tobytes()

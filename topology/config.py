@@ -46,12 +46,19 @@ class ApiSection:
     cors_origins: tuple[str, ...] = ()  # browser origins allowed by CORS; none: CORS off
     allowed_media_hosts: tuple[str, ...] = ()  # hosts image/audio URLs may be fetched from; none: no fetching
     request_timeout_s: float = 600.0  # a request still running after this ends with a 504
-    max_body_bytes: int = 4 << 20  # larger request bodies get a 413
+    max_body_bytes: int = 32 << 20  # larger request bodies get a 413
     default_chat_template_kwargs: tuple[tuple[str, Any], ...] = ()  # e.g. enable_thinking for every chat
+    limit_mm_per_prompt: tuple[tuple[str, int], ...] = ()  # e.g. (("image", 4),): most items of a kind per prompt
+    mm_processor_kwargs: tuple[tuple[str, Any], ...] = ()  # (("max_soft_tokens", 280),): the default vision budget
+    max_media_bytes: int = 20 << 20  # one media item's encoded bytes (base64 decoded or fetched)
+    media_fetch_timeout_s: float = 10.0  # fetching one media URL from an allowed host
 
 
 API_FIELDS = {"host", "port", "node", "cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes",
-              "default_chat_template_kwargs"}
+              "default_chat_template_kwargs", "limit_mm_per_prompt", "mm_processor_kwargs", "max_media_bytes",
+              "media_fetch_timeout_s"}
+MEDIA_KINDS = ("image", "audio", "video")
+VISION_BUDGETS = (70, 140, 280, 560, 1120)
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,16 @@ class Topology:
 
     def actor(self, kind: str) -> ActorSpec | None:
         return next((a for a in self.actors if a.kind == kind), None)
+
+    @property
+    def media_kinds(self) -> frozenset[str]:
+        """The media this topology has an encoder actor for."""
+        kinds = set()
+        if self.actor("vision_encoder"):
+            kinds |= {"image", "video"}
+        if self.actor("audio_encoder"):
+            kinds.add("audio")
+        return frozenset(kinds)
 
     @property
     def api_node(self) -> str:
@@ -177,12 +194,38 @@ def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:
     node = t.get("node")
     if node is not None and node not in nodes:
         raise TopologyError("api.node", f"{node!r} is not declared under [nodes]; declared: {sorted(nodes)}")
-    timeout = t.get("request_timeout_s", 600.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
-        raise TopologyError("api.request_timeout_s", f"expected seconds in (0, 86400], got {timeout!r}")
     return ApiSection(_host(t.get("host", "127.0.0.1"), "api.host"), _int(t, "api.", "port", 8000, 1, 65535), node,
-                      _strings(t, "api.", "cors_origins"), _strings(t, "api.", "allowed_media_hosts"), float(timeout),
-                      _int(t, "api.", "max_body_bytes", 4 << 20, 1024, 1 << 31), _kwargs(t, "api.default_chat_template_kwargs"))
+                      _strings(t, "api.", "cors_origins"), _strings(t, "api.", "allowed_media_hosts"),
+                      _seconds(t, "api.", "request_timeout_s", 600.0),
+                      _int(t, "api.", "max_body_bytes", 32 << 20, 1024, 1 << 31),
+                      _kwargs(t, "api.default_chat_template_kwargs"), _media_limits(t), _processor_kwargs(t),
+                      _int(t, "api.", "max_media_bytes", 20 << 20, 1024, 1 << 31),
+                      _seconds(t, "api.", "media_fetch_timeout_s", 10.0))
+
+
+def _seconds(t: Mapping[str, Any], where: str, name: str, default: float) -> float:
+    value = t.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+        raise TopologyError(where + name, f"expected seconds in (0, 86400], got {value!r}")
+    return float(value)
+
+
+def _media_limits(t: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+    limits = _kwargs(t, "api.limit_mm_per_prompt")
+    for kind, n in limits:
+        if kind not in MEDIA_KINDS or isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1024:
+            raise TopologyError("api.limit_mm_per_prompt", f"expected counts in [0, 1024] for {list(MEDIA_KINDS)}, "
+                                                           f"got {kind!r} = {n!r}")
+    return limits
+
+
+def _processor_kwargs(t: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    kwargs = _kwargs(t, "api.mm_processor_kwargs")
+    for key, value in kwargs:
+        if key != "max_soft_tokens" or value not in VISION_BUDGETS or isinstance(value, bool):
+            raise TopologyError("api.mm_processor_kwargs", f"expected max_soft_tokens in {list(VISION_BUDGETS)}, "
+                                                           f"got {key!r} = {value!r}")
+    return kwargs
 
 
 def _kwargs(table: Mapping[str, Any], where: str) -> tuple[tuple[str, Any], ...]:
@@ -201,11 +244,14 @@ def _strings(table: Mapping[str, Any], where: str, name: str) -> tuple[str, ...]
     return tuple(value)
 
 
+_TABLES = ("default_chat_template_kwargs", "limit_mm_per_prompt", "mm_processor_kwargs")
+
+
 def with_api_overrides(topology: Topology, overrides: Mapping[str, Any]) -> Topology:
     """The topology with [api] fields replaced (command-line flags), validated as in a file."""
     if not overrides:
         return topology
-    raw = {**{k: (dict(v) if k == "default_chat_template_kwargs" else list(v)) if isinstance(v, tuple) else v
+    raw = {**{k: (dict(v) if k in _TABLES else list(v)) if isinstance(v, tuple) else v
               for k, v in vars(topology.api).items() if v is not None},
            **overrides}
     return replace(topology, api=_api(raw, topology.nodes))

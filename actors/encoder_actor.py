@@ -1,0 +1,198 @@
+"""The vision and audio encoder actors: media items in, soft tokens in LM space out.
+
+Preprocess sends each media item of a request as an `EncodeJob` to one encoder replica (chosen
+by the item's content hash, so repeats meet the replica that cached them) and names the engine
+replica that will prefill the request. The encoder drains every job that has arrived, answers
+repeats from a byte-bounded LRU cache of outputs keyed by content hash (the same image twice is
+encoded once, also within one batch), encodes the rest in one batched forward, and sends one
+`EncodeResult` per job to the engine replica named in it. A job that cannot be encoded gets an
+`EncodeResult` carrying the error, so the waiting prefill ends that request instead of waiting.
+Each item leaves an `encode` span (its kind, tokens, whether the cache answered, the batch).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .messages import CancelRequest, EncodeJob, EncodeResult
+from .tracing import Tracer
+from .transport import Channel
+
+KINDS = {"vision_encoder": ("image", "video"), "audio_encoder": ("audio",)}
+Embeddings = tuple[np.ndarray, str]  # (array [tokens, hidden], dtype name: bfloat16 travels as uint16)
+BatchEncoder = Callable[[Sequence[EncodeJob]], list[Embeddings]]
+
+
+class EncoderCache:
+    """Encoder outputs by content key, least recently used dropped first past `max_bytes`."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[str, Embeddings] = OrderedDict()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> Embeddings | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(self, key: str, entry: Embeddings) -> None:
+        size = entry[0].nbytes
+        if size > self.max_bytes or key in self.entries:
+            return
+        self.entries[key] = entry
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            _, (old, _) = self.entries.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+
+class EncoderActor:
+    """Owns one media encoder; fed by its inbox, answers the engine replicas."""
+
+    def __init__(self, kind: str, encode_batch: BatchEncoder, inbox: Channel, replies: Sequence[Channel],
+                 tracer: Tracer | None = None, cache_bytes: int = 256 << 20, max_batch: int = 16):
+        if kind not in KINDS:
+            raise ValueError(f"encoder kind must be one of {sorted(KINDS)}, got {kind!r}")
+        self.kind = kind
+        self.encode_batch = encode_batch
+        self.inbox = inbox
+        self.replies = list(replies)
+        self.tracer = tracer or Tracer(kind, None)
+        self.cache = EncoderCache(cache_bytes)
+        self.max_batch = max_batch
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            msg = self.inbox.recv(timeout_ms=50)
+            batch: list[EncodeJob] = []
+            while msg is not None:  # everything that has arrived, up to one batch
+                if isinstance(msg, CancelRequest):
+                    batch = [job for job in batch if job.request_id != msg.request_id]
+                elif isinstance(msg, EncodeJob):
+                    batch.append(msg)
+                else:
+                    raise TypeError(f"{self.kind} got an unexpected {type(msg).__name__}")
+                msg = self.inbox.recv(timeout_ms=0) if len(batch) < self.max_batch else None
+            if batch:
+                self.process(batch)
+
+    def process(self, jobs: Sequence[EncodeJob]) -> None:
+        """Answer every job: from the cache, or by encoding each distinct new content once."""
+        valid = []
+        for job in jobs:
+            problem = self._check(job)
+            if problem is None:
+                valid.append(job)
+            else:
+                self._reply(job, None, error=problem)
+        found: dict[str, Embeddings] = {}
+        todo: dict[str, EncodeJob] = {}
+        for job in valid:
+            key = job.content_key
+            if key not in found and key not in todo:
+                hit = self.cache.get(key)
+                if hit is not None:
+                    found[key] = hit
+                else:
+                    todo[key] = job
+        start = time.time_ns()
+        fresh, failure = self._encode(list(todo.values()))
+        end = time.time_ns()
+        for job in valid:
+            cached = job.content_key in found
+            entry = found.get(job.content_key) if cached else fresh.get(job.content_key)
+            if entry is None:
+                self._reply(job, None, error=failure)
+                continue
+            self._reply(job, entry, cached=cached)
+            self.tracer.record("encode", end if cached else start, end, job.request_id, kind=job.kind,
+                               tokens=int(entry[0].shape[0]), cached=cached, batch=len(todo))
+
+    def _check(self, job: EncodeJob) -> str | None:
+        if job.kind not in KINDS[self.kind]:
+            return f"a {self.kind} cannot encode {job.kind} input"
+        if not 0 <= job.reply_to < len(self.replies):
+            return f"reply_to {job.reply_to} names no engine replica"
+        return None
+
+    def _encode(self, jobs: list[EncodeJob]) -> tuple[dict[str, Embeddings], str | None]:
+        if not jobs:
+            return {}, None
+        try:
+            outputs = self.encode_batch(jobs)
+        except (ValueError, RuntimeError) as exc:  # shapes the encoder refuses; out of memory
+            return {}, f"{jobs[0].kind} could not be encoded: {exc}"
+        fresh = {}
+        for job, entry in zip(jobs, outputs):
+            self.cache.put(job.content_key, entry)
+            fresh[job.content_key] = entry
+        return fresh, None
+
+    def _reply(self, job: EncodeJob, entry: Embeddings | None, cached: bool = False, error: str | None = None) -> None:
+        if not 0 <= job.reply_to < len(self.replies):
+            return  # nobody to tell; preprocess never sends such a job
+        embeddings, dtype = entry if entry is not None else (None, "float32")
+        self.replies[job.reply_to].send(EncodeResult(job.request_id, job.media_index, embeddings, dtype, cached, error))
+
+
+def _padded(arrays: Sequence[np.ndarray], fill: float) -> np.ndarray:
+    """Stack [frames, n, ...] arrays along frames, padding axis 1 to the longest with `fill`."""
+    longest = max(a.shape[1] for a in arrays)
+    out = []
+    for a in arrays:
+        pad = [(0, 0)] * a.ndim
+        pad[1] = (0, longest - a.shape[1])
+        out.append(np.pad(a, pad, constant_values=fill))
+    return np.concatenate(out)
+
+
+def make_batch_encoder(encoder, device: str, dtype) -> BatchEncoder:
+    """Jobs -> embeddings through one of `gemma4_model`'s media encoders, one forward per kind:
+    images padded to the most patches (padding patches at position (-1, -1)), videos as their
+    frames, audio clips padded to the longest (mask False)."""
+    import torch
+
+    from .handoff import to_numpy
+
+    def tensor(a: np.ndarray, dt=None) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dt)
+
+    @torch.inference_mode()
+    def encode(jobs: Sequence[EncodeJob]) -> list[Embeddings]:
+        results: dict[int, torch.Tensor] = {}
+        for kind in ("image", "video", "audio"):
+            idx = [i for i, job in enumerate(jobs) if job.kind == kind]
+            if not idx:
+                continue
+            group = [jobs[i] for i in idx]
+            if kind == "audio":
+                if any(j.features is None or j.feature_mask is None for j in group):
+                    raise ValueError("an audio job needs features and feature_mask")
+                feats = tensor(_padded([j.features[None] for j in group], 0.0), dtype)
+                mask = tensor(_padded([j.feature_mask[None] for j in group], False))
+                outs = encoder.encode(feats, mask)
+            else:
+                if any(j.pixel_values is None or j.position_ids is None for j in group):
+                    raise ValueError(f"an {kind} job needs pixel_values and position_ids")
+                pixels = tensor(_padded([j.pixel_values for j in group], 0.0), dtype)
+                positions = tensor(_padded([j.position_ids for j in group], -1), torch.long)
+                if kind == "image":
+                    outs = encoder.encode(pixels, positions)
+                else:
+                    outs = encoder.encode_video(pixels, positions, [len(j.pixel_values) for j in group])
+            results.update(zip(idx, outs))
+        return [to_numpy(results[i]) for i in range(len(jobs))]
+
+    return encode

@@ -1,0 +1,162 @@
+"""Multimodal chat prompts in the preprocess actor: media parts in, placeholder runs and
+processed items out.
+
+The OpenAI media parts (`image_url`, `input_audio`, `audio_url`, `video_url`) are loaded
+(`data:` URLs and base64 audio always; http(s) only from the allowed hosts, which the api
+checked too), decoded and processed by `MediaProcessor` (actors/media_inputs.py), and replaced
+by the plain `{"type": "image" | "audio" | "video"}` parts the Gemma 4 chat template renders as
+one placeholder token each. After the template, each placeholder becomes the item's full
+expansion (begin marker, its soft-token placeholders, end marker, as the Gemma 4 processor
+writes it), and once tokenized every run of soft-token placeholders is located: the spans an
+item's embeddings will fill at prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .media_inputs import MediaError, MediaProcessor, ProcessedMedia, fetch_url, parse_data_uri
+
+PART_KINDS = {"image_url": "image", "input_audio": "audio", "audio_url": "audio", "video_url": "video"}
+AUDIO_FORMATS = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg"}
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    """The operator's media rules (the topology's [api] section and its flags)."""
+
+    allowed_hosts: tuple[str, ...] = ()
+    max_media_bytes: int = 20 << 20
+    fetch_timeout_s: float = 10.0
+    limits: Mapping[str, int] | None = None  # most items of a kind per prompt; None / missing kind: no cap
+    default_budget: int | None = None  # vision soft tokens per image; None: the checkpoint's
+
+
+@dataclass(frozen=True)
+class MediaTokens:
+    """The checkpoint's placeholder token ids and their text (what the chat template writes)."""
+
+    ids: Mapping[str, int]  # kind -> soft-token placeholder id
+    text: Mapping[str, str]  # kind -> its token's text, e.g. "<|image|>"
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, special_tokens: Mapping[str, int]) -> "MediaTokens":
+        ids = {kind: special_tokens[f"{kind}_token_id"] for kind in ("image", "audio", "video")
+               if f"{kind}_token_id" in special_tokens}
+        return cls(ids, {kind: tokenizer.convert_ids_to_tokens(i) for kind, i in ids.items()})
+
+
+class MediaPrompt:
+    """Loads and processes a chat's media, then expands and locates its placeholders."""
+
+    def __init__(self, processor: MediaProcessor, settings: MediaSettings, tokens: MediaTokens):
+        self.processor = processor
+        self.settings = settings
+        self.tokens = tokens
+
+    def collect(self, messages: list, mm_kwargs: Mapping[str, Any] | None) -> tuple[list, list[ProcessedMedia]]:
+        """The messages with media parts made template-ready, and the items in prompt order."""
+        budget = (mm_kwargs or {}).get("max_soft_tokens", self.settings.default_budget)
+        items: list[ProcessedMedia] = []
+        out = []
+        for i, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, list):
+                out.append(message)
+                continue
+            parts = []
+            for j, part in enumerate(content):
+                kind = PART_KINDS.get(part.get("type")) if isinstance(part, dict) else None
+                if kind is None:
+                    parts.append(part)
+                    continue
+                param = f"messages.{i}.content.{j}"
+                self._check_count(kind, items, param)
+                try:
+                    items.append(self._process(kind, self._load(part, param), budget))
+                except MediaError as exc:
+                    raise MediaError(str(exc), param=param) from None
+                parts.append({"type": kind})
+            out.append({**message, "content": parts})
+        return out, items
+
+    def _check_count(self, kind: str, items: Sequence[ProcessedMedia], param: str) -> None:
+        limit = (self.settings.limits or {}).get(kind)
+        if limit is not None and sum(item.kind == kind for item in items) >= limit:
+            raise MediaError(f"at most {limit} {kind} item(s) per prompt on this server", param=param)
+        if kind not in self.tokens.ids:
+            raise MediaError(f"this model takes no {kind} input", param=param)
+
+    def _load(self, part: dict, param: str) -> bytes:
+        value = part.get(part["type"])
+        if part["type"] == "input_audio":
+            if not isinstance(value, dict) or not isinstance(value.get("data"), str):
+                raise MediaError("input_audio needs base64 'data'", param=param)
+            fmt = value.get("format", "wav")
+            mime = AUDIO_FORMATS.get(fmt, f"audio/{fmt}")
+            return parse_data_uri(f"data:{mime};base64,{value['data']}", self.settings.max_media_bytes)[1]
+        url = value.get("url") if isinstance(value, dict) else value
+        if not isinstance(url, str) or not url:
+            raise MediaError(f"{part['type']} needs a url", param=param)
+        if url.startswith("data:"):
+            return parse_data_uri(url, self.settings.max_media_bytes)[1]
+        from api.media import host_allowed  # the same rule the api applied
+        from urllib.parse import urlsplit
+
+        host = urlsplit(url).hostname or ""
+        if urlsplit(url).scheme not in ("http", "https") or not host_allowed(host, self.settings.allowed_hosts):
+            raise MediaError(f"fetching media from {host or url!r} is not allowed on this server", param=param)
+        return fetch_url(url, self.settings.max_media_bytes, self.settings.fetch_timeout_s)[1]
+
+    def _process(self, kind: str, data: bytes, budget: int | None) -> ProcessedMedia:
+        if kind == "image":
+            return self.processor.image(data, budget)
+        if kind == "video":
+            return self.processor.video(data, budget)
+        return self.processor.audio(data)
+
+    def expand(self, text: str, items: Sequence[ProcessedMedia]) -> str:
+        """Each item's one-token placeholder in the rendered template -> its full expansion."""
+        pieces, rest = [], text
+        for n, item in enumerate(items):
+            marker = self.tokens.text[item.kind]
+            head, found, rest = rest.partition(marker)
+            if not found:
+                raise MediaError(f"the chat template rendered no placeholder for media item {n} ({item.kind})")
+            pieces += [head, item.placeholder_text]
+        if any(rest.count(self.tokens.text[k]) for k in self.tokens.text):
+            raise MediaError("the prompt text contains media placeholder tokens without media")
+        return "".join(pieces) + rest
+
+    def spans(self, ids: Sequence[int], items: Sequence[ProcessedMedia]) -> np.ndarray:
+        """int32 [spans, 3]: (item index, first position, length) of every placeholder run, the
+        runs given to items in prompt order until each has its soft-token count."""
+        kind_of = {i: k for k, i in self.tokens.ids.items()}
+        runs = []
+        pos = 0
+        while pos < len(ids):
+            kind = kind_of.get(ids[pos])
+            if kind is None:
+                pos += 1
+                continue
+            end = pos
+            while end < len(ids) and ids[end] == ids[pos]:
+                end += 1
+            runs.append((kind, pos, end - pos))
+            pos = end
+        spans, r = [], 0
+        for n, item in enumerate(items):
+            need = item.num_soft_tokens
+            while need > 0 and r < len(runs) and runs[r][0] == item.kind and runs[r][2] <= need:
+                spans.append((n, runs[r][1], runs[r][2]))
+                need -= runs[r][2]
+                r += 1
+            if need:
+                raise MediaError(f"media item {n} ({item.kind}): the prompt's placeholders do not match its "
+                                 f"{item.num_soft_tokens} soft tokens")
+        if r != len(runs):
+            raise MediaError("the prompt has more media placeholders than media items")
+        return np.asarray(spans, dtype=np.int32).reshape(-1, 3)

@@ -1,0 +1,173 @@
+"""The encoder actor (batching, content-hash cache, replies to the named engine replica, errors)
+and the prefill side's wait for encoder results (either arrival order, failures, timeouts, the
+spans handed on to decode), with a stand-in encoder so only the actors' logic is under test."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from actors.encoder_actor import EncoderActor, EncoderCache
+from actors.media_wait import MediaWaiter, handoff_media, spans_from_handoff
+from actors.messages import CancelRequest, EncodeJob, EncodeResult, KVHandoff, PrefillJob, SamplingSpec
+from actors.tracing import Tracer, read_spans
+from actors.transport import pull, push
+
+HIDDEN = 4
+
+
+class CountingEncoder:
+    """Embeddings = the job's pixel mean repeated per patch; remembers every batch it ran."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.batches: list[list[str]] = []
+        self.fail_on = fail_on
+
+    def __call__(self, jobs):
+        self.batches.append([j.content_key for j in jobs])
+        if any(j.content_key == self.fail_on for j in jobs):
+            raise ValueError("patches do not fit")
+        return [(np.full((j.pixel_values.shape[1], HIDDEN), j.pixel_values.mean(), np.float32), "float32")
+                for j in jobs]
+
+
+def image_job(rid, key, value, reply_to=0, patches=3, index=0, kind="image"):
+    return EncodeJob(rid, index, kind, key, reply_to, pixel_values=np.full((1, patches, 6), value, np.float32),
+                     position_ids=np.zeros((1, patches, 2), np.int32))
+
+
+def test_cache_is_bounded_by_bytes_and_drops_the_least_recently_used():
+    cache = EncoderCache(max_bytes=3 * 16)
+    for key in "abc":
+        cache.put(key, (np.zeros(4, np.float32), "float32"))
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("d", (np.zeros(4, np.float32), "float32"))
+    assert set(cache.entries) == {"a", "c", "d"} and cache.nbytes == 48
+    cache.put("huge", (np.zeros(100, np.float32), "float32"))  # larger than the whole cache: not kept
+    assert "huge" not in cache.entries
+
+
+def run_actor(encoder, jobs, replicas=2, tracer=None):
+    """Send `jobs` (and cancels) to an EncoderActor over inproc sockets; collect replies per replica."""
+    ctx = zmq.Context()
+    inbox = pull(ctx, "inproc://enc-in")
+    outs = [pull(ctx, f"inproc://engine-{r}") for r in range(replicas)]
+    replies = [push(ctx, f"inproc://engine-{r}") for r in range(replicas)]
+    client = push(ctx, "inproc://enc-in")
+    for job in jobs:  # queued before the actor starts, so they drain as one batch
+        client.send(job)
+    actor = EncoderActor("vision_encoder", encoder, inbox, replies, tracer=tracer)
+    stop = threading.Event()
+    thread = threading.Thread(target=actor.run, args=(stop,))
+    thread.start()
+    expected = sum(isinstance(j, EncodeJob) for j in jobs) - 2 * sum(isinstance(j, CancelRequest) for j in jobs)
+    got: list[list[EncodeResult]] = [[] for _ in range(replicas)]
+    deadline = time.monotonic() + 10
+    try:
+        while sum(map(len, got)) < expected and time.monotonic() < deadline:
+            for r, out in enumerate(outs):
+                msg = out.recv(timeout_ms=20)
+                if msg is not None:
+                    got[r].append(msg)
+        time.sleep(0.1)
+        for r, out in enumerate(outs):  # nothing more than expected
+            msg = out.recv(timeout_ms=0)
+            assert msg is None, msg
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        for ch in (inbox, client, *outs, *replies):
+            ch.close()
+        ctx.term()
+    return actor, got
+
+
+def test_repeats_are_encoded_once_and_results_reach_the_named_replica(tmp_path):
+    encoder = CountingEncoder()
+    tracer = Tracer("vision_encoder-0", tmp_path)
+    jobs = [image_job("r1", "k1", 1.0, reply_to=0), image_job("r2", "k1", 1.0, reply_to=1),
+            image_job("r3", "k2", 2.0, reply_to=1, patches=5)]
+    actor, got = run_actor(encoder, jobs, tracer=tracer)
+    assert encoder.batches == [["k1", "k2"]]  # one batch, the repeat encoded once
+    assert [r.request_id for r in got[0]] == ["r1"] and sorted(r.request_id for r in got[1]) == ["r2", "r3"]
+    by_id = {r.request_id: r for rs in got for r in rs}
+    assert by_id["r3"].embeddings.shape == (5, HIDDEN) and np.all(by_id["r3"].embeddings == 2.0)
+    assert np.array_equal(by_id["r1"].embeddings, by_id["r2"].embeddings)
+    # later the same content is a cache hit: no new forward
+    actor.process([image_job("r4", "k2", 2.0)])
+    assert encoder.batches == [["k1", "k2"]] and actor.cache.hits == 1
+    tracer.flush()
+    spans = [s for s in read_spans(tmp_path) if s["stage"] == "encode"]
+    assert {s["requests"][0] for s in spans} == {"r1", "r2", "r3", "r4"}
+    assert [s["attrs"]["cached"] for s in spans if s["requests"][0] == "r4"] == [True]
+
+
+def test_failures_come_back_as_error_results_and_cancel_drops_queued_jobs():
+    encoder = CountingEncoder(fail_on="bad")
+    jobs = [image_job("ok", "k1", 1.0), image_job("gone", "k9", 9.0), CancelRequest("gone"),
+            image_job("broken", "bad", 3.0), image_job("audio", "k3", 1.0, kind="audio"),
+            image_job("nowhere", "k4", 1.0, reply_to=7)]
+    _, got = run_actor(encoder, jobs, replicas=1)
+    by_id = {r.request_id: r for r in got[0]}
+    assert set(by_id) == {"ok", "broken", "audio"}  # "gone" cancelled; "nowhere" has no replica to reach
+    assert by_id["ok"].error is None
+    assert by_id["broken"].embeddings is None and "patches do not fit" in by_id["broken"].error
+    assert "cannot encode audio" in by_id["audio"].error
+
+
+def multimodal_job(rid="r", spans=((0, 2, 3), (1, 7, 2), (0, 10, 1))):
+    return PrefillJob(rid, np.zeros(12, np.int32), SamplingSpec(), ["video", "audio"], ["aa", "bb"],
+                      np.asarray(spans, np.int32))
+
+
+def result(rid, index, tokens, value=0.0, error=None):
+    emb = None if error else np.arange(tokens * HIDDEN, dtype=np.float32).reshape(tokens, HIDDEN) + value
+    return EncodeResult(rid, index, emb, error=error)
+
+
+@pytest.mark.parametrize("results_first", [False, True])
+def test_waiter_cuts_each_items_embeddings_into_its_runs(results_first):
+    waiter = MediaWaiter("cpu", torch.float32)
+    parts = [result("r", 0, 4), result("r", 1, 2, 100.0)]
+    if results_first:
+        for r in parts:
+            waiter.add_result(r)
+        waiter.add_job(multimodal_job())
+    else:
+        waiter.add_job(multimodal_job())
+        waiter.add_result(parts[0])
+        assert waiter.ready() == [] and waiter.pending()
+        waiter.add_result(parts[1])
+    [(job, spans, failure)] = waiter.ready()
+    assert failure is None and not waiter.pending()
+    assert [(s.start, len(s.embeddings), s.kind) for s in spans] == [(2, 3, "video"), (7, 2, "audio"), (10, 1, "video")]
+    video = torch.from_numpy(parts[0].embeddings)
+    assert torch.equal(spans[0].embeddings, video[:3]) and torch.equal(spans[2].embeddings, video[3:])
+    assert spans[0].content_key != spans[2].content_key  # each run its own prefix-cache key
+    # the spans survive the trip to decode
+    fields = handoff_media(spans)
+    msg = KVHandoff("r", np.zeros(12, np.int32), 5, SamplingSpec(), 12, "float32", **fields)
+    back = spans_from_handoff(msg, "cpu", torch.float32)
+    assert [(s.start, s.kind, s.content_key) for s in back] == [(s.start, s.kind, s.content_key) for s in spans]
+    assert all(torch.equal(a.embeddings, b.embeddings) for a, b in zip(back, spans))
+
+
+def test_waiter_ends_requests_whose_media_failed_mismatched_or_timed_out():
+    waiter = MediaWaiter("cpu", torch.float32, timeout_s=0.05)
+    waiter.add_job(multimodal_job("err"))
+    waiter.add_result(result("err", 1, 0, error="audio could not be decoded"))
+    waiter.add_job(multimodal_job("short"))
+    waiter.add_result(result("short", 0, 3))  # 3 soft tokens for 4 placeholders
+    waiter.add_result(result("short", 1, 2))
+    outcome = {job.request_id: failure for job, _, failure in waiter.ready()}
+    assert outcome["err"] == (400, "audio could not be decoded")
+    assert outcome["short"][0] == 502 and "fewer than its placeholders" in outcome["short"][1]
+    waiter.add_job(multimodal_job("slow"))
+    waiter.add_result(result("cancelled", 0, 1))
+    waiter.discard("cancelled")
+    time.sleep(0.1)
+    assert [(rid, code) for rid, code, _ in waiter.expired()] == [("slow", 504)]
+    assert not waiter.pending() and not waiter.early
