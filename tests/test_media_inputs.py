@@ -175,6 +175,7 @@ def _unified_patches_merge():
     """transformers' `patches_merge` (pure torch); its module imports torchvision only for resize."""
     fake = {name: types.ModuleType(name) for name in
             ("torchvision", "torchvision.transforms", "torchvision.transforms.v2", "torchvision.transforms.v2.functional")}
+    fake["torchvision.transforms.v2.functional"].InterpolationMode = type("InterpolationMode", (), {})
     saved = {name: sys.modules.get(name) for name in fake}
     mod_name = "transformers.models.gemma4_unified.image_processing_gemma4_unified"
     try:
@@ -228,8 +229,9 @@ def test_image_errors(gemma4):
     for budget in (0, 100, 2240, True):
         with pytest.raises(MediaError, match=r"vision token budget .* is not one of \[70, 140, 280, 560, 1120\]"):
             ours.image(png, budget)
-    with pytest.raises(MediaError, match="default_image_budget"):
+    with pytest.raises(MediaError, match="vision token budget 99 is not one of") as err:
         MediaProcessor(CHECKPOINT, MediaLimits(), default_image_budget=99)
+    assert err.value.param == "default_image_budget"
     small = MediaProcessor(CHECKPOINT, MediaLimits(max_image_pixels=4000, max_item_bytes=10_000))
     with pytest.raises(MediaError, match="image is 64x64 pixels; at most 4000 pixels"):
         small.image(png)
@@ -351,7 +353,8 @@ def test_video_frames_timestamps_and_layout(gemma4):
     indices = [i * 100 // 32 for i in range(32)]
     assert got.frame_indices == tuple(indices) == tuple(sample_frame_indices(100, 32))
     assert got.timestamps == tuple(i / 10 for i in indices)
-    per_frame = ref._get_num_multimodal_tokens(video_sizes=[(1, 96, 128)], max_soft_tokens=70)["num_video_tokens"][0]
+    # transformers' count for a frame (the video branch needs the torchvision processor; same formula)
+    per_frame = ref._get_num_multimodal_tokens(image_sizes=[(96, 128)], max_soft_tokens=70)["num_image_tokens"][0]
     assert got.num_soft_tokens == 32 * per_frame
     assert got.pixel_values.shape == (32, per_frame * 9, 768) and got.position_ids.shape == (32, per_frame * 9, 2)
     body = "<|image>" + "<|video|>" * per_frame + "<image|>"
