@@ -42,6 +42,9 @@ from PIL import Image
 
 SUPPORTED_BUDGETS = (70, 140, 280, 560, 1120)
 AUDIO_RATE = 16_000
+# Pillow formats accepted (not EPS/PS, which Pillow renders through Ghostscript, nor exotic ones).
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP", "TIFF")
+_NOT_AN_IMAGE = "bytes are not an image (PNG, JPEG, GIF, WebP, BMP or TIFF)"
 _GEMMA4_TOKENS = {"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
                   "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>",
                   "video_token": "<|video|>"}
@@ -65,7 +68,7 @@ class MediaLimits:
     max_videos: int = 1
     max_item_bytes: int = 20 * 1024 * 1024  # encoded bytes of one item
     max_image_pixels: int = 40_000_000  # width * height, checked from the header before decoding
-    max_audio_seconds: float = 30.0  # the Gemma 4 feature extractor's own cap (480000 samples)
+    max_audio_seconds: float = 30.0  # the Gemma 4 feature extractor truncates past 30 s (480000 samples)
     max_video_seconds: float = 120.0
     max_video_frames: int = 7_200  # frames in the stream (bounds decoding work)
 
@@ -85,6 +88,7 @@ class ProcessedMedia:
     (transformers pads to budget * k^2 rows with position -1; the encoder pads if it batches).
     video: the same per sampled frame, stacked: [F, P, D] and [F, P, 2]; `timestamps` in seconds.
     audio: `features` float32 [T, F] and `feature_mask` bool [T], as the feature extractor gives.
+    `arrays` holds the same arrays by name (read-only), ready for a message's array frames.
     """
 
     kind: str
@@ -197,7 +201,9 @@ def _probe_image(data: bytes, param: str) -> tuple[str, int, int]:
     """
     Image.init()
     prefix = data[:16]
-    for fmt in Image.ID:
+    for fmt in IMAGE_FORMATS:
+        if fmt not in Image.OPEN:
+            continue
         factory, accept = Image.OPEN[fmt]
         if accept and not accept(prefix):
             continue
@@ -206,7 +212,7 @@ def _probe_image(data: bytes, param: str) -> tuple[str, int, int]:
         except (SyntaxError, OSError, ValueError, IndexError, TypeError, EOFError):
             continue
         return fmt, probe.size[0], probe.size[1]
-    raise MediaError(param, "bytes are not an image (no known image format)")
+    raise MediaError(param, _NOT_AN_IMAGE)
 
 
 def decode_image(data: bytes, limits: MediaLimits, param: str = "image") -> Image.Image:
@@ -221,12 +227,12 @@ def decode_image(data: bytes, limits: MediaLimits, param: str = "image") -> Imag
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise MediaError(param, f"image is {width}x{height} pixels, past PIL's decompression-bomb limit") from None
     except Image.UnidentifiedImageError:
-        raise MediaError(param, "bytes are not an image (no known image format)") from None
+        raise MediaError(param, _NOT_AN_IMAGE) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         if "truncated" in str(exc).lower() or isinstance(exc, EOFError):
             raise MediaError(param, "image data is truncated") from None
@@ -365,7 +371,8 @@ def decode_audio(data: bytes, limits: MediaLimits, param: str = "audio") -> np.n
     except MediaError:
         raise
     except Exception as exc:  # libsndfile reports every malformed input as its own error type
-        raise MediaError(param, f"audio could not be decoded: {exc}") from None
+        reason = getattr(exc, "error_string", None) or str(exc)  # libsndfile's own words, no object repr
+        raise MediaError(param, f"audio could not be decoded: {reason}") from None
     if wave.shape[0] == 0:
         raise MediaError(param, "audio has no samples")
     if wave.shape[0] / rate > limits.max_audio_seconds:
