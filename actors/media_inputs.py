@@ -297,9 +297,12 @@ class MediaProcessor:
             raise MediaError(param, f"vision token budget {budget!r} is not one of {list(SUPPORTED_BUDGETS)}")
         return budget
 
-    def _patches(self, pil: Image.Image, budget: int, **kwargs: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    def _patches(self, pil: Image.Image, budget: int, param: str, **kwargs: Any) -> tuple[np.ndarray, np.ndarray, int]:
         """Real (unpadded) patches, their (x, y) positions and the soft-token count of one image."""
-        out = self.images([pil], max_soft_tokens=budget, return_tensors="np", **kwargs)
+        try:
+            out = self.images([pil], max_soft_tokens=budget, return_tensors="np", **kwargs)
+        except ValueError as exc:  # e.g. an aspect ratio no patch grid of this budget can hold
+            raise MediaError(param, f"image of {pil.width}x{pil.height} pixels cannot be patchified: {exc}") from None
         n = int(out["num_soft_tokens_per_image"][0])
         pos = out["image_position_ids"][0]
         real = int((pos[:, 0] >= 0).sum())
@@ -319,7 +322,7 @@ class MediaProcessor:
         """Encoded image bytes -> patches at `budget` soft tokens (None: the server default)."""
         budget = self.default_image_budget if budget is None else self.check_budget(budget, param)
         pil = decode_image(data, self.limits, param)
-        pixel_values, position_ids, n = self._patches(pil, budget)
+        pixel_values, position_ids, n = self._patches(pil, budget, param)
         return _media("image", budget, n, self._image_text(n, self.tokens["image_token"]),
                       pixel_values=pixel_values, position_ids=position_ids)
 
@@ -337,7 +340,7 @@ class MediaProcessor:
         """Encoded video -> sampled frames (module docstring's policy), each patchified at `budget`."""
         budget = self.video_budget if budget is None else self.check_budget(budget, param)
         frames, indices, fps = decode_video(data, self.limits, self.video_frames, param)
-        done = [self._patches(frame, budget, **self.video_image_kwargs) for frame in frames]
+        done = [self._patches(frame, budget, param, **self.video_image_kwargs) for frame in frames]
         per_frame = done[0][2]
         timestamps = tuple(i / fps for i in indices)
         body = self._image_text(per_frame, self.tokens["video_token"])
