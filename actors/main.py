@@ -99,10 +99,11 @@ def media_prompt(topology: Topology, checkpoint: Path, tokenizer):
     from .media_prompt import MediaPrompt, MediaSettings, MediaTokens
 
     api = topology.api
-    limits = dict(api.limit_mm_per_prompt)
+    counts = {f"max_{kind}s": n for kind, n in api.limit_mm_per_prompt}  # image -> max_images, ...
     budget = dict(api.mm_processor_kwargs).get("max_soft_tokens")
-    processor = MediaProcessor(checkpoint, MediaLimits(max_item_bytes=api.max_media_bytes), default_image_budget=budget)
-    settings = MediaSettings(api.allowed_media_hosts, api.max_media_bytes, api.media_fetch_timeout_s, limits, budget)
+    limits = MediaLimits(**counts, max_item_bytes=api.max_media_bytes)
+    processor = MediaProcessor(checkpoint, limits, default_image_budget=budget)
+    settings = MediaSettings(api.allowed_media_hosts, api.max_media_bytes, api.media_fetch_timeout_s, budget)
     return MediaPrompt(processor, settings, MediaTokens.from_tokenizer(tokenizer, load_config(checkpoint).special_tokens))
 
 

@@ -31,7 +31,6 @@ class MediaSettings:
     allowed_hosts: tuple[str, ...] = ()
     max_media_bytes: int = 20 << 20
     fetch_timeout_s: float = 10.0
-    limits: Mapping[str, int] | None = None  # most items of a kind per prompt; None / missing kind: no cap
     default_budget: int | None = None  # vision soft tokens per image; None: the checkpoint's
 
 
@@ -75,48 +74,45 @@ class MediaPrompt:
                     continue
                 param = f"messages.{i}.content.{j}"
                 self._check_count(kind, items, param)
-                try:
-                    items.append(self._process(kind, self._load(part, param), budget))
-                except MediaError as exc:
-                    raise MediaError(str(exc), param=param) from None
+                items.append(self._process(kind, self._load(part, param), budget, param))
                 parts.append({"type": kind})
             out.append({**message, "content": parts})
         return out, items
 
     def _check_count(self, kind: str, items: Sequence[ProcessedMedia], param: str) -> None:
-        limit = (self.settings.limits or {}).get(kind)
-        if limit is not None and sum(item.kind == kind for item in items) >= limit:
-            raise MediaError(f"at most {limit} {kind} item(s) per prompt on this server", param=param)
+        """Before the item is decoded: a prompt over the limit costs no decoding."""
         if kind not in self.tokens.ids:
-            raise MediaError(f"this model takes no {kind} input", param=param)
+            raise MediaError(param, f"this model takes no {kind} input")
+        counts = {k: sum(item.kind == k for item in items) + (k == kind) for k in ("image", "audio", "video")}
+        self.processor.limits.check_counts(counts["image"], counts["audio"], counts["video"], param=param)
 
     def _load(self, part: dict, param: str) -> bytes:
         value = part.get(part["type"])
         if part["type"] == "input_audio":
             if not isinstance(value, dict) or not isinstance(value.get("data"), str):
-                raise MediaError("input_audio needs base64 'data'", param=param)
+                raise MediaError(param, "input_audio needs base64 'data'")
             fmt = value.get("format", "wav")
             mime = AUDIO_FORMATS.get(fmt, f"audio/{fmt}")
-            return parse_data_uri(f"data:{mime};base64,{value['data']}", self.settings.max_media_bytes)[1]
+            return parse_data_uri(f"data:{mime};base64,{value['data']}", self.settings.max_media_bytes, param)[1]
         url = value.get("url") if isinstance(value, dict) else value
         if not isinstance(url, str) or not url:
-            raise MediaError(f"{part['type']} needs a url", param=param)
+            raise MediaError(param, f"{part['type']} needs a url")
         if url.startswith("data:"):
-            return parse_data_uri(url, self.settings.max_media_bytes)[1]
+            return parse_data_uri(url, self.settings.max_media_bytes, param)[1]
         from api.media import host_allowed  # the same rule the api applied
         from urllib.parse import urlsplit
 
         host = urlsplit(url).hostname or ""
         if urlsplit(url).scheme not in ("http", "https") or not host_allowed(host, self.settings.allowed_hosts):
-            raise MediaError(f"fetching media from {host or url!r} is not allowed on this server", param=param)
-        return fetch_url(url, self.settings.max_media_bytes, self.settings.fetch_timeout_s)[1]
+            raise MediaError(param, f"fetching media from {host or url!r} is not allowed on this server")
+        return fetch_url(url, self.settings.max_media_bytes, self.settings.fetch_timeout_s, param)[1]
 
-    def _process(self, kind: str, data: bytes, budget: int | None) -> ProcessedMedia:
+    def _process(self, kind: str, data: bytes, budget: int | None, param: str) -> ProcessedMedia:
         if kind == "image":
-            return self.processor.image(data, budget)
+            return self.processor.image(data, budget, param)
         if kind == "video":
-            return self.processor.video(data, budget)
-        return self.processor.audio(data)
+            return self.processor.video(data, budget, param)
+        return self.processor.audio(data, param)
 
     def expand(self, text: str, items: Sequence[ProcessedMedia]) -> str:
         """Each item's one-token placeholder in the rendered template -> its full expansion."""
@@ -125,10 +121,10 @@ class MediaPrompt:
             marker = self.tokens.text[item.kind]
             head, found, rest = rest.partition(marker)
             if not found:
-                raise MediaError(f"the chat template rendered no placeholder for media item {n} ({item.kind})")
+                raise MediaError("messages", f"the chat template rendered no placeholder for media item {n} ({item.kind})")
             pieces += [head, item.placeholder_text]
         if any(rest.count(self.tokens.text[k]) for k in self.tokens.text):
-            raise MediaError("the prompt text contains media placeholder tokens without media")
+            raise MediaError("messages", "the prompt text contains media placeholder tokens without media")
         return "".join(pieces) + rest
 
     def spans(self, ids: Sequence[int], items: Sequence[ProcessedMedia]) -> np.ndarray:
@@ -155,8 +151,8 @@ class MediaPrompt:
                 need -= runs[r][2]
                 r += 1
             if need:
-                raise MediaError(f"media item {n} ({item.kind}): the prompt's placeholders do not match its "
-                                 f"{item.num_soft_tokens} soft tokens")
+                raise MediaError("messages", f"media item {n} ({item.kind}): the prompt's placeholders do not match "
+                                             f"its {item.num_soft_tokens} soft tokens")
         if r != len(runs):
-            raise MediaError("the prompt has more media placeholders than media items")
+            raise MediaError("messages", "the prompt has more media placeholders than media items")
         return np.asarray(spans, dtype=np.int32).reshape(-1, 3)

@@ -133,8 +133,10 @@ def encode_job(request_id: str, index: int, item: ProcessedMedia, reply_to: int)
     if item.kind == "audio":
         return EncodeJob(request_id, index, item.kind, item.content_hash, reply_to,
                          features=item.features, feature_mask=item.feature_mask)
+    frames = item.kind == "video"  # an image is one frame
     return EncodeJob(request_id, index, item.kind, item.content_hash, reply_to,
-                     pixel_values=item.pixel_values, position_ids=item.position_ids)
+                     pixel_values=item.pixel_values if frames else item.pixel_values[None],
+                     position_ids=item.position_ids if frames else item.position_ids[None])
 
 
 def _with_parsed_arguments(message):
@@ -189,7 +191,7 @@ class PreprocessActor:
                         attrs["media"] = len(prepared.media)
                 self.dispatch(prepared)
             except MediaError as exc:
-                self.errors.send(RequestError(msg.request_id, 400, str(exc), param=exc.param))
+                self.errors.send(RequestError(msg.request_id, 400, exc.message, param=exc.param))
             except ValueError as exc:
                 self.errors.send(RequestError(msg.request_id, 400, str(exc)))
 
