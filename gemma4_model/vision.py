@@ -304,12 +304,11 @@ class PatchEmbedder(nn.Module):
         self.input_proj = nn.Linear(cfg.patch_dim, cfg.hidden_size, bias=False)
         self.position_embedding_table = nn.Parameter(torch.zeros(2, cfg.position_embedding_size, cfg.hidden_size))
 
-    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         x = self.input_proj((2 * (pixel_values - 0.5)).to(self.input_proj.weight.dtype))
-        pos = position_ids.clamp(min=0)
+        pos = position_ids.clamp(min=0)  # padding rows read row 0; they never reach an output
         table = self.position_embedding_table
-        pos_emb = table[0][pos[..., 0]] + table[1][pos[..., 1]]
-        return x + pos_emb.masked_fill(padding[..., None], 0.0)
+        return x + table[0][pos[..., 0]] + table[1][pos[..., 1]]
 
 
 class VisionTower(nn.Module):
@@ -363,7 +362,7 @@ class VisionTower(nn.Module):
         """Per image, its pooled (and standardised) soft tokens [n_soft_i, hidden] in the model dtype."""
         dtype = self.patch_embedder.input_proj.weight.dtype
         padding = _padding_mask(position_ids)
-        h = self.patch_embedder(pixel_values, position_ids, padding)
+        h = self.patch_embedder(pixel_values, position_ids)
         cos, sin = self._rope(position_ids, h.dtype)
         for layer in self.encoder.layers:
             h = layer(h, cos, sin, ~padding)
