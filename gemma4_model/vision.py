@@ -106,7 +106,9 @@ def _vbool(raw: Mapping[str, Any], name: str) -> bool:
     return value
 
 
-def parse_vision_config(raw: Mapping[str, Any], text_hidden_size: int, unified: bool) -> VisionConfig | UnifiedVisionConfig:
+def parse_vision_config(
+    raw: Mapping[str, Any], text_hidden_size: int, unified: bool
+) -> VisionConfig | UnifiedVisionConfig:
     """Build the vision config of either family from the raw `vision_config` mapping."""
     if unified:
         cfg = UnifiedVisionConfig(
@@ -182,16 +184,17 @@ def _check_inputs(pixel_values: torch.Tensor, position_ids: torch.Tensor, patch_
     if pixel_values.dim() != 3 or pixel_values.shape[-1] != patch_dim:
         raise ValueError(f"pixel_values must be [N, max_patches, {patch_dim}], got {tuple(pixel_values.shape)}")
     if tuple(position_ids.shape) != (*pixel_values.shape[:2], 2):
-        raise ValueError(f"position_ids must be [N, max_patches, 2] = {(*pixel_values.shape[:2], 2)}, got {tuple(position_ids.shape)}")
+        want = (*pixel_values.shape[:2], 2)
+        raise ValueError(f"position_ids must be [N, max_patches, 2] = {want}, got {tuple(position_ids.shape)}")
 
 
 def _split_videos(per_frame: list[torch.Tensor], frames_per_video: list[int]) -> list[torch.Tensor]:
     """Concatenate consecutive frames' soft tokens, `frames_per_video[i]` frames per video."""
-    if sum(frames_per_video) != len(per_frame) or any(n < 0 for n in frames_per_video):
-        raise ValueError(f"frames_per_video {frames_per_video} does not add up to {len(per_frame)} frames")
+    if sum(frames_per_video) != len(per_frame) or any(n < 1 for n in frames_per_video):
+        raise ValueError(f"frames_per_video {frames_per_video} must be positive and add up to {len(per_frame)} frames")
     out, start = [], 0
     for n in frames_per_video:
-        out.append(torch.cat(per_frame[start:start + n], dim=0) if n else per_frame[0].new_zeros(0, per_frame[0].shape[-1]))
+        out.append(torch.cat(per_frame[start:start + n], dim=0))
         start += n
     return out
 
@@ -326,13 +329,16 @@ class VisionTower(nn.Module):
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [N, L, 2, head_dim/2]: head_dim/4 frequencies per axis, each used twice (rotate-half)."""
         quarter = self.cfg.head_dim // 4
-        exponents = torch.arange(quarter, device=position_ids.device, dtype=torch.float32) * 2 / (self.cfg.head_dim // 2)
+        steps = torch.arange(quarter, device=position_ids.device, dtype=torch.float32)
+        exponents = steps * 2 / (self.cfg.head_dim // 2)
         inv_freq = 1.0 / (self.cfg.rope_theta ** exponents)
         angles = position_ids[..., None].float() * inv_freq  # padding keeps its -1: those rows are never read
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def _pool(self, h: torch.Tensor, position_ids: torch.Tensor, padding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pool(
+        self, h: torch.Tensor, position_ids: torch.Tensor, padding: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Average each k x k block of patches into one soft token, scaled by sqrt(hidden) in float32.
 
         Slot of a patch = (x // k) + (width // k) * (y // k), width = the image's largest x + 1.
@@ -403,7 +409,9 @@ class ImageEncoder(nn.Module):
         projected = self.embed_vision(torch.cat(per_image, dim=0))
         return list(projected.split(sizes))
 
-    def encode_video(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, frames_per_video: list[int]) -> list[torch.Tensor]:
+    def encode_video(
+        self, pixel_values: torch.Tensor, position_ids: torch.Tensor, frames_per_video: list[int]
+    ) -> list[torch.Tensor]:
         """Per video, every frame's soft tokens concatenated in frame order."""
         return _split_videos(self.encode(pixel_values, position_ids), frames_per_video)
 
@@ -454,7 +462,9 @@ class UnifiedImageEncoder(nn.Module):
         keep = ~_padding_mask(position_ids)
         return [tokens[i][keep[i]] for i in range(tokens.shape[0])]
 
-    def encode_video(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, frames_per_video: list[int]) -> list[torch.Tensor]:
+    def encode_video(
+        self, pixel_values: torch.Tensor, position_ids: torch.Tensor, frames_per_video: list[int]
+    ) -> list[torch.Tensor]:
         """Per video, every frame's soft tokens concatenated in frame order."""
         return _split_videos(self.encode(pixel_values, position_ids), frames_per_video)
 
