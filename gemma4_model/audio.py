@@ -181,6 +181,8 @@ class SoftTokenProjection(nn.Module):
 def _check_inputs(features: torch.Tensor, mask: torch.Tensor, feature_dim: int | None) -> None:
     if features.dim() != 3:
         raise ValueError(f"audio features must be [clips, frames, features], got shape {tuple(features.shape)}")
+    if features.shape[1] == 0:
+        raise ValueError("audio features have no frames")
     if tuple(mask.shape) != tuple(features.shape[:2]):
         raise ValueError(f"audio mask shape {tuple(mask.shape)} does not match features {tuple(features.shape[:2])}")
     if feature_dim is not None and features.shape[-1] != feature_dim:
