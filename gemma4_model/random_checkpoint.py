@@ -21,6 +21,7 @@ from transformers import (
     Gemma4Config,
     Gemma4ForConditionalGeneration,
     Gemma4TextConfig,
+    Gemma4UnifiedAudioConfig,
     Gemma4UnifiedConfig,
     Gemma4UnifiedForConditionalGeneration,
     Gemma4UnifiedTextConfig,
@@ -144,7 +145,10 @@ _AUDIO = dict(
     attention_context_right=0,
     output_proj_dims=24,
 )
-_AUDIO_VARIANTS = ("e2b", "e4b")
+# The unified family has no audio tower: raw waveform frames of `audio_embed_dim` samples are
+# projected straight into the text space (released: 640 samples = 40 ms; here 160 = 10 ms).
+_UNIFIED_AUDIO = dict(audio_embed_dim=160)
+_AUDIO_VARIANTS = ("e2b", "e4b", "12b_unified")
 
 
 def _check_variant(variant: str) -> None:
@@ -177,10 +181,11 @@ def tiny_config(
 
     if variant == "12b_unified":
         vision = {**_UNIFIED_VISION, **(vision_overrides or {})}
+        audio = {**_UNIFIED_AUDIO, **(audio_overrides or {})}
         return Gemma4UnifiedConfig(
             text_config=Gemma4UnifiedTextConfig(**text),
             vision_config=Gemma4UnifiedVisionConfig(**vision),
-            audio_config=None,
+            audio_config=Gemma4UnifiedAudioConfig(**audio),
         )
 
     vision = {**_VISION, **(vision_overrides or {})}
