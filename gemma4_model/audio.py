@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from .audio_conformer import AudioTower, ConformerSpec
 from .config import ConfigError, load_config
-from .layers import RMSNorm
+from .layers import SoftTokenProjection
 from .weights import CheckpointFiles, load_tensors
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -164,18 +164,6 @@ def unified_soft_tokens(mask_row: Any) -> int:
 
 
 # --------------------------------------------------------------------------- encoders
-
-
-class SoftTokenProjection(nn.Module):
-    """`embed_audio`: scale-free RMSNorm, then a linear map into the text hidden size."""
-
-    def __init__(self, in_dim: int, text_hidden_size: int, eps: float):
-        super().__init__()
-        self.embedding_pre_projection_norm = RMSNorm(in_dim, eps, with_scale=False)
-        self.embedding_projection = nn.Linear(in_dim, text_hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embedding_projection(self.embedding_pre_projection_norm(x))
 
 
 def _check_inputs(features: torch.Tensor, mask: torch.Tensor, feature_dim: int | None) -> None:

@@ -102,3 +102,17 @@ class Experts(nn.Module):
             y = F.linear(gelu_tanh(gate) * up, self.down_proj[e])
             out.index_add_(0, rows, (y * weights[rows, which, None]).to(out.dtype))
         return out
+
+
+class SoftTokenProjection(nn.Module):
+    """An encoder's features -> LM space (`embed_vision` / `embed_audio`): RMSNorm without a
+    weight, then a bias-free linear map to the text hidden size."""
+
+    def __init__(self, in_dim: int, text_hidden: int, eps: float):
+        super().__init__()
+        self.embedding_pre_projection_norm = RMSNorm(in_dim, eps, with_scale=False)
+        self.embedding_projection = nn.Linear(in_dim, text_hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.embedding_projection.weight.dtype)
+        return self.embedding_projection(self.embedding_pre_projection_norm(x))

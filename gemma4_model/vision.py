@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import ConfigError, load_config
-from .layers import RMSNorm, gelu_tanh
+from .layers import RMSNorm, SoftTokenProjection, gelu_tanh
 from .weights import CheckpointFiles, UnknownModelTypeError, load_tensors
 
 # Checkpoint prefixes of the vision components (standard: tower + projection; unified: the
@@ -160,19 +160,6 @@ def parse_vision_config(
 
 
 # --------------------------------------------------------------------------- shared pieces
-
-
-class SoftTokenProjection(nn.Module):
-    """Encoder features -> LM space: RMSNorm without weight, then a bias-free linear map."""
-
-    def __init__(self, in_dim: int, text_hidden: int, eps: float):
-        super().__init__()
-        self.embedding_pre_projection_norm = RMSNorm(in_dim, eps, with_scale=False)
-        self.embedding_projection = nn.Linear(in_dim, text_hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.embedding_projection.weight.dtype)
-        return self.embedding_projection(self.embedding_pre_projection_norm(x))
 
 
 def _padding_mask(position_ids: torch.Tensor) -> torch.Tensor:
