@@ -9,7 +9,6 @@ official processor is compared with that substitute where torchvision is install
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
@@ -225,15 +224,3 @@ def test_published_vision_configs_parse():
         assert vcfg.patch_dim == (6912 if unified else 768)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
-                    reason="Gemma4UnifiedImageProcessor needs torchvision, which is not installed")
-def test_unified_official_processor_matches_the_substitute(family):
-    from transformers import Gemma4UnifiedImageProcessor
-
-    _, encoder, _ = family("12b_unified")
-    images = random_images(IMAGE_SIZES, seed=6)
-    official = Gemma4UnifiedImageProcessor(max_soft_tokens=70)(images, return_tensors="pt")
-    pixel_values, position_ids, soft_tokens = process(encoder, images)
-    assert torch.equal(official["image_position_ids"], position_ids)
-    assert official["num_soft_tokens_per_image"].tolist() == soft_tokens
-    assert official["pixel_values"].shape == pixel_values.shape
