@@ -254,18 +254,22 @@ def test_greedy_matches_generate_one_chunk_and_many(setup, variant, overrides):
 
 def test_two_images_and_audio_batched_with_text(setup):
     # e4b with bidirectional vision: PLE, audio split across chunks, two image blocks, and a
-    # text-only request batched alongside.
+    # text-only request ahead of it in the batch. Each image is longer than what the step budget
+    # leaves once the text request has its chunk: it waits a step and then runs first, whole.
     config, model, ref = setup("e4b", **BIDIR)
     case = build_case(ref, config, image_seeds=(3, 4), audio_seed=8, text_seed=3)
     assert [s.kind for s in case.spans] == ["image", "image", "audio"]
     expected = reference_generate(ref, case)
-    text = Case(_text(42, 30), [])
+    text = Case(_text(42, 60), [])
     text_expected = reference_generate(ref, text)
-    engine = make_engine(config, model, SchedulerLimits(max_batch_tokens=80, chunk_size=9))
-    mm, plain = run(engine, [case, text])
+    engine = make_engine(config, model, SchedulerLimits(max_batch_tokens=64, chunk_size=9))
+    log = ChunkLog(engine)
+    plain, mm = run(engine, [text, case])
     assert mm.output == expected
     assert plain.output == text_expected
     assert engine.stats.mixed_steps > 0
+    images = [s for s in case.spans if s.kind == "image"]
+    assert all((s.start, s.length) in log.chunks for s in images)  # each image alone in its chunk
 
 
 @pytest.mark.parametrize("variant,overrides", [("26b_a4b", BIDIR), ("12b_unified", {})], ids=["26b_a4b", "12b_unified"])
@@ -298,13 +302,13 @@ def test_prefix_cache_keys_on_image_content(setup, variant, overrides):
 def test_preemption_recomputes_media(setup):
     config, model, ref = setup("26b_a4b", **BIDIR)
     cases = [build_case(ref, config, image_seeds=(s,), text_seed=s) for s in (1, 2, 3)]
-    expected = [reference_generate(ref, c, 24) for c in cases]
+    expected = [reference_generate(ref, c) for c in cases]
     # Room for about two sequences at once: the third one's growth preempts the newest.
     page = 8
-    need = max(len(c.ids) for c in cases) + 24
+    need = max(len(c.ids) for c in cases) + NEW_TOKENS
     engine = make_engine(config, model, SchedulerLimits(max_batch_tokens=256, chunk_size=32), page_size=page,
                          num_pages={"full_attention": (2 * need) // page + 2, "sliding_attention": 40})
-    seqs = run(engine, cases, greedy(24))
+    seqs = run(engine, cases)
     assert [s.output for s in seqs] == expected
     recomputed = [s for s in seqs if s.num_computed_tokens > len(s.prompt) + len(s.output) - 1]
     assert recomputed, "no sequence was preempted: the test needs fewer pages"
