@@ -20,7 +20,8 @@ from gemma4_model.batch import ForwardBatch, SequenceChunk
 from gemma4_model.engine import Engine, SchedulerLimits
 from gemma4_model.kv_cache import PagedKVCache
 from gemma4_model.loader import load_text_decoder
-from gemma4_model.media_span import MediaSpan, MediaTokens, bidirectional_blocks, chunk_media, chunk_span_ids
+from gemma4_model.media_span import (MediaSpan, MediaTokens, bidirectional_blocks, chunk_media, chunk_span_ids,
+                                     page_extra_keys)
 from gemma4_model.random_checkpoint import load_reference
 from gemma4_model.sampling import SamplingParams
 
@@ -350,3 +351,51 @@ def test_bad_spans_raise(setup):
     bare = Engine(model, PagedKVCache(config.text, page_size=4, num_pages=16))
     refused(case.spans, "without media token ids", eng=bare)
     assert not engine.scheduler.has_work()
+
+
+@pytest.mark.parametrize("variant,overrides", [("26b_a4b", BIDIR), ("12b_unified", {})], ids=["26b_a4b", "12b_unified"])
+def test_video_frames_are_bidirectional_blocks(setup, variant, overrides):
+    # Two video frames (soft tokens from the image encoder, handed to the reference as encoder
+    # outputs of kind "video", mm_token_type 2), one right after an image: the reference joins
+    # consecutive vision tokens into one block, and so do we.
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    config, model, ref = setup(variant, **overrides)
+    tokens = MediaTokens.from_special_tokens(config.special_tokens)
+    pixels, positions = _pixels(ref, config.is_unified, [1, 2, 3])
+    image, frame1, frame2 = _image_tokens(ref, pixels, positions)
+    ids = _text(1, 5) + [BOI]
+    spans = [MediaSpan(len(ids), image, "image", b"i")]
+    ids += [tokens.image] * image.shape[0]
+    spans.append(MediaSpan(len(ids), frame1, "video", b"v1"))
+    ids += [tokens.video] * frame1.shape[0] + [EOI] + _text(2, 3) + [BOI]
+    spans.append(MediaSpan(len(ids), frame2, "video", b"v2"))
+    ids += [tokens.video] * frame2.shape[0] + [EOI] + _text(3, 4)
+    types = [1 if t == tokens.image else 2 if t == tokens.video else 0 for t in ids]
+    encoded = {"image": BaseModelOutputWithPooling(pooler_output=(image,)),
+               "video": BaseModelOutputWithPooling(pooler_output=(frame1, frame2))}
+    with torch.no_grad():
+        expected = ref(input_ids=torch.tensor([ids]), mm_token_type_ids=torch.tensor([types]),
+                       mm_encoder_outputs=encoded, use_cache=False).logits[0, -1]
+    assert bidirectional_blocks(spans) == ((spans[0].start, spans[1].end), (spans[2].start, spans[2].end))
+    engine = make_engine(config, model, SchedulerLimits(max_batch_tokens=32, chunk_size=5))
+    log = ChunkLog(engine)
+    seq = engine.add_request(ids, greedy(1, keep_logits=True), media=spans)
+    while engine.scheduler.has_work():
+        engine.step()
+    assert rel_err(seq.step_logits[0], expected) < 1e-4
+    assert (spans[0].start, spans[1].end - spans[0].start) in log.chunks  # image + frame: one forward
+
+
+def test_media_pages_and_chunks():
+    emb = torch.zeros(6, 4)
+    spans = (MediaSpan(2, emb, "image", b"A"), MediaSpan(8, emb[:3], "audio", b"B"), MediaSpan(11, emb[:2], "video", b"C"))
+    assert bidirectional_blocks(spans) == ((2, 8), (11, 13))  # audio is causal
+    keys = page_extra_keys(spans, 13, 4)
+    assert len(keys) == 3 and all(keys)  # pages 0..2 each overlap a span
+    assert b"A" in keys[0] and b"A" in keys[1] and b"B" not in keys[1] and b"B" in keys[2] and b"C" in keys[2]
+    assert page_extra_keys(spans[:1], 12, 4)[2] == b""
+    pieces = chunk_media(spans, 6, 10)
+    assert [(o, r.shape[0]) for o, r in pieces] == [(0, 2), (2, 2)]
+    assert chunk_span_ids(((2, 8), (11, 13)), 6, 12) == (1, 1, 0, 0, 0, 2)
+    assert chunk_span_ids(((2, 8),), 8, 11) is None
