@@ -213,7 +213,8 @@ class Engine:
                  seed: int | None = None, logprobs_mode: str = LOGPROBS_RAW, grammars: GrammarBook | None = None,
                  media_tokens: MediaTokens | None = None):
         self.model = model
-        self.media_tokens = media_tokens  # placeholder ids of media; None: requests with media are refused
+        # Placeholder ids of media (default: the checkpoint's, from the decoder's config).
+        self.media_tokens = media_tokens if media_tokens is not None else MediaTokens.from_text_config(model.cfg)
         self.grammars = grammars  # None: requests with a grammar are refused
         self.cache = cache
         self.scheduler = Scheduler(cache, limits, model.cfg.max_position_embeddings)

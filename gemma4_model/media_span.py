@@ -14,6 +14,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .config import TextConfig
+
 MEDIA_KINDS = ("image", "video", "audio")
 BIDIRECTIONAL_KINDS = ("image", "video")
 
@@ -49,6 +51,11 @@ class MediaTokens:
         """From `ModelConfig.special_tokens`."""
         return MediaTokens(tokens.get("image_token_id"), tokens.get("video_token_id"), tokens.get("audio_token_id"))
 
+    @staticmethod
+    def from_text_config(cfg: TextConfig) -> "MediaTokens":
+        """From `TextConfig.media_token_ids` (what the loaded decoder knows)."""
+        return MediaTokens(**{kind: cfg.media_token_ids.get(kind) for kind in MEDIA_KINDS})
+
     def id_of(self, kind: str) -> int | None:
         return getattr(self, kind)
 
@@ -56,15 +63,13 @@ class MediaTokens:
         return {t for t in (self.image, self.video, self.audio) if t is not None}
 
 
-def validate_media(prompt: Sequence[int], media: Sequence[MediaSpan], tokens: MediaTokens | None,
+def validate_media(prompt: Sequence[int], media: Sequence[MediaSpan], tokens: MediaTokens,
                    hidden_size: int, pad_token_id: int | None) -> tuple[MediaSpan, ...]:
     """Check spans against the prompt; return them sorted by start. Raises ValueError naming the
     first problem: unknown kind, bad shape, a span outside the prompt or over the wrong
     placeholders, overlapping spans, or placeholder tokens no span covers."""
     spans = tuple(sorted(media, key=lambda s: s.start))
-    placeholder_ids = set() if tokens is None else tokens.ids()
-    if spans and tokens is None:
-        raise ValueError("this engine was built without media token ids (Engine(media_tokens=...))")
+    placeholder_ids = tokens.ids()
     if spans and pad_token_id is None:
         raise ValueError("the text config has no pad_token_id, which media rows need for their per-layer embeddings")
     covered = [False] * len(prompt)

@@ -149,7 +149,9 @@ def reference_generate(ref, case: Case, n: int = NEW_TOKENS) -> list[int]:
 
 def make_engine(config, model, limits=SchedulerLimits(), page_size=4, num_pages=256) -> Engine:
     cache = PagedKVCache(config.text, page_size=page_size, num_pages=num_pages)
-    return Engine(model, cache, limits, media_tokens=MediaTokens.from_special_tokens(config.special_tokens))
+    engine = Engine(model, cache, limits)  # placeholder ids from the decoder's config
+    assert engine.media_tokens == MediaTokens.from_special_tokens(config.special_tokens)
+    return engine
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -348,8 +350,9 @@ def test_bad_spans_raise(setup):
     refused([replace(image, embeddings=image.embeddings[:-1]), audio], "no media span covers")
     refused([image, replace(image, start=image.start + 2, embeddings=image.embeddings[:3]), audio], "overlaps")
     refused([replace(image, content_key=b""), audio], "content_key")
-    bare = Engine(model, PagedKVCache(config.text, page_size=4, num_pages=16))
-    refused(case.spans, "without media token ids", eng=bare)
+    no_audio = Engine(model, PagedKVCache(config.text, page_size=4, num_pages=16),
+                      media_tokens=replace(engine.media_tokens, audio=None))
+    refused(case.spans, "no audio placeholder token", eng=no_audio)
     assert not engine.scheduler.has_work()
 
 
