@@ -125,12 +125,15 @@ class Scheduler:
             cached = self.cache.add_sequence(seq.seq_id, seq.tokens, seq.page_keys, seq.blocks)
             n = self._chunk_length(seq, cached, budget, alone=not plan)
             self.cache.slide(seq.seq_id, cached)
-            if n == 0 or not self.cache.can_extend([(seq.seq_id, cached + n)]):
+            if n and not self.cache.can_extend([(seq.seq_id, cached + n)]):
                 self.cache.free_sequence(seq.seq_id)
                 break  # wait for pages to come free
             self.waiting.pop(0)
             seq.status = Status.RUNNING
             seq.num_cached_prompt_tokens = cached
+            if n == 0:  # its first chunk, a whole bidirectional span, exceeds the budget left:
+                self.running.insert(0, seq)  # admitted without a chunk, first in line next step
+                break
             self.running.append(seq)
             self.cache.extend(seq.seq_id, cached + n)
             plan.append((seq, n))

@@ -402,3 +402,30 @@ def test_media_pages_and_chunks():
     assert [(o, r.shape[0]) for o, r in pieces] == [(0, 2), (2, 2)]
     assert chunk_span_ids(((2, 8), (11, 13)), 6, 12) == (1, 1, 0, 0, 0, 2)
     assert chunk_span_ids(((2, 8),), 8, 11) is None
+
+
+def test_request_opening_with_an_image_waits_one_step_then_runs_first(setup):
+    # Its first chunk is the whole image (longer than the step budget), and a text request is
+    # already decoding: admitted without a chunk, it runs first (alone) in the next step.
+    config, model, ref = setup("12b_unified")
+    tokens = MediaTokens.from_special_tokens(config.special_tokens)
+    pixels, positions = _pixels(ref, True, [1])
+    soft, = _image_tokens(ref, pixels, positions)
+    ids = [tokens.image] * soft.shape[0] + [EOI] + _text(5, 6)
+    case = Case(ids, [MediaSpan(0, soft, "image", b"x")],
+                dict(pixel_values=pixels, image_position_ids=positions,
+                     mm_token_type_ids=torch.tensor([[int(t == tokens.image) for t in ids]])))
+    text = Case(_text(6, 12), [])
+    engine = make_engine(config, model, SchedulerLimits(max_batch_tokens=16, chunk_size=16))
+    log = ChunkLog(engine)
+    first = engine.add_request(text.ids, greedy())
+    engine.step()  # the text prompt in one chunk
+    second = engine.add_request(case.ids, greedy(), media=case.spans)
+    engine.step()
+    assert log.chunks[-1] == (len(text.ids), 1)  # only the text decode ran
+    engine.step()
+    assert log.chunks[-1] == (0, soft.shape[0])  # the image alone and whole (it used up the budget)
+    while engine.scheduler.has_work():
+        engine.step()
+    assert first.output == reference_generate(ref, text)
+    assert second.output == reference_generate(ref, case)
