@@ -25,6 +25,8 @@ class SequenceChunk:
     start: int
     logits_rows: Sequence[int] = (-1,)  # rows of this chunk (negative: from the end) to return logits for
     span_ids: Sequence[int] | None = None  # >0 marks tokens of one bidirectional span (an image)
+    # Soft tokens spliced over placeholder rows: (offset in this chunk, rows [n, hidden]) each.
+    media: Sequence[tuple[int, torch.Tensor]] = ()
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class ForwardBatch:
     groups: dict[str, GroupView]
     logits_rows: torch.Tensor  # indices into T
     page_size: int
+    media_rows: torch.Tensor | None = None  # [M] rows of T whose embedding is a soft token
+    media_embeds: torch.Tensor | None = None  # [M, hidden] those soft tokens, in row order
 
     @property
     def num_seqs(self) -> int:
@@ -66,10 +70,18 @@ class ForwardBatch:
         starts = [0]
         kv_lens = []
         rows: list[int] = []
+        media_rows: list[int] = []
+        media_embeds: list[torch.Tensor] = []
         for c in chunks:
             n = len(c.token_ids)
             if n == 0:
                 raise ValueError(f"sequence {c.seq_id} has no tokens in this step")
+            for offset, embeds in c.media:
+                if offset < 0 or offset + embeds.shape[0] > n:
+                    raise ValueError(f"sequence {c.seq_id}: media rows {offset}..{offset + embeds.shape[0] - 1} "
+                                     f"outside its chunk of {n}")
+                media_rows.extend(range(starts[-1] + offset, starts[-1] + offset + embeds.shape[0]))
+                media_embeds.append(embeds)
             tokens.extend(int(t) for t in c.token_ids)
             positions.extend(range(c.start, c.start + n))
             rows.extend(starts[-1] + (r % n) for r in c.logits_rows)
@@ -102,6 +114,8 @@ class ForwardBatch:
             groups=groups,
             logits_rows=torch.tensor(rows, dtype=torch.long, device=device),
             page_size=P,
+            media_rows=torch.tensor(media_rows, dtype=torch.long, device=device) if media_rows else None,
+            media_embeds=torch.cat([e.to(device) for e in media_embeds]) if media_embeds else None,
         )
 
     def select_rows(self, rows: torch.Tensor) -> "ForwardBatch":
@@ -123,4 +137,6 @@ class ForwardBatch:
             query_starts=tuple(starts),
             groups={n: replace(g, write_slots=g.write_slots[rows]) for n, g in self.groups.items()},
             logits_rows=torch.tensor([remap[r] for r in self.logits_rows.tolist()], dtype=torch.long, device=rows.device),
+            media_rows=None,  # spliced at the input already
+            media_embeds=None,
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -108,6 +108,9 @@ class TextConfig:
     pad_token_id: int | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # Placeholder ids of media soft tokens by kind ("image", "video", "audio"), from the
+    # multimodal checkpoint's top level (empty for text-only checkpoints).
+    media_token_ids: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -193,9 +196,10 @@ def parse_config(raw: Mapping[str, Any]) -> ModelConfig:
     if model_type in ASSISTANT_MODEL_TYPES:
         return _parse_assistant(model_type, raw, text_raw)
     tokens = {k: raw[k] for k in _SPECIAL_TOKEN_FIELDS if isinstance(raw.get(k), int)}
+    media = {kind: tokens[f"{kind}_token_id"] for kind in ("image", "video", "audio") if f"{kind}_token_id" in tokens}
     return ModelConfig(
         model_type=model_type,
-        text=parse_text_config(text_raw, prefix="text_config."),
+        text=replace(parse_text_config(text_raw, prefix="text_config."), media_token_ids=media),
         vision=_optional_section(raw, "vision_config"),
         audio=_optional_section(raw, "audio_config"),
         special_tokens=tokens,

@@ -126,20 +126,29 @@ class TextDecoder(nn.Module):
         w = self.embed_tokens.weight
         return F.embedding(token_ids, w) * torch.tensor(self.cfg.hidden_size**0.5, dtype=w.dtype)
 
-    def per_layer_inputs(self, token_ids: torch.Tensor | None, embeds: torch.Tensor) -> torch.Tensor:
-        """PLE input [T, layers, ple_dim]: normed projection of the embeddings plus the token table.
+    def per_layer_inputs(self, token_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """PLE input [T, layers, ple_dim]: (normed projection of the embeddings + token table) / sqrt 2.
 
-        Rows without a token id (multimodal soft tokens, id < 0) use the projection alone.
+        As the reference does for multimodal rows, `token_ids` there are the pad id (the table
+        part) while `embeds` hold the spliced soft tokens (the projection part).
         """
         cfg = self.cfg
         proj = self.per_layer_model_projection(embeds) * cfg.hidden_size**-0.5
         proj = self.per_layer_projection_norm(proj.view(-1, cfg.num_layers, cfg.ple_dim))
-        if token_ids is None:
-            return proj
         w = self.embed_tokens_per_layer.weight
-        table = F.embedding(token_ids.clamp(min=0), w) * torch.tensor(cfg.ple_dim**0.5, dtype=w.dtype)
-        combined = (proj + table.view(-1, cfg.num_layers, cfg.ple_dim)) * 2.0**-0.5
-        return torch.where((token_ids >= 0)[:, None, None], combined, proj)
+        table = F.embedding(token_ids, w) * torch.tensor(cfg.ple_dim**0.5, dtype=w.dtype)
+        return (proj + table.view(-1, cfg.num_layers, cfg.ple_dim)) * 2.0**-0.5
+
+    def input_embeddings(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids with media rows set to the pad id, embeddings with the soft tokens spliced in)."""
+        ids = batch.token_ids
+        if batch.media_rows is None:
+            return ids, self.embed(ids)
+        pad = self.cfg.pad_token_id
+        assert pad is not None, "media rows need the text config's pad_token_id"
+        ids = ids.index_fill(0, batch.media_rows, pad)  # placeholder ids may lie outside the vocabulary
+        x = self.embed(ids)
+        return ids, x.index_copy(0, batch.media_rows, batch.media_embeds.to(x.dtype))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm, (tied) lm_head and softcapping."""
@@ -150,13 +159,13 @@ class TextDecoder(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def forward(self, batch: ForwardBatch, cache: PagedKVCache, embeds: torch.Tensor | None = None) -> DecoderOutput:
+    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> DecoderOutput:
         """Run the batch's query tokens, write their KV, return logits at its logits rows.
 
-        `embeds` [T, hidden] replaces the token embeddings (multimodal soft tokens spliced in).
+        The batch's media rows (multimodal soft tokens) replace those rows' token embeddings.
         """
-        x = self.embed(batch.token_ids) if embeds is None else embeds
-        ple = self.per_layer_inputs(batch.token_ids, x) if self.cfg.ple_dim else None
+        ids, x = self.input_embeddings(batch)
+        ple = self.per_layer_inputs(ids, x) if self.cfg.ple_dim else None
         rope = {name: r(batch.positions, x.dtype) for name, r in self.rotary.items()}
         first_shared = self.cfg.first_shared_layer
         for i, layer in enumerate(self.layers):

@@ -17,6 +17,8 @@ from .batch import ForwardBatch, SequenceChunk
 from .decoder import TextDecoder
 from .grammar import GrammarBook, GrammarState
 from .kv_cache import PagedKVCache, RequestTooLargeError
+from .media_span import (MediaSpan, MediaTokens, bidirectional_blocks, chunk_media, chunk_span_ids, page_extra_keys,
+                         validate_media)
 from .sampling import LOGPROBS_RAW, RowSample, Sampler, SamplingParams, SamplingRow
 
 
@@ -46,6 +48,11 @@ class GenerationSequence:
     top_logprobs: list[np.ndarray] = field(default_factory=list)  # float32 [k] each
     request_id: str | None = None  # the caller's name for it (actors use the API request id)
     grammar: GrammarState | None = None  # structured output: its matcher, synced with `output`
+    # Multimodal prompts: soft tokens by prompt position, kept until the sequence finishes (a
+    # preempted sequence re-splices them when it is recomputed).
+    media: tuple[MediaSpan, ...] = ()
+    blocks: tuple[tuple[int, int], ...] = ()  # [start, end) bidirectional spans: one forward each
+    page_keys: tuple[bytes, ...] = ()  # per full prompt page, the content keys of its media
 
     @property
     def tokens(self) -> list[int]:
@@ -83,7 +90,8 @@ class Scheduler:
             raise ValueError("a prompt needs at least one token")
         if total > self.max_model_len:
             raise RequestTooLargeError(f"prompt + max_tokens = {total} exceeds the model length {self.max_model_len}")
-        self.cache.check_fits(total, self.limits.chunk_size)
+        longest_block = max((hi - lo for lo, hi in seq.blocks), default=0)
+        self.cache.check_fits(total, max(self.limits.chunk_size, longest_block))
         self.waiting.append(seq)
 
     def adopt(self, seq: GenerationSequence) -> None:
@@ -102,34 +110,63 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop to make room
-            n = min(len(seq.tokens) - self.cache.num_computed(seq.seq_id), self.limits.chunk_size, budget)
+            start = self.cache.num_computed(seq.seq_id)
+            n = self._chunk_length(seq, start, budget, alone=not plan)
+            if n == 0:  # a whole bidirectional span does not fit the budget left: first in line next step
+                self.running.remove(seq)
+                self.running.insert(0, seq)
+                continue
             if not self._make_room(seq, n, plan):
                 continue  # seq itself was preempted
             plan.append((seq, n))
-            budget -= n
+            budget = max(0, budget - n)
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_running:
             seq = self.waiting[0]
-            cached = self.cache.add_sequence(seq.seq_id, seq.tokens)
-            n = min(len(seq.tokens) - cached, self.limits.chunk_size, budget)
+            cached = self.cache.add_sequence(seq.seq_id, seq.tokens, seq.page_keys, seq.blocks)
+            n = self._chunk_length(seq, cached, budget, alone=not plan)
             self.cache.slide(seq.seq_id, cached)
-            if not self.cache.can_extend([(seq.seq_id, cached + n)]):
+            if n and not self.cache.can_extend([(seq.seq_id, cached + n)]):
                 self.cache.free_sequence(seq.seq_id)
                 break  # wait for pages to come free
             self.waiting.pop(0)
             seq.status = Status.RUNNING
             seq.num_cached_prompt_tokens = cached
+            if n == 0:  # its first chunk, a whole bidirectional span, exceeds the budget left:
+                self.running.insert(0, seq)  # admitted without a chunk, first in line next step
+                break
             self.running.append(seq)
             self.cache.extend(seq.seq_id, cached + n)
             plan.append((seq, n))
-            budget -= n
+            budget = max(0, budget - n)
         chunks, seqs, samples = [], [], []
         for seq, n in plan:
             start = self.cache.num_computed(seq.seq_id)
             end = start + n
-            chunks.append(SequenceChunk(seq.seq_id, seq.tokens[start:end], start))
+            chunks.append(SequenceChunk(seq.seq_id, seq.tokens[start:end], start,
+                                        span_ids=chunk_span_ids(seq.blocks, start, end),
+                                        media=chunk_media(seq.media, start, end)))
             seqs.append(seq)
             samples.append(end == len(seq.tokens))
         return StepPlan(tuple(chunks), tuple(seqs), tuple(samples))
+
+    def _chunk_length(self, seq: GenerationSequence, start: int, budget: int, alone: bool) -> int:
+        """Tokens of seq's next chunk from `start`; 0 when it cannot run this step.
+
+        A chunk never ends inside a bidirectional span (its tokens must see each other in one
+        forward): it stops at the span's start, or, when the span starts the chunk, covers the
+        whole span even past `chunk_size` if the budget allows, or past the budget too when it is
+        the step's first chunk (so a span longer than `max_batch_tokens` still runs).
+        """
+        n = min(len(seq.tokens) - start, self.limits.chunk_size, budget)
+        end = start + n
+        for lo, hi in seq.blocks:
+            if lo < end < hi:
+                if lo > start:
+                    return lo - start
+                assert lo == start, f"sequence {seq.seq_id}: a chunk starts inside the span {lo}..{hi - 1}"
+                need = hi - start
+                return need if need <= budget or alone else 0
+        return n
 
     def _make_room(self, seq: GenerationSequence, n: int, plan: list) -> bool:
         """Pages for seq's next n tokens, preempting the newest other sequences if needed."""
@@ -153,6 +190,7 @@ class Scheduler:
     def finish(self, seq: GenerationSequence, reason: str) -> None:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+        seq.media = ()  # soft tokens are needed no more (no recompute can follow)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -175,8 +213,11 @@ class Engine:
     """Runs scheduled steps through the decoder and samples; offline `generate` for demos/tests."""
 
     def __init__(self, model: TextDecoder, cache: PagedKVCache, limits: SchedulerLimits = SchedulerLimits(),
-                 seed: int | None = None, logprobs_mode: str = LOGPROBS_RAW, grammars: GrammarBook | None = None):
+                 seed: int | None = None, logprobs_mode: str = LOGPROBS_RAW, grammars: GrammarBook | None = None,
+                 media_tokens: MediaTokens | None = None):
         self.model = model
+        # Placeholder ids of media (default: the checkpoint's, from the decoder's config).
+        self.media_tokens = media_tokens if media_tokens is not None else MediaTokens.from_text_config(model.cfg)
         self.grammars = grammars  # None: requests with a grammar are refused
         self.cache = cache
         self.scheduler = Scheduler(cache, limits, model.cfg.max_position_embeddings)
@@ -186,23 +227,36 @@ class Engine:
         self.sampler = Sampler(model.cfg.eos_token_ids, seed, logprobs_mode, self.device)
         self._next_id = 0
 
-    def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None) -> GenerationSequence:
+    def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None,
+                    media: Sequence[MediaSpan] = ()) -> GenerationSequence:
+        """Queue a request. `prompt` keeps the placeholder ids where `media` (soft tokens) go;
+        ValueError if a span does not match the prompt (see `validate_media`)."""
         seq = GenerationSequence(self._next_id, list(prompt), params, request_id=request_id)
+        self._attach_media(seq, media)
         seq.grammar = self._grammar_state(params, seq.output)
         self._next_id += 1
         self.scheduler.add(seq)
         return seq
 
     def add_prefilled(self, prompt: Sequence[int], first_token: int, params: SamplingParams,
-                      install, request_id: str | None = None) -> GenerationSequence:
+                      install, request_id: str | None = None, media: Sequence[MediaSpan] = ()) -> GenerationSequence:
         """Continue a request prefilled elsewhere: `install(cache, seq_id)` puts its KV pages in
-        this engine's cache (a KV handoff), then it decodes from its first token."""
+        this engine's cache (a KV handoff), then it decodes from its first token. `media` are
+        the prompt's soft tokens, needed if the sequence is preempted and recomputed here."""
         seq = GenerationSequence(self._next_id, list(prompt), params, output=[first_token], request_id=request_id)
+        self._attach_media(seq, media)
         seq.grammar = self._grammar_state(params, seq.output)  # rebuilt from the first token
         self._next_id += 1
         install(self.cache, seq.seq_id)
         self.scheduler.adopt(seq)
         return seq
+
+    def _attach_media(self, seq: GenerationSequence, media: Sequence[MediaSpan]) -> None:
+        cfg = self.model.cfg
+        seq.media = validate_media(seq.prompt, media, self.media_tokens, cfg.hidden_size, cfg.pad_token_id)
+        # Variants without bidirectional spans attend causally: their images may be split.
+        seq.blocks = bidirectional_blocks(seq.media) if cfg.span_attention != "none" else ()
+        seq.page_keys = page_extra_keys(seq.media, len(seq.prompt), self.cache.page_size)
 
     def _grammar_state(self, params: SamplingParams, output: Sequence[int]) -> GrammarState | None:
         """A matcher for a constrained request, fed its output so far (raises GrammarError, a
@@ -235,7 +289,7 @@ class Engine:
         for i, (seq, chunk, sampled) in enumerate(zip(plan.seqs, plan.chunks, plan.samples)):
             end = chunk.start + len(chunk.token_ids)
             seq.num_computed_tokens += len(chunk.token_ids)
-            self.cache.commit(seq.seq_id, seq.tokens, end)
+            self.cache.commit(seq.seq_id, seq.tokens, end, seq.page_keys)
             if sampled:
                 rows.append(i)
                 if seq.params.keep_logits:

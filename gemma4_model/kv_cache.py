@@ -111,10 +111,13 @@ class PagedKVCache:
         return all(missing[n] <= g.pool.num_available for n, g in self.groups.items())
 
     # --- sequence lifecycle ---------------------------------------------------------------
-    def add_sequence(self, seq_id: int, prompt: Sequence[int], extra_keys: Sequence[bytes] = ()) -> int:
+    def add_sequence(self, seq_id: int, prompt: Sequence[int], extra_keys: Sequence[bytes] = (),
+                     blocks: Sequence[tuple[int, int]] = ()) -> int:
         """Register a sequence and attach the longest usable cached prefix; returns its length.
 
-        At least one prompt token is always left to compute, so the request gets logits.
+        At least one prompt token is always left to compute, so the request gets logits. The
+        prefix never ends strictly inside one of `blocks` ([start, end) bidirectional spans),
+        since such a span must be computed in one forward.
         """
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} is already in the cache")
@@ -122,6 +125,8 @@ class PagedKVCache:
         seq.hashes = page_hashes(prompt, self.page_size, extra_keys)
         usable = min(len(seq.hashes), (len(prompt) - 1) // self.page_size)
         for count in range(usable, 0, -1):
+            if any(lo < count * self.page_size < hi for lo, hi in blocks):
+                continue
             pages = self._cached_prefix_pages(seq.hashes, count)
             if pages is not None:
                 for name, table in pages.items():
