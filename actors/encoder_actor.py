@@ -108,13 +108,13 @@ class EncoderActor:
                 else:
                     todo[key] = job
         start = time.time_ns()
-        fresh, failure = self._encode(list(todo.values()))
+        fresh, errors = self._encode(list(todo.values()))
         end = time.time_ns()
         for job in valid:
             cached = job.content_key in found
             entry = found.get(job.content_key) if cached else fresh.get(job.content_key)
             if entry is None:
-                self._reply(job, None, error=failure)
+                self._reply(job, None, error=errors.get(job.content_key, "not encoded"))
                 continue
             self._reply(job, entry, cached=cached)
             self.tracer.record("encode", end if cached else start, end, job.request_id, kind=job.kind,
@@ -127,18 +127,27 @@ class EncoderActor:
             return f"reply_to {job.reply_to} names no engine replica"
         return None
 
-    def _encode(self, jobs: list[EncodeJob]) -> tuple[dict[str, Embeddings], str | None]:
+    def _encode(self, jobs: list[EncodeJob]) -> tuple[dict[str, Embeddings], dict[str, str]]:
+        """Outputs by content key, and errors by content key. A batch that fails is retried item
+        by item, so one bad item fails only its own requests."""
         if not jobs:
-            return {}, None
+            return {}, {}
         try:
             outputs = self.encode_batch(jobs)
         except (ValueError, RuntimeError) as exc:  # shapes the encoder refuses; out of memory
-            return {}, f"{jobs[0].kind} could not be encoded: {exc}"
+            if len(jobs) == 1:
+                return {}, {jobs[0].content_key: f"{jobs[0].kind} could not be encoded: {exc}"}
+            fresh, errors = {}, {}
+            for job in jobs:
+                one, problem = self._encode([job])
+                fresh.update(one)
+                errors.update(problem)
+            return fresh, errors
         fresh = {}
         for job, entry in zip(jobs, outputs):
             self.cache.put(job.content_key, entry)
             fresh[job.content_key] = entry
-        return fresh, None
+        return fresh, {}
 
     def _reply(self, job: EncodeJob, entry: Embeddings | None, cached: bool = False, error: str | None = None) -> None:
         if not 0 <= job.reply_to < len(self.replies):

@@ -97,12 +97,16 @@ def test_repeats_are_encoded_once_and_results_reach_the_named_replica(tmp_path):
     assert by_id["r3"].embeddings.shape == (5, HIDDEN) and np.all(by_id["r3"].embeddings == 2.0)
     assert np.array_equal(by_id["r1"].embeddings, by_id["r2"].embeddings)
     # later the same content is a cache hit: no new forward
+    sent = []
+    actor.replies = [type("Collect", (), {"send": staticmethod(sent.append)})()]
     actor.process([image_job("r4", "k2", 2.0)])
     assert encoder.batches == [["k1", "k2"]] and actor.cache.hits == 1
+    assert sent[0].cached and np.all(sent[0].embeddings == 2.0)
     tracer.flush()
-    spans = [s for s in read_spans(tmp_path) if s["stage"] == "encode"]
-    assert {s["requests"][0] for s in spans} == {"r1", "r2", "r3", "r4"}
-    assert [s["attrs"]["cached"] for s in spans if s["requests"][0] == "r4"] == [True]
+    spans = [s for s in read_spans(tmp_path) if s.stage == "encode"]
+    assert {s.requests[0] for s in spans} == {"r1", "r2", "r3", "r4"}
+    assert [s.attrs["cached"] for s in spans if s.requests[0] == "r4"] == [True]
+    assert all(s.attrs["tokens"] > 0 and s.end_ns >= s.start_ns for s in spans)
 
 
 def test_failures_come_back_as_error_results_and_cancel_drops_queued_jobs():

@@ -21,6 +21,13 @@ def test_every_example_loads():
 
 
 BASE = tomllib.loads((EXAMPLES / "cpu_disaggregated.toml").read_text())
+BASE["actors"] = [a for a in BASE["actors"] if not a["kind"].endswith("_encoder")]  # preprocess, prefill, decode
+
+
+def test_media_kinds_follow_the_encoder_actors():
+    assert load_topology(EXAMPLES / "cpu_colocated.toml").media_kinds == {"image", "video", "audio"}
+    assert parse_topology(BASE).media_kinds == frozenset()
+    assert load_topology(EXAMPLES / "gpu_split.toml").media_kinds == {"image", "video"}
 
 
 def edited(edit):
@@ -47,6 +54,11 @@ def edited(edit):
         (lambda r: r["api"].update(port=70000), "api.port"),
         (lambda r: r["api"].update(host="local host; rm"), "api.host"),
         (lambda r: r.update(model={"dtype": "float8"}), "model.dtype"),
+        (lambda r: r["api"].update(limit_mm_per_prompt={"picture": 2}), "api.limit_mm_per_prompt"),
+        (lambda r: r["api"].update(limit_mm_per_prompt={"image": -1}), "api.limit_mm_per_prompt"),
+        (lambda r: r["api"].update(mm_processor_kwargs={"max_soft_tokens": 300}), "api.mm_processor_kwargs"),
+        (lambda r: r["api"].update(mm_processor_kwargs={"do_resize": False}), "api.mm_processor_kwargs"),
+        (lambda r: r["api"].update(media_fetch_timeout_s=0), "api.media_fetch_timeout_s"),
     ],
 )
 def test_bad_topologies_name_the_field(edit, field):
