@@ -127,11 +127,11 @@ class Launcher:
             cmd += ["--trace-dir", str(o.trace_dir)]
         if o.model:
             cmd += ["--model", self.topology.model.path]
+        if o.api_overrides:  # the api's front door, and preprocess's media rules
+            cmd += ["--api-overrides", json.dumps(dict(o.api_overrides))]
         if actor.kind == API:
             cmd += [flag for flag, value in (("--host", o.host), ("--port", o.port)) if value is not None
                     for flag in (flag, str(value))]
-            if o.api_overrides:
-                cmd += ["--api-overrides", json.dumps(dict(o.api_overrides))]
         return cmd
 
     def _spawn(self, actor: ActorId) -> subprocess.Popen:
