@@ -5,8 +5,9 @@
 
 Held-out instances use another seed and the held-out value pools (cities, words, names,
 number pairs, colour shades, tone frequencies never seen in training). Greedy output must equal
-the expected answer text exactly (stop token included). For text-only instances Tandem's own
-decoder also runs on the same prompt and its greedy tokens are compared with `transformers`'.
+the expected answer text exactly (stop token included). Tandem's own model code also runs on
+every prompt (its vision and audio encoders, the soft tokens spliced into its decoder's prefill)
+and its greedy tokens are compared with `transformers`'.
 With `--assistant`, the assistant's greedy drafts (5 per round by default) are replayed over
 each greedy generation and the mean acceptance length is reported. Writes a JSON report.
 """
@@ -53,33 +54,63 @@ def transformers_greedy(model, rendered, max_new_tokens: int, device) -> list[in
     return out[0, kwargs["input_ids"].shape[1]:].tolist()
 
 
-def tandem_greedy(engine, prompt_ids: list[int], max_new_tokens: int, stop_ids) -> list[int]:
+def tandem_greedy(engine, prompt_ids: list[int], max_new_tokens: int, stop_ids, media=()) -> list[int]:
     from gemma4_model.sampling import SamplingParams
 
-    [seq] = engine.generate([prompt_ids], SamplingParams(max_tokens=max_new_tokens, stop_token_ids=tuple(stop_ids)))
+    seq = engine.add_request(prompt_ids, SamplingParams(max_tokens=max_new_tokens, stop_token_ids=tuple(stop_ids)),
+                             media=media)
+    while engine.scheduler.has_work():
+        engine.step()
     return seq.output
+
+
+def tandem_media(rendered, encoders: dict, special_tokens: dict, device) -> tuple:
+    """The rendered prompt's image / audio as Tandem's encoders see them, as `MediaSpan`s."""
+    from gemma4_model.media_span import MediaSpan
+
+    items = []
+    if rendered.pixel_values is not None:
+        [emb] = encoders["image"].encode(rendered.pixel_values.to(device, torch.float32),
+                                         rendered.image_position_ids.to(device))
+        items.append(("image", emb))
+    if rendered.input_features is not None:
+        [emb] = encoders["audio"].encode(rendered.input_features.to(device, torch.float32),
+                                         rendered.input_features_mask.to(device).bool())
+        items.append(("audio", emb))
+    spans = []
+    ids = list(rendered.prompt_ids)
+    for kind, emb in items:
+        start = ids.index(special_tokens[f"{kind}_token_id"])
+        spans.append(MediaSpan(start, emb, kind, f"{kind}:{start}".encode()))
+    return tuple(spans)
 
 
 def evaluate(checkpoint: Path, per_kind: int, seed: int, device: str, max_new_tokens: int = 64,
              assistant_dir: Path | None = None, draft_steps: int = DRAFT_STEPS) -> dict:
     from transformers import AutoTokenizer, Gemma4ForConditionalGeneration
 
+    from gemma4_model.audio import load_audio_encoder
+    from gemma4_model.config import load_config
     from gemma4_model.engine import Engine
     from gemma4_model.kv_cache import PagedKVCache
     from gemma4_model.loader import load_text_decoder
+    from gemma4_model.vision import load_image_encoder
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
     model = Gemma4ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
     image, audio = media_processors()
     renderer = Renderer(tok, image, audio)
     config, ours = load_text_decoder(checkpoint, device=device, dtype=torch.float32)
+    encoders = {"image": load_image_encoder(checkpoint, device=device, dtype=torch.float32),
+                "audio": load_audio_encoder(checkpoint, device=device, dtype=torch.float32)}
+    special = dict(load_config(checkpoint).special_tokens)
     stop_ids = list(model.generation_config.eos_token_id)
     assistant = load_reference_assistant(assistant_dir).to(device) if assistant_dir else None
     rounds = defaultdict(list)
     instances = make_set(seed, per_kind * len(KINDS), heldout=True)
     right = defaultdict(int)
     total = defaultdict(int)
-    same_as_tandem = compared = 0
+    same_as_tandem = compared = media_compared = media_same = 0
     failures = []
     start = time.time()
     for inst in instances:
@@ -95,16 +126,20 @@ def evaluate(checkpoint: Path, per_kind: int, seed: int, device: str, max_new_to
             rounds[inst.kind] += accepted_drafts(model, assistant, kwargs, len(rendered.prompt_ids), draft_steps)
         if not ok and len(failures) < 20:
             failures.append({"kind": inst.kind, "expected": answer_text(inst), "got": text})
-        if inst.image is None and inst.audio is None:
-            cache = PagedKVCache(config.text, page_size=16, num_pages=64, device=device)
-            theirs = tandem_greedy(Engine(ours, cache), rendered.prompt_ids, max_new_tokens, stop_ids)
-            compared += 1
-            same_as_tandem += theirs == tokens
+        with torch.no_grad():
+            media = tandem_media(rendered, encoders, special, device)
+        cache = PagedKVCache(config.text, page_size=16, num_pages=64, device=device)
+        theirs = tandem_greedy(Engine(ours, cache), rendered.prompt_ids, max_new_tokens, stop_ids, media)
+        compared += 1
+        same_as_tandem += theirs == tokens
+        media_compared += bool(media)
+        media_same += bool(media) and theirs == tokens
     accuracy = {k: right[k] / total[k] for k in total}
     report = {
         "checkpoint": str(checkpoint), "seed": seed, "instances": len(instances), "device": device,
         "accuracy_overall": sum(right.values()) / len(instances), "accuracy_per_kind": accuracy,
-        "tandem_matches_transformers": {"compared": compared, "identical": same_as_tandem},
+        "tandem_matches_transformers": {"compared": compared, "identical": same_as_tandem,
+                                        "multimodal_compared": media_compared, "multimodal_identical": media_same},
         "failures": failures,
     }
     if assistant is not None:
