@@ -64,8 +64,10 @@ def instances():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    log = tmp_path_factory.mktemp("mm") / "tandem.log"
-    with Served(["serve", "--topology", "cpu_colocated", "--max-media-bytes", str(256 << 10)], log=log) as s:
+    root = tmp_path_factory.mktemp("mm")
+    with Served(["serve", "--topology", "cpu_colocated", "--max-media-bytes", str(256 << 10),
+                 "--trace-dir", str(root / "traces")], log=root / "tandem.log") as s:
+        s.trace_dir = root / "traces"
         yield s
 
 
@@ -102,6 +104,47 @@ def test_one_request_mixes_text_two_images_and_audio(served, instances):
     assert reply.usage.prompt_tokens > text_only.usage.prompt_tokens + 2 * 72
     # and the single-image answer is unchanged by what came before in other requests
     assert answer(served.url, openai_messages(colour)) == colour.answer
+
+
+def video_uri(frames: int, colour: tuple[int, int, int], fps: int = 8) -> str:
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width, stream.pix_fmt = 64, 64, "yuv420p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), colour, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return "data:video/mp4;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_video_frames_reach_the_model_and_repeats_hit_the_encoder_cache(served, instances):
+    import time
+
+    from actors.media_inputs import MediaLimits, MediaProcessor
+    from actors.tracing import read_spans
+    from default_model import CHECKPOINT
+
+    uri = video_uri(12, (200, 30, 30))
+    expected = MediaProcessor(CHECKPOINT, MediaLimits()).video(base64.b64decode(uri.split(",", 1)[1]))
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": uri}},
+                                             {"type": "text", "text": "What is the main colour of this image?"}]}]
+    text_only = [{"role": "user", "content": "What is the main colour of this image?"}]
+    lengths = []
+    for body in (messages, messages, text_only):
+        reply = client(served.url).chat.completions.create(model="tandem-default", messages=body, max_tokens=4)
+        assert reply.choices[0].message.content is not None
+        lengths.append(reply.usage.prompt_tokens)
+    assert len(expected.frame_indices) == 12
+    assert lengths[0] == lengths[1] >= lengths[2] + expected.num_soft_tokens  # every frame's soft tokens
+    time.sleep(1.5)  # actors flush their spans about once a second
+    spans = [s for s in read_spans(served.trace_dir) if s.stage == "encode" and s.attrs["kind"] == "video"]
+    assert [s.attrs["cached"] for s in spans] == [False, True], spans  # the repeat was not encoded again
+    assert spans[0].attrs["tokens"] == expected.num_soft_tokens and spans[0].end_ns > spans[0].start_ns
 
 
 def bad_image_message(url: str) -> list[dict]:
