@@ -8,9 +8,11 @@ counted up from the node's `base_port` in a fixed order.
 
 Edges (all ZeroMQ PUSH/PULL; the receiving side binds):
 - api -> preprocess replicas (`GenerateRequest`), round-robin;
-- preprocess -> engine or prefill replicas (`PrefillJob`), round-robin;
+- preprocess -> engine or prefill replicas (`PrefillJob`), one socket each, taken in turn;
+- preprocess -> vision / audio encoder replicas (`EncodeJob`), one socket each, by content hash;
+- encoders -> engine or prefill replicas (`EncodeResult`), the replica each job names;
 - prefill -> decode replicas (`KVHandoff`), round-robin;
-- api -> every engine / prefill / decode replica (`CancelRequest`), one socket each;
+- api -> every engine / prefill / decode / encoder replica (`CancelRequest`), one socket each;
 - every actor -> api results (`TokenBatch`, `RequestError`, `ActorStats`);
 - every actor -> its node's launcher control (`ActorReady`);
 - launchers -> api control (actor down / up notices);
