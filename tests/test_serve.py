@@ -320,12 +320,12 @@ def _readme_examples() -> list[str]:
 
 
 def test_readme_examples_run_against_tandem_serve(colocated, tmp_path):
-    """Issue 5 acceptance 3: the README's openai-client examples, as printed there."""
+    """Issue 5 acceptance 3 (and issue 6's image and audio): the README's openai-client examples, as printed there."""
     import subprocess
     import sys
 
     blocks = _readme_examples()
-    assert len(blocks) == 4
+    assert len(blocks) == 6
     outputs = []
     for i, block in enumerate(blocks):
         script = tmp_path / f"example_{i}.py"
@@ -333,7 +333,7 @@ def test_readme_examples_run_against_tandem_serve(colocated, tmp_path):
         run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, f"README example {i} failed:\n{block}\n{run.stderr}"
         outputs.append(run.stdout)
-    chat, thinking, tool, extraction = outputs
+    chat, thinking, tool, extraction, image, audio = outputs
     assert chat.strip() == "42"
     assert "17 + 25 = 42" in thinking and "answer: 42" in thinking
     assert tool.splitlines()[0] == 'tool_calls get_weather {"location": "Tokyo"}'
@@ -341,3 +341,4 @@ def test_readme_examples_run_against_tandem_serve(colocated, tmp_path):
     person = ast.literal_eval(extraction.strip())  # sampled at temperature 1.0: the schema holds, values may vary
     assert set(person) == {"name", "age", "city"} and isinstance(person["age"], int)
     assert isinstance(person["name"], str) and isinstance(person["city"], str)
+    assert image.strip() == "blue" and audio.strip() == "high"
