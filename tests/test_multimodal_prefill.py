@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+from transformers.models.gemma4_unified.feature_extraction_gemma4_unified import Gemma4UnifiedAudioFeatureExtractor
 
 from gemma4_model.batch import ForwardBatch, SequenceChunk
 from gemma4_model.engine import Engine, SchedulerLimits
@@ -89,7 +90,12 @@ def _image_tokens(ref, pixels, positions) -> list[torch.Tensor]:
 @torch.no_grad()
 def _audio(ref, seed: int) -> tuple[dict, torch.Tensor]:
     wave = np.random.RandomState(seed).randn(8000).astype(np.float32) * 0.1
-    feats = Gemma4AudioFeatureExtractor()([wave], sampling_rate=16000, return_tensors="pt")
+    if ref.config.model_type.startswith("gemma4_unified"):  # raw waveform frames, no mel features
+        frame = ref.config.audio_config.audio_embed_dim
+        extractor = Gemma4UnifiedAudioFeatureExtractor(feature_size=frame, audio_samples_per_token=frame)
+    else:
+        extractor = Gemma4AudioFeatureExtractor()
+    feats = extractor([wave], sampling_rate=16000, return_tensors="pt")
     out = ref.model.get_audio_features(feats["input_features"], feats["input_features_mask"])
     tokens = out.pooler_output[out.attention_mask]  # the reference's padding strip
     return dict(input_features=feats["input_features"], input_features_mask=feats["input_features_mask"]), tokens
