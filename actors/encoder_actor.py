@@ -87,6 +87,7 @@ class EncoderActor:
                 msg = self.inbox.recv(timeout_ms=0) if len(batch) < self.max_batch else None
             if batch:
                 self.process(batch)
+            self.tracer.tick()
 
     def process(self, jobs: Sequence[EncodeJob]) -> None:
         """Answer every job: from the cache, or by encoding each distinct new content once."""

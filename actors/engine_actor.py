@@ -108,6 +108,7 @@ class EngineActor:
             if self.engine.scheduler.has_work():
                 self.step()
             self.report_load()
+            self.tracer.tick()
 
     def handle(self, msg) -> None:
         if isinstance(msg, PrefillJob) and self.role != "decode":

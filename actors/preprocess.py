@@ -179,6 +179,7 @@ class PreprocessActor:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             msg = self.inbox.recv(timeout_ms=50)
+            self.tracer.tick()
             if msg is None:
                 continue
             if not isinstance(msg, GenerateRequest):

@@ -83,6 +83,12 @@ class Tracer:
         if len(self._buffer) >= self.max_buffered or time.time_ns() - self._last_flush >= self.flush_interval_ns:
             self.flush()
 
+    def tick(self) -> None:
+        """From an actor's loop: write what waits once the flush interval has passed, so the last
+        spans before a quiet spell reach the file without waiting for the next span."""
+        if self._buffer and time.time_ns() - self._last_flush >= self.flush_interval_ns:
+            self.flush()
+
     def flush(self) -> None:
         """Append buffered spans to this actor's file (one line each)."""
         self._last_flush = time.time_ns()

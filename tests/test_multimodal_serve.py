@@ -141,8 +141,12 @@ def test_video_frames_reach_the_model_and_repeats_hit_the_encoder_cache(served, 
         lengths.append(reply.usage.prompt_tokens)
     assert len(expected.frame_indices) == 12
     assert lengths[0] == lengths[1] >= lengths[2] + expected.num_soft_tokens  # every frame's soft tokens
-    time.sleep(1.5)  # actors flush their spans about once a second
-    spans = [s for s in read_spans(served.trace_dir) if s.stage == "encode" and s.attrs["kind"] == "video"]
+    deadline = time.monotonic() + 15  # actors flush their spans about once a second
+    while True:
+        spans = [s for s in read_spans(served.trace_dir) if s.stage == "encode" and s.attrs["kind"] == "video"]
+        if len(spans) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert [s.attrs["cached"] for s in spans] == [False, True], spans  # the repeat was not encoded again
     assert spans[0].attrs["tokens"] == expected.num_soft_tokens and spans[0].end_ns > spans[0].start_ns
 

@@ -57,6 +57,17 @@ def test_spans_carry_requests_times_and_attributes_and_flush_per_actor(tmp_path)
     assert (tmp_path / "decode-0.jsonl").read_text().count("\n") == 1
 
 
+def test_tick_writes_the_last_spans_once_the_interval_has_passed(tmp_path):
+    tracer = Tracer("encoder-0", tmp_path, flush_interval_s=0.05)
+    tracer.flush()
+    tracer.record("encode", 1, 2, "r1")
+    tracer.tick()
+    assert read_spans(tmp_path) == []  # still inside the interval
+    time.sleep(0.06)
+    tracer.tick()
+    assert [s.requests for s in read_spans(tmp_path)] == [("r1",)]
+
+
 def test_breakdown_sums_each_requests_stages():
     ms = 1_000_000
     spans = [

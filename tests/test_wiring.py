@@ -9,7 +9,8 @@ def test_single_node_uses_unix_sockets_in_the_run_directory():
     endpoints = [*wiring.inboxes.values(), wiring.results, wiring.api_control, *wiring.controls.values()]
     assert all(e.startswith("ipc:///tmp/tandem-run/") for e in endpoints)
     assert len(set(endpoints)) == len(endpoints)
-    assert set(wiring.inboxes) == {ActorId("preprocess", 0), ActorId("prefill", 0), ActorId("decode", 0)}
+    assert set(wiring.inboxes) == {ActorId(kind, 0) for kind in ("preprocess", "vision_encoder", "audio_encoder",
+                                                                 "prefill", "decode")}
     assert wiring.nodes[ActorId(API, 0)] == "local"
 
 
