@@ -78,7 +78,7 @@ def run_preprocess(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     media = media_prompt(ctx.topology, checkpoint, tokenizer) if ctx.topology.media_kinds else None
     preprocessor = Preprocessor(tokenizer, stop_token_ids(checkpoint), media)
-    inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor])
+    inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor], drop_malformed=True)
     downstream = [push(zctx, endpoint) for endpoint in ctx.wiring.of_kind(engine_kind(ctx.topology))]
     encoders = {kind: [push(zctx, endpoint) for endpoint in ctx.wiring.of_kind(kind)]
                 for kind in ("vision_encoder", "audio_encoder")}
@@ -121,7 +121,7 @@ def run_encoder(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, tra
     if encoder is None:
         raise SystemExit(f"{ctx.actor.name}: the checkpoint has no "
                          f"{'vision' if ctx.actor.kind == 'vision_encoder' else 'audio'} section to encode with")
-    inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor])
+    inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor], drop_malformed=True)
     replies = [push(zctx, endpoint) for endpoint in ctx.wiring.of_kind(engine_kind(ctx.topology))]
     announce_ready(zctx, ctx)
     EncoderActor(ctx.actor.kind, make_batch_encoder(encoder, ctx.device, dtype), inbox, replies, tracer=tracer).run(stop)
@@ -148,7 +148,7 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     grammars = GrammarBook.from_checkpoint(checkpoint, config.text.vocab_size,
                                            sorted(set(stop_token_ids(checkpoint)) | set(config.text.eos_token_ids)))
     engine = Engine(model, cache, grammars=grammars)
-    inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor])
+    inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor], drop_malformed=True)
     outbox = push(zctx, ctx.wiring.results)
     role, backend = ctx.actor.kind, ctx.topology.transfer
     sender = receiver = None

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import msgpack
 import numpy as np
 
-MAX_HEADER_BYTES = 1 << 20
+MAX_HEADER_BYTES = 128 << 20  # a chat request carries its inline media (base64) in the header: above any body limit
 MAX_ARRAY_BYTES = 1 << 30
 MAX_ARRAYS = 64
 ALLOWED_DTYPES = frozenset({"bool", "uint8", "int8", "int32", "int64", "float16", "float32", "uint16"})

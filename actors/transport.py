@@ -8,11 +8,12 @@ the api. Received frames are decoded by `actors.messages.decode`, which validate
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import zmq
 
-from .messages import decode, encode
+from .messages import MessageError, decode, encode
 
 MAX_MESSAGE_BYTES = 1 << 30
 
@@ -20,7 +21,11 @@ MAX_MESSAGE_BYTES = 1 << 30
 class Channel:
     """One ZeroMQ socket carrying registered messages."""
 
-    def __init__(self, ctx: zmq.Context, kind: int, endpoint: str, *, bind: bool):
+    def __init__(self, ctx: zmq.Context, kind: int, endpoint: str, *, bind: bool, drop_malformed: bool = False):
+        """`drop_malformed`: `recv` skips (and counts, with a line on stderr) a message that does not
+        decode instead of raising `MessageError` (an actor's inbox: one bad peer must not stop it)."""
+        self.drop_malformed = drop_malformed
+        self.malformed = 0
         self.socket = ctx.socket(kind)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.socket.setsockopt(zmq.LINGER, 0)  # shutdown never blocks on unsent messages
@@ -35,7 +40,14 @@ class Channel:
         if timeout_ms is not None and not self.socket.poll(timeout_ms):
             return None
         frames = self.socket.recv_multipart(copy=False)
-        return decode([f.buffer for f in frames])
+        try:
+            return decode([f.buffer for f in frames])
+        except MessageError as exc:
+            if not self.drop_malformed:
+                raise
+            self.malformed += 1
+            print(f"tandem: dropped a malformed message on {self.endpoint}: {exc}", file=sys.stderr, flush=True)
+            return None
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -45,5 +57,5 @@ def push(ctx: zmq.Context, endpoint: str, bind: bool = False) -> Channel:
     return Channel(ctx, zmq.PUSH, endpoint, bind=bind)
 
 
-def pull(ctx: zmq.Context, endpoint: str, bind: bool = True) -> Channel:
-    return Channel(ctx, zmq.PULL, endpoint, bind=bind)
+def pull(ctx: zmq.Context, endpoint: str, bind: bool = True, drop_malformed: bool = False) -> Channel:
+    return Channel(ctx, zmq.PULL, endpoint, bind=bind, drop_malformed=drop_malformed)

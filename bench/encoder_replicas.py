@@ -89,10 +89,13 @@ def run(replicas: int, args, bodies: list[dict], warmup: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         topology = Path(tmp) / "topology.toml"
         topology.write_text(TOPOLOGY.format(port=6100 + 50 * replicas, device=args.device, replicas=replicas))
-        with Served(["serve", "--topology", str(topology), "--max-body-bytes", str(256 << 20)],
+        with Served(["serve", "--topology", str(topology), "--max-body-bytes", str(64 << 20)],
                     log=Path(tmp) / "tandem.log") as served:
-            asyncio.run(load(served.url, [warmup], 1))
-            wall, latencies = asyncio.run(load(served.url, bodies, args.concurrency))
+            try:
+                asyncio.run(load(served.url, [warmup], 1))
+                wall, latencies = asyncio.run(load(served.url, bodies, args.concurrency))
+            except httpx.HTTPStatusError as exc:
+                raise SystemExit(f"{exc.response.text}\n--- server log ---\n{served.log()}") from None
     images = len(bodies) * args.images
     return {"vision_encoder_replicas": replicas, "requests": len(bodies), "images": images,
             "wall_s": round(wall, 3), "images_per_s": round(images / wall, 3),

@@ -78,3 +78,35 @@ def test_malformed_frames_are_refused(frames, problem):
 def test_unregistered_objects_cannot_be_encoded():
     with pytest.raises(TypeError):
         encode({"type": "TokenBatch"})
+
+
+def test_a_chat_request_with_inline_media_fits_in_a_header():
+    """Base64 media ride in messages_json: a body at the api's largest limit must still decode."""
+    from topology.config import parse_topology
+
+    big = GenerateRequest("r", '{"messages": "' + "A" * (40 << 20) + '"}', SamplingSpec())
+    assert decode(encode(big)).messages_json == big.messages_json
+    with pytest.raises(Exception, match="max_body_bytes"):
+        parse_topology({"nodes": {"n": {}}, "actors": [{"kind": "preprocess"}, {"kind": "engine"}],
+                        "api": {"max_body_bytes": 200 << 20}})
+
+
+def test_an_inbox_drops_malformed_messages_and_goes_on():
+    import zmq
+
+    from actors.transport import pull, push
+
+    ctx = zmq.Context()
+    inbox, raw = pull(ctx, "inproc://inbox", drop_malformed=True), ctx.socket(zmq.PUSH)
+    raw.connect("inproc://inbox")
+    out = push(ctx, "inproc://inbox")
+    try:
+        raw.send_multipart([b"not msgpack at all"])
+        out.send(TokenBatch("a", [1]))
+        assert inbox.recv(timeout_ms=1000) is None and inbox.malformed == 1
+        assert inbox.recv(timeout_ms=1000) == TokenBatch("a", [1])
+    finally:
+        raw.close(linger=0)
+        inbox.close()
+        out.close()
+        ctx.term()

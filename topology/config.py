@@ -197,7 +197,7 @@ def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:
     return ApiSection(_host(t.get("host", "127.0.0.1"), "api.host"), _int(t, "api.", "port", 8000, 1, 65535), node,
                       _strings(t, "api.", "cors_origins"), _strings(t, "api.", "allowed_media_hosts"),
                       _seconds(t, "api.", "request_timeout_s", 600.0),
-                      _int(t, "api.", "max_body_bytes", 32 << 20, 1024, 1 << 31),
+                      _int(t, "api.", "max_body_bytes", 32 << 20, 1024, 96 << 20),
                       _kwargs(t, "api.default_chat_template_kwargs"), _media_limits(t), _processor_kwargs(t),
                       _int(t, "api.", "max_media_bytes", 20 << 20, 1024, 1 << 31),
                       _seconds(t, "api.", "media_fetch_timeout_s", 10.0))
