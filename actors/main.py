@@ -208,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     zctx = zmq.Context()
     tracer = Tracer(ctx.actor.name, ctx.trace_dir)  # off (and free) without --trace-dir
     try:
+        spec = topology.actor(args.actor)
+        if spec is not None and spec.threads:  # e.g. CPU replicas that share a machine without oversubscribing it
+            import torch
+
+            torch.set_num_threads(spec.threads)
         runner(zctx, ctx, stop, tracer)
     finally:
         tracer.flush()

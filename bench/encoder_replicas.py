@@ -1,10 +1,12 @@
 """Image-heavy load against `tandem serve` with 1 and with 2 vision-encoder replicas.
 
     PYTHONPATH=. python bench/encoder_replicas.py [--replicas 1 2] [--requests 24] [--concurrency 8]
-        [--images 2] [--budget 1120] [--device cpu] [--out FILE.json]
+        [--images 2] [--budget 1120] [--device cpu] [--engine-device DEV] [--threads N]
+        [--preprocess-replicas P] [--out FILE.json]
 
 For each replica count it writes a colocated topology whose `vision_encoder` actor has that many
-replicas (on `--device`), starts `tandem serve` with the embedded model, sends one warm-up request,
+replicas (on `--device`; with `--threads N` each CPU replica and the engine use N threads, so that
+replicas get cores of their own; preprocess has `--preprocess-replicas` one-thread replicas), starts `tandem serve` with the embedded model, sends one warm-up request,
 then `--requests` chat requests (`--concurrency` at a time), each with `--images` distinct random
 images at `--budget` soft tokens (all distinct, so the encoders' cache never answers) and
 `max_tokens` 1, and reports images per second and request latency. The result names its command,
@@ -44,13 +46,17 @@ host = "127.0.0.1"
 base_port = {port}
 [[actors]]
 kind = "preprocess"
+replicas = {preprocess}
+threads = 1
 [[actors]]
 kind = "vision_encoder"
 device = "{device}"
 replicas = {replicas}
+threads = {threads}
 [[actors]]
 kind = "engine"
-device = "{device}"
+device = "{engine_device}"
+threads = {threads}
 """
 
 
@@ -88,7 +94,9 @@ async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, l
 def run(replicas: int, args, bodies: list[dict], warmup: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         topology = Path(tmp) / "topology.toml"
-        topology.write_text(TOPOLOGY.format(port=6100 + 50 * replicas, device=args.device, replicas=replicas))
+        topology.write_text(TOPOLOGY.format(port=6100 + 50 * replicas, device=args.device, replicas=replicas,
+                                            preprocess=args.preprocess_replicas, threads=args.threads,
+                                            engine_device=args.engine_device or args.device))
         with Served(["serve", "--topology", str(topology), "--max-body-bytes", str(64 << 20)],
                     log=Path(tmp) / "tandem.log") as served:
             try:
@@ -112,7 +120,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--budget", type=int, default=1120)
     ap.add_argument("--side", type=int, default=768, help="image side in pixels")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="the vision encoders' device")
+    ap.add_argument("--engine-device", help="the engine's device (default: --device)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads per encoder replica and engine (0: torch's)")
+    ap.add_argument("--preprocess-replicas", type=int, default=1)
     ap.add_argument("--out")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
@@ -131,6 +142,8 @@ def main() -> None:
               "device": f"{args.device}; host CPU {platform.machine()}, {os.cpu_count()} cores",
               "workload": {"images_per_request": args.images, "budget": args.budget, "side_px": args.side,
                            "concurrency": args.concurrency, "max_tokens": 1},
+              "topology": {"preprocess_replicas": args.preprocess_replicas, "threads": args.threads,
+                           "encoder_device": args.device, "engine_device": args.engine_device or args.device},
               "runs": runs}
     print(json.dumps(result, indent=2))
     if args.out:

@@ -42,7 +42,7 @@ class Served:
 
     def __enter__(self) -> "Served":
         out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
         self.process = subprocess.Popen(self.argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         if self.wait_health:

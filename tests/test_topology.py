@@ -24,6 +24,13 @@ BASE = tomllib.loads((EXAMPLES / "cpu_disaggregated.toml").read_text())
 BASE["actors"] = [a for a in BASE["actors"] if not a["kind"].endswith("_encoder")]  # preprocess, prefill, decode
 
 
+def test_actor_threads_are_optional():
+    raw = copy.deepcopy(BASE)
+    raw["actors"][1]["threads"] = 4
+    topology = parse_topology(raw)
+    assert topology.actor("prefill").threads == 4 and topology.actor("decode").threads is None
+
+
 def test_media_kinds_follow_the_encoder_actors():
     assert load_topology(EXAMPLES / "cpu_colocated.toml").media_kinds == {"image", "video", "audio"}
     assert parse_topology(BASE).media_kinds == frozenset()
@@ -59,6 +66,7 @@ def edited(edit):
         (lambda r: r["api"].update(mm_processor_kwargs={"max_soft_tokens": 300}), "api.mm_processor_kwargs"),
         (lambda r: r["api"].update(mm_processor_kwargs={"do_resize": False}), "api.mm_processor_kwargs"),
         (lambda r: r["api"].update(media_fetch_timeout_s=0), "api.media_fetch_timeout_s"),
+        (lambda r: r["actors"][1].update(threads=-2), "actors[1].threads"),
     ],
 )
 def test_bad_topologies_name_the_field(edit, field):

@@ -74,6 +74,7 @@ class ActorSpec:
     node: str
     device: str
     replicas: int
+    threads: int | None = None  # CPU threads of each replica's torch ops; None: torch's default (all cores)
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,7 @@ def _actor(i: int, a: Any, nodes: Mapping[str, Node]) -> ActorSpec:
     where = f"actors[{i}]."
     if not isinstance(a, Mapping):
         raise TopologyError(f"actors[{i}]", "expected a table")
-    _only(a, where, {"kind", "node", "device", "replicas"})
+    _only(a, where, {"kind", "node", "device", "replicas", "threads"})
     kind = a.get("kind")
     if kind not in ACTOR_KINDS:
         raise TopologyError(where + "kind", f"expected one of {list(ACTOR_KINDS)}, got {kind!r}")
@@ -287,7 +288,8 @@ def _actor(i: int, a: Any, nodes: Mapping[str, Node]) -> ActorSpec:
         raise TopologyError(where + "device", f"expected 'cpu' or 'cuda:N', got {device!r}")
     if kind == "preprocess" and device != "cpu":
         raise TopologyError(where + "device", "preprocess runs on the CPU")
-    return ActorSpec(kind, node, device, _int(a, where, "replicas", 1, 1, 64))
+    threads = _int(a, where, "threads", 0, 0, 1024) or None  # 0 / absent: torch's default
+    return ActorSpec(kind, node, device, _int(a, where, "replicas", 1, 1, 64), threads)
 
 
 def _transfer(t: Mapping[str, Any], actors: tuple[ActorSpec, ...], nodes: Mapping[str, Node]) -> str | None:
