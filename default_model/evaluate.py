@@ -70,11 +70,13 @@ def tandem_media(rendered, encoders: dict, special_tokens: dict, device) -> tupl
 
     items = []
     if rendered.pixel_values is not None:
-        [emb] = encoders["image"].encode(rendered.pixel_values.to(device, torch.float32),
+        dtype = next(encoders["image"].parameters()).dtype
+        [emb] = encoders["image"].encode(rendered.pixel_values.to(device, dtype),
                                          rendered.image_position_ids.to(device))
         items.append(("image", emb))
     if rendered.input_features is not None:
-        [emb] = encoders["audio"].encode(rendered.input_features.to(device, torch.float32),
+        dtype = next(encoders["audio"].parameters()).dtype
+        [emb] = encoders["audio"].encode(rendered.input_features.to(device, dtype),
                                          rendered.input_features_mask.to(device).bool())
         items.append(("audio", emb))
     spans = []
