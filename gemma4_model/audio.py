@@ -21,23 +21,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from .audio_conformer import AudioTower, ConformerSpec
+from .audio_conformer import ACTIVATIONS, AudioTower, ConformerSpec
 from .config import ConfigError, load_config
 from .layers import SoftTokenProjection
 from .weights import CheckpointFiles, load_tensors
 
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
 _TOWER_PREFIXES = ("model.audio_tower.", "model.embed_audio.")
 _UNIFIED_PREFIXES = ("model.embed_audio.",)
 
@@ -49,35 +42,8 @@ _UNIFIED_PREFIXES = ("model.embed_audio.",)
 class AudioConfig:
     """The conformer audio tower of the standard family, plus the text width it projects to."""
 
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    subsampling_channels: tuple[int, int]
-    conv_kernel_size: int
-    chunk_size: int
-    context_left: int
-    context_right: int
-    logit_cap: float
-    invalid_logit: float
-    residual_weight: float
-    gradient_clipping: float
-    rms_norm_eps: float
-    activation: str
-    clipped_linears: bool
-    output_dim: int
+    tower: ConformerSpec
     text_hidden_size: int
-
-    def conformer(self) -> ConformerSpec:
-        """The tower's own facts, in the form the conformer modules take."""
-        return ConformerSpec(
-            hidden_size=self.hidden_size, num_layers=self.num_layers, num_heads=self.num_heads,
-            subsampling_channels=self.subsampling_channels, conv_kernel_size=self.conv_kernel_size,
-            chunk_size=self.chunk_size, context_left=self.context_left, context_right=self.context_right,
-            logit_cap=self.logit_cap, invalid_logit=self.invalid_logit, residual_weight=self.residual_weight,
-            gradient_clipping=self.gradient_clipping, rms_norm_eps=self.rms_norm_eps,
-            activation=_ACTIVATIONS[self.activation], clipped_linears=self.clipped_linears,
-            output_dim=self.output_dim,
-        )
 
 
 @dataclass(frozen=True)
@@ -109,12 +75,12 @@ def parse_audio_config(raw: Mapping[str, Any], *, text_hidden_size: int, unified
             or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels)):
         raise ConfigError("audio_config.subsampling_conv_channels", f"expected two positive integers, got {channels!r}")
     activation = raw.get("hidden_act", "silu")
-    if activation not in _ACTIVATIONS:
-        raise ConfigError("audio_config.hidden_act", f"unsupported {activation!r}; expected one of {sorted(_ACTIVATIONS)}")
+    if activation not in ACTIVATIONS:
+        raise ConfigError("audio_config.hidden_act", f"unsupported {activation!r}; expected one of {sorted(ACTIVATIONS)}")
     clipped = raw.get("use_clipped_linears", True)
     if not isinstance(clipped, bool):
         raise ConfigError("audio_config.use_clipped_linears", f"expected true or false, got {clipped!r}")
-    return AudioConfig(
+    return AudioConfig(ConformerSpec(
         hidden_size=hidden,
         num_layers=_integer(raw, "num_hidden_layers", 12),
         num_heads=heads,
@@ -131,8 +97,7 @@ def parse_audio_config(raw: Mapping[str, Any], *, text_hidden_size: int, unified
         activation=activation,
         clipped_linears=clipped,
         output_dim=_integer(raw, "output_proj_dims", 1536),
-        text_hidden_size=text_hidden_size,
-    )
+    ), text_hidden_size)
 
 
 def _integer(raw: Mapping[str, Any], name: str, default: int, *, minimum: int = 1) -> int:
@@ -188,8 +153,8 @@ class AudioEncoder(nn.Module):
     def __init__(self, cfg: AudioConfig):
         super().__init__()
         self.cfg = cfg
-        self.audio_tower = AudioTower(cfg.conformer())
-        self.embed_audio = SoftTokenProjection(cfg.output_dim, cfg.text_hidden_size, cfg.rms_norm_eps)
+        self.audio_tower = AudioTower(cfg.tower)
+        self.embed_audio = SoftTokenProjection(cfg.tower.output_dim, cfg.text_hidden_size, cfg.tower.rms_norm_eps)
 
     @property
     def text_hidden_size(self) -> int:

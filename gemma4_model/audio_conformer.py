@@ -22,13 +22,19 @@ from torch.nn import functional as F
 
 from .layers import RMSNorm
 
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
 # The reference uses RMSNorm's default eps, not the config's, for these norms.
 _DEFAULT_EPS = 1e-6
 
 
 @dataclass(frozen=True)
 class ConformerSpec:
-    """Everything the tower's modules need (built by `audio.AudioConfig.conformer`)."""
+    """Everything the tower's modules need (parsed by `audio.parse_audio_config`)."""
 
     hidden_size: int
     num_layers: int
@@ -43,7 +49,7 @@ class ConformerSpec:
     residual_weight: float
     gradient_clipping: float
     rms_norm_eps: float
-    activation: Callable[[torch.Tensor], torch.Tensor]
+    activation: str  # a key of ACTIVATIONS
     clipped_linears: bool
     output_dim: int
 
@@ -132,7 +138,7 @@ class ConformerFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.pre_layer_norm(_clip(x, self.spec.gradient_clipping))
-        h = self.ffw_layer_2(self.spec.activation(self.ffw_layer_1(h)))
+        h = self.ffw_layer_2(ACTIVATIONS[self.spec.activation](self.ffw_layer_1(h)))
         h = self.post_layer_norm(_clip(h, self.spec.gradient_clipping))
         return x + h * self.spec.residual_weight
 
@@ -154,7 +160,7 @@ class LightConv(nn.Module):
         h = F.glu(self.linear_start(self.pre_layer_norm(x)), dim=-1).transpose(1, 2)  # [N, d, T]
         h = self.depthwise_conv1d(F.pad(h, (self.spec.conv_kernel_size - 1, 0))).transpose(1, 2)
         h = self.conv_norm(_clip(h, self.spec.gradient_clipping))
-        return x + self.linear_end(self.spec.activation(h))
+        return x + self.linear_end(ACTIVATIONS[self.spec.activation](h))
 
 
 def relative_position_table(spec: ConformerSpec, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

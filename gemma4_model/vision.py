@@ -374,7 +374,26 @@ class VisionTower(nn.Module):
         return out
 
 
-class ImageEncoder(nn.Module):
+class _ImageEncoderBase(nn.Module):
+    """What both families' image encoders share: the LM width and video as frames."""
+
+    cfg: VisionConfig | UnifiedVisionConfig
+
+    @property
+    def text_hidden_size(self) -> int:
+        return self.cfg.text_hidden_size
+
+    def encode(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def encode_video(
+        self, pixel_values: torch.Tensor, position_ids: torch.Tensor, frames_per_video: list[int]
+    ) -> list[torch.Tensor]:
+        """Per video, every frame's soft tokens concatenated in frame order."""
+        return _split_videos(self.encode(pixel_values, position_ids), frames_per_video)
+
+
+class ImageEncoder(_ImageEncoderBase):
     """Standard Gemma 4 image encoder: `vision_tower` + `embed_vision` (names as in the checkpoint)."""
 
     def __init__(self, cfg: VisionConfig):
@@ -382,10 +401,6 @@ class ImageEncoder(nn.Module):
         self.cfg = cfg
         self.vision_tower = VisionTower(cfg)
         self.embed_vision = SoftTokenProjection(cfg.soft_token_dim, cfg.text_hidden_size, cfg.rms_norm_eps)
-
-    @property
-    def text_hidden_size(self) -> int:
-        return self.cfg.text_hidden_size
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> list[torch.Tensor]:
@@ -395,12 +410,6 @@ class ImageEncoder(nn.Module):
         sizes = [t.shape[0] for t in per_image]
         projected = self.embed_vision(torch.cat(per_image, dim=0))
         return list(projected.split(sizes))
-
-    def encode_video(
-        self, pixel_values: torch.Tensor, position_ids: torch.Tensor, frames_per_video: list[int]
-    ) -> list[torch.Tensor]:
-        """Per video, every frame's soft tokens concatenated in frame order."""
-        return _split_videos(self.encode(pixel_values, position_ids), frames_per_video)
 
 
 # --------------------------------------------------------------------------- unified (encoder-free)
@@ -428,7 +437,7 @@ class UnifiedPatchEmbedder(nn.Module):
         return self.pos_norm(x + pos_emb)
 
 
-class UnifiedImageEncoder(nn.Module):
+class UnifiedImageEncoder(_ImageEncoderBase):
     """Unified (encoder-free) 12B image front end: `vision_embedder` + `embed_vision` (checkpoint names)."""
 
     def __init__(self, cfg: UnifiedVisionConfig):
@@ -437,10 +446,6 @@ class UnifiedImageEncoder(nn.Module):
         self.vision_embedder = UnifiedPatchEmbedder(cfg)
         self.embed_vision = SoftTokenProjection(cfg.mm_embed_dim, cfg.text_hidden_size, cfg.rms_norm_eps)
 
-    @property
-    def text_hidden_size(self) -> int:
-        return self.cfg.text_hidden_size
-
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> list[torch.Tensor]:
         """Per image, one LM-space soft token per non-padding merged patch [n_i, text_hidden]."""
@@ -448,12 +453,6 @@ class UnifiedImageEncoder(nn.Module):
         tokens = self.embed_vision(self.vision_embedder(pixel_values, position_ids))
         keep = ~_padding_mask(position_ids)
         return [tokens[i][keep[i]] for i in range(tokens.shape[0])]
-
-    def encode_video(
-        self, pixel_values: torch.Tensor, position_ids: torch.Tensor, frames_per_video: list[int]
-    ) -> list[torch.Tensor]:
-        """Per video, every frame's soft tokens concatenated in frame order."""
-        return _split_videos(self.encode(pixel_values, position_ids), frames_per_video)
 
 
 # --------------------------------------------------------------------------- loading
