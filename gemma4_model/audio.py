@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from .audio_conformer import ACTIVATIONS, AudioTower, ConformerSpec
-from .config import ConfigError, load_config
+from .config import ConfigError
 from .layers import SoftTokenProjection
+from .loader import checkpoint_config
 from .weights import CheckpointFiles, load_tensors
 
 _TOWER_PREFIXES = ("model.audio_tower.", "model.embed_audio.")
@@ -219,7 +220,7 @@ def load_audio_encoder(
     Raises `ConfigError` (naming the field) for a bad audio config and the `weights` errors
     (`MissingTensorError`, `UnexpectedTensorError`, `TensorShapeError`, ...) for bad tensors.
     """
-    config = load_config(checkpoint_dir)
+    config = checkpoint_config(checkpoint_dir)
     if config.audio is None:
         return None
     cfg = parse_audio_config(config.audio, text_hidden_size=config.text.hidden_size, unified=config.is_unified)

@@ -57,6 +57,16 @@ def build_decoder(config: ModelConfig) -> TextDecoder:
     return model
 
 
+def checkpoint_config(checkpoint_dir: str | Path) -> ModelConfig:
+    """A checkpoint's config for a loader: an unknown `model_type` is an `UnknownModelTypeError`."""
+    try:
+        return load_config(checkpoint_dir)
+    except ConfigError as exc:
+        if exc.field == "model_type":
+            raise UnknownModelTypeError(str(exc)) from None
+        raise
+
+
 def load_text_decoder(
     checkpoint_dir: str | Path,
     *,
@@ -65,12 +75,7 @@ def load_text_decoder(
 ) -> tuple[ModelConfig, TextDecoder]:
     """Read config and safetensors of a checkpoint and return the ready text decoder."""
     model_type = read_model_type(checkpoint_dir)
-    try:
-        config = load_config(checkpoint_dir)
-    except ConfigError as exc:
-        if exc.field == "model_type":
-            raise UnknownModelTypeError(str(exc)) from None
-        raise
+    config = checkpoint_config(checkpoint_dir)
     if config.is_assistant:
         raise UnknownModelTypeError(f"{model_type!r} is an assistant (draft) model, not a text decoder")
     model = build_decoder(config)

@@ -26,9 +26,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import ConfigError, load_config
+from .config import ConfigError
 from .layers import RMSNorm, SoftTokenProjection, gelu_tanh
-from .weights import CheckpointFiles, UnknownModelTypeError, load_tensors
+from .loader import checkpoint_config
+from .weights import CheckpointFiles, load_tensors
 
 # Checkpoint prefixes of the vision components (standard: tower + projection; unified: the
 # patch embedder + projection). Everything else belongs to other components.
@@ -475,12 +476,7 @@ def load_image_encoder(
     Raises ConfigError for a bad vision section and the `weights` errors (MissingTensorError,
     UnexpectedTensorError, TensorShapeError, ...) for tensors that do not fit the config.
     """
-    try:
-        config = load_config(checkpoint_dir)
-    except ConfigError as exc:
-        if exc.field == "model_type":
-            raise UnknownModelTypeError(str(exc)) from None
-        raise
+    config = checkpoint_config(checkpoint_dir)
     if config.vision is None:
         return None
     vcfg = parse_vision_config(config.vision, config.text.hidden_size, config.is_unified)
