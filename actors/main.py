@@ -96,15 +96,15 @@ def media_prompt(topology: Topology, checkpoint: Path, tokenizer):
     from gemma4_model.config import load_config
 
     from .media_inputs import MediaLimits, MediaProcessor
-    from .media_prompt import MediaPrompt, MediaSettings, MediaTokens
+    from .media_prompt import FetchPolicy, MediaPrompt, Placeholders
 
     api = topology.api
     counts = {f"max_{kind}s": n for kind, n in api.limit_mm_per_prompt}  # image -> max_images, ...
     budget = dict(api.mm_processor_kwargs).get("max_soft_tokens")
     limits = MediaLimits(**counts, max_item_bytes=api.max_media_bytes)
     processor = MediaProcessor(checkpoint, limits, default_image_budget=budget)
-    settings = MediaSettings(api.allowed_media_hosts, api.max_media_bytes, api.media_fetch_timeout_s, budget)
-    return MediaPrompt(processor, settings, MediaTokens.from_tokenizer(tokenizer, load_config(checkpoint).special_tokens))
+    placeholders = Placeholders.from_tokenizer(tokenizer, load_config(checkpoint).special_tokens)
+    return MediaPrompt(processor, FetchPolicy(api.allowed_media_hosts, api.media_fetch_timeout_s), placeholders)
 
 
 def run_encoder(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, tracer: Tracer) -> None:

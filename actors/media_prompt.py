@@ -25,24 +25,22 @@ AUDIO_FORMATS = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", 
 
 
 @dataclass(frozen=True)
-class MediaSettings:
-    """The operator's media rules (the topology's [api] section and its flags)."""
+class FetchPolicy:
+    """Which media URLs the server fetches, and for how long (the topology's [api] section)."""
 
     allowed_hosts: tuple[str, ...] = ()
-    max_media_bytes: int = 20 << 20
-    fetch_timeout_s: float = 10.0
-    default_budget: int | None = None  # vision soft tokens per image; None: the checkpoint's
+    timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
-class MediaTokens:
+class Placeholders:
     """The checkpoint's placeholder token ids and their text (what the chat template writes)."""
 
     ids: Mapping[str, int]  # kind -> soft-token placeholder id
     text: Mapping[str, str]  # kind -> its token's text, e.g. "<|image|>"
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, special_tokens: Mapping[str, int]) -> "MediaTokens":
+    def from_tokenizer(cls, tokenizer, special_tokens: Mapping[str, int]) -> "Placeholders":
         ids = {kind: special_tokens[f"{kind}_token_id"] for kind in ("image", "audio", "video")
                if f"{kind}_token_id" in special_tokens}
         return cls(ids, {kind: tokenizer.convert_ids_to_tokens(i) for kind, i in ids.items()})
@@ -51,14 +49,15 @@ class MediaTokens:
 class MediaPrompt:
     """Loads and processes a chat's media, then expands and locates its placeholders."""
 
-    def __init__(self, processor: MediaProcessor, settings: MediaSettings, tokens: MediaTokens):
+    def __init__(self, processor: MediaProcessor, fetch: FetchPolicy, tokens: Placeholders):
         self.processor = processor
-        self.settings = settings
+        self.fetch = fetch
         self.tokens = tokens
+        self.max_bytes = processor.limits.max_item_bytes
 
     def collect(self, messages: list, mm_kwargs: Mapping[str, Any] | None) -> tuple[list, list[ProcessedMedia]]:
         """The messages with media parts made template-ready, and the items in prompt order."""
-        budget = (mm_kwargs or {}).get("max_soft_tokens", self.settings.default_budget)
+        budget = (mm_kwargs or {}).get("max_soft_tokens")  # None: the server's default
         items: list[ProcessedMedia] = []
         out = []
         for i, message in enumerate(messages):
@@ -93,19 +92,19 @@ class MediaPrompt:
                 raise MediaError(param, "input_audio needs base64 'data'")
             fmt = value.get("format", "wav")
             mime = AUDIO_FORMATS.get(fmt, f"audio/{fmt}")
-            return parse_data_uri(f"data:{mime};base64,{value['data']}", self.settings.max_media_bytes, param)[1]
+            return parse_data_uri(f"data:{mime};base64,{value['data']}", self.max_bytes, param)[1]
         url = value.get("url") if isinstance(value, dict) else value
         if not isinstance(url, str) or not url:
             raise MediaError(param, f"{part['type']} needs a url")
         if url.startswith("data:"):
-            return parse_data_uri(url, self.settings.max_media_bytes, param)[1]
+            return parse_data_uri(url, self.max_bytes, param)[1]
         from api.media import host_allowed  # the same rule the api applied
         from urllib.parse import urlsplit
 
         host = urlsplit(url).hostname or ""
-        if urlsplit(url).scheme not in ("http", "https") or not host_allowed(host, self.settings.allowed_hosts):
+        if urlsplit(url).scheme not in ("http", "https") or not host_allowed(host, self.fetch.allowed_hosts):
             raise MediaError(param, f"fetching media from {host or url!r} is not allowed on this server")
-        return fetch_url(url, self.settings.max_media_bytes, self.settings.fetch_timeout_s, param)[1]
+        return fetch_url(url, self.max_bytes, self.fetch.timeout_s, param)[1]
 
     def _process(self, kind: str, data: bytes, budget: int | None, param: str) -> ProcessedMedia:
         if kind == "image":
