@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-STAGE_ORDER = ("tokenize", "prefill", "handoff_send", "handoff_receive", "decode")
+STAGE_ORDER = ("tokenize", "encode", "prefill", "handoff_send", "handoff_receive", "decode")
 ACTOR_ORDER = ("api", "preprocess", "vision_encoder", "audio_encoder", "engine", "prefill", "decode")
 
 
