@@ -221,6 +221,21 @@ def test_the_bound_fails_for_a_perturbed_weight(case, prompts):
 
 
 @pytest.mark.parametrize("case", ["e4b"], indirect=True)
+def test_the_bound_fails_for_a_sliding_span_of_window(case, prompts, monkeypatch):
+    """The target's own span (window positions up to the query) is not what the assistant sees."""
+    from gemma4_model import drafter as module
+
+    original = module.gather_target_kv
+    monkeypatch.setattr(module, "gather_target_kv",
+                        lambda *args: original(*args[:-1], None if args[-1] is None else args[-1] - 1))
+    with _tandem_prefill(case["config"], case["decoder"], prompts) as (cache, first, hidden, positions):
+        result = case["drafter"].draft(cache, list(range(len(prompts))), first, hidden, positions, K)
+    errors = [max(_rel_err(result.logits[b, j], case["theirs"][b][1][j]) for j in range(K)) for b in range(len(prompts))]
+    assert errors[0] < REL_TOL  # q = 9 <= window: every position is inside either span
+    assert all(e > REL_TOL for e in errors[1:])  # q = 17 already needs position 0 = q - 1 - window
+
+
+@pytest.mark.parametrize("case", ["e4b"], indirect=True)
 def test_sliding_layers_read_window_plus_one_positions(case, prompts):
     """The sliding layers read q-1-window .. q-1: a cache that slid to q-2 still drafts the same;
     one slid to q-1 (its pages start at q-window) fails loudly."""
