@@ -21,6 +21,13 @@ token gets (the smallest computed logit - 1). `transformers` takes that minimum 
 batch; here it is per sequence, so a sequence drafts the same alone or batched (and equals the
 reference's generator, which drafts one sequence at a time).
 
+What the cache must hold: the target's KV of every position a draft at q reads, so a sequence
+must not be slid (`PagedKVCache.slide`) past q - 2 before drafting (the target's own query at q
+needs only q-window+1 .. q). Only the first drafting round after a prefill is comparable with
+`transformers`' generator: in later rounds it hands its assistant the verify forward's KV
+(including rejected drafts' KV at q and, for sliding layers, beyond), while Tandem keeps to
+positions < q, as the documented protocol and the default model's training do.
+
 Parameter names equal the checkpoint's, so loading is a direct mapping (`load_drafter`).
 """
 
