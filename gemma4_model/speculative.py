@@ -89,9 +89,9 @@ class RandomDrafter:
     """Random drafts from a random distribution (mostly rejected: a test of the acceptance rule).
 
     For each sequence and draft position, q = softmax(sharpness * N(0, 1) logits) and the token
-    is drawn from q. Its randomness is keyed on (seed, the sequence's tokens so far), so a
-    sequence's drafts do not depend on its batch mates. `deterministic` reports no probs (q is
-    then one-hot on the drawn token)."""
+    is drawn from q. Its randomness is keyed on (seed, the sequence's id and tokens so far), so a
+    sequence's drafts do not depend on what its batch mates do, and sequences with equal tokens
+    still draw independently. `deterministic` reports no probs (q is then one-hot on the drawn token)."""
 
     def __init__(self, vocab_size: int, seed: int = 0, sharpness: float = 2.0, deterministic: bool = False):
         self.vocab_size = vocab_size
@@ -102,7 +102,8 @@ class RandomDrafter:
     def draft(self, cache, seqs, k: int) -> Proposal:
         tokens, probs = [], []
         for seq in seqs:
-            generator = torch.Generator().manual_seed(noise_seed(self.seed, hash(tuple(seq.tokens)) & ((1 << 62) - 1)))
+            key = hash((seq.seq_id, tuple(seq.tokens))) & ((1 << 62) - 1)  # ints hash the same in every process
+            generator = torch.Generator().manual_seed(noise_seed(self.seed, key))
             q = torch.softmax(self.sharpness * torch.randn(k, self.vocab_size, generator=generator), dim=-1)
             drawn = torch.multinomial(q, 1, generator=generator)[:, 0] if k else torch.zeros(0, dtype=torch.long)
             tokens.append(drawn.tolist())
