@@ -17,6 +17,16 @@ from gemma4_model.sampling import SamplingParams
 from gemma4_model.speculative import OracleDrafter, Proposal, RandomDrafter
 
 VARIANTS = ("e4b", "26b_a4b", "12b_unified")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Thousands of tiny per-sequence ops: intra-op threads only wait on each other (tenfold
+    slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 ROOMY = SchedulerLimits(max_batch_tokens=512, max_running=64, chunk_size=64)
 
 
@@ -221,7 +231,7 @@ def test_rejection_sampling_keeps_the_distribution_of_the_next_two_tokens(tiny_c
     while engine.scheduler.has_work():
         engine.step()
     assert engine.stats.verify_runs == n and engine.stats.drafted_tokens == n  # max_tokens leaves room for 1
-    assert 0.1 < engine.stats.acceptance_rate < 0.9  # both the accept and the reject paths ran
+    assert 0.02 < engine.stats.acceptance_rate < 0.9  # both the accept and the reject paths ran
     observed: dict = {}
     for s in seqs:
         assert s.status is Status.FINISHED and len(s.output) == 3
