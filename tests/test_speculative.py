@@ -315,8 +315,8 @@ def test_json_schema_grammar_with_drafts(default_model):
     messages = [{"role": "user", "content": f"Extract name, age and city as JSON: {who}"}
                 for who in ("Mia is 41 years old and lives in Oslo.", "Tom is 29 years old and lives in Lima.",
                             "Ada is 36 years old and lives in Rome.")]
-    prompts = [tokenizer.apply_chat_template([m], tokenize=True, add_generation_prompt=True) for m in messages]
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    texts = [tokenizer.apply_chat_template([m], tokenize=False, add_generation_prompt=True) for m in messages]
+    prompts = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
     grammar = GrammarSpec("json_schema", json.dumps(PERSON))
 
     def go(params, drafter=None, k=4, seed=None):
