@@ -131,6 +131,9 @@ class Scheduler:
             n = self._chunk_length(seq, start, budget, alone=not plan)
             if start == len(seq.tokens) - 1 and seq.output:  # decoding: room for its drafts too
                 n = min(1 + self.draft_limit(seq), budget)
+                self.cache.slide(seq.seq_id, start)
+                if n > 1 and not self.cache.can_extend([(seq.seq_id, start + n)]):
+                    n = 1  # no drafts this step rather than preempting another sequence for them
             if n == 0:  # a whole bidirectional span does not fit the budget left: first in line next step
                 self.running.remove(seq)
                 self.running.insert(0, seq)

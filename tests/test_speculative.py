@@ -93,6 +93,18 @@ def test_greedy_with_drafts_equals_plain_greedy(tiny):
             assert stats.steps < plain_steps
 
 
+def test_a_tight_pool_drops_drafts_or_preempts_and_output_does_not_change(tiny_checkpoint):
+    config, model = load_text_decoder(tiny_checkpoint("e4b"), device="cpu", dtype=torch.float32)
+    cfg = config.text
+    requests = [(p, SamplingParams(max_tokens=16, ignore_eos=True)) for p in short_prompts(8, seed=21)]
+    _, plain = run(model, cfg, requests)
+    futures = {tuple(p): s.output for (p, _), s in zip(requests, plain)}
+    for drafter in (OracleDrafter(futures, cfg.vocab_size), RandomDrafter(cfg.vocab_size, seed=3)):
+        engine, seqs = run(model, cfg, requests, drafter, k=4, pages=14)
+        assert [s.output for s in seqs] == [s.output for s in plain]
+        assert engine.stats.drafted_tokens > 0
+
+
 def test_draft_limit_stops_short_of_max_tokens_and_model_length():
     class Cache:
         pass
