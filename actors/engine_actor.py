@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 
+import numpy as np
 import zmq
 
 from gemma4_model.engine import Engine, GenerationSequence, Status
@@ -51,17 +52,17 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
 
 def _first_batch_counts(seq: GenerationSequence) -> dict:
     """Usage counts ride on a request's first token batch only."""
-    if len(seq.output) != 1:
+    if len(seq.output) != max(1, len(seq.new_tokens)):
         return {}
     return {"prompt_tokens": len(seq.prompt), "cached_tokens": seq.num_cached_prompt_tokens}
 
 
-def _logprob_fields(seq: GenerationSequence) -> dict:
-    """The latest sampled token's logprob and top alternatives, when the request asked."""
+def _logprob_fields(seq: GenerationSequence, count: int = 1) -> dict:
+    """The logprobs and top alternatives of the latest `count` sampled tokens, when the request asked."""
     if seq.params.logprobs is None or not seq.logprobs:
         return {}
-    return {"logprobs": [float(seq.logprobs[-1])], "top_ids": seq.top_ids[-1][None, :],
-            "top_logprobs": seq.top_logprobs[-1][None, :]}
+    return {"logprobs": [float(x) for x in seq.logprobs[-count:]], "top_ids": np.stack(seq.top_ids[-count:]),
+            "top_logprobs": np.stack(seq.top_logprobs[-count:])}
 
 
 class EngineActor:
@@ -246,8 +247,9 @@ class EngineActor:
             if self.role == "prefill" and not done:
                 self.hand_over(seq)
                 continue
-            self.outbox.send(TokenBatch(seq.request_id, [seq.output[-1]], seq.finish_reason if done else None,
-                                        **_first_batch_counts(seq), **_logprob_fields(seq)))
+            # every token the step emitted (several when drafts were accepted)
+            self.outbox.send(TokenBatch(seq.request_id, list(seq.new_tokens), seq.finish_reason if done else None,
+                                        **_first_batch_counts(seq), **_logprob_fields(seq, len(seq.new_tokens))))
             if done:
                 self.requests.pop(seq.request_id, None)
                 self.specs.pop(seq.request_id, None)
@@ -270,21 +272,22 @@ class EngineActor:
         self.tracer.record("handoff_send", start, time.time_ns(), seq.request_id, bytes=report.nbytes,
                            pages=report.pages, replica=report.replica, backend=self.sender.backend)
 
-    def _progress(self) -> dict[str, tuple[GenerationSequence, int, int]]:
-        """Per request: tokens run so far (all attempts) and its position in the cache."""
+    def _progress(self) -> dict[str, tuple[GenerationSequence, int, int, int]]:
+        """Per request: tokens run so far (all attempts), its position in the cache, its length."""
         cache = self.engine.cache
         return {rid: (seq, seq.num_computed_tokens,
-                      cache.num_computed(seq.seq_id) if cache.has_sequence(seq.seq_id) else 0)
+                      cache.num_computed(seq.seq_id) if cache.has_sequence(seq.seq_id) else 0, len(seq.tokens))
                 for rid, seq in self.requests.items()}
 
-    def _trace_step(self, before: dict[str, tuple[GenerationSequence, int, int]], start: int, end: int) -> None:
+    def _trace_step(self, before: dict[str, tuple[GenerationSequence, int, int, int]], start: int, end: int) -> None:
         """One span per kind of work in the step: `prefill` (prompt chunks, or a recompute after
-        preemption) and `decode` (one token each), with the requests, their tokens and the batch."""
+        preemption) and `decode` (the newest token, with its drafts in a verify run), with the requests, their tokens and the batch."""
         work: dict[str, list[tuple[str, int]]] = {"prefill": [], "decode": []}
-        for rid, (seq, ran, position) in before.items():
+        for rid, (seq, ran, position, length) in before.items():
             done = seq.num_computed_tokens - ran
-            if done > 0:
-                work["prefill" if position < len(seq.prompt) or done > 1 else "decode"].append((rid, done))
+            if done > 0:  # decode: its newest token (plus drafts, in a verify run) ran
+                decoding = position >= len(seq.prompt) and position == length - 1
+                work["decode" if decoding else "prefill"].append((rid, done))
         for stage, items in work.items():
             if items:
                 self.tracer.record(stage, start, end, [rid for rid, _ in items], batch=len(items),

@@ -23,7 +23,9 @@ from .layers import MLP, Experts, RMSNorm, RotaryEmbedding, Router, apply_rope, 
 @dataclass(frozen=True)
 class DecoderOutput:
     logits: torch.Tensor  # [N, vocab] for the batch's logits rows
-    hidden: torch.Tensor  # [N, hidden] last hidden state (before the final norm) at those rows
+    # [N, hidden] the final-norm hidden state at those rows (what the lm_head reads; an MTP
+    # assistant drafts from the one of the position that produced a sequence's newest token)
+    hidden: torch.Tensor
 
 
 class Attention(nn.Module):
@@ -152,8 +154,12 @@ class TextDecoder(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm, (tied) lm_head and softcapping."""
+        return self.head(self.norm(hidden))
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """(Tied) lm_head and softcapping over final-norm hidden states."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(self.norm(hidden), weight)
+        logits = F.linear(normed, weight)
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -178,5 +184,5 @@ class TextDecoder(nn.Module):
                 batch = batch.select_rows(rows)
             cos, sin = rope[layer.spec.layer_type]
             x = layer(x, None if ple is None else ple[:, i], cos, sin, batch, cache)
-        hidden = x[batch.logits_rows]
-        return DecoderOutput(logits=self.logits(hidden), hidden=hidden)
+        hidden = self.norm(x[batch.logits_rows])
+        return DecoderOutput(logits=self.head(hidden), hidden=hidden)

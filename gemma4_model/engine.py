@@ -6,7 +6,7 @@ The actors wrap these pieces; the demo and the parity tests drive them directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Sequence
 
@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from .batch import ForwardBatch, SequenceChunk
-from .decoder import TextDecoder
+from .decoder import DecoderOutput, TextDecoder
 from .grammar import GrammarBook, GrammarState
 from .kv_cache import PagedKVCache, RequestTooLargeError
 from .media_span import (MediaSpan, MediaTokens, bidirectional_blocks, chunk_media, chunk_span_ids, page_extra_keys,
                          validate_media)
 from .sampling import LOGPROBS_RAW, RowSample, Sampler, SamplingParams, SamplingRow
+from .speculative import Drafter, verify_position
 
 
 class Status(Enum):
@@ -53,6 +54,10 @@ class GenerationSequence:
     media: tuple[MediaSpan, ...] = ()
     blocks: tuple[tuple[int, int], ...] = ()  # [start, end) bidirectional spans: one forward each
     page_keys: tuple[bytes, ...] = ()  # per full prompt page, the content keys of its media
+    new_tokens: list[int] = field(default_factory=list)  # tokens emitted in the latest step that advanced it
+    # The target's final-norm hidden state [hidden] of the position that produced output[-1]
+    # (what an MTP drafter reads); None until this engine samples a token for it.
+    last_hidden: torch.Tensor | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -71,6 +76,17 @@ class StepPlan:
     chunks: tuple[SequenceChunk, ...]
     seqs: tuple[GenerationSequence, ...]
     samples: tuple[bool, ...]  # whether this chunk ends at the sequence's next token
+    drafts: tuple[int, ...] = ()  # per chunk: draft positions reserved after its newest token (0: none)
+
+
+@dataclass
+class _Pending:
+    """A sequence that gets tokens this step: its first logits row and the drafts it verifies."""
+
+    seq: GenerationSequence
+    row: int
+    drafts: list[int]
+    q: torch.Tensor | None  # [len(drafts), vocab] draft distributions, None: deterministic drafter
 
 
 class Scheduler:
@@ -82,6 +98,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: list[GenerationSequence] = []
         self.running: list[GenerationSequence] = []
+        self.num_speculative_tokens = 0  # draft positions a decoding sequence may verify per step
 
     def add(self, seq: GenerationSequence) -> None:
         """Queue a sequence, or refuse it at once if it can never fit."""
@@ -112,6 +129,11 @@ class Scheduler:
                 continue  # preempted earlier in this loop to make room
             start = self.cache.num_computed(seq.seq_id)
             n = self._chunk_length(seq, start, budget, alone=not plan)
+            if start == len(seq.tokens) - 1 and seq.output:  # decoding: room for its drafts too
+                n = min(1 + self.draft_limit(seq), budget)
+                self.cache.slide(seq.seq_id, start)
+                if n > 1 and not self.cache.can_extend([(seq.seq_id, start + n)]):
+                    n = 1  # no drafts this step rather than preempting another sequence for them
             if n == 0:  # a whole bidirectional span does not fit the budget left: first in line next step
                 self.running.remove(seq)
                 self.running.insert(0, seq)
@@ -138,16 +160,24 @@ class Scheduler:
             self.cache.extend(seq.seq_id, cached + n)
             plan.append((seq, n))
             budget = max(0, budget - n)
-        chunks, seqs, samples = [], [], []
+        chunks, seqs, samples, drafts = [], [], [], []
         for seq, n in plan:
             start = self.cache.num_computed(seq.seq_id)
-            end = start + n
+            end = min(start + n, len(seq.tokens))
             chunks.append(SequenceChunk(seq.seq_id, seq.tokens[start:end], start,
                                         span_ids=chunk_span_ids(seq.blocks, start, end),
                                         media=chunk_media(seq.media, start, end)))
             seqs.append(seq)
             samples.append(end == len(seq.tokens))
-        return StepPlan(tuple(chunks), tuple(seqs), tuple(samples))
+            drafts.append(start + n - end)
+        return StepPlan(tuple(chunks), tuple(seqs), tuple(samples), tuple(drafts))
+
+    def draft_limit(self, seq: GenerationSequence) -> int:
+        """Draft tokens a decoding sequence may verify this step: at most `num_speculative_tokens`,
+        and never so many that accepting all of them plus the bonus token passes max_tokens or
+        the model length."""
+        left = min(seq.params.max_tokens - len(seq.output), self.max_model_len - len(seq.tokens))
+        return max(0, min(self.num_speculative_tokens, left - 1))
 
     def _chunk_length(self, seq: GenerationSequence, start: int, budget: int, alone: bool) -> int:
         """Tokens of seq's next chunk from `start`; 0 when it cannot run this step.
@@ -206,7 +236,20 @@ class EngineStats:
     steps: int = 0
     mixed_steps: int = 0  # steps holding both prefill chunks and decode tokens
     prefill_tokens: int = 0
-    decode_tokens: int = 0
+    decode_tokens: int = 0  # query tokens of decoding sequences, drafts included
+    drafted_tokens: int = 0  # draft tokens verified by the target
+    accepted_tokens: int = 0  # draft tokens accepted (emitted as output)
+    verify_runs: int = 0  # sequence-steps that verified at least one draft
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted tokens (0 before any draft)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def mean_accept_length(self) -> float:
+        """Drafts accepted per verify run (tokens emitted per run is this + 1, but for stops)."""
+        return self.accepted_tokens / self.verify_runs if self.verify_runs else 0.0
 
 
 class Engine:
@@ -214,13 +257,20 @@ class Engine:
 
     def __init__(self, model: TextDecoder, cache: PagedKVCache, limits: SchedulerLimits = SchedulerLimits(),
                  seed: int | None = None, logprobs_mode: str = LOGPROBS_RAW, grammars: GrammarBook | None = None,
-                 media_tokens: MediaTokens | None = None):
+                 media_tokens: MediaTokens | None = None, drafter: Drafter | None = None,
+                 num_speculative_tokens: int = 4):
+        """`drafter`: speculative decoding (see `speculative.py`), each decoding sequence verifying
+        up to `num_speculative_tokens` drafts per step; None decodes one token per step."""
+        if num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
         self.model = model
         # Placeholder ids of media (default: the checkpoint's, from the decoder's config).
         self.media_tokens = media_tokens if media_tokens is not None else MediaTokens.from_text_config(model.cfg)
         self.grammars = grammars  # None: requests with a grammar are refused
         self.cache = cache
         self.scheduler = Scheduler(cache, limits, model.cfg.max_position_embeddings)
+        self.drafter = drafter
+        self.scheduler.num_speculative_tokens = num_speculative_tokens if drafter is not None else 0
         self.device = next(model.parameters()).device
         self.stats = EngineStats()
         # seed: the noise of requests without their own seed
@@ -277,37 +327,89 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[GenerationSequence]:
-        """One forward over the planned chunks; returns the sequences that got a token
-        (its `output[-1]`; `status` says whether that finished it)."""
+        """One forward over the planned chunks; returns the sequences that got tokens: one, or
+        with speculation up to k+1 (`new_tokens`, the tail of `output`); `status` says whether
+        the last of them finished it."""
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
-        batch = ForwardBatch.build(plan.chunks, self.cache, self.device)
+        chunks, verifies = self._add_drafts(plan)
+        batch = ForwardBatch.build(chunks, self.cache, self.device)
         out = self.model(batch, self.cache)
-        self._count(plan)
-        rows = []
-        for i, (seq, chunk, sampled) in enumerate(zip(plan.seqs, plan.chunks, plan.samples)):
+        self._count(plan, chunks)
+        pending, row = [], 0
+        for i, (seq, chunk, sampled) in enumerate(zip(plan.seqs, chunks, plan.samples)):
             end = chunk.start + len(chunk.token_ids)
             seq.num_computed_tokens += len(chunk.token_ids)
-            self.cache.commit(seq.seq_id, seq.tokens, end, seq.page_keys)
+            if verifies[i] is None:  # a verify run commits once its drafts are judged
+                self.cache.commit(seq.seq_id, seq.tokens, end, seq.page_keys)
             if sampled:
-                rows.append(i)
-                if seq.params.keep_logits:
-                    seq.step_logits.append(out.logits[i].float().cpu())
-        if not rows:
-            return []
-        advanced = [plan.seqs[i] for i in rows]
-        bitmask, constrained = self._grammar_masks(advanced)
-        choices = self.sampler(out.logits[rows], [SamplingRow(s.params, s.prompt, s.output, c)
-                                                  for s, c in zip(advanced, constrained)], bitmask)
-        for seq, choice in zip(advanced, choices):
-            self._record(seq, choice)
-            if seq.grammar is not None:
-                seq.grammar.sync(seq.output)
-            reason = self._finish_reason(seq, choice.token)
-            if reason:
-                self.scheduler.finish(seq, reason)
+                drafts, q = verifies[i] or ([], None)
+                pending.append(_Pending(seq, row, drafts, q))
+            row += len(chunk.logits_rows)
+        advanced = self._emit(out, pending)
+        for seq, verify in zip(plan.seqs, verifies):
+            if verify is not None and seq.status is Status.RUNNING:
+                # KV of rejected drafts is dropped; the newest token is computed next step.
+                self.cache.truncate(seq.seq_id, len(seq.tokens) - 1)
+                self.cache.commit(seq.seq_id, seq.tokens, len(seq.tokens) - 1, seq.page_keys)
         return advanced
+
+    def _add_drafts(self, plan: StepPlan) -> tuple[list[SequenceChunk], list[tuple[list[int], torch.Tensor | None] | None]]:
+        """The step's chunks with each decoding sequence's drafts appended (a verify run, logits
+        at every position), and per chunk its (drafts, draft probs) or None when it verifies none."""
+        chunks = list(plan.chunks)
+        verifies: list = [None] * len(chunks)
+        wanting = [i for i, n in enumerate(plan.drafts) if n > 0]
+        if not wanting or self.drafter is None:
+            return chunks, verifies
+        proposal = self.drafter.draft(self.cache, [plan.seqs[i] for i in wanting], max(plan.drafts[i] for i in wanting))
+        assert len(proposal.tokens) == len(wanting), "the drafter must answer for every sequence"
+        vocab = self.model.cfg.vocab_size
+        for i, tokens, q in zip(wanting, proposal.tokens, proposal.probs):
+            tokens = [int(t) for t in tokens[: plan.drafts[i]]]
+            assert all(0 <= t < vocab for t in tokens), f"draft tokens outside the vocabulary: {tokens}"
+            chunk = chunks[i]
+            chunks[i] = replace(chunk, token_ids=list(chunk.token_ids) + tokens,
+                                logits_rows=tuple(range(1 + len(tokens))))
+            verifies[i] = (tokens, None if q is None else q[: len(tokens)].to(self.device, torch.float32))
+        return chunks, verifies
+
+    def _emit(self, out: DecoderOutput, pending: list["_Pending"]) -> list[GenerationSequence]:
+        """Judge drafts position by position and emit tokens: each round, every sequence still
+        going gets one token (`verify_position`: the accepted draft, a correction, or the plain /
+        bonus token), recorded before the next round so penalties, min_tokens, seeded noise and
+        the grammar see exactly the output a plain decode would have at that position."""
+        for p in pending:
+            p.seq.new_tokens = []
+        active, j = list(pending), 0
+        while active:
+            seqs = [p.seq for p in active]
+            bitmask, constrained = self._grammar_masks(seqs)
+            rows = [p.row + j for p in active]
+            results = verify_position(
+                out.logits[rows], [SamplingRow(s.params, s.prompt, s.output, c) for s, c in zip(seqs, constrained)],
+                [p.drafts[j] if j < len(p.drafts) else None for p in active],
+                [p.q[j] if p.q is not None and j < len(p.drafts) else None for p in active],
+                self.sampler.eos_token_ids, self.sampler.generator, self.sampler.logprobs_mode, bitmask)
+            going = []
+            for p, r, (choice, accepted) in zip(active, rows, results):
+                seq = p.seq
+                if seq.params.keep_logits:
+                    seq.step_logits.append(out.logits[r].float().cpu())
+                self._record(seq, choice)
+                seq.new_tokens.append(choice.token)
+                seq.last_hidden = out.hidden[r].clone()
+                self.stats.accepted_tokens += accepted
+                if seq.grammar is not None:
+                    seq.grammar.sync(seq.output)
+                reason = self._finish_reason(seq, choice.token)
+                if reason:
+                    self.scheduler.finish(seq, reason)
+                elif accepted:
+                    going.append(p)
+            active, j = going, j + 1
+        return [p.seq for p in pending]
 
     def _grammar_masks(self, seqs: Sequence[GenerationSequence]) -> tuple[torch.Tensor | None, list[bool]]:
         """This step's token bitmask for the constrained rows, filled in one call."""
@@ -324,11 +426,14 @@ class Engine:
             seq.top_ids.append(choice.top_ids)
             seq.top_logprobs.append(choice.top_logprobs)
 
-    def _count(self, plan: StepPlan) -> None:
-        decode = [chunk.start >= len(seq.prompt) for seq, chunk in zip(plan.seqs, plan.chunks)]
+    def _count(self, plan: StepPlan, chunks: Sequence[SequenceChunk]) -> None:
+        decode = [chunk.start >= len(seq.prompt) for seq, chunk in zip(plan.seqs, chunks)]
         self.stats.steps += 1
         self.stats.mixed_steps += any(decode) and not all(decode)
-        for is_decode, chunk in zip(decode, plan.chunks):
+        for is_decode, chunk, plain in zip(decode, chunks, plan.chunks):
+            drafted = len(chunk.token_ids) - len(plain.token_ids)
+            self.stats.drafted_tokens += drafted
+            self.stats.verify_runs += drafted > 0
             if is_decode:
                 self.stats.decode_tokens += len(chunk.token_ids)
             else:

@@ -228,20 +228,33 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_id
         raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
     n, vocab = logits.shape
     assert n == len(rows), "one sampling row per logits row"
-    device = logits.device
-    raw = logits.float()
-    x = _penalise(raw, rows, device)
-    x = _mask_early_stops(x, rows, eos_token_ids)
-    x = _mask_by_grammar(x, rows, token_bitmask)
-    penalised = x
-    tokens = torch.argmax(x, dim=-1)
+    raw, penalised = transform_logits(logits, rows, eos_token_ids, token_bitmask)
+    tokens = torch.argmax(penalised, dim=-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
         if noise is None:
             raise ValueError("rows that sample need noise")
-        picked = _sample_rows(x[sampled], [rows[i].params for i in sampled], noise[sampled].to(device))
-        tokens[sampled] = picked
-    token_list = tokens.tolist()
+        probs = sampling_probs(penalised[sampled], [rows[i].params for i in sampled])
+        tokens[sampled] = torch.argmax(probs / noise[sampled].to(logits.device), dim=-1)
+    return with_logprobs(raw, penalised, rows, tokens.tolist(), logprobs_mode)
+
+
+def transform_logits(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Sequence[int],
+                     token_bitmask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw float32 logits, logits after penalties, min_tokens and grammar masks): steps 1-3."""
+    raw = logits.float()
+    x = _penalise(raw, rows, logits.device)
+    x = _mask_early_stops(x, rows, eos_token_ids)
+    return raw, _mask_by_grammar(x, rows, token_bitmask)
+
+
+def with_logprobs(raw: torch.Tensor, penalised: torch.Tensor, rows: Sequence[SamplingRow], tokens: Sequence[int],
+                  logprobs_mode: str = LOGPROBS_RAW) -> list[RowSample]:
+    """Each row's chosen token as a `RowSample`, with its logprobs when the row asked for them."""
+    if logprobs_mode not in LOGPROBS_MODES:
+        raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
+    device = raw.device
+    token_list = [int(t) for t in tokens]
     results = [RowSample(t) for t in token_list]
     wanting = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if wanting:
@@ -251,7 +264,8 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_id
             temps = torch.tensor([rows[i].params.temperature or 1.0 for i in wanting], device=device)
             source = penalised[wanting] / temps[:, None]
         lp = torch.log_softmax(source, dim=-1)
-        chosen = lp.gather(1, tokens[wanting][:, None])[:, 0].tolist()
+        chosen_ids = torch.tensor([token_list[i] for i in wanting], dtype=torch.long, device=device)
+        chosen = lp.gather(1, chosen_ids[:, None])[:, 0].tolist()
         top = torch.topk(lp, max(rows[i].params.logprobs for i in wanting), dim=-1)
         top_ids = top.indices.to(torch.int32).cpu().numpy()
         top_values = top.values.cpu().numpy()
@@ -321,8 +335,9 @@ def _mask_by_grammar(x: torch.Tensor, rows: Sequence[SamplingRow], token_bitmask
     return x
 
 
-def _sample_rows(x: torch.Tensor, params: Sequence[SamplingParams], noise: torch.Tensor) -> torch.Tensor:
-    """Temperature, min-p, top-k, top-p, then the exponential race, for rows that sample."""
+def sampling_probs(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The distribution [rows, vocab] sampled rows draw from: temperature, min-p, top-k and top-p
+    over their transformed logits (step 5 before the race; speculative decoding verifies against it)."""
     n, vocab = x.shape
     device = x.device
     inf = float("-inf")
@@ -343,7 +358,7 @@ def _sample_rows(x: torch.Tensor, params: Sequence[SamplingParams], noise: torch
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p) & (top_p < 1.0)
         probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.argmax(probs / noise, dim=-1)
+    return probs
 
 
 class Sampler:
