@@ -198,8 +198,8 @@ class Drafter(nn.Module):
         target's final-norm hidden state at q-1. `sample(logits [B, vocab] float32, step)` picks
         the drafted ids (greedy argmax when None).
         """
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        if k < 1 or not seq_ids:
+            raise ValueError(f"drafting needs k >= 1 and at least one sequence (k={k}, {len(seq_ids)} sequences)")
         device = self.pre_projection.weight.device
         positions = torch.as_tensor(positions, dtype=torch.long, device=device).view(-1)
         tokens = torch.as_tensor(last_tokens, dtype=torch.long, device=device).view(-1)
