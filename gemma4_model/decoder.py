@@ -152,10 +152,6 @@ class TextDecoder(nn.Module):
         x = self.embed(ids)
         return ids, x.index_copy(0, batch.media_rows, batch.media_embeds.to(x.dtype))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm, (tied) lm_head and softcapping."""
-        return self.head(self.norm(hidden))
-
     def head(self, normed: torch.Tensor) -> torch.Tensor:
         """(Tied) lm_head and softcapping over final-norm hidden states."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

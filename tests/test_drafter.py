@@ -137,7 +137,7 @@ def _tandem_prefill(config, decoder, prompts):
         chunks.append(SequenceChunk(seq_id, prompt, start=0))
     with torch.no_grad():
         out = decoder(ForwardBatch.build(chunks, cache), cache)
-        hidden = decoder.norm(out.hidden)
+        hidden = out.hidden  # already the final-norm state
     positions = torch.tensor([len(p) for p in prompts])
     try:
         yield cache, out.logits.argmax(-1), hidden, positions
