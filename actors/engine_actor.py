@@ -281,7 +281,8 @@ class EngineActor:
 
     def _trace_step(self, before: dict[str, tuple[GenerationSequence, int, int, int]], start: int, end: int) -> None:
         """One span per kind of work in the step: `prefill` (prompt chunks, or a recompute after
-        preemption) and `decode` (the newest token, with its drafts in a verify run), with the requests, their tokens and the batch."""
+        preemption) and `decode` (the newest token, with its drafts in a verify run), with the
+        requests, their tokens and the batch."""
         work: dict[str, list[tuple[str, int]]] = {"prefill": [], "decode": []}
         for rid, (seq, ran, position, length) in before.items():
             done = seq.num_computed_tokens - ran

@@ -79,6 +79,9 @@ class StepPlan:
     drafts: tuple[int, ...] = ()  # per chunk: draft positions reserved after its newest token (0: none)
 
 
+_Verify = tuple[list[int], "torch.Tensor | None"]  # a verify run's drafts and their q rows (None: one-hot)
+
+
 @dataclass
 class _Pending:
     """A sequence that gets tokens this step: its first logits row and the drafts it verifies."""
@@ -355,7 +358,7 @@ class Engine:
                 self.cache.commit(seq.seq_id, seq.tokens, len(seq.tokens) - 1, seq.page_keys)
         return advanced
 
-    def _add_drafts(self, plan: StepPlan) -> tuple[list[SequenceChunk], list[tuple[list[int], torch.Tensor | None] | None]]:
+    def _add_drafts(self, plan: StepPlan) -> tuple[list[SequenceChunk], list[_Verify | None]]:
         """The step's chunks with each decoding sequence's drafts appended (a verify run, logits
         at every position), and per chunk its (drafts, draft probs) or None when it verifies none."""
         chunks = list(plan.chunks)

@@ -210,7 +210,8 @@ def exact_two_token_distribution(model, cfg, context, params):
     p1 = probs_after([context])[0]
     firsts = torch.nonzero(p1 > 0)[:, 0].tolist()
     p2 = probs_after([context + [t] for t in firsts])
-    return {(t, u): float(p1[t] * p2[j, u]) for j, t in enumerate(firsts) for u in torch.nonzero(p2[j] > 0)[:, 0].tolist()}
+    return {(t, u): float(p1[t] * p2[j, u])
+            for j, t in enumerate(firsts) for u in torch.nonzero(p2[j] > 0)[:, 0].tolist()}
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
