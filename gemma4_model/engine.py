@@ -134,7 +134,7 @@ class Scheduler:
             n = self._chunk_length(seq, start, budget, alone=not plan)
             if start == len(seq.tokens) - 1 and seq.output:  # decoding: room for its drafts too
                 n = min(1 + self.draft_limit(seq), budget)
-                self.cache.slide(seq.seq_id, start)
+                self.cache.slide(seq.seq_id, self._keep_from(start))
                 if n > 1 and not self.cache.can_extend([(seq.seq_id, start + n)]):
                     n = 1  # no drafts this step rather than preempting another sequence for them
             if n == 0:  # a whole bidirectional span does not fit the budget left: first in line next step
@@ -201,10 +201,15 @@ class Scheduler:
                 return need if need <= budget or alone else 0
         return n
 
+    def _keep_from(self, start: int) -> int:
+        """Where sliding pages may be released from: an MTP assistant drafting at q reads the
+        sliding KV of q-1-window .. q-1, two positions more than the target's own step."""
+        return max(0, start - 2) if self.num_speculative_tokens else start
+
     def _make_room(self, seq: GenerationSequence, n: int, plan: list) -> bool:
         """Pages for seq's next n tokens, preempting the newest other sequences if needed."""
         start = self.cache.num_computed(seq.seq_id)
-        self.cache.slide(seq.seq_id, start)
+        self.cache.slide(seq.seq_id, self._keep_from(start))
         while not self.cache.can_extend([(seq.seq_id, start + n)]):
             victim = self.running[-1]
             self._preempt(victim)

@@ -161,3 +161,20 @@ def verify_position(logits: torch.Tensor, rows: Sequence[SamplingRow], drafts: S
                 tokens[i] = int(torch.argmax(residual / noise[j]))
     samples = with_logprobs(raw, penalised, rows, tokens, logprobs_mode)
     return list(zip(samples, accepted))
+
+
+class AssistantDrafter:
+    """A Gemma 4 assistant (`drafter.Drafter`) as the engine's drafter: greedy drafts (q one-hot,
+    so rejection sampling stays exact), from each sequence's newest token at position q and the
+    target's final-norm hidden state that produced it (`GenerationSequence.last_hidden`)."""
+
+    def __init__(self, assistant):
+        self.assistant = assistant
+
+    def draft(self, cache: PagedKVCache, seqs: Sequence[GenerationSequence], k: int) -> Proposal:
+        device = seqs[0].last_hidden.device
+        last = torch.tensor([s.tokens[-1] for s in seqs], device=device)
+        positions = torch.tensor([len(s.tokens) - 1 for s in seqs], device=device)
+        hidden = torch.stack([s.last_hidden for s in seqs])
+        result = self.assistant.draft(cache, [s.seq_id for s in seqs], last, hidden, positions, k)
+        return Proposal([row.tolist() for row in result.tokens], [None] * len(seqs))

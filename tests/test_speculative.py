@@ -316,6 +316,30 @@ def test_default_model_greedy_with_an_oracle_equals_plain_greedy(default_model):
     assert engine.stats.drafted_tokens > 0
 
 
+def test_default_model_with_its_trained_assistant_equals_plain_greedy(default_model):
+    """The real MTP path: the embedded model's assistant drafts from Tandem's paged cache; greedy
+    output equals plain greedy at batch sizes 1 and 8, and most drafts are accepted."""
+    from default_model import ASSISTANT
+    from default_model.formatting import Renderer
+    from default_model.tasks import make_set
+    from gemma4_model.drafter import load_drafter
+    from gemma4_model.speculative import AssistantDrafter
+
+    tokenizer, cfg, model, stops, _ = default_model
+    text_kinds = ("add", "think", "copy", "reverse", "tool_call", "tool_answer", "json")
+    renderer = Renderer(tokenizer, None, None)
+    prompts = [renderer.render(inst, with_answer=False).prompt_ids
+               for inst in make_set(9, 2 * len(text_kinds), heldout=True, kinds=text_kinds)]
+    params = SamplingParams(max_tokens=64, stop_token_ids=tuple(stops))
+    requests = [(p, params) for p in prompts]
+    _, plain = run(model, cfg, requests, pages=600)
+    drafter = AssistantDrafter(load_drafter(ASSISTANT, cfg, target_embed=model.embed))
+    for batch in (1, 8):
+        engine, seqs = run(model, cfg, requests, drafter, k=5, max_running=batch, pages=600)
+        assert [s.output for s in seqs] == [s.output for s in plain], batch
+        assert engine.stats.drafted_tokens > 0 and engine.stats.acceptance_rate > 0.5, engine.stats
+
+
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                            "city": {"type": "string"}},
           "required": ["name", "age", "city"], "additionalProperties": False}
