@@ -17,7 +17,7 @@ from .attention import paged_attention, write_kv
 from .batch import ForwardBatch
 from .config import LayerSpec, TextConfig
 from .kv_cache import PagedKVCache
-from .layers import MLP, Experts, RMSNorm, RotaryEmbedding, Router, apply_rope, gelu_tanh
+from .layers import MLP, Experts, RMSNorm, RotaryEmbedding, Router, add_sandwich_norms, apply_rope, gelu_tanh
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,7 @@ class DecoderLayer(nn.Module):
         self.spec = spec
         self.self_attn = Attention(cfg, spec)
         self.mlp = MLP(h, spec.intermediate_size)
-        self.input_layernorm = RMSNorm(h, eps)
-        self.post_attention_layernorm = RMSNorm(h, eps)
-        self.pre_feedforward_layernorm = RMSNorm(h, eps)
-        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        add_sandwich_norms(self, h, eps)
         self.register_buffer("layer_scalar", torch.ones(1))
         self.moe = cfg.moe is not None
         if self.moe:

@@ -44,7 +44,7 @@ from torch.nn import functional as F
 
 from .config import ASSISTANT_MODEL_TYPES, SLIDING, LayerSpec, ModelConfig, TextConfig
 from .kv_cache import NO_PAGE, PagedKVCache
-from .layers import MLP, RMSNorm, RotaryEmbedding, apply_rope
+from .layers import MLP, RMSNorm, RotaryEmbedding, add_sandwich_norms, apply_rope
 from .loader import checkpoint_config
 from .weights import CheckpointError, CheckpointFiles, load_tensors, read_model_type
 
@@ -103,10 +103,7 @@ class DraftLayer(nn.Module):
         self.spec = spec
         self.self_attn = DraftAttention(cfg, spec)
         self.mlp = MLP(h, spec.intermediate_size)
-        self.input_layernorm = RMSNorm(h, eps)
-        self.post_attention_layernorm = RMSNorm(h, eps)
-        self.pre_feedforward_layernorm = RMSNorm(h, eps)
-        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        add_sandwich_norms(self, h, eps)
         self.register_buffer("layer_scalar", torch.ones(1))
 
     def forward(self, x, cos, sin, kv: TargetKV):

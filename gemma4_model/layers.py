@@ -116,3 +116,10 @@ class SoftTokenProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.embedding_projection.weight.dtype)
         return self.embedding_projection(self.embedding_pre_projection_norm(x))
+
+
+def add_sandwich_norms(layer: nn.Module, hidden: int, eps: float) -> None:
+    """The four RMSNorms around a Gemma 4 layer's attention and MLP, under the checkpoint's names."""
+    for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"):
+        setattr(layer, name, RMSNorm(hidden, eps))

@@ -376,16 +376,14 @@ class VisionTower(nn.Module):
 
 
 class _ImageEncoderBase(nn.Module):
-    """What both families' image encoders share: the LM width and video as frames."""
+    """What both families' image encoders share: the LM width and video as frames (each subclass
+    defines `encode`)."""
 
     cfg: VisionConfig | UnifiedVisionConfig
 
     @property
     def text_hidden_size(self) -> int:
         return self.cfg.text_hidden_size
-
-    def encode(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError
 
     def encode_video(
         self, pixel_values: torch.Tensor, position_ids: torch.Tensor, frames_per_video: list[int]

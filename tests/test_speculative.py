@@ -296,17 +296,22 @@ def default_model():
     return tokenizer, config.text, model, stops, book
 
 
-def test_default_model_greedy_with_an_oracle_equals_plain_greedy(default_model):
+def heldout_requests(tokenizer, stops, seed: int, per_kind: int):
+    """The default model's held-out text prompts (every text kind), greedy up to 64 tokens."""
     from default_model.formatting import Renderer
     from default_model.tasks import make_set
 
-    tokenizer, cfg, model, stops, _ = default_model
     text_kinds = ("add", "think", "copy", "reverse", "tool_call", "tool_answer", "json")
     renderer = Renderer(tokenizer, None, None)
     prompts = [renderer.render(inst, with_answer=False).prompt_ids
-               for inst in make_set(7, 3 * len(text_kinds), heldout=True, kinds=text_kinds)]
+               for inst in make_set(seed, per_kind * len(text_kinds), heldout=True, kinds=text_kinds)]
     params = SamplingParams(max_tokens=64, stop_token_ids=tuple(stops))
-    requests = [(p, params) for p in prompts]
+    return prompts, [(p, params) for p in prompts]
+
+
+def test_default_model_greedy_with_an_oracle_equals_plain_greedy(default_model):
+    tokenizer, cfg, model, stops, _ = default_model
+    prompts, requests = heldout_requests(tokenizer, stops, seed=7, per_kind=3)
     _, plain = run(model, cfg, requests, pages=600)
     assert all(s.finish_reason == "stop" for s in plain)
     futures = {tuple(p): s.output for p, s in zip(prompts, plain)}
@@ -320,18 +325,11 @@ def test_default_model_with_its_trained_assistant_equals_plain_greedy(default_mo
     """The real MTP path: the embedded model's assistant drafts from Tandem's paged cache; greedy
     output equals plain greedy at batch sizes 1 and 8, and most drafts are accepted."""
     from default_model import ASSISTANT
-    from default_model.formatting import Renderer
-    from default_model.tasks import make_set
     from gemma4_model.drafter import load_drafter
     from gemma4_model.speculative import AssistantDrafter
 
     tokenizer, cfg, model, stops, _ = default_model
-    text_kinds = ("add", "think", "copy", "reverse", "tool_call", "tool_answer", "json")
-    renderer = Renderer(tokenizer, None, None)
-    prompts = [renderer.render(inst, with_answer=False).prompt_ids
-               for inst in make_set(9, 2 * len(text_kinds), heldout=True, kinds=text_kinds)]
-    params = SamplingParams(max_tokens=64, stop_token_ids=tuple(stops))
-    requests = [(p, params) for p in prompts]
+    _, requests = heldout_requests(tokenizer, stops, seed=9, per_kind=2)
     _, plain = run(model, cfg, requests, pages=600)
     drafter = AssistantDrafter(load_drafter(ASSISTANT, cfg, target_embed=model.embed))
     for batch in (1, 8):
