@@ -24,7 +24,7 @@ from gemma4_model.kv_cache import RequestTooLargeError
 from gemma4_model.page_pool import KVCacheFullError
 from gemma4_model.sampling import SamplingParams
 from transfer.backend import Arrival, KVReceiver, KVSender
-from transfer.kv_pages import KVPayload, PayloadError, check_payload, export_pages, import_pages
+from transfer.kv_pages import KVPayload, PayloadError, check_payload, import_pages
 
 from .handoff import handoff_message
 from .media_wait import MediaWaiter, handoff_media, spans_from_handoff
@@ -98,12 +98,14 @@ class EngineActor:
         while not stop.is_set():
             idle = not self.engine.scheduler.has_work()
             waiting = self.receiver is not None and self.receiver.pending()  # a handoff's other half is due
-            waiting = waiting or self.media.pending()
+            waiting = waiting or self.media.pending() or (self.sender is not None and self.sender.pending())
             msg = self.inbox.recv(timeout_ms=(2 if waiting else 50) if idle else 0)
             while msg is not None:  # take everything that has arrived before the next step
                 self.handle(msg)
                 msg = self.inbox.recv(timeout_ms=0)
             self.receive_ready()
+            if self.sender is not None:  # GPU data plane: sends completing, held pages released
+                self.sender.poll()
             for request_id, code, problem in self.media.expired():
                 self.outbox.send(RequestError(request_id, code, problem))
             if self.engine.scheduler.has_work():
@@ -257,7 +259,7 @@ class EngineActor:
     def hand_over(self, seq: GenerationSequence) -> None:
         """First token to the api, the needed pages to decode; this actor's pages are then free."""
         start = time.time_ns()
-        payload = export_pages(self.engine.cache, seq.seq_id)
+        payload = self.sender.export(self.engine.cache, seq.seq_id)  # a copy, send buffers, or pages held in place
         self.engine.cancel(seq)
         self.requests.pop(seq.request_id, None)
         spec = self.specs.pop(seq.request_id)

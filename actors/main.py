@@ -152,13 +152,19 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     outbox = push(zctx, ctx.wiring.results)
     role, backend = ctx.actor.kind, ctx.topology.transfer
     sender = receiver = None
+    wiring, replica = ctx.wiring, ctx.actor.replica
     if role == "prefill":  # the sender picks the decode replica itself, so data and control meet
-        sender = make_sender(backend, zctx=zctx, decode_inboxes=ctx.wiring.of_kind("decode"),
-                             kv_data_endpoints=[ctx.wiring.kv_data[r] for r in sorted(ctx.wiring.kv_data)],
-                             run_id=ctx.run_id)
+        sender = make_sender(backend, zctx=zctx, decode_inboxes=wiring.of_kind("decode"),
+                             kv_data_endpoints=[wiring.kv_data[r] for r in sorted(wiring.kv_data)],
+                             run_id=ctx.run_id, replica=replica, device=ctx.device,
+                             kv_store_endpoints=[wiring.kv_store[r] for r in sorted(wiring.kv_store)],
+                             kv_release_endpoint=wiring.kv_release.get(replica))
     elif role == "decode":
-        receiver = make_receiver(backend, zctx=zctx, kv_data_endpoint=ctx.wiring.kv_data[ctx.actor.replica],
-                                 run_id=ctx.run_id)
+        receiver = make_receiver(backend, zctx=zctx, kv_data_endpoint=wiring.kv_data[replica],
+                                 run_id=ctx.run_id, replica=replica, device=ctx.device,
+                                 kv_store_endpoint=wiring.kv_store.get(replica),
+                                 prefill_replicas=len(wiring.kv_release),
+                                 kv_release_endpoints=[wiring.kv_release[r] for r in sorted(wiring.kv_release)])
     actor = EngineActor(engine, inbox, outbox, role=role, sender=sender, receiver=receiver, tracer=tracer,
                         replica=ctx.actor.replica)
     announce_ready(zctx, ctx)

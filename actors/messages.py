@@ -139,6 +139,28 @@ class EncodeResult:
 
 
 @message
+class DevicePages:
+    """Where the pages of a `KVHandoff` are when they move over the GPU data plane (transfer
+    backends `nccl` and `cuda_ipc`, `transfer/nccl.py`, `transfer/cuda_ipc.py`): sizes and
+    places only, never page data. Groups travel full then sliding; their logical page numbers
+    are the handoff's `full_pages` / `sliding_pages`."""
+
+    source: int  # the prefill replica that sent the handoff
+    serial: int  # counts that replica's handoffs to this decode replica from 1 (nccl: the order of the transfers)
+    shapes: list[int]  # per group that travels: layers, pages, page_size, kv_heads, head_dim
+    # cuda_ipc only: the pages' places in prefill's pool (full then sliding, in the order of the
+    # logical ones) and, per pool tensor (full k, full v, sliding k, sliding v), what
+    # `torch.UntypedStorage._share_cuda_` gives: handle, ref-counter name, event handle, and the
+    # ints device, storage bytes, storage offset bytes, ref-counter offset, event sync (0/1),
+    # pages in the pool (6 per tensor)
+    physical: list[int] = field(default_factory=list)
+    pool_handles: list[bytes] = field(default_factory=list)
+    pool_ref_counters: list[bytes] = field(default_factory=list)
+    pool_events: list[bytes] = field(default_factory=list)
+    pool_ints: list[int] = field(default_factory=list)
+
+
+@message
 class KVHandoff:
     """prefill -> decode: a prefilled request, its first token and the KV pages decode needs.
 
@@ -159,6 +181,7 @@ class KVHandoff:
     sliding_k: np.ndarray | None = None
     sliding_v: np.ndarray | None = None
     data_ref: str | None = None  # set when the pages travel apart (transfer backend shm or tcp); arrays then absent
+    device_pages: DevicePages | None = None  # set when the pages travel over the GPU data plane (nccl, cuda_ipc)
     # A multimodal prompt's media, so that decode can recompute the prompt after a preemption:
     # spans as in `PrefillJob.media_spans`, embeddings of every span concatenated in span order
     media_kinds: list[str] = field(default_factory=list)
@@ -184,6 +207,17 @@ class KVData:
     sliding_pages: np.ndarray | None = None
     sliding_k: np.ndarray | None = None
     sliding_v: np.ndarray | None = None
+
+
+@message
+class KVRelease:
+    """decode -> prefill over the prefill replica's `kv_release` channel (transfer backend
+    `cuda_ipc`): decode has copied handoff `serial` out of prefill's pool, or dropped it;
+    prefill may now free those pages."""
+
+    replica: int  # the decode replica
+    serial: int  # `DevicePages.serial` of the handoff
+    request_id: str
 
 
 @message

@@ -16,12 +16,15 @@ Edges (all ZeroMQ PUSH/PULL; the receiving side binds):
 - every actor -> api results (`TokenBatch`, `RequestError`, `ActorStats`);
 - every actor -> its node's launcher control (`ActorReady`);
 - launchers -> api control (actor down / up notices);
-- prefill -> decode KV data, one endpoint per decode replica (the `tcp` transfer backend).
+- prefill -> decode KV data, one endpoint per decode replica (the `tcp` transfer backend);
+- decode -> prefill KV releases, one endpoint per prefill replica (the `cuda_ipc` backend);
+- one process-group rendezvous store per decode replica (the `nccl` backend): always TCP, on the
+  decode replica's node, its port counted after every other endpoint of that node.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -49,6 +52,8 @@ class Wiring:
     controls: Mapping[str, str]  # node name -> its launcher's PULL control endpoint
     kv_data: Mapping[int, str]  # decode replica -> its PULL for KV data (tcp backend)
     nodes: Mapping[ActorId, str]  # actor -> node name
+    kv_release: Mapping[int, str] = field(default_factory=dict)  # prefill replica -> its KVRelease PULL (cuda_ipc)
+    kv_store: Mapping[int, str] = field(default_factory=dict)  # decode replica -> its TCPStore, tcp:// (nccl)
 
     def of_kind(self, kind: str) -> list[str]:
         return [addr for actor, addr in sorted(self.inboxes.items(), key=lambda kv: kv[0].replica)
@@ -86,4 +91,10 @@ def plan_wiring(topology: Topology, run_dir: str | Path) -> Wiring:
     api_control = endpoint(topology.api_node, "api.control")
     inboxes = {a: endpoint(nodes[a], f"{a.name}.in") for a in ids if a.kind != API}
     kv_data = {a.replica: endpoint(nodes[a], f"{a.name}.kv") for a in ids if a.kind == "decode"}
-    return Wiring(run_dir, inboxes, results, api_control, controls, kv_data, nodes)
+    kv_release = {a.replica: endpoint(nodes[a], f"{a.name}.release") for a in ids if a.kind == "prefill"}
+    kv_store = {}
+    for a in ids:
+        if a.kind == "decode":
+            kv_store[a.replica] = f"tcp://{topology.nodes[nodes[a]].host}:{next_port[nodes[a]]}"
+            next_port[nodes[a]] += 1
+    return Wiring(run_dir, inboxes, results, api_control, controls, kv_data, nodes, kv_release, kv_store)

@@ -15,7 +15,16 @@ Backends:
   chosen replica's `kv_data` endpoint; the receiver matches data and control by `data_ref` in
   either arrival order, holding at most `max_pending` unmatched parts (`max_pending_bytes` of
   data) for at most `timeout_s`; what overflows or times out fails its request.
-- `cuda_ipc`, `nccl`: the GPU data plane (issue 8), refused here with an error saying so.
+- `nccl` (GPUs, across nodes; `transfer/nccl.py`): the pages go, one contiguous buffer per layer
+  group, as point-to-point sends on a 2-rank process group per (prefill, decode) replica pair;
+  the handoff carries their sizes (`device_pages`), the receiver posts the matching receives.
+- `cuda_ipc` (GPUs of one host; `transfer/cuda_ipc.py`): decode maps prefill's KV pool through
+  CUDA IPC handles and copies the pages out itself; prefill keeps them until decode's
+  `KVRelease` (or a timeout).
+
+A sender also says how pages leave the cache (`KVSender.export`: a copy for the CPU backends,
+a gather into send buffers for `nccl`, a hold on the pages in place for `cuda_ipc`), and has a
+`poll` the prefill actor calls every loop (sends completing, pages released).
 
 A cancelled request's parts are dropped wherever they are, and ones still to come are dropped
 on arrival (a segment unlinked unread): `KVReceiver.discard`.
@@ -39,7 +48,7 @@ from actors.messages import KVData, KVHandoff, MessageError
 from actors.transport import Channel, pull, push
 
 from . import shm
-from .kv_pages import KVPayload, PayloadError
+from .kv_pages import KVPayload, PayloadError, export_pages
 
 BACKENDS = ("inline", "shm", "tcp", "cuda_ipc", "nccl")
 GPU_BACKENDS = ("cuda_ipc", "nccl")
@@ -52,13 +61,28 @@ class TransferBackendError(ValueError):
     """A transfer backend this build cannot run."""
 
 
-def check_backend(backend: str) -> None:
-    if backend in GPU_BACKENDS:
-        raise TransferBackendError(
-            f"transfer backend {backend!r} moves KV pages between GPUs: that is the GPU data plane "
-            "(issue 8, CUDA IPC and NCCL), not in this build; CPU actors use 'shm' (one host) or 'tcp'")
+def check_backend(backend: str, process_group: str = "nccl") -> None:
+    """Refuse a backend this machine cannot run: unknown, or a GPU one without CUDA (`nccl` runs
+    its protocol over gloo, on CPU, when `process_group` is "gloo")."""
     if backend not in BACKENDS:
         raise TransferBackendError(f"unknown transfer backend {backend!r}; expected one of {list(BACKENDS)}")
+    import torch
+
+    if backend == "cuda_ipc" and not torch.cuda.is_available():
+        raise TransferBackendError("transfer backend 'cuda_ipc' maps one process's GPU memory into another: "
+                                   "this machine has no CUDA device (torch.cuda.is_available() is False); "
+                                   "CPU actors use 'shm' (one host) or 'tcp'")
+    if backend == "nccl":
+        import torch.distributed as dist
+
+        if process_group not in ("nccl", "gloo"):
+            raise TransferBackendError(f"the nccl transfer backend runs on a 'nccl' or 'gloo' process group, "
+                                       f"not {process_group!r}")
+        if process_group == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+            raise TransferBackendError("transfer backend 'nccl' needs CUDA devices and a torch built with NCCL "
+                                       f"(cuda available: {torch.cuda.is_available()}, nccl: "
+                                       f"{dist.is_available() and dist.is_nccl_available()}); "
+                                       "CPU actors use 'shm' (one host) or 'tcp'")
 
 
 def num_pages(payload: KVPayload) -> int:
@@ -103,6 +127,18 @@ class KVSender:
         self.controls = list(controls)
         self._turn = itertools.cycle(range(len(self.controls)))
         self._refs = itertools.count()
+
+    def export(self, cache, seq_id: int) -> KVPayload:
+        """Take a handed-over sequence's pages out of `cache`, before the sequence is freed there;
+        what it returns goes to `send`. The CPU backends copy the pages out."""
+        return export_pages(cache, seq_id)
+
+    def poll(self) -> None:
+        """Called every loop of the prefill actor: the GPU backends finish sends and free pages here."""
+
+    def pending(self) -> int:
+        """Handoffs whose pages this sender still holds."""
+        return 0
 
     def send(self, handoff: KVHandoff, payload: KVPayload) -> SendReport:
         """Move `payload` and push `handoff` (built without pages) to the next replica."""
@@ -334,10 +370,25 @@ class TcpReceiver(KVReceiver):
 # -- construction from a topology ---------------------------------------------------------
 def make_sender(backend: str, *, zctx: zmq.Context, decode_inboxes: Sequence[str],
                 kv_data_endpoints: Sequence[str] = (), run_id: str | None = None,
-                shm_dir: Path = shm.SHM_DIR) -> KVSender:
+                shm_dir: Path = shm.SHM_DIR, replica: int = 0, kv_store_endpoints: Sequence[str] = (),
+                kv_release_endpoint: str | None = None, device: str = "cpu", process_group: str = "nccl",
+                timeout_s: float = 300.0) -> KVSender:
     """A prefill actor's sender: one control PUSH per decode replica (inboxes in replica order),
-    plus, for `tcp`, one data PUSH per replica (`kv_data_endpoints`, same order)."""
-    check_backend(backend)
+    plus, for `tcp`, one data PUSH per replica (`kv_data_endpoints`, same order); for `nccl` a
+    process group per decode replica (rendezvous at `kv_store_endpoints`, same order); for
+    `cuda_ipc` this replica's bound `kv_release_endpoint`. `replica`: this prefill replica."""
+    check_backend(backend, process_group)
+    if backend == "nccl":
+        from .nccl import make_nccl_sender
+
+        return make_nccl_sender([push(zctx, e) for e in decode_inboxes], kv_store_endpoints, replica, device,
+                                process_group, timeout_s)
+    if backend == "cuda_ipc":
+        from .cuda_ipc import CudaIpcSender
+
+        if kv_release_endpoint is None:
+            raise ValueError("the cuda_ipc backend needs this prefill replica's kv_release endpoint")
+        return CudaIpcSender([push(zctx, e) for e in decode_inboxes], pull(zctx, kv_release_endpoint), replica)
     if backend == "shm" and run_id is None:
         raise ValueError("the shm backend needs the run id (its segments are named after it)")
     if backend == "tcp" and len(kv_data_endpoints) != len(decode_inboxes):
@@ -353,9 +404,26 @@ def make_sender(backend: str, *, zctx: zmq.Context, decode_inboxes: Sequence[str
 
 def make_receiver(backend: str, *, zctx: zmq.Context | None = None, kv_data_endpoint: str | None = None,
                   run_id: str | None = None, shm_dir: Path = shm.SHM_DIR, timeout_s: float = 10.0,
-                  max_pending: int = 256) -> KVReceiver:
-    """A decode replica's receiver; `tcp` binds this replica's `kv_data_endpoint`."""
-    check_backend(backend)
+                  max_pending: int = 256, replica: int = 0, kv_store_endpoint: str | None = None,
+                  prefill_replicas: int = 1, kv_release_endpoints: Sequence[str] = (), device: str = "cpu",
+                  process_group: str = "nccl", connect_timeout_s: float = 300.0) -> KVReceiver:
+    """A decode replica's receiver; `tcp` binds this replica's `kv_data_endpoint`; `nccl` hosts
+    the rendezvous of its process groups at `kv_store_endpoint`, one per prefill replica;
+    `cuda_ipc` pushes releases to the prefill replicas' `kv_release_endpoints` (replica order)."""
+    check_backend(backend, process_group)
+    if backend == "nccl":
+        from .nccl import make_nccl_receiver
+
+        if kv_store_endpoint is None:
+            raise ValueError("the nccl backend needs this decode replica's kv_store endpoint")
+        return make_nccl_receiver(kv_store_endpoint, prefill_replicas, device, process_group, connect_timeout_s)
+    if backend == "cuda_ipc":
+        from .cuda_ipc import CudaIpcReceiver
+
+        if zctx is None or len(kv_release_endpoints) < 1:
+            raise ValueError("the cuda_ipc backend needs a ZeroMQ context and the prefill replicas' kv_release "
+                             "endpoints")
+        return CudaIpcReceiver([push(zctx, e) for e in kv_release_endpoints], replica, device)
     if backend == "shm":
         if run_id is None:
             raise ValueError("the shm backend needs the run id (its segments are named after it)")

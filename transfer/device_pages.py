@@ -1,0 +1,148 @@
+"""The pure parts of the GPU data plane: which pages a handoff moves, and moving them in bulk.
+
+`held_pages` lists, per layer group, the logical pages a sequence hands over and their places
+in the sending pool (the same pages `kv_pages.export_pages` would copy). `pack_group` gathers
+one group's pages into one contiguous buffer [2 (k, v), layers, pages, page_size, kv_heads,
+head_dim]: one `index_select` per pool tensor straight into the buffer, never a copy per page.
+`nccl` sends that buffer; `cuda_ipc` packs out of the mapped pool of the other process and
+moves the buffer to its own device in one copy. `unpack_payload` views received buffers as a
+`KVPayload`, which `kv_pages.import_pages` scatters into the receiving cache (one `index_put`
+per pool tensor). `hold` / `release` keep a handed-over sequence's pages out of the sender's
+free list until the receiver has read them (`cuda_ipc`).
+
+Nothing here knows processes or devices: it runs on CPU tensors as on CUDA ones, and is
+unit-tested on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from gemma4_model.config import FULL, SLIDING
+from gemma4_model.kv_cache import PagedKVCache
+
+from .kv_pages import GroupPages, KVPayload, PayloadError
+
+GROUP_ORDER = (FULL, SLIDING)  # the order groups travel in (the order of `DevicePages.shapes`)
+SHAPE_RANK = 5  # layers, pages, page_size, kv_heads, head_dim
+MAX_PAGES = 1 << 20
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class HeldPages:
+    """The pages one handoff moves: per group, logical page numbers and their physical pages."""
+
+    num_tokens: int
+    logical: Mapping[str, tuple[int, ...]]
+    physical: Mapping[str, tuple[int, ...]]
+
+    @property
+    def groups(self) -> list[str]:
+        return [name for name in GROUP_ORDER if name in self.logical]
+
+    @property
+    def num_pages(self) -> int:
+        return sum(len(pages) for pages in self.logical.values())
+
+    def flat_physical(self) -> list[int]:
+        return [p for name in self.groups for p in self.physical[name]]
+
+
+def held_pages(cache: PagedKVCache, seq_id: int) -> HeldPages:
+    """The pages a decoder needs to continue this sequence (sliding pages it can no longer see
+    are released first), where they sit in `cache`."""
+    cache.slide(seq_id, cache.num_computed(seq_id))
+    logical = {name: tuple(pages) for name, pages in cache.held_pages(seq_id).items()}
+    physical = {name: tuple(cache.page_table(seq_id, name)[j] for j in pages) for name, pages in logical.items()}
+    return HeldPages(cache.num_computed(seq_id), logical, physical)
+
+
+def hold(cache: PagedKVCache, held: HeldPages) -> None:
+    """Take one more reference on every page of `held`: freeing the sequence leaves them allocated."""
+    for name, pages in held.physical.items():
+        for page in pages:
+            cache.groups[name].pool.acquire(page)
+
+
+def release(cache: PagedKVCache, held: HeldPages) -> None:
+    """Drop the references `hold` took."""
+    for name, pages in held.physical.items():
+        cache.groups[name].pool.release_all(pages)
+
+
+def group_shape(cache: PagedKVCache, name: str, pages: int) -> list[int]:
+    """[layers, pages, page_size, kv_heads, head_dim] of `pages` pages of one group."""
+    k = cache.groups[name].k
+    return [k.shape[0], pages, *k.shape[2:]]
+
+
+def shapes_of(cache: PagedKVCache, held: HeldPages) -> list[int]:
+    """`DevicePages.shapes`: the shape of every travelling group's K (and V), flat."""
+    return [d for name in held.groups for d in group_shape(cache, name, len(held.logical[name]))]
+
+
+def parse_shapes(shapes: Sequence[int], logical: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    """`DevicePages.shapes` back into per-group shapes, checked against the handoff's page lists
+    (raises `PayloadError`)."""
+    names = [name for name in GROUP_ORDER if name in logical]
+    if len(shapes) != SHAPE_RANK * len(names):
+        raise PayloadError(f"{len(shapes)} shape numbers for groups {names}: expected {SHAPE_RANK} per group")
+    out = {}
+    for i, name in enumerate(names):
+        shape = tuple(shapes[SHAPE_RANK * i:SHAPE_RANK * (i + 1)])
+        if not all(isinstance(d, int) and 0 <= d <= MAX_PAGES for d in shape) or 0 in shape[:1] + shape[2:]:
+            raise PayloadError(f"group {name}: bad shape {shape}")
+        if shape[1] != len(logical[name]):
+            raise PayloadError(f"group {name}: shape has {shape[1]} pages, the page list {len(logical[name])}")
+        out[name] = shape
+    return out
+
+
+def buffer_numel(shape: Sequence[int]) -> int:
+    """Elements of a group's packed buffer (K and V)."""
+    n = 2
+    for d in shape:
+        n *= d
+    return n
+
+
+def pack_group(k: torch.Tensor, v: torch.Tensor, physical: Sequence[int]) -> torch.Tensor:
+    """One group's pages in one contiguous buffer [2, layers, len(physical), page_size, kv_heads,
+    head_dim], on the pool's device: one gather per pool tensor."""
+    index = torch.tensor(list(physical), dtype=torch.long, device=k.device)
+    buffer = k.new_empty((2, k.shape[0], len(physical), *k.shape[2:]))
+    torch.index_select(k, 1, index, out=buffer[0])
+    torch.index_select(v, 1, index, out=buffer[1])
+    return buffer
+
+
+def pack_payload(cache: PagedKVCache, held: HeldPages) -> dict[str, torch.Tensor]:
+    """Every travelling group packed (`pack_group`), in `GROUP_ORDER`."""
+    return {name: pack_group(cache.groups[name].k, cache.groups[name].v, held.physical[name]) for name in held.groups}
+
+
+def unpack_payload(num_tokens: int, logical: Mapping[str, Sequence[int]],
+                   buffers: Mapping[str, torch.Tensor]) -> KVPayload:
+    """Packed buffers (as `pack_group` makes them) as a `KVPayload` of views, no copy."""
+    groups = {}
+    for name, buffer in buffers.items():
+        if buffer.dim() != 6 or buffer.shape[0] != 2 or buffer.shape[2] != len(logical[name]):
+            raise PayloadError(f"group {name}: packed buffer of shape {tuple(buffer.shape)} does not hold "
+                               f"K and V of {len(logical[name])} pages")
+        groups[name] = GroupPages(tuple(int(p) for p in logical[name]), buffer[0], buffer[1])
+    return KVPayload(num_tokens, groups)
+
+
+def empty_buffers(shapes: Mapping[str, Sequence[int]], dtype: torch.dtype,
+                  device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Receive buffers for groups of these shapes."""
+    return {name: torch.empty((2, *shape), dtype=dtype, device=device) for name, shape in shapes.items()}
+
+
+def as_bytes(buffer: torch.Tensor) -> torch.Tensor:
+    """A contiguous buffer as flat uint8 (the wire moves bytes, whatever the KV dtype)."""
+    return buffer.reshape(-1).view(torch.uint8)
