@@ -113,14 +113,12 @@ def test_each_backend_round_trips_a_real_payload(exported, zctx, run_id, backend
     sender.close(), receiver.close(), inbox.close()
 
 
-def test_gpu_backends_are_refused_naming_their_issue(zctx):
-    for backend in ("cuda_ipc", "nccl"):
-        with pytest.raises(TransferBackendError, match="GPU data plane.*issue 8"):
-            make_sender(backend, zctx=zctx, decode_inboxes=["inproc://x"])
-        with pytest.raises(TransferBackendError, match="issue 8"):
-            make_receiver(backend, zctx=zctx)
+def test_an_unknown_backend_is_refused(zctx):
+    # the GPU backends' errors on a machine without CUDA: tests/test_gpu_plane.py
     with pytest.raises(TransferBackendError, match="unknown"):
         make_receiver("carrier-pigeon")
+    with pytest.raises(TransferBackendError, match="unknown"):
+        make_sender("carrier-pigeon", zctx=zctx, decode_inboxes=["inproc://x"])
 
 
 def _kv_data(control, payload, ref):

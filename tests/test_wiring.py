@@ -30,3 +30,18 @@ def test_replicas_each_get_an_inbox_and_the_api_comes_last():
     ids = actor_ids(topology)
     assert ids[-1] == ActorId(API, 0) and [a.kind for a in ids[:3]] == ["engine"] * 3
     assert len(plan_wiring(topology, "/tmp/r").of_kind("engine")) == 3
+
+
+def test_gpu_data_plane_endpoints_come_after_every_other_port_of_their_node():
+    one = plan_wiring(load_topology(EXAMPLES / "gpu_two.toml"), "/tmp/r")
+    assert one.kv_release == {0: "ipc:///tmp/r/prefill-0.release"}
+    assert one.kv_store == {0: "tcp://127.0.0.1:5600"}  # a TCP store even on one node (nccl rendezvous)
+    two = plan_wiring(load_topology(EXAMPLES / "gpu_two_node.toml"), "/tmp/r")
+    endpoints = [*two.inboxes.values(), two.results, two.api_control, *two.controls.values(), *two.kv_data.values(),
+                 *two.kv_release.values(), *two.kv_store.values()]
+    assert len(set(endpoints)) == len(endpoints)
+    back = [int(e.rsplit(":", 1)[1]) for a, e in two.inboxes.items() if two.nodes[a] == "back"]
+    store = int(two.kv_store[0].rsplit(":", 1)[1])
+    assert two.kv_release[0].startswith("tcp://") and store > max(back) and 5700 <= store < 5800
+    before = plan_wiring(load_topology(EXAMPLES / "cpu_two_node.toml"), "/tmp/r")
+    assert before.kv_data[0] == "tcp://127.0.0.1:5702"  # where it was before the GPU endpoints existed
