@@ -108,10 +108,11 @@ class _Held:
 class CudaIpcSender(KVSender):
     backend = "cuda_ipc"
 
-    def __init__(self, controls: Sequence[Channel], releases: Channel, source: int, hold_timeout_s: float = 60.0):
+    def __init__(self, controls: Sequence[Channel], releases: Channel, source: int, hold_timeout_s: float = 60.0,
+                 clock=time.monotonic):
         """`releases`: this prefill replica's bound `kv_release` PULL."""
         super().__init__(controls)
-        self.releases, self.source, self.hold_timeout_s = releases, source, hold_timeout_s
+        self.releases, self.source, self.hold_timeout_s, self.clock = releases, source, hold_timeout_s, clock
         self._serials = [itertools.count(1) for _ in controls]
         self._held: dict[tuple[int, int], _Held] = {}  # (decode replica, serial) -> pages kept for it
         self._cache = None
@@ -142,7 +143,7 @@ class CudaIpcSender(KVSender):
                                    **self._pool.fields())
         control = dataclasses.replace(handoff, num_tokens=held.num_tokens, kv_dtype=kv_dtype, **pages,
                                       data_ref=f"cuda_ipc:{self.source}:{serial}", device_pages=device_pages)
-        self._held[(replica, serial)] = _Held(held, handoff.request_id, time.monotonic() + self.hold_timeout_s)
+        self._held[(replica, serial)] = _Held(held, handoff.request_id, self.clock() + self.hold_timeout_s)
         try:
             self.controls[replica].send(control)
         except Exception:
@@ -163,7 +164,7 @@ class CudaIpcSender(KVSender):
             entry = self._held.pop((msg.replica, msg.serial), None) if isinstance(msg, KVRelease) else None
             if entry is not None:
                 release(self._cache, entry.held)
-        now = time.monotonic()
+        now = self.clock()
         for key in [k for k, e in self._held.items() if e.deadline < now]:
             release(self._cache, self._held.pop(key).held)
             self.expired += 1
