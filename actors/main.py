@@ -168,7 +168,12 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     actor = EngineActor(engine, inbox, outbox, role=role, sender=sender, receiver=receiver, tracer=tracer,
                         replica=ctx.actor.replica)
     announce_ready(zctx, ctx)
-    actor.run(stop)
+    try:
+        actor.run(stop)
+    finally:  # the GPU data plane: held pages, process groups
+        for part in (sender, receiver):
+            if part is not None:
+                part.close()
 
 
 RUNNERS = {"preprocess": run_preprocess, "engine": run_engine, "prefill": run_engine, "decode": run_engine,

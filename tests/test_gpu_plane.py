@@ -140,6 +140,17 @@ def test_gpu_backends_say_clearly_that_cuda_is_absent():
         ctx.destroy(linger=0)
 
 
+def test_nccl_is_refused_between_two_processes_of_one_gpu():
+    from topology.config import EXAMPLES, TopologyError, load_topology, parse_topology
+    import tomllib
+
+    raw = tomllib.loads((EXAMPLES / "gpu_split.toml").read_text())
+    raw["transfer"]["backend"] = "nccl"
+    with pytest.raises(TopologyError, match="one GPU.*cuda_ipc"):
+        parse_topology(raw)
+    assert load_topology(EXAMPLES / "gpu_two_node.toml").transfer == "nccl"  # one GPU per node: fine
+
+
 def test_cuda_ipc_sender_keeps_pages_until_release_or_timeout(model, monkeypatch):
     """The sender's bookkeeping, with a stand-in for the pool's IPC handles (CUDA-free) and a
     clock of its own."""

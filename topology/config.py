@@ -311,6 +311,9 @@ def _transfer(t: Mapping[str, Any], actors: tuple[ActorSpec, ...], nodes: Mappin
         raise TopologyError("transfer.backend", f"{backend!r} needs prefill and decode on cuda devices")
     if backend == "cuda_ipc" and not same_node:
         raise TopologyError("transfer.backend", "'cuda_ipc' needs prefill and decode on one node; use 'nccl'")
+    if backend == "nccl" and same_node and prefill.device == decode.device:
+        raise TopologyError("transfer.backend", f"'nccl' cannot join two processes on one GPU ({decode.device}); "
+                                                "use 'cuda_ipc'")
     if backend in ("shm", "tcp") and on_gpu:
         raise TopologyError("transfer.backend", f"{backend!r} is a CPU backend; GPU actors use 'cuda_ipc' or 'nccl'")
     return backend

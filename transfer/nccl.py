@@ -97,6 +97,14 @@ class PairGroup:
         finally:
             self._ready.set()
 
+    def abort(self) -> None:
+        """At stop: drop the communicator without waiting on a peer that may be gone."""
+        if self._ready.is_set() and self._group is not None:
+            try:
+                self._group.abort()
+            except (RuntimeError, AttributeError):  # a backend without abort, or already down
+                pass
+
     def get(self, timeout_s: float):
         if not self._ready.wait(timeout_s):
             raise ConnectionError(f"{self.name}: process group not connected after {timeout_s:g} s")
@@ -239,6 +247,8 @@ class NcclSender(KVSender):
     def close(self) -> None:
         super().close()
         self._sends.close()
+        for group in self.groups:
+            group.abort()
 
 
 class NcclReceiver(KVReceiver):
@@ -306,6 +316,8 @@ class NcclReceiver(KVReceiver):
 
     def close(self) -> None:
         self._recvs.close()
+        for group in self.groups:
+            group.abort()
 
 
 def make_nccl_sender(controls: Sequence[Channel], store_endpoints: Sequence[str], source: int,
