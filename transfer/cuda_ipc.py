@@ -219,7 +219,7 @@ class CudaIpcReceiver(KVReceiver):
             return
         try:
             self._copies.append(self._start_copy(handoff, pages, now))
-        except (PayloadError, RuntimeError) as exc:  # RuntimeError: a handle CUDA cannot open
+        except (PayloadError, RuntimeError, TypeError, ValueError) as exc:  # RuntimeError: a handle CUDA cannot open
             self._release(pages, handoff.request_id)
             self._ready.append(Arrival(handoff.request_id, handoff, None, f"bad cuda_ipc handoff: {exc}", BAD_DATA,
                                        since_ns=now))

@@ -3,7 +3,8 @@
 Only the pages decode needs cross: every held page of the full-attention group, the pages of
 the last window of the sliding group (the cache has already released older ones), and nothing
 for KV-shared layers (they own no pages). The payload is plain arrays per group, so any
-backend (shared memory, TCP frames, later CUDA IPC or NCCL) can move it.
+backend (shared memory, TCP frames) can move it; the GPU backends take the same pages
+(`device_pages.held_pages`) and hand the receiver the same `KVPayload`, on its device.
 """
 
 from __future__ import annotations

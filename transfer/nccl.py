@@ -65,7 +65,7 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 
 def new_pair_group(store, rank: int, process_group: str, device: torch.device, timeout_s: float):
     """A 2-rank process-group backend on `store`, built directly (no default group)."""
-    from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo  # noqa: F401 (PrefixStore: callers)
+    from torch._C._distributed_c10d import ProcessGroupGloo
 
     timeout = timedelta(seconds=timeout_s)
     if process_group == "gloo":
