@@ -1,6 +1,6 @@
 """One prefill or decode engine actor in a process of its own, for the GPU data-plane tests.
 
-`python -m tests.handoff_actor --role prefill|decode --replica N --backend nccl|cuda_ipc
+`python -m tests.handoff_actor --role prefill|decode|pool-owner --replica N --backend nccl|cuda_ipc
 --process-group gloo|nccl --checkpoint DIR --run-dir DIR --device cpu|cuda:N --dtype float32`
 
 Endpoints are ipc sockets in `--run-dir` (prefill-N.in, decode-N.in, api.results,
@@ -28,6 +28,50 @@ from gemma4_model.loader import load_text_decoder
 from transfer.backend import make_receiver, make_sender
 
 
+def pool_values(shape, salt: int) -> torch.Tensor:
+    """The known content a `pool-owner` fills a pool tensor with (float32, on CPU)."""
+    n = 1
+    for d in shape:
+        n *= d
+    return ((torch.arange(n, dtype=torch.float64) * 7 + salt) % 1009).float().reshape(shape)
+
+
+def own_pool(args) -> int:
+    """`--role pool-owner`: a cache of known content on `--device` with one sequence, handed over
+    with the cuda_ipc sender to decode-0's inbox; waits for the `KVRelease`, exit 0 once it came
+    and the pages are free, 3 if not within 60 s."""
+    import time
+
+    from actors.handoff import handoff_message
+    from actors.messages import SamplingSpec
+    from gemma4_model.config import load_config
+
+    dtype = getattr(torch, args.dtype)
+    config = load_config(args.checkpoint)
+    cache = PagedKVCache(config.text, page_size=args.page_size, num_pages=args.pages, device=args.device, dtype=dtype)
+    for salt, group in enumerate(cache.groups.values()):
+        group.k.copy_(pool_values(group.k.shape, 2 * salt))
+        group.v.copy_(pool_values(group.v.shape, 2 * salt + 1))
+    cache.adopt_sequence(0, 3, {name: [0] for name in cache.groups})  # occupy a page: the handed-over ones follow
+    cache.adopt_sequence(1, 45, {name: list(range(12)) for name in cache.groups})
+    zctx = zmq.Context()
+    sender = make_sender("cuda_ipc", zctx=zctx, decode_inboxes=[f"ipc://{args.run_dir}/decode-0.in"],
+                         kv_release_endpoint=f"ipc://{args.run_dir}/prefill-0.release")
+    held = sender.export(cache, 1)
+    cache.free_sequence(1)
+    sender.send(handoff_message("owned", list(range(3, 48)), 5, SamplingSpec(), None), held)
+    deadline = time.monotonic() + 60
+    while sender.pending() and time.monotonic() < deadline:
+        sender.poll()
+        time.sleep(0.01)
+    cache.free_sequence(0)
+    in_use = cache.pages_in_use()
+    print(f"pool-owner: pending {sender.pending()}, pages in use {in_use}", flush=True)
+    sender.close()
+    zctx.destroy(linger=0)
+    return 0 if not any(in_use.values()) else 3
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     for flag in ("--role", "--backend", "--checkpoint", "--run-dir"):
@@ -44,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=16)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.role == "pool-owner":
+        return own_pool(args)
     dtype = getattr(torch, args.dtype)
     config, model = load_text_decoder(args.checkpoint, device=args.device, dtype=dtype)
     cache = PagedKVCache(config.text, page_size=args.page_size, num_pages=args.pages, device=args.device, dtype=dtype)

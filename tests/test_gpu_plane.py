@@ -312,6 +312,53 @@ def test_cuda_ipc_between_processes_equals_colocated(tmp_path, tiny_checkpoint, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("decode_device", ["cuda:0", pytest.param("cuda:1", marks=TWO_GPUS)],
+                         ids=["split_one_gpu", "two_gpus"])
+def test_cuda_ipc_maps_another_process_pool_and_releases_its_pages(tmp_path, tiny_checkpoint, decode_device):
+    """A pool of known content in another process: the pages decode copies out of the mapped
+    pool are exactly that content, on decode's device; the release frees them at the owner."""
+    from tests.handoff_actor import pool_values
+
+    checkpoint = tiny_checkpoint("e4b")
+    ctx = zmq.Context()
+    inbox = pull(ctx, f"ipc://{tmp_path}/decode-0.in")
+    receiver = make_receiver("cuda_ipc", zctx=ctx, device=decode_device,
+                             kv_release_endpoints=[f"ipc://{tmp_path}/prefill-0.release"])
+    owner = subprocess.Popen([sys.executable, "-m", "tests.handoff_actor", "--role", "pool-owner", "--backend",
+                              "cuda_ipc", "--checkpoint", str(checkpoint), "--run-dir", str(tmp_path),
+                              "--device", "cuda:0", "--pages", "32"], cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        handoff = inbox.recv(timeout_ms=120_000)
+        assert handoff is not None, owner.communicate(timeout=5)[0] if owner.poll() is not None else "no handoff"
+        receiver.accept(handoff)
+        deadline, arrivals = time.monotonic() + 30, []
+        while not arrivals and time.monotonic() < deadline:
+            arrivals = receiver.poll()
+        [arrival] = arrivals
+        assert arrival.error is None, arrival.error
+        output = owner.communicate(timeout=60)[0]
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    assert owner.returncode == 0, output  # the release reached the owner and freed its pages
+    from gemma4_model.config import load_config
+
+    cache = PagedKVCache(load_config(checkpoint).text, page_size=PAGE, num_pages=32)  # the owner's pool shapes
+    physical = handoff.device_pages.physical
+    for salt, (name, group) in enumerate(cache.groups.items()):  # the owner's fill order
+        pages = arrival.payload.groups[name]
+        assert pages.k.device == torch.device(decode_device) and pages.logical[-1] == 11  # 45 positions, page 4
+        assert name != FULL or pages.logical == tuple(range(12))  # sliding: the last window only
+        index = physical[(0 if name == FULL else len(arrival.payload.groups[FULL].logical)):][:len(pages.logical)]
+        assert 0 not in index  # the owner's other sequence holds page 0 of each group
+        assert torch.equal(pages.k.float().cpu(), pool_values(group.k.shape, 2 * salt)[:, index])
+        assert torch.equal(pages.v.float().cpu(), pool_values(group.v.shape, 2 * salt + 1)[:, index])
+    receiver.close(), inbox.close()
+    ctx.destroy(linger=0)
+
+
+@pytest.mark.gpu
 @TWO_GPUS
 def test_nccl_between_two_gpus_equals_colocated(tmp_path, tiny_checkpoint):
     got, log = run_pair(tmp_path, tiny_checkpoint("e4b"), "nccl", "nccl",
