@@ -128,6 +128,9 @@ def main(argv=None) -> int:
     in_use = cache.pages_in_use()
     print(f"{args.role}-{args.replica} pages in use {in_use}, handoffs held {held}", flush=True)
     busy = receiver.pending() if receiver is not None else 0
+    for part in (sender, receiver):  # as run_engine does at stop
+        if part is not None:
+            part.close()
     return 0 if not any(in_use.values()) and held == 0 and busy == 0 else 3
 
 
