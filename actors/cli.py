@@ -1,7 +1,8 @@
 """`tandem`: the command line.
 
     tandem serve [--model PATH] [--topology cpu_colocated|FILE] [--host H] [--port P]
-                 [--api-key KEY] [--trace-dir DIR]
+                 [--api-key KEY] [--trace-dir DIR] [--speculative-draft-model-path PATH
+                 [--speculative-num-steps K]]
     tandem node --topology FILE --node NAME [...]
     tandem trace DIR [--chrome OUT.json]
 
@@ -61,6 +62,60 @@ def add_common_options(command: argparse.ArgumentParser) -> None:
                               "(a request's own chat_template_kwargs win)")
 
 
+SPECULATIVE_ALGORITHMS = ("NEXTN", "MTP", "FROZEN_KV_MTP")  # names other servers give Gemma 4's assistant drafting
+SPECULATIVE_CONFIG_KEYS = {"model", "num_speculative_tokens", "method"}
+
+
+def add_speculative_options(command: argparse.ArgumentParser) -> None:
+    group = command.add_argument_group("MTP speculative decoding (a Gemma 4 assistant drafts, the model verifies)")
+    group.add_argument("--speculative-draft-model-path", metavar="PATH",
+                       help="the assistant checkpoint (e.g. gemma-4-E4B-it-assistant; 'default': the embedded "
+                            "model's); turns MTP on")
+    group.add_argument("--speculative-num-steps", "--num-speculative-tokens", type=int, metavar="K",
+                       dest="speculative_num_steps",
+                       help="draft tokens verified per step (default: the recipe's for the model, 2 for E2B, else 4)")
+    group.add_argument("--speculative-num-draft-tokens", type=int, metavar="N",
+                       help="tokens per verify run: the newest plus its drafts, so K + 1 (SGLang's flag)")
+    group.add_argument("--speculative-algorithm", type=str.upper, choices=SPECULATIVE_ALGORITHMS,
+                       help="accepted for compatibility: every one means assistant (frozen-KV MTP) drafting")
+    group.add_argument("--speculative-eagle-topk", type=int, metavar="1",
+                       help="accepted for compatibility: drafts form one chain, so only 1")
+    group.add_argument("--speculative-config", type=json.loads, metavar="JSON",
+                       help='vLLM\'s form: \'{"model": PATH, "num_speculative_tokens": K}\'')
+
+
+def speculative_overrides(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
+    """The [speculative] fields the flags set; SystemExit (status 2) naming the flag when they conflict."""
+    fields: dict[str, object] = {}
+    config = args.speculative_config
+    if config is not None:
+        if not isinstance(config, dict) or not set(config) <= SPECULATIVE_CONFIG_KEYS:
+            raise SystemExit(f"tandem: --speculative-config: expected a JSON object with keys from "
+                             f"{sorted(SPECULATIVE_CONFIG_KEYS)}, got {config!r}")
+        if config.get("method", "mtp") not in ("mtp", "draft_model"):
+            raise SystemExit(f"tandem: --speculative-config: method {config['method']!r} is not served here; "
+                             "Gemma 4 drafts with its assistant ('mtp')")
+        fields.update({"draft_model_path": config.get("model"), "num_speculative_tokens": config.get("num_speculative_tokens")})
+    for name, value in (("draft_model_path", args.speculative_draft_model_path),
+                        ("num_speculative_tokens", args.speculative_num_steps)):
+        if value is not None:
+            if fields.get(name) not in (None, value):
+                raise SystemExit(f"tandem: --speculative-config and the --speculative-* flags disagree on {name}")
+            fields[name] = value
+    if args.speculative_num_draft_tokens is not None:
+        k = args.speculative_num_draft_tokens - 1
+        if fields.get("num_speculative_tokens") not in (None, k):
+            raise SystemExit("tandem: --speculative-num-draft-tokens must be --speculative-num-steps + 1 "
+                             "(drafts form one chain)")
+        fields["num_speculative_tokens"] = k
+    if args.speculative_eagle_topk not in (None, 1):
+        raise SystemExit("tandem: --speculative-eagle-topk: only 1 (one chain of drafts) is served")
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if args.speculative_algorithm and not fields:
+        raise SystemExit("tandem: --speculative-algorithm needs --speculative-draft-model-path (the assistant)")
+    return tuple(sorted(fields.items()))
+
+
 def api_overrides(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
     names = ("cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes", "default_chat_template_kwargs",
              "limit_mm_per_prompt", "mm_processor_kwargs", "max_media_bytes")
@@ -78,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--node", required=True, help="this machine's node name in the topology")
     for command in (serve, node):
         add_common_options(command)
+        add_speculative_options(command)
     trace = sub.add_parser("trace", help="print the per-request stage times of a --trace-dir run")
     trace.add_argument("dir", type=Path, help="the run's trace directory (the actors' *.jsonl files)")
     trace.add_argument("--chrome", type=Path, help="also write the merged Chrome-trace JSON here")
@@ -88,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.trace_dir:
             args.trace_dir.mkdir(parents=True, exist_ok=True)
         launcher = Launcher(topology_path(args.topology), LaunchOptions(
-            node=args.node, model=args.model, api_overrides=api_overrides(args), trace_dir=args.trace_dir,
+            node=args.node, model=args.model, api_overrides=api_overrides(args),
+            speculative=speculative_overrides(args), trace_dir=args.trace_dir,
             api_key=args.api_key, host=args.host, port=args.port))
     except (TopologyError, LaunchError) as exc:
         print(f"tandem: {exc}", file=sys.stderr)
@@ -97,13 +154,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_trace(trace_dir: Path, chrome: Path | None) -> int:
-    from .tracing import format_breakdown, merge_chrome_trace, read_spans, stage_breakdown
+    from .tracing import draft_summary, format_breakdown, merge_chrome_trace, read_spans, stage_breakdown
 
     spans = read_spans(trace_dir) if trace_dir.is_dir() else []
     if not spans:
         print(f"tandem: no spans in {trace_dir} (a run with --trace-dir writes <actor>.jsonl there)", file=sys.stderr)
         return 1
     print(format_breakdown(stage_breakdown(spans)))
+    drafts = draft_summary(spans)
+    if drafts:
+        print(drafts)
     if chrome is not None:
         merge_chrome_trace(trace_dir, chrome)
         print(f"Chrome trace: {chrome}")

@@ -26,7 +26,7 @@ from gemma4_model.sampling import SamplingParams
 from transfer.backend import Arrival, KVReceiver, KVSender
 from transfer.kv_pages import KVPayload, PayloadError, check_payload, import_pages
 
-from .handoff import handoff_message
+from .handoff import handoff_hidden, handoff_message, hidden_of
 from .media_wait import MediaWaiter, handoff_media, spans_from_handoff
 from .messages import (ActorStats, CancelRequest, EncodeResult, KVHandoff, PrefillJob, RequestError, SamplingSpec,
                        TokenBatch, encode)
@@ -203,6 +203,7 @@ class EngineActor:
                 msg.prompt_ids.tolist(), msg.first_token, params,
                 lambda cache, seq_id: import_pages(cache, seq_id, payload), msg.request_id,
                 media=spans_from_handoff(msg, self.media.device, self.media.dtype),
+                last_hidden=hidden_of(msg, self.engine.model.cfg.hidden_size, self.engine.device),
             )
         except PayloadError as exc:
             self.outbox.send(RequestError(msg.request_id, 502, f"bad KV handoff: {exc}"))
@@ -228,9 +229,11 @@ class EngineActor:
             return
         self.last_stats = now
         cache, scheduler = self.engine.cache, self.engine.scheduler
+        counts = self.engine.stats
         stats = ActorStats(self.role, self.replica, len(scheduler.waiting), len(scheduler.running),
                            sum(cache.pages_in_use().values()), sum(g.pool.num_pages for g in cache.groups.values()),
-                           self.last_batch, self.engine.stats.steps, self.peak_batch)
+                           self.last_batch, counts.steps, self.peak_batch, counts.drafted_tokens,
+                           counts.accepted_tokens, counts.verify_runs)
         try:  # figures are disposable: never block the engine on an api that is not reading
             self.outbox.socket.send_multipart(encode(stats), flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -238,12 +241,15 @@ class EngineActor:
 
     def step(self) -> None:
         before = self._progress() if self.tracer.enabled else None
+        counts = self.engine.stats
+        drafts_before = (counts.drafted_tokens, counts.accepted_tokens, counts.verify_runs)
         start = time.time_ns()
         advanced = self.engine.step()
         self.last_batch = len(advanced)
         self.peak_batch = max(self.peak_batch, self.last_batch)
         if before is not None:
-            self._trace_step(before, start, time.time_ns())
+            drafts = (counts.drafted_tokens, counts.accepted_tokens, counts.verify_runs)
+            self._trace_step(before, start, time.time_ns(), [b - a for a, b in zip(drafts_before, drafts)])
         for seq in advanced:
             done = seq.status is Status.FINISHED
             if self.role == "prefill" and not done:
@@ -259,14 +265,16 @@ class EngineActor:
     def hand_over(self, seq: GenerationSequence) -> None:
         """First token to the api, the needed pages to decode; this actor's pages are then free."""
         start = time.time_ns()
-        payload = self.sender.export(self.engine.cache, seq.seq_id)  # a copy, send buffers, or pages held in place
+        # a copy, send buffers, or pages held in place (the GPU data plane), per the transfer backend
+        payload = self.sender.export(self.engine.cache, seq.seq_id, self.engine.scheduler.reach_back)
         self.engine.cancel(seq)
         self.requests.pop(seq.request_id, None)
         spec = self.specs.pop(seq.request_id)
         self.outbox.send(TokenBatch(seq.request_id, [seq.output[0]], None, **_first_batch_counts(seq),
                                     **_logprob_fields(seq)))
         try:
-            message = handoff_message(seq.request_id, seq.prompt, seq.output[0], spec, None, **handoff_media(seq.media))
+            message = handoff_message(seq.request_id, seq.prompt, seq.output[0], spec, None, **handoff_media(seq.media),
+                                      **handoff_hidden(seq.last_hidden))
             report = self.sender.send(message, payload)
         except OSError as exc:  # e.g. /dev/shm full: this request fails, the actor goes on
             self.outbox.send(RequestError(seq.request_id, 503, f"KV handoff failed: {exc}"))
@@ -281,10 +289,12 @@ class EngineActor:
                       cache.num_computed(seq.seq_id) if cache.has_sequence(seq.seq_id) else 0, len(seq.tokens))
                 for rid, seq in self.requests.items()}
 
-    def _trace_step(self, before: dict[str, tuple[GenerationSequence, int, int, int]], start: int, end: int) -> None:
+    def _trace_step(self, before: dict[str, tuple[GenerationSequence, int, int, int]], start: int, end: int,
+                    drafts: list[int]) -> None:
         """One span per kind of work in the step: `prefill` (prompt chunks, or a recompute after
         preemption) and `decode` (the newest token, with its drafts in a verify run), with the
-        requests, their tokens and the batch."""
+        requests, their tokens and the batch; with MTP the decode span also counts the step's
+        drafted and accepted tokens and verify runs (`drafts`)."""
         work: dict[str, list[tuple[str, int]]] = {"prefill": [], "decode": []}
         for rid, (seq, ran, position, length) in before.items():
             done = seq.num_computed_tokens - ran
@@ -293,5 +303,6 @@ class EngineActor:
                 work["decode" if decoding else "prefill"].append((rid, done))
         for stage, items in work.items():
             if items:
+                extra = dict(zip(("drafted", "accepted", "verify_runs"), drafts)) if stage == "decode" and drafts[0] else {}
                 self.tracer.record(stage, start, end, [rid for rid, _ in items], batch=len(items),
-                                   tokens=sum(n for _, n in items))
+                                   tokens=sum(n for _, n in items), **extra)

@@ -86,6 +86,24 @@ def handoff_message(request_id: str, prompt: list[int], first_token: int, sampli
                      num_tokens, kv_dtype, **fields, data_ref=data_ref, **media)
 
 
+def handoff_hidden(hidden: torch.Tensor | None) -> dict:
+    """`KVHandoff` fields for the first token's final-norm hidden state (none when absent)."""
+    if hidden is None:
+        return {}
+    array, dtype = to_numpy(hidden)
+    return {"first_hidden": array, "hidden_dtype": dtype}
+
+
+def hidden_of(msg: KVHandoff, hidden_size: int, device: torch.device | str) -> torch.Tensor | None:
+    """The handoff's hidden state on `device`; PayloadError when it has the wrong size or dtype."""
+    if msg.first_hidden is None:
+        return None
+    a = msg.first_hidden
+    if msg.hidden_dtype not in KV_DTYPES or str(a.dtype) != KV_DTYPES[msg.hidden_dtype] or a.shape != (hidden_size,):
+        raise PayloadError(f"first_hidden must be [{hidden_size}] {msg.hidden_dtype}, got {a.dtype} {a.shape}")
+    return from_numpy(a, msg.hidden_dtype).to(device)
+
+
 def payload_of(msg) -> KVPayload:
     """The pages carried by a `KVHandoff` (inline) or a `KVData` message."""
     return payload_from_arrays(msg.num_tokens, msg.kv_dtype, {f: getattr(msg, f) for f in PAGE_FIELDS})

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import zmq
 
-from topology.config import Topology, load_topology, with_api_overrides
+from topology.config import Topology, load_topology, with_api_overrides, with_speculative
 from topology.wiring import API, ActorId, plan_wiring
 
 from .messages import ActorReady, ActorStatus
@@ -61,6 +61,23 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def with_draft_model(topology: Topology) -> Topology:
+    """The topology with its assistant checkpoint checked and its path made absolute."""
+    spec = topology.speculative
+    if spec is None:
+        return topology
+    if spec.draft_model_path == "default":
+        if topology.model.path != "default":
+            raise LaunchError("speculative draft model 'default' is the embedded model's assistant; "
+                              "name the assistant checkpoint of the model being served")
+        return topology
+    path = Path(spec.draft_model_path)
+    if not (path / "config.json").is_file():
+        raise LaunchError(f"speculative draft model {spec.draft_model_path!r}: expected a Gemma 4 assistant "
+                          "checkpoint directory holding config.json")
+    return replace(topology, speculative=replace(spec, draft_model_path=str(path.resolve())))
+
+
 @dataclass
 class Child:
     actor: ActorId
@@ -74,6 +91,7 @@ class LaunchOptions:
     node: str | None = None  # None: the topology's only node (or the api's node)
     model: str | None = None  # overrides the topology's model.path
     api_overrides: tuple[tuple[str, object], ...] = ()  # [api] fields from the command line
+    speculative: tuple[tuple[str, object], ...] = ()  # [speculative] fields from the command line
     trace_dir: Path | None = None
     api_key: str | None = None
     host: str | None = None  # overrides of the api's listen address
@@ -88,8 +106,9 @@ class LaunchOptions:
 class Launcher:
     def __init__(self, topology_path: str | Path, options: LaunchOptions = LaunchOptions()):
         self.topology_path = str(Path(topology_path).resolve())
-        self.topology: Topology = with_api_overrides(with_model(load_topology(self.topology_path), options.model),
-                                                     dict(options.api_overrides))
+        topology = with_api_overrides(with_model(load_topology(self.topology_path), options.model),
+                                      dict(options.api_overrides))
+        self.topology: Topology = with_draft_model(with_speculative(topology, dict(options.speculative)))
         self.options = options
         self.node = options.node or self.topology.api_node
         if self.node not in self.topology.nodes:
@@ -129,6 +148,9 @@ class Launcher:
             cmd += ["--model", self.topology.model.path]
         if o.api_overrides:  # the api's front door, and preprocess's media rules
             cmd += ["--api-overrides", json.dumps(dict(o.api_overrides))]
+        if self.topology.speculative is not None:  # the resolved section (flags applied, its path absolute)
+            cmd += ["--speculative", json.dumps({k: v for k, v in vars(self.topology.speculative).items()
+                                                 if v is not None})]
         if actor.kind == API:
             cmd += [flag for flag, value in (("--host", o.host), ("--port", o.port)) if value is not None
                     for flag in (flag, str(value))]

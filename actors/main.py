@@ -19,7 +19,7 @@ from pathlib import Path
 
 import zmq
 
-from topology.config import Topology, load_topology, with_api_overrides
+from topology.config import Topology, load_topology, with_api_overrides, with_speculative
 from topology.wiring import API, ActorId, Wiring, plan_wiring
 
 from .messages import ActorReady
@@ -147,7 +147,9 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     checkpoint = checkpoint_dir(ctx.topology)
     grammars = GrammarBook.from_checkpoint(checkpoint, config.text.vocab_size,
                                            sorted(set(stop_token_ids(checkpoint)) | set(config.text.eos_token_ids)))
-    engine = Engine(model, cache, grammars=grammars)
+    drafting = make_drafter(ctx, config, model, dtype) if ctx.actor.kind != "prefill" else {}
+    # a prefill actor keeps the KV its decode actor's assistant will read, and hands on the hidden state
+    engine = Engine(model, cache, grammars=grammars, draft_context=ctx.topology.speculative is not None, **drafting)
     inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor], drop_malformed=True)
     outbox = push(zctx, ctx.wiring.results)
     role, backend = ctx.actor.kind, ctx.topology.transfer
@@ -176,6 +178,31 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
                 part.close()
 
 
+def draft_model_dir(topology: Topology) -> Path:
+    """The assistant checkpoint (the launcher has checked it: `launcher.with_draft_model`)."""
+    path = topology.speculative.draft_model_path
+    if path == "default":
+        from default_model import ASSISTANT
+
+        return ASSISTANT
+    return Path(path)
+
+
+def make_drafter(ctx: ActorContext, config, model, dtype) -> dict:
+    """The `Engine` arguments for MTP decoding with the topology's assistant (none without [speculative])."""
+    spec = ctx.topology.speculative
+    if spec is None:
+        return {}
+    from gemma4_model.drafter import load_drafter
+    from gemma4_model.speculative import AssistantDrafter, recommended_num_speculative_tokens
+
+    assistant = load_drafter(draft_model_dir(ctx.topology), config, device=ctx.device, dtype=dtype,
+                             target_embed=model.embed)
+    k = spec.num_speculative_tokens or recommended_num_speculative_tokens(config.text.hidden_size,
+                                                                          config.text.num_layers)
+    return {"drafter": AssistantDrafter(assistant), "num_speculative_tokens": k}
+
+
 RUNNERS = {"preprocess": run_preprocess, "engine": run_engine, "prefill": run_engine, "decode": run_engine,
            "vision_encoder": run_encoder, "audio_encoder": run_encoder}
 
@@ -190,6 +217,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--trace-dir")
     ap.add_argument("--model", help="checkpoint directory replacing the topology's model.path")
     ap.add_argument("--api-overrides", help="api: JSON object of [api] fields replacing the topology's")
+    ap.add_argument("--speculative", help="JSON object of [speculative] fields replacing the topology's")
     ap.add_argument("--host", help="api: listen address (default: the topology's)")
     ap.add_argument("--port", type=int, help="api: listen port (default: the topology's)")
     return ap.parse_args(argv)
@@ -202,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         topology = replace(topology, model=replace(topology.model, path=args.model))
     if args.api_overrides:
         topology = with_api_overrides(topology, json.loads(args.api_overrides))
+    if args.speculative:
+        topology = with_speculative(topology, json.loads(args.speculative))
     ctx = ActorContext(topology, plan_wiring(topology, args.run_dir), ActorId(args.actor, args.replica),
                        args.run_id, Path(args.trace_dir) if args.trace_dir else None,
                        os.environ.get("TANDEM_API_KEY") or None, args.host, args.port)

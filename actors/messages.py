@@ -189,6 +189,10 @@ class KVHandoff:
     media_spans: np.ndarray | None = None
     media_embeddings: np.ndarray | None = None
     media_dtype: str = "float32"
+    # The target's final-norm hidden state [hidden] of the position that produced `first_token`:
+    # what decode's MTP assistant drafts the second token from (None: decode drafts from its second).
+    first_hidden: np.ndarray | None = None
+    hidden_dtype: str = "float32"
 
 
 @message
@@ -283,6 +287,9 @@ class ActorStats:
     decode_batch: int  # sequences that got a token in the last step
     steps: int
     peak_batch: int = 0  # the most sequences that got a token in one step so far
+    drafted_tokens: int = 0  # MTP: draft tokens verified so far
+    accepted_tokens: int = 0  # MTP: draft tokens accepted so far
+    verify_runs: int = 0  # MTP: sequence-steps that verified drafts
 
 
 _SCALARS = (int, float, str, bool, type(None))

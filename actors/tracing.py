@@ -182,6 +182,21 @@ def stage_breakdown(spans: Iterable[Span]) -> list[RequestBreakdown]:
     return sorted(by_request.values(), key=lambda r: r.start_ns)
 
 
+def draft_summary(spans: Iterable[Span]) -> str | None:
+    """MTP totals over the `decode` spans (drafted, accepted, acceptance rate, drafts accepted
+    per verify run); None when nothing was drafted."""
+    drafted = accepted = runs = 0
+    for s in spans:
+        if s.stage == "decode" and s.attrs.get("drafted"):
+            drafted += int(s.attrs["drafted"])
+            accepted += int(s.attrs.get("accepted", 0))
+            runs += int(s.attrs.get("verify_runs", 0))
+    if not drafted:
+        return None
+    return (f"MTP: {drafted} drafted, {accepted} accepted (rate {accepted / drafted:.2f}), "
+            f"{accepted / max(runs, 1):.2f} accepted per verify run over {runs}")
+
+
 def format_breakdown(breakdown: list[RequestBreakdown]) -> str:
     """A text table: one row per request, one column per stage (milliseconds, and the number
     of spans where more than one), the request's wall time, and its handoff bytes."""

@@ -2,7 +2,8 @@
 
 Requests by route and status; time to first token, time per output token and end-to-end
 latency histograms; requests in flight at the api; and, read from the actors' latest
-`ActorStats` at scrape time, their queue depths, KV pages in use and decode batch size.
+`ActorStats` at scrape time, their queue depths, KV pages in use, decode batch size and MTP
+draft counts (with the acceptance rate and mean accept length they give).
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ ACTOR_GAUGES = (
     ("tandem_decode_batch_size", "sequences that got a token in the actor's last step", "decode_batch"),
     ("tandem_peak_batch_size", "the most sequences that got a token in one step of the actor", "peak_batch"),
     ("tandem_engine_steps", "engine steps run so far", "steps"),
+    ("tandem_spec_drafted_tokens", "MTP draft tokens verified so far", "drafted_tokens"),
+    ("tandem_spec_accepted_tokens", "MTP draft tokens accepted so far", "accepted_tokens"),
+    ("tandem_spec_verify_runs", "MTP sequence-steps that verified drafts so far", "verify_runs"),
+)
+# Ratios of the counters above, per actor (0 before any draft).
+SPEC_RATIOS = (
+    ("tandem_spec_acceptance_rate", "MTP accepted / drafted tokens", "accepted_tokens", "drafted_tokens"),
+    ("tandem_spec_mean_accept_length", "MTP drafts accepted per verify run", "accepted_tokens", "verify_runs"),
 )
 
 
@@ -42,6 +51,12 @@ class _ActorCollector:
             family = GaugeMetricFamily(name, doc, labels=["actor", "replica"])
             for report in reports:
                 family.add_metric([report.actor, str(report.replica)], getattr(report, attr))
+            yield family
+        for name, doc, num, den in SPEC_RATIOS:
+            family = GaugeMetricFamily(name, doc, labels=["actor", "replica"])
+            for report in reports:
+                d = getattr(report, den)
+                family.add_metric([report.actor, str(report.replica)], getattr(report, num) / d if d else 0.0)
             yield family
         yield GaugeMetricFamily("tandem_api_requests_in_flight", "engine requests the api is waiting on",
                                 value=self.in_flight())

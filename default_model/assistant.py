@@ -36,8 +36,9 @@ def assistant_config(target_config):
 
     text = target_config.get_text_config()
     spec = text.to_dict()  # plain values (head sizes may live in per_layer_config)
-    full_layer = str(spec["layer_types"].index("full_attention"))
-    full_head_dim = (spec.get("per_layer_config") or {}).get(full_layer, {}).get("head_dim") or spec.get("global_head_dim")
+    full_layer = spec["layer_types"].index("full_attention")
+    overrides = {int(k): v for k, v in (spec.get("per_layer_config") or {}).items()}  # keys may be zero-padded ("05")
+    full_head_dim = overrides.get(full_layer, {}).get("head_dim") or spec.get("global_head_dim")
     layer_types = ["sliding_attention"] * 3 + ["full_attention"]
     return Gemma4AssistantConfig(
         text_config=dict(

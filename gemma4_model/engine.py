@@ -22,6 +22,10 @@ from .media_span import (MediaSpan, MediaTokens, bidirectional_blocks, chunk_med
 from .sampling import LOGPROBS_RAW, RowSample, Sampler, SamplingParams, SamplingRow
 from .speculative import Drafter, verify_position
 
+# An MTP assistant drafting at q reads the sliding KV of q-1-window .. q-1: two positions more
+# than the target's own next step, which may hold one more token (a verify run).
+DRAFT_REACH_BACK = 2
+
 
 class Status(Enum):
     WAITING = "waiting"
@@ -102,6 +106,7 @@ class Scheduler:
         self.waiting: list[GenerationSequence] = []
         self.running: list[GenerationSequence] = []
         self.num_speculative_tokens = 0  # draft positions a decoding sequence may verify per step
+        self.draft_context = False  # keep the sliding KV an MTP assistant reads (here or after a handoff)
 
     def add(self, seq: GenerationSequence) -> None:
         """Queue a sequence, or refuse it at once if it can never fit."""
@@ -202,9 +207,13 @@ class Scheduler:
         return n
 
     def _keep_from(self, start: int) -> int:
-        """Where sliding pages may be released from: an MTP assistant drafting at q reads the
-        sliding KV of q-1-window .. q-1, two positions more than the target's own step."""
-        return max(0, start - 2) if self.num_speculative_tokens else start
+        """Where sliding pages may be released from (`reach_back` before the next step's start)."""
+        return max(0, start - self.reach_back)
+
+    @property
+    def reach_back(self) -> int:
+        """Sliding positions kept beyond the target's own window (those an assistant reads)."""
+        return DRAFT_REACH_BACK if self.draft_context else 0
 
     def _make_room(self, seq: GenerationSequence, n: int, plan: list) -> bool:
         """Pages for seq's next n tokens, preempting the newest other sequences if needed."""
@@ -266,9 +275,11 @@ class Engine:
     def __init__(self, model: TextDecoder, cache: PagedKVCache, limits: SchedulerLimits = SchedulerLimits(),
                  seed: int | None = None, logprobs_mode: str = LOGPROBS_RAW, grammars: GrammarBook | None = None,
                  media_tokens: MediaTokens | None = None, drafter: Drafter | None = None,
-                 num_speculative_tokens: int = 4):
+                 num_speculative_tokens: int = 4, draft_context: bool = False):
         """`drafter`: speculative decoding (see `speculative.py`), each decoding sequence verifying
-        up to `num_speculative_tokens` drafts per step; None decodes one token per step."""
+        up to `num_speculative_tokens` drafts per step; None decodes one token per step.
+        `draft_context`: keep the KV an assistant reads even without a drafter here (a prefill
+        actor whose decode actor drafts)."""
         if num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
         self.model = model
@@ -279,6 +290,7 @@ class Engine:
         self.scheduler = Scheduler(cache, limits, model.cfg.max_position_embeddings)
         self.drafter = drafter
         self.scheduler.num_speculative_tokens = num_speculative_tokens if drafter is not None else 0
+        self.scheduler.draft_context = drafter is not None or draft_context
         self.device = next(model.parameters()).device
         self.stats = EngineStats()
         # seed: the noise of requests without their own seed
@@ -297,11 +309,15 @@ class Engine:
         return seq
 
     def add_prefilled(self, prompt: Sequence[int], first_token: int, params: SamplingParams,
-                      install, request_id: str | None = None, media: Sequence[MediaSpan] = ()) -> GenerationSequence:
+                      install, request_id: str | None = None, media: Sequence[MediaSpan] = (),
+                      last_hidden: torch.Tensor | None = None) -> GenerationSequence:
         """Continue a request prefilled elsewhere: `install(cache, seq_id)` puts its KV pages in
         this engine's cache (a KV handoff), then it decodes from its first token. `media` are
-        the prompt's soft tokens, needed if the sequence is preempted and recomputed here."""
-        seq = GenerationSequence(self._next_id, list(prompt), params, output=[first_token], request_id=request_id)
+        the prompt's soft tokens, needed if the sequence is preempted and recomputed here;
+        `last_hidden` the target's final-norm hidden state that produced the first token (a
+        drafter drafts from it at once; without it drafting starts one token later)."""
+        seq = GenerationSequence(self._next_id, list(prompt), params, output=[first_token], request_id=request_id,
+                                 last_hidden=last_hidden)
         self._attach_media(seq, media)
         seq.grammar = self._grammar_state(params, seq.output)  # rebuilt from the first token
         self._next_id += 1

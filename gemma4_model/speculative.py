@@ -29,6 +29,12 @@ if TYPE_CHECKING:
     from .engine import GenerationSequence
     from .kv_cache import PagedKVCache
 
+# Drafts verified per step when the server is given none, by target: the published Gemma 4 MTP
+# recipes' recommendation (E2B 2; E4B, 12B, 26B-A4B and 31B 4), keyed by the text decoder's
+# (hidden size, layers); any other target gets DEFAULT_NUM_SPECULATIVE_TOKENS.
+RECOMMENDED_NUM_SPECULATIVE_TOKENS = {(1536, 35): 2, (2560, 42): 4, (3840, 48): 4, (2816, 30): 4, (5376, 60): 4}
+DEFAULT_NUM_SPECULATIVE_TOKENS = 4
+
 # Keys the acceptance coin of a seeded request apart from its sampling noise at the same position.
 _ACCEPT_SALT = 0x5A17_AC5E_D0C0_FFEE
 
@@ -172,9 +178,19 @@ class AssistantDrafter:
         self.assistant = assistant
 
     def draft(self, cache: PagedKVCache, seqs: Sequence[GenerationSequence], k: int) -> Proposal:
-        device = seqs[0].last_hidden.device
-        last = torch.tensor([s.tokens[-1] for s in seqs], device=device)
-        positions = torch.tensor([len(s.tokens) - 1 for s in seqs], device=device)
-        hidden = torch.stack([s.last_hidden for s in seqs])
-        result = self.assistant.draft(cache, [s.seq_id for s in seqs], last, hidden, positions, k)
-        return Proposal([row.tolist() for row in result.tokens], [None] * len(seqs))
+        """Sequences without a hidden state yet (a handoff that carried none) get no drafts."""
+        ready = [s for s in seqs if s.last_hidden is not None]
+        tokens: dict[int, list[int]] = {}
+        if ready:
+            device = ready[0].last_hidden.device
+            last = torch.tensor([s.tokens[-1] for s in ready], device=device)
+            positions = torch.tensor([len(s.tokens) - 1 for s in ready], device=device)
+            hidden = torch.stack([s.last_hidden for s in ready])
+            result = self.assistant.draft(cache, [s.seq_id for s in ready], last, hidden, positions, k)
+            tokens = {s.seq_id: row.tolist() for s, row in zip(ready, result.tokens)}
+        return Proposal([tokens.get(s.seq_id, []) for s in seqs], [None] * len(seqs))
+
+
+def recommended_num_speculative_tokens(hidden_size: int, num_layers: int) -> int:
+    """Drafts per step for a target of this shape (see RECOMMENDED_NUM_SPECULATIVE_TOKENS)."""
+    return RECOMMENDED_NUM_SPECULATIVE_TOKENS.get((hidden_size, num_layers), DEFAULT_NUM_SPECULATIVE_TOKENS)

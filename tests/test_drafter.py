@@ -276,3 +276,35 @@ def test_loader_refuses_what_does_not_fit(targets, tmp_path):
     save_file(tensors, good / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(MissingTensorError, match="token_ordering"):
         load_drafter(good, config, target_embed=decoder.embed)
+
+
+@pytest.mark.parametrize("case", ["e4b_centroids", "12b_unified"], indirect=True)
+def test_greedy_with_a_random_assistant_equals_plain_greedy(case):
+    """The real MTP path on tiny random configs: the assistant drafts (mostly wrong) from the
+    engine's paged cache, prompts up to past twice the window; 50 prompts at batch 1 and 8 give
+    plain greedy's tokens, and the draft context never runs short."""
+    from gemma4_model.engine import Engine, SchedulerLimits
+    from gemma4_model.sampling import SamplingParams
+    from gemma4_model.speculative import AssistantDrafter
+
+    g = torch.Generator().manual_seed(21)
+    prompts = [torch.randint(3, 256, (int(torch.randint(2, 3 * WINDOW, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(50)]
+    cfg, decoder = case["config"].text, case["decoder"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny ops: more threads only wait on each other
+
+    def generate(drafter, batch):
+        limits = SchedulerLimits(max_batch_tokens=512, max_running=batch, chunk_size=32)
+        engine = Engine(decoder, PagedKVCache(cfg, page_size=PAGE, num_pages=400), limits, drafter=drafter,
+                        num_speculative_tokens=K)
+        seqs = engine.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
+        return [s.output for s in seqs], engine.stats
+
+    try:
+        plain, _ = generate(None, 8)
+        for batch in (1, 8):
+            outputs, stats = generate(AssistantDrafter(case["drafter"]), batch)
+            assert outputs == plain and stats.drafted_tokens > 0 and stats.verify_runs > 0, batch
+    finally:
+        torch.set_num_threads(threads)

@@ -59,11 +59,12 @@ def prefilled(model, n=45, seed=3, pages=64):
 
 
 # -- the pure parts -------------------------------------------------------------------------
-def test_packed_pages_are_exactly_what_export_copies(model):
+@pytest.mark.parametrize("reach_back", [0, 3])  # 3: an MTP assistant downstream reads older sliding positions
+def test_packed_pages_are_exactly_what_export_copies(model, reach_back):
     engine, seq = prefilled(model)
     cache = engine.cache
-    held = held_pages(cache, seq.seq_id)
-    exported = export_pages(cache, seq.seq_id)
+    held = held_pages(cache, seq.seq_id, reach_back)
+    exported = export_pages(cache, seq.seq_id, reach_back)
     assert held.groups == [FULL, SLIDING] and held.num_tokens == exported.num_tokens == 45
     assert {n: held.logical[n] for n in held.groups} == {n: g.logical for n, g in exported.groups.items()}
     assert len(held.logical[FULL]) == 12 and len(held.logical[SLIDING]) < 12  # the window only

@@ -378,3 +378,59 @@ def test_json_schema_grammar_with_drafts(default_model):
         assert out[-1] in stops
         value = json.loads(tokenizer.decode(out[:-1]))
         assert set(value) == {"name", "age", "city"} and isinstance(value["age"], int)
+
+
+def test_a_kv_handoff_carries_the_hidden_state_so_decode_drafts_from_its_first_token(default_model):
+    """prefill -> decode with MTP: the handoff (through the wire format) carries the target's
+    final-norm hidden state of the first token, so decode's very first step verifies drafts;
+    output equals plain greedy; a handoff without it still decodes the same, one step later."""
+    from actors.handoff import handoff_hidden, handoff_message, hidden_of
+    from actors.messages import SamplingSpec, decode, encode
+    from default_model import ASSISTANT
+    from gemma4_model.drafter import load_drafter
+    from gemma4_model.speculative import AssistantDrafter
+    from transfer.kv_pages import PayloadError, export_pages, import_pages
+
+    tokenizer, cfg, model, stops, _ = default_model
+    prompts, requests = heldout_requests(tokenizer, stops, seed=11, per_kind=1)
+    _, plain = run(model, cfg, requests, pages=600)
+    drafter = AssistantDrafter(load_drafter(ASSISTANT, cfg, target_embed=model.embed))
+    spec = SamplingSpec(max_tokens=64, stop_token_ids=list(stops))
+    for prompt, (_, params), expected in zip(prompts, requests, plain):
+        prefill = Engine(model, PagedKVCache(cfg, page_size=4, num_pages=300), ROOMY, draft_context=True)
+        seq = prefill.add_request(prompt, params)
+        while not seq.output:
+            prefill.step()
+        for with_hidden in (True, False):
+            wire = handoff_message("r", prompt, seq.output[0], spec, None,
+                                   **(handoff_hidden(seq.last_hidden) if with_hidden else {}))
+            msg = decode([bytes(f) for f in encode(wire)])
+            payload = export_pages(prefill.cache, seq.seq_id, prefill.scheduler.reach_back)
+            engine = Engine(model, PagedKVCache(cfg, page_size=4, num_pages=300), ROOMY, drafter=drafter,
+                            num_speculative_tokens=5)
+            out = engine.add_prefilled(prompt, msg.first_token, params,
+                                       lambda cache, sid: import_pages(cache, sid, payload),
+                                       last_hidden=hidden_of(msg, cfg.hidden_size, "cpu"))
+            first = engine.step()
+            assert (engine.stats.verify_runs == 1) == with_hidden and first == [out]
+            while engine.scheduler.has_work():
+                engine.step()
+            assert out.output == expected.output
+        prefill.cancel(seq)  # as the prefill actor does once the pages are out
+        bad = handoff_message("r", prompt, seq.output[0], spec, None, **handoff_hidden(seq.last_hidden[:-1]))
+        with pytest.raises(PayloadError, match="first_hidden"):
+            hidden_of(bad, cfg.hidden_size, "cpu")
+
+
+def test_recommended_drafts_per_step_follow_the_recipes_for_each_released_target():
+    from pathlib import Path
+
+    from gemma4_model.config import parse_config
+    from gemma4_model.speculative import recommended_num_speculative_tokens
+
+    fixtures = Path(__file__).parent / "fixtures" / "hf_configs"
+    expected = {"E2B": 2, "E4B": 4, "12B": 4, "26B-A4B": 4, "31B": 4}
+    for name, k in expected.items():
+        text = parse_config(json.loads((fixtures / f"gemma-4-{name}-it.json").read_text())).text
+        assert recommended_num_speculative_tokens(text.hidden_size, text.num_layers) == k, name
+    assert recommended_num_speculative_tokens(256, 8) == 4  # any other target (the embedded model)

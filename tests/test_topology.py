@@ -37,6 +37,15 @@ def test_media_kinds_follow_the_encoder_actors():
     assert load_topology(EXAMPLES / "gpu_split.toml").media_kinds == {"image", "video"}
 
 
+def test_speculative_section_and_its_overrides():
+    from topology.config import SpeculativeSection, with_speculative
+
+    assert parse_topology(BASE).speculative is None
+    topology = parse_topology(edited(lambda r: r.update(speculative={"draft_model_path": "/m/assistant"})))
+    assert topology.speculative == SpeculativeSection("/m/assistant", None)
+    assert with_speculative(topology, {"num_speculative_tokens": 6}).speculative == SpeculativeSection("/m/assistant", 6)
+
+
 def edited(edit):
     raw = copy.deepcopy(BASE)
     edit(raw)
@@ -67,6 +76,10 @@ def edited(edit):
         (lambda r: r["api"].update(mm_processor_kwargs={"do_resize": False}), "api.mm_processor_kwargs"),
         (lambda r: r["api"].update(media_fetch_timeout_s=0), "api.media_fetch_timeout_s"),
         (lambda r: r["actors"][1].update(threads=-2), "actors[1].threads"),
+        (lambda r: r.update(speculative={"num_speculative_tokens": 4}), "speculative.draft_model_path"),
+        (lambda r: r.update(speculative={"draft_model_path": "a", "num_speculative_tokens": 17}),
+         "speculative.num_speculative_tokens"),
+        (lambda r: r.update(speculative={"draft_model_path": "a", "topk": 2}), "speculative.topk"),
     ],
 )
 def test_bad_topologies_name_the_field(edit, field):

@@ -3,7 +3,8 @@
 A topology is a TOML file (stdlib `tomllib`) read once into frozen dataclasses and validated
 whole: every error names the field and what was expected. Either one `engine` actor (prefill
 and decode colocated in one process, the baseline) or separate `prefill` and `decode` actors
-joined by a transfer backend.
+joined by a transfer backend. An optional `[speculative]` table turns on MTP decoding with a
+Gemma 4 assistant.
 """
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ VISION_BUDGETS = (70, 140, 280, 560, 1120)
 
 
 @dataclass(frozen=True)
+class SpeculativeSection:
+    """MTP speculative decoding in the actors that decode (`engine`, `decode`)."""
+
+    draft_model_path: str  # a Gemma 4 assistant checkpoint; "default": the embedded model's assistant
+    num_speculative_tokens: int | None = None  # drafts verified per step; None: the target model's default
+
+
+SPECULATIVE_FIELDS = {"draft_model_path", "num_speculative_tokens"}
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass(frozen=True)
 class Node:
     name: str
     host: str
@@ -85,6 +98,7 @@ class Topology:
     nodes: Mapping[str, Node]
     actors: tuple[ActorSpec, ...]
     transfer: str | None  # None when colocated
+    speculative: SpeculativeSection | None = None  # None: decode one token per step
 
     @property
     def colocated(self) -> bool:
@@ -121,7 +135,7 @@ def load_topology(path: str | Path) -> Topology:
 
 def parse_topology(raw: Mapping[str, Any]) -> Topology:
     """Validate a parsed TOML mapping into a `Topology`."""
-    _only(raw, "", {"name", "model", "api", "nodes", "actors", "transfer"})
+    _only(raw, "", {"name", "model", "api", "nodes", "actors", "transfer", "speculative"})
     nodes = _nodes(_table(raw, "nodes", required=True))
     actors = tuple(_actor(i, a, nodes) for i, a in enumerate(_list(raw, "actors")))
     kinds = [a.kind for a in actors]
@@ -138,7 +152,8 @@ def parse_topology(raw: Mapping[str, Any]) -> Topology:
     name = raw.get("name", "unnamed")
     if not isinstance(name, str):
         raise TopologyError("name", f"expected a string, got {name!r}")
-    return Topology(name, _model(_table(raw, "model")), _api(_table(raw, "api"), nodes), nodes, actors, transfer)
+    return Topology(name, _model(_table(raw, "model")), _api(_table(raw, "api"), nodes), nodes, actors, transfer,
+                    _speculative(_table(raw, "speculative")))
 
 
 def _table(raw: Mapping[str, Any], name: str, required: bool = False) -> Mapping[str, Any]:
@@ -202,6 +217,28 @@ def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:
                       _kwargs(t, "api.default_chat_template_kwargs"), _media_limits(t), _processor_kwargs(t),
                       _int(t, "api.", "max_media_bytes", 20 << 20, 1024, 1 << 31),
                       _seconds(t, "api.", "media_fetch_timeout_s", 10.0))
+
+
+def _speculative(t: Mapping[str, Any]) -> SpeculativeSection | None:
+    if not t:
+        return None
+    _only(t, "speculative.", SPECULATIVE_FIELDS)
+    path = t.get("draft_model_path")
+    if not isinstance(path, str) or not path:
+        raise TopologyError("speculative.draft_model_path",
+                            f"expected 'default' or a Gemma 4 assistant checkpoint directory, got {path!r}")
+    k = t.get("num_speculative_tokens")
+    if k is not None:
+        k = _int(t, "speculative.", "num_speculative_tokens", 0, 1, MAX_SPECULATIVE_TOKENS)
+    return SpeculativeSection(path, k)
+
+
+def with_speculative(topology: Topology, overrides: Mapping[str, Any]) -> Topology:
+    """The topology with [speculative] fields replaced (command-line flags), validated as in a file."""
+    if not overrides:
+        return topology
+    current = {k: v for k, v in vars(topology.speculative).items() if v is not None} if topology.speculative else {}
+    return replace(topology, speculative=_speculative({**current, **overrides}))
 
 
 def _seconds(t: Mapping[str, Any], where: str, name: str, default: float) -> float:

@@ -128,10 +128,11 @@ class KVSender:
         self._turn = itertools.cycle(range(len(self.controls)))
         self._refs = itertools.count()
 
-    def export(self, cache, seq_id: int) -> KVPayload:
-        """Take a handed-over sequence's pages out of `cache`, before the sequence is freed there;
-        what it returns goes to `send`. The CPU backends copy the pages out."""
-        return export_pages(cache, seq_id)
+    def export(self, cache, seq_id: int, reach_back: int = 0) -> KVPayload:
+        """Take a handed-over sequence's pages out of `cache` (with `reach_back` sliding positions
+        more, as `export_pages`), before the sequence is freed there; what it returns goes to
+        `send`. The CPU backends copy the pages out."""
+        return export_pages(cache, seq_id, reach_back)
 
     def poll(self) -> None:
         """Called every loop of the prefill actor: the GPU backends finish sends and free pages here."""

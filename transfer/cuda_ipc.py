@@ -120,7 +120,7 @@ class CudaIpcSender(KVSender):
         self.expired = 0  # holds freed by the timeout, not by a release
         self.dropped_malformed = 0
 
-    def export(self, cache, seq_id: int) -> HeldPages:
+    def export(self, cache, seq_id: int, reach_back: int = 0) -> HeldPages:
         if self._cache is None:
             self._cache = cache
             self._pool = share_pool(cache, [n for n in ("full_attention", "sliding_attention") if n in cache.groups])
@@ -129,7 +129,7 @@ class CudaIpcSender(KVSender):
         device = next(iter(cache.groups.values())).k.device
         if device.type == "cuda":  # decode reads the pages from another process: they must be written
             torch.cuda.current_stream(device).synchronize()
-        held = held_pages(cache, seq_id)
+        held = held_pages(cache, seq_id, reach_back)
         hold(cache, held)
         return held
 

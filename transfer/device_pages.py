@@ -52,10 +52,11 @@ class HeldPages:
         return [p for name in self.groups for p in self.physical[name]]
 
 
-def held_pages(cache: PagedKVCache, seq_id: int) -> HeldPages:
-    """The pages a decoder needs to continue this sequence (sliding pages it can no longer see
-    are released first), where they sit in `cache`."""
-    cache.slide(seq_id, cache.num_computed(seq_id))
+def held_pages(cache: PagedKVCache, seq_id: int, reach_back: int = 0) -> HeldPages:
+    """The pages a decoder needs to continue this sequence, where they sit in `cache`: as
+    `kv_pages.export_pages`, sliding pages it can no longer see (but for `reach_back` positions
+    more, which an MTP assistant downstream reads) are released first."""
+    cache.slide(seq_id, max(0, cache.num_computed(seq_id) - reach_back))
     logical = {name: tuple(pages) for name, pages in cache.held_pages(seq_id).items()}
     physical = {name: tuple(cache.page_table(seq_id, name)[j] for j in pages) for name, pages in logical.items()}
     return HeldPages(cache.num_computed(seq_id), logical, physical)

@@ -40,12 +40,13 @@ class KVPayload:
         return sum(g.k.numel() * g.k.element_size() + g.v.numel() * g.v.element_size() for g in self.groups.values())
 
 
-def export_pages(cache: PagedKVCache, seq_id: int) -> KVPayload:
+def export_pages(cache: PagedKVCache, seq_id: int, reach_back: int = 0) -> KVPayload:
     """Copy out the pages a decoder needs to continue this sequence.
 
-    Sliding pages the next position can no longer see are released first: nobody needs them.
+    Sliding pages the next position can no longer see are released first: nobody needs them
+    (but for `reach_back` positions more, which an MTP assistant downstream reads).
     """
-    cache.slide(seq_id, cache.num_computed(seq_id))
+    cache.slide(seq_id, max(0, cache.num_computed(seq_id) - reach_back))
     groups = {}
     for name, logical in cache.held_pages(seq_id).items():
         table = cache.page_table(seq_id, name)

@@ -213,8 +213,8 @@ class NcclSender(KVSender):
         self._sends = Completions(process_group, f"nccl-send-{source}")
         self.failed: list[str] = []  # sends that completed with an error (the decode replica is gone)
 
-    def export(self, cache, seq_id: int) -> PackedPages:
-        held = held_pages(cache, seq_id)
+    def export(self, cache, seq_id: int, reach_back: int = 0) -> PackedPages:
+        held = held_pages(cache, seq_id, reach_back)
         kv_dtype = str(next(iter(cache.groups.values())).k.dtype).removeprefix("torch.")
         return PackedPages(held, shapes_of(cache, held), kv_dtype, pack_payload(cache, held))
 
