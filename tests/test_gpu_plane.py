@@ -383,7 +383,7 @@ def serve_bodies():
     from default_model.tasks import make_set
     from tests.test_serve import TEXT_KINDS, _chat_body
 
-    return [_chat_body(inst) for inst in make_set(23, 1, heldout=True, kinds=TEXT_KINDS)[:SERVE_PROMPTS]]
+    return [_chat_body(inst) for inst in make_set(23, SERVE_PROMPTS, heldout=True, kinds=TEXT_KINDS)]
 
 
 @pytest.fixture(scope="module")
