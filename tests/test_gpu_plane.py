@@ -268,7 +268,8 @@ def run_pair(tmp_path, checkpoint, backend, process_group, devices, colocated_de
     and dropped, and the handoffs after it on the same pair still arrive; no page left held."""
     jobs = [job(f"j{i}", 17 + 7 * i, seed=60 + i) for i in range(4)]
     config, decoder = load_text_decoder(checkpoint, device=colocated_device, dtype=getattr(torch, dtype))
-    cache = PagedKVCache(config.text, page_size=PAGE, num_pages=80, device=colocated_device, dtype=getattr(torch, dtype))
+    cache = PagedKVCache(config.text, page_size=PAGE, num_pages=80, device=colocated_device,
+                         dtype=getattr(torch, dtype))
     offline = Engine(decoder, cache).generate([j.token_ids.tolist() for j in jobs],
                                               SamplingParams(max_tokens=8, ignore_eos=True))
     actors = Actors(tmp_path, checkpoint, backend, process_group, devices, decodes=decodes, dtype=dtype)
@@ -328,7 +329,8 @@ def test_cuda_ipc_maps_another_process_pool_and_releases_its_pages(tmp_path, tin
     owner = subprocess.Popen([sys.executable, "-m", "tests.handoff_actor", "--role", "pool-owner", "--backend",
                               "cuda_ipc", "--checkpoint", str(checkpoint), "--run-dir", str(tmp_path),
                               "--device", "cuda:0", "--pages", "32"], cwd=REPO,
-                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
     try:
         handoff = inbox.recv(timeout_ms=120_000)
         assert handoff is not None, owner.communicate(timeout=5)[0] if owner.poll() is not None else "no handoff"

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import torch
+import torch.distributed as dist
 import zmq
 
 from actors.handoff import page_arrays, payload_from_arrays, payload_of
@@ -66,22 +68,18 @@ def check_backend(backend: str, process_group: str = "nccl") -> None:
     its protocol over gloo, on CPU, when `process_group` is "gloo")."""
     if backend not in BACKENDS:
         raise TransferBackendError(f"unknown transfer backend {backend!r}; expected one of {list(BACKENDS)}")
-    import torch
-
     if backend == "cuda_ipc" and not torch.cuda.is_available():
         raise TransferBackendError("transfer backend 'cuda_ipc' maps one process's GPU memory into another: "
                                    "this machine has no CUDA device (torch.cuda.is_available() is False); "
                                    "CPU actors use 'shm' (one host) or 'tcp'")
     if backend == "nccl":
-        import torch.distributed as dist
-
         if process_group not in ("nccl", "gloo"):
             raise TransferBackendError(f"the nccl transfer backend runs on a 'nccl' or 'gloo' process group, "
                                        f"not {process_group!r}")
-        if process_group == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        nccl = dist.is_available() and dist.is_nccl_available()
+        if process_group == "nccl" and not (torch.cuda.is_available() and nccl):
             raise TransferBackendError("transfer backend 'nccl' needs CUDA devices and a torch built with NCCL "
-                                       f"(cuda available: {torch.cuda.is_available()}, nccl: "
-                                       f"{dist.is_available() and dist.is_nccl_available()}); "
+                                       f"(cuda available: {torch.cuda.is_available()}, nccl: {nccl}); "
                                        "CPU actors use 'shm' (one host) or 'tcp'")
 
 
