@@ -211,6 +211,7 @@ def copy_bandwidth(device: torch.device, clock: Clock, smoke: bool) -> float:
     dst = torch.empty_like(src)
     ms = statistics.median(clock.times_ms(lambda: dst.copy_(src), 10, 2))
     del src, dst
+    free_device(device)
     return 2 * n / (ms * 1e-3) / 1e9
 
 
@@ -220,6 +221,9 @@ def copy_bandwidth(device: torch.device, clock: Clock, smoke: bool) -> float:
 def verify_part(name: str, s: Settings, clock: Clock, bandwidth: float, report: Report) -> None:
     config, assistant_cfg, source = model_configs(name, s.smoke)
     cfg = config.text
+    free_device(s.device)
+    if clock.cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     model = random_text_decoder(cfg, s.device, s.dtype, seed=0)
     drafter = random_drafter(assistant_cfg, cfg, model.embed, s.device, s.dtype, seed=1)
@@ -257,8 +261,6 @@ def verify_part(name: str, s: Settings, clock: Clock, bandwidth: float, report: 
                 cache.free_sequence(i)
         del model, drafter, cache
         free_device(s.device)
-        if clock.cuda:
-            torch.cuda.reset_peak_memory_stats()
 
 
 def verify_curve(model, drafter, cache, cfg: TextConfig, prompts: Sequence[list[int]], s: Settings, clock: Clock,
@@ -357,7 +359,8 @@ def summary(run: RunResult) -> dict:
     tokens = sum(len(o) for o in run.outputs)
     return {"output_tokens": tokens, "wall_s": round(run.wall_s, 4), "output_tokens_per_s": round(tokens / run.wall_s, 2),
             "tpot_ms_mean": round(statistics.mean(run.tpot_ms), 3), "tpot_ms_median": round(statistics.median(run.tpot_ms), 3),
-            "steps": run.steps, **run.stats}
+            "steps": run.steps, "distinct_tokens_per_output": round(statistics.mean(len(set(o)) for o in run.outputs), 2),
+            **run.stats}
 
 
 def compare(plain: RunResult, spec: RunResult) -> dict:
@@ -450,6 +453,8 @@ def oracle_part(s: Settings, clock: Clock, report: Report) -> None:
                     "workload": f"random prompts of {s.context} tokens, greedy, ignore_eos, {s.oracle_tokens} tokens; "
                                 "the oracle's futures are the plain run's outputs",
                     "published": list(PUBLISHED), **body})
+        say(f"  published beside it: {PUBLISHED[0]['speedup']}x ({PUBLISHED[0]['model']}, {PUBLISHED[0]['gpu']}), "
+            f"{PUBLISHED[1]['speedup_mean']}x mean ({PUBLISHED[1]['model']}, {PUBLISHED[1]['gpu']})")
     del model
     free_device(s.device)
 
