@@ -35,7 +35,7 @@ def random_text_decoder(cfg: TextConfig, device: torch.device | str, dtype: torc
     model = model.to(dtype).to_empty(device=device)
     _fill(model, torch.Generator(device=device).manual_seed(seed), std, post_norm_scale)
     model.rotary = nn.ModuleDict({name: RotaryEmbedding(spec) for name, spec in cfg.rope.items()}).to(device)
-    return model.eval()
+    return model.requires_grad_(False).eval()
 
 
 def random_drafter(config: ModelConfig, target: TextConfig, target_embed: TokenEmbed, device: torch.device | str,
@@ -53,7 +53,7 @@ def random_drafter(config: ModelConfig, target: TextConfig, target_embed: TokenE
         ordering = drafter.masked_embedding.token_ordering
         ordering.copy_(torch.randperm(ordering.numel(), generator=generator, device=device))
     drafter.rotary = nn.ModuleDict({n: RotaryEmbedding(r) for n, r in config.text.rope.items()}).to(device)
-    return drafter.eval()
+    return drafter.requires_grad_(False).eval()
 
 
 @torch.no_grad()
