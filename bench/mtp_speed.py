@@ -1,10 +1,16 @@
 """MTP speculative decoding speed: the verify-step cost curve, the default model with its trained
 assistant, and an oracle drafter at the E4B shape. One JSON file of records.
 
-GPU (the lead's run; each part fits a 10-minute command, all three about 8 minutes on an H100):
+GPU (all parts, estimated 5-7 minutes on an H100; the JSON is rewritten after every record, so a
+run cut short keeps what it measured):
 
-    PYTHONPATH=. python bench/mtp_speed.py --commit $(git rev-parse --short HEAD) \\
-        --out bench/results/mtp_speed_h100.json [--parts verify,default,oracle] [--models e4b,26b_a4b,31b]
+    PYTHONPATH=. python bench/mtp_speed.py --commit <sha> --out bench/results/mtp_speed_h100.json
+
+or split over 10-minute commands, each into its own file:
+
+    PYTHONPATH=. python bench/mtp_speed.py --commit <sha> --parts verify --models e4b,26b_a4b --out A.json
+    PYTHONPATH=. python bench/mtp_speed.py --commit <sha> --parts verify --models 31b --out B.json
+    PYTHONPATH=. python bench/mtp_speed.py --commit <sha> --parts default,oracle --out C.json
 
 CPU smoke (tiny configs, float32, seconds): `PYTHONPATH=. python bench/mtp_speed.py --smoke --out /tmp/mtp.json`
 
@@ -124,6 +130,7 @@ class Report:
 
     def __init__(self, path: Path, header: dict):
         self.path, self.header, self.records = path, header, []
+        path.parent.mkdir(parents=True, exist_ok=True)
 
     def add(self, record: dict) -> None:
         self.records.append({**self.header, **record})
@@ -511,7 +518,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     header = {"command": command, "commit": args.commit, "torch": torch.__version__,
               "device": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "cpu",
               "dtype": str(s.dtype).removeprefix("torch."), "smoke": s.smoke,
-              "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "engine": "eager PyTorch: paged attention in plain torch (gemma4_model/attention.py), MoE expert by "
+                        "expert, no CUDA graphs, no fused kernels"}
     report = Report(args.out, header)
     say(f"mtp_speed on {header['device']} ({header['dtype']}), parts {args.parts}, out {args.out}")
     threads = torch.get_num_threads()
