@@ -65,6 +65,11 @@ ORACLE_LABEL = "oracle drafter: proposes the target's own greedy tokens"
 # residual, so the tied head's greedy choice wins by a wide margin and no bf16 difference between
 # a 1-token step and a verify run flips it (the oracle's futures stay the target's own tokens).
 ORACLE_POST_NORM_SCALE = 0.01
+RUN_NOTE = ("engine runs: Engine.step to completion, a device sync after every step before the clock is read; "
+            "TPOT per sequence = (time of its last token - time of its first) / (tokens - 1), mean over sequences; "
+            "output_tokens_per_s = all output tokens / wall time (prefill included); speedups = plain / speculative; "
+            "batch 1 decodes its prompts one after another, batch B runs B at once (all prefilled in the first step); "
+            "draft time is inside the speculative figures")
 PUBLISHED = (
     {"model": "gemma-4-12B-it", "gpu": "H200", "engine": "SGLang", "speedup": 1.35,
      "what": "single-stream decode, MTP 5 steps / 6 draft tokens, top-k 1"},
@@ -386,7 +391,7 @@ def speculative_records(model, prompts, params, s: Settings, clock: Clock, ks, m
         for k in ks:
             spec = run_engine(model, chosen, params, clock, s.page_size, batch, make_drafter(plain, chosen), k)
             body = {"batch": batch, "k": k, "prompts": len(chosen), "plain": summary(plain), "speculative": summary(spec),
-                    **compare(plain, spec)}
+                    **compare(plain, spec), "note": RUN_NOTE}
             say(f"  batch {batch} k={k}: TPOT {statistics.mean(spec.tpot_ms):.2f} ms, x{body['tpot_speedup']:.2f}, "
                 f"acceptance {spec.stats['acceptance_rate']:.2f}, identical {body['identical_to_plain']}")
             yield body
