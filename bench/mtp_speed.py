@@ -66,7 +66,8 @@ ORACLE_LABEL = "oracle drafter: proposes the target's own greedy tokens"
 # a 1-token step and a verify run flips it (the oracle's futures stay the target's own tokens).
 ORACLE_POST_NORM_SCALE = 0.01
 RUN_NOTE = ("engine runs: Engine.step to completion, a device sync after every step before the clock is read; "
-            "TPOT per sequence = (time of its last token - time of its first) / (tokens - 1), mean over sequences; "
+            "TPOT per sequence = (time of its last token - time of its first) / (tokens - 1), mean over sequences "
+            "(tpot_ms_token_weighted: weighted by tokens - 1); "
             "output_tokens_per_s = all output tokens / wall time (prefill included); speedups = plain / speculative; "
             "batch 1 decodes its prompts one after another, batch B runs B at once (all prefilled in the first step); "
             "draft time is inside the speculative figures")
@@ -333,6 +334,7 @@ class RunResult:
     outputs: list[list[int]]
     wall_s: float
     tpot_ms: list[float]  # per sequence: (last token time - first token time) / (tokens - 1)
+    decode_tokens: list[int]  # per sequence: tokens - 1 (the weights of a token-weighted TPOT)
     steps: int
     stats: dict
 
@@ -360,17 +362,20 @@ def run_engine(model, prompts: Sequence[list[int]], params: SamplingParams, cloc
         for seq in advanced:
             first.setdefault(seq.seq_id, now)
             last[seq.seq_id] = now
-    tpot = [(last[s.seq_id] - first[s.seq_id]) * 1e3 / (len(s.output) - 1) for s in seqs if len(s.output) > 1]
+    timed = [s for s in seqs if len(s.output) > 1]
+    tpot = [(last[s.seq_id] - first[s.seq_id]) * 1e3 / (len(s.output) - 1) for s in timed]
     st = engine.stats
     stats = {"drafted_tokens": st.drafted_tokens, "accepted_tokens": st.accepted_tokens, "verify_runs": st.verify_runs,
              "acceptance_rate": round(st.acceptance_rate, 4), "mean_accept_length": round(st.mean_accept_length, 3)}
-    return RunResult([s.output for s in seqs], now - t0, tpot, st.steps, stats)
+    return RunResult([s.output for s in seqs], now - t0, tpot, [len(s.output) - 1 for s in timed], st.steps, stats)
 
 
 def summary(run: RunResult) -> dict:
     tokens = sum(len(o) for o in run.outputs)
     return {"output_tokens": tokens, "wall_s": round(run.wall_s, 4), "output_tokens_per_s": round(tokens / run.wall_s, 2),
             "tpot_ms_mean": round(statistics.mean(run.tpot_ms), 3), "tpot_ms_median": round(statistics.median(run.tpot_ms), 3),
+            "tpot_ms_token_weighted": round(sum(t * n for t, n in zip(run.tpot_ms, run.decode_tokens))
+                                            / sum(run.decode_tokens), 3),
             "steps": run.steps, "distinct_tokens_per_output": round(statistics.mean(len(set(o)) for o in run.outputs), 2),
             **run.stats}
 
@@ -465,8 +470,8 @@ def oracle_part(s: Settings, clock: Clock, report: Report) -> None:
                     "workload": f"random prompts of {s.context} tokens, greedy, ignore_eos, {s.oracle_tokens} tokens; "
                                 "the oracle's futures are the plain run's outputs",
                     "published": list(PUBLISHED), **body})
-        say(f"  published beside it: {PUBLISHED[0]['speedup']}x ({PUBLISHED[0]['model']}, {PUBLISHED[0]['gpu']}), "
-            f"{PUBLISHED[1]['speedup_mean']}x mean ({PUBLISHED[1]['model']}, {PUBLISHED[1]['gpu']})")
+    say(f"  published beside it: {PUBLISHED[0]['speedup']}x ({PUBLISHED[0]['model']}, {PUBLISHED[0]['gpu']}), "
+        f"{PUBLISHED[1]['speedup_mean']}x mean ({PUBLISHED[1]['model']}, {PUBLISHED[1]['gpu']})")
     del model
     free_device(s.device)
 

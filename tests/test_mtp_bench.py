@@ -80,7 +80,8 @@ def test_default_model_with_its_assistant_is_identical_and_accepts_most_drafts(s
         assert spec["acceptance_rate"] > 0.5 and spec["mean_accept_length"] > 1
         assert plain["drafted_tokens"] == 0 and spec["drafted_tokens"] > 0
         assert spec["steps"] < plain["steps"]
-        assert spec["tpot_ms_mean"] > 0 and plain["output_tokens_per_s"] > 0 and r["tpot_speedup"] > 0
+        assert spec["tpot_ms_mean"] > 0 and spec["tpot_ms_token_weighted"] > 0 and plain["output_tokens_per_s"] > 0
+        assert r["tpot_speedup"] == pytest.approx(plain["tpot_ms_mean"] / spec["tpot_ms_mean"], rel=1e-2)
 
 
 def test_oracle_accepts_every_draft_and_keeps_the_output(smoke):
