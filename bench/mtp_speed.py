@@ -487,7 +487,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     ap.add_argument("--models", default=",".join(MODELS), help="verify part: which shapes")
     ap.add_argument("--smoke", action="store_true", help="CPU, float32, tiny configs, few repetitions")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None, help="verify and oracle parts (default bfloat16; smoke float32)")
+    ap.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                    help="verify and oracle parts (default bfloat16; smoke float32)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--context", type=int, default=None)
