@@ -1,0 +1,81 @@
+"""Random weights at a real Gemma 4 shape, built straight on the device (for speed benchmarks).
+
+Speed does not depend on weight values, so a benchmark at the 31B shape needs no checkpoint:
+the modules are built on the meta device in the target dtype, given storage on the device with
+`to_empty` (no host copy, no float32 detour: the 31B's ~61 GB of bf16 fits an 80 GB GPU), and
+filled in place from a seeded device generator. Norm weights, `layer_scalar` and router scales
+are ones; linear and embedding weights are small normals; RoPE tables are rebuilt for real (they
+are derived, not weights); a centroid-masked assistant gets a random token ordering.
+
+`post_norm_scale` < 1 shrinks the norms that scale each layer's contribution to the residual
+stream, so the token embedding dominates it and the tied lm_head's argmax is the input token by
+a wide margin: greedy decoding then repeats a token, but no bf16 rounding difference between a
+one-token step and a verify run flips it (an oracle drafter's futures stay the target's own).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, TextConfig
+from .decoder import TextDecoder
+from .drafter import Drafter, TokenEmbed, check_fits_target
+from .layers import RMSNorm, RotaryEmbedding, Router
+
+# The norms whose output is added to the residual stream (scaled by `post_norm_scale`).
+_RESIDUAL_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm", "post_per_layer_input_norm")
+
+
+def random_text_decoder(cfg: TextConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0, *,
+                        std: float = 0.02, post_norm_scale: float = 1.0) -> TextDecoder:
+    """A `TextDecoder` of `cfg`'s shape with seeded random weights, allocated once on `device`."""
+    with torch.device("meta"):
+        model = TextDecoder(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    _fill(model, torch.Generator(device=device).manual_seed(seed), std, post_norm_scale)
+    model.rotary = nn.ModuleDict({name: RotaryEmbedding(spec) for name, spec in cfg.rope.items()}).to(device)
+    return model.requires_grad_(False).eval()
+
+
+def random_drafter(config: ModelConfig, target: TextConfig, target_embed: TokenEmbed, device: torch.device | str,
+                   dtype: torch.dtype, seed: int = 0, *, std: float = 0.02) -> Drafter:
+    """A Gemma 4 assistant of `config`'s shape (an `-assistant` config.json) with seeded random
+    weights, for a target of shape `target` whose scaled embedding is `target_embed`.
+    Raises `DrafterMismatchError` when the shapes cannot read the target's KV."""
+    check_fits_target(config, target)
+    with torch.device("meta"):
+        drafter = Drafter(config, target, target_embed)
+    drafter = drafter.to(dtype).to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    _fill(drafter, generator, std, 1.0)
+    if drafter.masked_embedding is not None:
+        ordering = drafter.masked_embedding.token_ordering
+        ordering.copy_(torch.randperm(ordering.numel(), generator=generator, device=device))
+    drafter.rotary = nn.ModuleDict({n: RotaryEmbedding(r) for n, r in config.text.rope.items()}).to(device)
+    return drafter.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def _fill(model: nn.Module, generator: torch.Generator, std: float, post_norm_scale: float) -> None:
+    """Ones for norms, router scales and `layer_scalar`; N(0, std) for everything else."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        leaf = module_name.rsplit(".", 1)[-1]
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if isinstance(module, RMSNorm):
+                param.fill_(post_norm_scale if leaf in _RESIDUAL_NORMS else 1.0)
+            elif isinstance(module, Router) and name in ("scale", "per_expert_scale"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std, generator=generator)
+        for name, buf in module.named_buffers(recurse=False):
+            if name == "layer_scalar":
+                buf.fill_(1.0)
+            elif name == "token_ordering":
+                pass  # set by random_drafter (a permutation)
+            elif name != "inv_freq":  # rotary tables are rebuilt by the callers
+                raise AssertionError(f"random_weights does not know how to fill buffer {module_name}.{name}")
