@@ -39,6 +39,11 @@ from transfer.device_pages import (held_pages, hold, pack_payload, parse_shapes,
 from transfer.kv_pages import PayloadError, export_pages, import_pages
 
 PAGE = 4
+def python_path() -> str:
+    """The repo first, then whatever the caller's PYTHONPATH holds (packages installed beside it)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
+
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 
 
@@ -212,7 +217,7 @@ class Actors:
         common = [sys.executable, "-m", "tests.handoff_actor", "--backend", backend, "--process-group", process_group,
                   "--checkpoint", str(checkpoint), "--run-dir", str(self.run), "--stores", stores,
                   "--decodes", str(decodes), "--dtype", dtype]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": python_path()}
         self.logs = {}
         self.procs = {}
         for role, replica in [("decode", r) for r in range(decodes)] + [("prefill", 0)]:
@@ -329,7 +334,7 @@ def test_cuda_ipc_maps_another_process_pool_and_releases_its_pages(tmp_path, tin
     owner = subprocess.Popen([sys.executable, "-m", "tests.handoff_actor", "--role", "pool-owner", "--backend",
                               "cuda_ipc", "--checkpoint", str(checkpoint), "--run-dir", str(tmp_path),
                               "--device", "cuda:0", "--pages", "32"], cwd=REPO,
-                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": python_path()}, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
         handoff = inbox.recv(timeout_ms=120_000)
