@@ -34,13 +34,13 @@ import platform
 import shlex
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-
-import httpx  # noqa: E402
 
 from bench.loadgen.metrics import Goodput, request_details, summarize  # noqa: E402
 from bench.loadgen.report import format_point, format_sweep, plot_sweep  # noqa: E402
@@ -113,9 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def served_models(base_url: str, api_key: str | None) -> list[str]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    response = httpx.get(base_url + "/v1/models", headers=headers, timeout=30, trust_env=False)
-    response.raise_for_status()
-    return [m["id"] for m in response.json().get("data", [])]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxies from the environment
+    with opener.open(urllib.request.Request(base_url + "/v1/models", headers=headers), timeout=30) as response:
+        return [m["id"] for m in json.loads(response.read()).get("data", [])]
 
 
 def git_state() -> dict:
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     goodput = Goodput.parse(args.goodput) if args.goodput else None
     try:
         models = served_models(args.base_url, args.api_key)
-    except (httpx.HTTPError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # urllib's errors are OSErrors
         models = []
         if not args.model:
             print(f"serve_bench: cannot list the models at {args.base_url}/v1/models: {exc}", file=sys.stderr)

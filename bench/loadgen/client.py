@@ -20,7 +20,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from .workload import PreparedRequest
 
@@ -84,10 +84,10 @@ def _event_error(event: dict) -> str:
     return f"error event{f' ({code})' if code else ''}: {str(message)[:MAX_ERROR_CHARS]}"
 
 
-async def _sse_payloads(response: httpx.Response):
+async def _sse_payloads(response: aiohttp.ClientResponse):
     """Yield (arrival time, data payload) for each server-sent event of the response."""
     buffer = b""
-    async for piece in response.aiter_bytes():
+    async for piece in response.content.iter_any():
         now = time.perf_counter()
         buffer += piece.replace(b"\r\n", b"\n")
         while b"\n\n" in buffer:
@@ -101,7 +101,7 @@ async def _sse_payloads(response: httpx.Response):
             yield time.perf_counter(), b"\n".join(data)
 
 
-async def send_request(http: httpx.AsyncClient, base_url: str, request: PreparedRequest,
+async def send_request(http: aiohttp.ClientSession, base_url: str, request: PreparedRequest,
                        timeout_s: float | None, headers: dict[str, str] | None = None) -> RequestResult:
     """POST `request` with streaming and time it; never raises for a failed request."""
     result = RequestResult(request.index, output_len_asked=request.output_len)
@@ -111,7 +111,7 @@ async def send_request(http: httpx.AsyncClient, base_url: str, request: Prepared
             await _stream(http, base_url, request, headers or {}, result, start)
     except TimeoutError:
         result.error = f"timeout: no complete answer within {timeout_s:g} s"
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         result.error = f"{type(exc).__name__}: {str(exc)[:MAX_ERROR_CHARS] or 'transport error'}"
     except (ValueError, KeyError, TypeError) as exc:
         result.error = f"malformed stream: {type(exc).__name__}: {str(exc)[:MAX_ERROR_CHARS]}"
@@ -126,10 +126,10 @@ async def send_request(http: httpx.AsyncClient, base_url: str, request: Prepared
 
 async def _stream(http, base_url, request, headers, result: RequestResult, start: float) -> None:
     done = False
-    async with http.stream("POST", base_url + request.route, content=request.body,
-                           headers={"Content-Type": "application/json", **headers}) as response:
-        if response.status_code != 200:
-            result.error = _error_message(response.status_code, await response.aread())
+    async with http.post(base_url + request.route, data=request.body,
+                         headers={"Content-Type": "application/json", **headers}) as response:
+        if response.status != 200:
+            result.error = _error_message(response.status, await response.read())
             return
         async for now, payload in _sse_payloads(response):
             if payload == b"[DONE]":

@@ -143,7 +143,7 @@ def image_data_url(rng: np.random.Generator, height: int, width: int, fmt: str, 
     if content == "blank":
         pixels = np.full((height, width, 3), 255, dtype=np.uint8)
     else:
-        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        pixels = np.frombuffer(rng.bytes(height * width * 3), dtype=np.uint8).reshape(height, width, 3)
     buffer = io.BytesIO()
     if fmt == "png":
         Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
