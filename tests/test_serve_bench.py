@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer
 
-from bench.loadgen.client import RequestResult
+from bench.loadgen.client import EventStream, RequestResult
 from bench.loadgen.metrics import Goodput, summarize
 from bench.loadgen.runner import arrival_times
 from bench.loadgen.workload import TokenSource, Workload, WorkloadConfig, sample_lengths
@@ -89,6 +89,20 @@ def test_image_workload_defaults_to_two_720p_images(tokenizer):
         assert url.startswith("data:image/jpeg;base64,")
         assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (1280, 720)
     assert TokenSource(tokenizer).count(content[-1]["text"]) == 128
+
+
+def test_event_stream_splits_events_across_any_pieces():
+    stream = (b'data: {"a": 1}\r\n\r\n: keep-alive comment\r\n\r\nevent: x\r\ndata: {"b":\r\ndata: 2}\r\n\r\n'
+              b'data: [DONE]\r\n\r\ndata: tail')
+    expected = [b'{"a": 1}', b'{"b":\n2}', b"[DONE]", b"tail"]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        cuts = sorted(rng.choice(np.arange(1, len(stream)), size=6, replace=False).tolist())
+        events, got = EventStream(), []
+        for a, b in zip([0, *cuts], [*cuts, len(stream)]):
+            got += events.feed(stream[a:b])
+        assert got + events.close() == expected
+    assert EventStream().feed(stream.replace(b"\r\n", b"\n")) == expected[:3]
 
 
 def test_poisson_arrivals():

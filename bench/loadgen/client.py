@@ -84,21 +84,39 @@ def _event_error(event: dict) -> str:
     return f"error event{f' ({code})' if code else ''}: {str(message)[:MAX_ERROR_CHARS]}"
 
 
+class EventStream:
+    """Splits a byte stream, in pieces of any size, into its server-sent events' data payloads
+    (LF or CRLF line ends; comment and other field lines ignored; multi-line data joined)."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+
+    @staticmethod
+    def _data(event: bytes) -> bytes | None:
+        lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+        return b"\n".join(lines) if lines else None
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        self.buffer = (self.buffer + piece).replace(b"\r\n", b"\n")  # a CR may end one piece, its LF start the next
+        *events, self.buffer = self.buffer.split(b"\n\n")
+        return [d for d in map(self._data, events) if d is not None]
+
+    def close(self) -> list[bytes]:
+        """Whatever the stream left without a closing blank line."""
+        rest, self.buffer = self.buffer, b""
+        data = self._data(rest.rstrip(b"\r\n"))
+        return [data] if data is not None else []
+
+
 async def _sse_payloads(response: aiohttp.ClientResponse):
     """Yield (arrival time, data payload) for each server-sent event of the response."""
-    buffer = b""
+    events = EventStream()
     async for piece in response.content.iter_any():
         now = time.perf_counter()
-        buffer += piece.replace(b"\r\n", b"\n")
-        while b"\n\n" in buffer:
-            event, buffer = buffer.split(b"\n\n", 1)
-            data = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
-            if data:
-                yield now, b"\n".join(data)
-    if buffer.strip():
-        data = [line[5:].lstrip() for line in buffer.split(b"\n") if line.startswith(b"data:")]
-        if data:
-            yield time.perf_counter(), b"\n".join(data)
+        for payload in events.feed(piece):
+            yield now, payload
+    for payload in events.close():
+        yield time.perf_counter(), payload
 
 
 async def send_request(http: aiohttp.ClientSession, base_url: str, request: PreparedRequest,
