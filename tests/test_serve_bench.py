@@ -56,10 +56,26 @@ def test_prompts_have_exact_token_lengths(tokenizer):
     assert [len(p) for p in ids.prompts] == ids.input_lens
     assert not special & {t for p in ids.prompts for t in p}
     texts = Workload(WorkloadConfig(api="chat", num_prompts=20, input_len=300, output_len=5, seed=3), tokenizer)
-    assert [source.count(t) for t in texts.prompts] == texts.input_lens
+    assert [source.count(t) for t in texts.prompts] == texts.input_lens == ids.input_lens
     assert len(set(texts.prompts)) == 20
+    assert len(source.words) > 100 and all(w.startswith(" ") for w in source.words)
     for n in (1, 2, 7, 128):
-        assert source.count(source.text(np.random.default_rng(n), n)) == n
+        text, count = source.text(np.random.default_rng(n), n)
+        assert count == n and source.count(text) == n
+
+
+def test_text_prompts_from_a_sentencepiece_style_vocabulary():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "\u2581the": 2, "\u2581cat": 3, "\u2581sat": 4, "\u2581": 5, "t": 6, "x": 7}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    backend.decoder = decoders.Metaspace(prepend_scheme="never")
+    source = TokenSource(PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>"))
+    assert sorted(source.words) == [" cat", " sat", " the"]
+    text, count = source.text(np.random.default_rng(0), 9)
+    assert count == 9 and source.count(text) == 9 and set(text.split()) <= {"the", "cat", "sat"}
 
 
 def test_request_bodies_force_the_output_length(tokenizer):

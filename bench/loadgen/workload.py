@@ -13,6 +13,7 @@ request is the same whichever order or thread builds it.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import re
@@ -96,13 +97,13 @@ def sample_lengths(config: WorkloadConfig) -> tuple[list[int], list[int]]:
 class TokenSource:
     """Random prompts from a tokenizer's ordinary tokens (no special, added or placeholder ids).
 
-    Text prompts are strings of the vocabulary's space-led words (a token that decodes to
-    " word" and encodes back to itself alone), which tokenizers split at spaces keep one token
-    each; where a tokenizer merges across them, whole words are dropped or added until the
-    count is exact.
+    Text prompts are strings of the vocabulary's space-led words (a piece "Ġword" or "▁word"
+    whose text " word" encodes back to that one token), which tokenizers that split at spaces keep
+    one token each; where a tokenizer merges across them, words are dropped or added until the
+    count is exact. If that cannot be reached the closest text is used and its true count kept.
     """
 
-    WORD = re.compile(r" [A-Za-z]+")
+    WORD = re.compile(r"[\u2581\u0120][A-Za-z]+")
 
     def __init__(self, tokenizer) -> None:
         excluded = set(getattr(tokenizer, "added_tokens_decoder", {}) or {}) | set(tokenizer.all_special_ids)
@@ -110,10 +111,13 @@ class TokenSource:
         self.pool = np.array([i for i in range(len(tokenizer)) if i not in excluded], dtype=np.int64)
         if self.pool.size == 0:
             raise ValueError("the tokenizer has no ordinary tokens to build prompts from")
-        self.words = [w for w in (tokenizer.decode([int(i)]) for i in self.pool) if self.WORD.fullmatch(w)
-                      and len(tokenizer.encode(w, add_special_tokens=False)) == 1]
-        if not self.words:
-            raise ValueError("the tokenizer has no space-led word tokens to build text prompts from")
+
+    @functools.cached_property
+    def words(self) -> list[str]:
+        """The vocabulary's space-led words (found once, on the first text prompt)."""
+        pieces = self.tokenizer.convert_ids_to_tokens(self.pool.tolist())
+        words = [" " + p[1:] for p in pieces if isinstance(p, str) and self.WORD.fullmatch(p)]
+        return [w for w in words if self.count(w) == 1]
 
     def ids(self, rng: np.random.Generator, n: int) -> list[int]:
         return [int(i) for i in rng.choice(self.pool, size=n)]
@@ -121,19 +125,27 @@ class TokenSource:
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def text(self, rng: np.random.Generator, n: int) -> str:
-        """Text that tokenizes to exactly `n` tokens (without special tokens); raises if it cannot."""
-        def draw(k: int) -> list[str]:
-            return [self.words[j] for j in rng.integers(0, len(self.words), size=k)]
-
-        pieces = draw(n)
+    def text(self, rng: np.random.Generator, n: int) -> tuple[str, int]:
+        """A text of `n` tokens (without special tokens) and its token count: `n` unless the
+        tokenizer made that impossible, then the closest count reached."""
+        if self.words:
+            def draw(k: int) -> list[str]:
+                return [self.words[j] for j in rng.integers(0, len(self.words), size=k)]
+            pieces, decode = draw(n), "".join
+        else:  # no word tokens: decoded random ids, re-encoded
+            def draw(k: int) -> list[int]:
+                return self.ids(rng, k)
+            pieces, decode = draw(n), lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+        best = None
         for _ in range(n + 32):
-            text = "".join(pieces)
+            text = decode(pieces)
             have = self.count(text)
+            if best is None or abs(have - n) < abs(best[1] - n):
+                best = (text, have)
             if have == n:
-                return text
+                break
             pieces = pieces[:-1] if have > n else pieces + draw(n - have)
-        raise RuntimeError(f"could not build a text of exactly {n} tokens")
+        return best
 
 
 def image_data_url(rng: np.random.Generator, height: int, width: int, fmt: str, content: str) -> str:
@@ -180,7 +192,9 @@ class Workload:
         if config.api == "completions":
             self.prompts: list[Any] = [source.ids(rng, n) for rng, n in zip(rngs, self.input_lens)]
         else:
-            self.prompts = [source.text(rng, n) for rng, n in zip(rngs, self.input_lens)]
+            texts = [source.text(rng, n) for rng, n in zip(rngs, self.input_lens)]
+            self.prompts = [text for text, _ in texts]
+            self.input_lens = [count for _, count in texts]
 
     def __len__(self) -> int:
         return self.config.num_prompts
