@@ -127,9 +127,10 @@ async def send_request(http: aiohttp.ClientSession, base_url: str, request: Prep
     try:
         async with asyncio.timeout(timeout_s):
             await _stream(http, base_url, request, headers or {}, result, start)
-    except TimeoutError:
-        result.error = f"timeout: no complete answer within {timeout_s:g} s"
-    except aiohttp.ClientError as exc:
+    except TimeoutError:  # the run's limit, or aiohttp's connect timeout
+        result.error = (f"timeout: no complete answer within {timeout_s:g} s" if timeout_s is not None
+                        else "timeout while connecting")
+    except (aiohttp.ClientError, OSError) as exc:
         result.error = f"{type(exc).__name__}: {str(exc)[:MAX_ERROR_CHARS] or 'transport error'}"
     except (ValueError, KeyError, TypeError) as exc:
         result.error = f"malformed stream: {type(exc).__name__}: {str(exc)[:MAX_ERROR_CHARS]}"
