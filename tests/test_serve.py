@@ -342,3 +342,24 @@ def test_readme_examples_run_against_tandem_serve(colocated, tmp_path):
     assert set(person) == {"name", "age", "city"} and isinstance(person["age"], int)
     assert isinstance(person["name"], str) and isinstance(person["city"], str)
     assert image.strip() == "blue" and audio.strip() == "high"
+
+
+def test_serve_bench_against_tandem_serve(colocated, tmp_path):
+    """bench/serve_bench.py against the real server: every request decodes the forced length."""
+    from tests.test_serve_bench import bench
+
+    code, doc = bench(tmp_path, colocated.url, "--num-prompts", "8", "--random-input-len", "16",
+                      "--random-output-len", "8", "--random-range-ratio", "1", "--max-concurrency", "8",
+                      "--warmup-requests", "0", "--output-details")
+    p = doc["points"][0]
+    assert code == 0, p["errors"]
+    assert (p["completed"], p["failed"], p["usage_missing"], doc["server"]["model"]) == (8, 0, 0, "tandem-default")
+    assert all((r["output_tokens"], r["prompt_tokens"], r["finish_reason"]) == (8, 16, "length") for r in p["requests"])
+    assert 0 < p["ttft_ms"]["median"] < p["e2e_latency_ms"]["median"] and p["tpot_ms"]["median"] > 0
+    code, doc = bench(tmp_path, colocated.url, "--dataset-name", "image", "--num-prompts", "2", "--image-resolution",
+                      "96x128", "--random-input-len", "16", "--random-output-len", "6", "--warmup-requests", "0",
+                      "--output-details", name="image.json")
+    p = doc["points"][0]
+    assert code == 0, p["errors"]
+    assert p["completed"] == 2 and all(r["output_tokens"] == 6 for r in p["requests"])
+    assert all(r["prompt_tokens"] > 16 + 2 * 64 for r in p["requests"])  # text, template and two images
