@@ -213,7 +213,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def kv_prefill_worker(args) -> int:
+def kv_prefill_worker(args, stop: threading.Event | None = None) -> int:
     """Hands over `--reps` + 1 sequences of each size in `--sizes`, one at a time."""
     import zmq
 
@@ -265,7 +265,7 @@ def kv_prefill_worker(args) -> int:
     return 0 if not any(in_use.values()) and done.exists() else 3
 
 
-def kv_decode_worker(args) -> int:
+def kv_decode_worker(args, stop: threading.Event | None = None) -> int:
     """Receives `len(sizes) * (reps + 1)` handoffs, imports each into its own cache, and writes
     the timings to `decode-result.json`."""
     import zmq
@@ -316,11 +316,46 @@ def kv_decode_worker(args) -> int:
     return 0 if len(results) == expected and not any("error" in r for r in results) else 3
 
 
-def spawn(args, role: str, run: Path, extra: list[str], log: Path) -> subprocess.Popen:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", role, "--run-dir", str(run),
-               "--dtype", args.dtype_name, "--page-size", str(args.page_size), *extra]
+class ThreadWorker:
+    """A worker run in a thread of this process (`--in-process`, CPU smoke only: no interpreter
+    start-up per worker), answering what the driver asks of a `subprocess.Popen`."""
+
+    def __init__(self, argv: list[str]):
+        self.stop = threading.Event()
+        self.returncode: int | None = None
+        self.thread = threading.Thread(target=self._run, args=(argv,), daemon=True)
+        self.thread.start()
+
+    def _run(self, argv: list[str]) -> None:
+        code = 1
+        try:
+            code = main(argv, stop=self.stop)
+        finally:
+            self.returncode = code
+
+    def poll(self) -> int | None:
+        return None if self.thread.is_alive() else self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise subprocess.TimeoutExpired("worker thread", timeout)
+        return self.returncode
+
+    def send_signal(self, _sig) -> None:
+        self.stop.set()
+
+    kill = send_signal
+
+
+def spawn(args, role: str, run: Path, extra: list[str], log: Path):
+    worker_args = ["--worker", role, "--run-dir", str(run), "--dtype", args.dtype_name, "--page-size",
+                   str(args.page_size), *extra]
     if args.smoke:
-        command.append("--smoke")
+        worker_args.append("--smoke")
+    if args.in_process:
+        return ThreadWorker(worker_args)
+    command = [sys.executable, str(Path(__file__).resolve()), *worker_args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
@@ -332,7 +367,6 @@ def wait_all(procs: dict[str, subprocess.Popen], timeout_s: float) -> dict[str, 
             codes[name] = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
             codes[name] = "killed (timeout)"
     return codes
 
@@ -395,8 +429,9 @@ def bytes_part(args, report: Report) -> None:
     cfg, source = text_config(args.smoke)
     tokens, dtype = args.bytes_tokens, getattr(torch, args.dtype_name)
     element = torch.empty((), dtype=dtype).element_size()
-    cache = kv_cache(cfg, tokens, args.page_size, "meta", dtype)  # page tables only: no storage
-    cache.adopt_sequence(0, tokens, {name: list(range(-(-tokens // args.page_size))) for name in cache.groups})
+    width = -(-tokens // args.page_size)  # every page of the prompt, in each group, before the window slides
+    cache = PagedKVCache(cfg, page_size=args.page_size, num_pages=width, device="meta", dtype=dtype)  # no storage
+    cache.adopt_sequence(0, tokens, {name: list(range(width)) for name in cache.groups})
     held = held_pages(cache, 0, 0)  # what a sender exports (reach_back 0: no MTP assistant downstream)
     per_page = cache.bytes_per_page()
     groups = {name: {"pages": len(held.logical[name]), "layers": len(cache.groups[name].layers),
@@ -415,7 +450,7 @@ def bytes_part(args, report: Report) -> None:
 
 
 # ---- part 4: TTFT, disaggregated against colocated -----------------------------------------------
-def engine_worker(args) -> int:
+def engine_worker(args, stop: threading.Event | None = None) -> int:
     """One EngineActor (role `--worker`) with a random-weight target, until SIGTERM."""
     import zmq
 
@@ -446,8 +481,9 @@ def engine_worker(args) -> int:
                                  kv_release_endpoints=[f"ipc://{run}/prefill-0.release"],
                                  process_group=args.process_group)
     actor = EngineActor(engine, inbox, outbox, role=role, sender=sender, receiver=receiver, stats_interval_s=3600)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if stop is None:  # a process of its own: until SIGTERM
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
     say(f"{role} on {args.device} running")
     try:
         actor.run(stop)
@@ -578,6 +614,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--commit", default="unknown", help="git commit of the code (the device copy's git metadata is stale)")
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--smoke", action="store_true", help="CPU, float32, tiny config, nccl over gloo")
+    ap.add_argument("--in-process", action="store_true",
+                    help="smoke only: run the workers as threads of this process (fast; the GPU run uses processes)")
     ap.add_argument("--sizes", help="bandwidth: prompt tokens per handoff, comma-separated")
     ap.add_argument("--reps", type=int, help="bandwidth: timed handoffs per size (after one warm-up)")
     ap.add_argument("--requests", type=int, help="ttft: timed requests per setup (after one warm-up)")
@@ -611,6 +649,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         for part in args.parts.split(","):
             if part not in PARTS:
                 ap.error(f"unknown part {part!r}; expected some of {PARTS}")
+        if args.in_process and not args.smoke:
+            ap.error("--in-process is for the CPU smoke run only (cuda_ipc maps another process's memory)")
         if not args.smoke and not torch.cuda.is_available():
             ap.error("the GPU benchmark needs CUDA devices; use --smoke on CPU")
     return args
@@ -620,11 +660,12 @@ WORKERS = {"kv-prefill": kv_prefill_worker, "kv-decode": kv_decode_worker, "engi
            "prefill": engine_worker, "decode": engine_worker}
 
 
-def main(argv: Sequence[str] | None = None) -> dict | int:
+def main(argv: Sequence[str] | None = None, stop: threading.Event | None = None) -> dict | int:
     args = parse_args(argv)
     if args.worker is not None:
-        torch.set_num_threads(1 if args.smoke else torch.get_num_threads())
-        return WORKERS[args.worker](args)
+        if args.smoke and stop is None:  # a worker process of the smoke run: tiny ops
+            torch.set_num_threads(1)
+        return WORKERS[args.worker](args, stop)
     command = "python bench/handoff.py " + " ".join(sys.argv[1:] if argv is None else argv)
     devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                if torch.cuda.is_available() and not args.smoke else ["cpu"])
