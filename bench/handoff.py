@@ -223,6 +223,8 @@ def kv_prefill_worker(args, stop: threading.Event | None = None) -> int:
 
     cfg, _ = text_config(args.smoke)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     sizes = [int(x) for x in args.sizes.split(",")]
     cache = kv_cache(cfg, max(sizes), args.page_size, args.device, dtype)
     generator = torch.Generator(device=device).manual_seed(1)
@@ -252,9 +254,9 @@ def kv_prefill_worker(args, stop: threading.Event | None = None) -> int:
                 time.sleep(0.0005)
             del payload
             time.sleep(args.pace_s)  # decode imports; the next handoff does not overlap it
-    done = run / "decode.done"
+    done, exited = run / "decode.done", run / "decode.exited"
     deadline = time.monotonic() + 120
-    while not done.exists() and time.monotonic() < deadline:
+    while not exited.exists() and time.monotonic() < deadline:  # decode may map this pool until it exits
         sender.poll()
         time.sleep(0.05)
     in_use = cache.pages_in_use()
@@ -276,6 +278,8 @@ def kv_decode_worker(args, stop: threading.Event | None = None) -> int:
 
     cfg, _ = text_config(args.smoke)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     sizes = [int(x) for x in args.sizes.split(",")]
     cache = kv_cache(cfg, max(sizes), args.page_size, args.device, dtype)
     run, zctx = Path(args.run_dir), zmq.Context()
@@ -395,7 +399,9 @@ def bandwidth_part(args, report: Report) -> None:
             procs = {"kv-decode": spawn(args, "kv-decode", run, [*common, "--device", decode_device], logs["kv-decode"])}
             procs["kv-prefill"] = spawn(args, "kv-prefill", run, [*common, "--device", prefill_device],
                                         logs["kv-prefill"])
-            codes = wait_all(procs, args.pair_timeout_s)
+            codes = wait_all({"kv-decode": procs["kv-decode"]}, args.pair_timeout_s)
+            (run / "decode.exited").touch()  # prefill may free its pool now
+            codes.update(wait_all({"kv-prefill": procs["kv-prefill"]}, 150))
             result = run / "decode-result.json"
             rows = json.loads(result.read_text()) if result.exists() else []
             if any(codes.values()) or not rows:
@@ -591,6 +597,33 @@ def ttft_part(args, report: Report) -> None:
                if "ttft_over_colocated" in record else ""))
 
 
+# ---- the acceptance figures ----------------------------------------------------------------------
+BANDWIDTH_FLOOR = 0.70  # of the ceiling, for the largest handoff
+TTFT_CAP = 1.10  # disaggregated TTFT over colocated
+
+
+def summary(report: Report) -> dict:
+    """Issue 8's acceptance 2-4 read off the records: per bandwidth setup its largest handoff's
+    fraction of the ceiling, the bytes ratio, per disaggregated setup its TTFT ratio."""
+    out: dict = {"part": "summary", "bandwidth": {}, "ttft": {}}
+    for setup in dict.fromkeys(r["setup"] for r in report.find("bandwidth") if "gbps" in r):
+        largest = max((r for r in report.find("bandwidth", setup=setup) if r.get("gbps")),
+                      key=lambda r: r["prompt_tokens"])
+        fraction = largest["fraction_of_ceiling"]
+        out["bandwidth"][setup] = {"prompt_tokens": largest["prompt_tokens"], "gbps": largest["gbps"],
+                                   "fraction_of_ceiling": fraction,
+                                   "meets_70_percent": None if fraction is None else fraction >= BANDWIDTH_FLOOR}
+    for r in report.find("bytes"):
+        out["bytes"] = {"prompt_tokens": r["prompt_tokens"], "handoff_bytes": r["handoff_bytes"],
+                        "naive_bytes": r["naive_bytes_every_layer_every_token"], "naive_over_handoff": r["naive_over_handoff"]}
+    for r in report.find("ttft"):
+        if "ttft_over_colocated" in r:
+            out["ttft"][r["setup"]] = {"ttft_over_colocated": r["ttft_over_colocated"],
+                                       "second_token_over_colocated": r["second_token_over_colocated"],
+                                       "meets_10_percent": r["ttft_over_colocated"] <= TTFT_CAP}
+    return out
+
+
 # ---- driver --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Defaults:
@@ -684,6 +717,8 @@ def main(argv: Sequence[str] | None = None, stop: threading.Event | None = None)
                       ("ttft", ttft_part)):
         if part in parts:
             run(args, report)
+    record = report.add(summary(report))
+    say(f"summary: {json.dumps({k: v for k, v in record.items() if k != 'part'})}")
     say(f"done in {time.perf_counter() - t0:.1f} s: {len(report.records)} records in {args.out}")
     return {"header": header, "records": report.records}
 

@@ -122,3 +122,15 @@ def test_in_process_workers_are_refused_outside_the_smoke_run(tmp_path):
     bench = load_bench()
     with pytest.raises(SystemExit):
         bench.parse_args(["--in-process", "--out", str(tmp_path / "x.json")])
+
+
+def test_summary_reads_the_acceptance_figures_off_the_records(smoke):
+    _, doc, _ = smoke
+    [summary] = by_part(doc, "summary")
+    largest = by_part(doc, "bandwidth")[-1]
+    [setup] = summary["bandwidth"]
+    assert summary["bandwidth"][setup]["fraction_of_ceiling"] == largest["fraction_of_ceiling"]
+    assert summary["bandwidth"][setup]["meets_70_percent"] == (largest["fraction_of_ceiling"] >= 0.7)
+    assert summary["bytes"]["naive_over_handoff"] == by_part(doc, "bytes")[0]["naive_over_handoff"]
+    ratio = by_part(doc, "ttft")[1]["ttft_over_colocated"]
+    assert summary["ttft"]["nccl_over_gloo_cpu"]["meets_10_percent"] == (ratio <= 1.10)
