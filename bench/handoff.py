@@ -11,7 +11,12 @@ or in two commands (each well under 10 minutes):
     PYTHONPATH=. python bench/handoff.py --commit <sha> --parts ceiling,bandwidth,bytes --out A.json
     PYTHONPATH=. python bench/handoff.py --commit <sha> --parts ttft --out B.json
 
-CPU smoke (tiny config, float32, the nccl protocol over gloo between CPU processes, ~20 s):
+Setups (`--setups` picks some): bandwidth `cuda_ipc_two_gpus`, `nccl_two_gpus`,
+`cuda_ipc_split_one_gpu`; ttft `colocated` (the base of the ratios) and the same three. On a
+machine with one GPU only the cuda:0 setups run.
+
+CPU smoke (tiny config, float32, the nccl protocol over gloo between CPU processes; about a
+minute, or seconds with `--in-process`, which runs the workers as threads):
 `PYTHONPATH=. python bench/handoff.py --smoke --out /tmp/handoff.json`
 
 Parts:
@@ -170,12 +175,13 @@ def ceiling_part(args, report: Report) -> None:
     if not args.smoke and torch.cuda.device_count() >= 2:
         paths.insert(0, ("peer", "cuda:0", "cuda:1"))
     for name, src, dst in paths:
-        gbps, times = copy_gbps(src, dst, nbytes, args.reps)
+        gbps, times = copy_gbps(src, dst, nbytes, args.reps if args.smoke else 10)
         extra = {}
         if src != dst:
             extra["peer_access"] = torch.cuda.can_device_access_peer(0, 1)
         report.add({"part": "ceiling", "path": name, "src": src, "dst": dst, "bytes": nbytes, "gbps": gbps,
                     "times_ms": times, "timing": "CUDA events, median" if src != "cpu" else "perf_counter, median",
+                    "counts": "bytes copied once (a copy within one device reads and writes each: twice the traffic)",
                     **extra})
         say(f"ceiling {name} {src} -> {dst}: {gbps:.1f} GB/s")
 
@@ -379,11 +385,17 @@ def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
+def chosen(args, setups: list[tuple]) -> list[tuple]:
+    """The setups `--setups` names (all by default)."""
+    wanted = args.setups.split(",") if args.setups else None
+    return [s for s in setups if wanted is None or s[0] in wanted]
+
+
 def bandwidth_pairs(args) -> list[tuple[str, str, str, str]]:
     if args.smoke:
-        return [("nccl_over_gloo_cpu", "nccl", "cpu", "cpu")]
+        return chosen(args, [("nccl_over_gloo_cpu", "nccl", "cpu", "cpu")])
     two = torch.cuda.device_count() >= 2
-    return [p for p in BANDWIDTH_PAIRS if two or p[3] == "cuda:0"]
+    return chosen(args, [p for p in BANDWIDTH_PAIRS if two or p[3] == "cuda:0"])
 
 
 def bandwidth_part(args, report: Report) -> None:
@@ -531,9 +543,9 @@ def one_request(api, inbox, request_id: str, token_ids: np.ndarray, timeout_s: f
 
 def ttft_setups(args) -> list[tuple[str, str | None, str, str | None]]:
     if args.smoke:
-        return [("colocated", None, "cpu", None), ("nccl_over_gloo_cpu", "nccl", "cpu", "cpu")]
+        return chosen(args, [("colocated", None, "cpu", None), ("nccl_over_gloo_cpu", "nccl", "cpu", "cpu")])
     two = torch.cuda.device_count() >= 2
-    return [s for s in TTFT_SETUPS if two or s[3] in (None, "cuda:0")]
+    return chosen(args, [s for s in TTFT_SETUPS if two or s[3] in (None, "cuda:0")])
 
 
 def ttft_part(args, report: Report) -> None:
@@ -649,6 +661,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true", help="CPU, float32, tiny config, nccl over gloo")
     ap.add_argument("--in-process", action="store_true",
                     help="smoke only: run the workers as threads of this process (fast; the GPU run uses processes)")
+    ap.add_argument("--setups", help="bandwidth / ttft: only these setups (labels, comma-separated; "
+                    "ttft ratios need colocated)")
     ap.add_argument("--sizes", help="bandwidth: prompt tokens per handoff, comma-separated")
     ap.add_argument("--reps", type=int, help="bandwidth: timed handoffs per size (after one warm-up)")
     ap.add_argument("--requests", type=int, help="ttft: timed requests per setup (after one warm-up)")
