@@ -298,7 +298,7 @@ def encode(msg: Any) -> list[bytes | memoryview]:
         if isinstance(value, np.ndarray):
             array = np.ascontiguousarray(value)
             arrays.append({"field": f.name, "dtype": str(array.dtype), "shape": list(array.shape)})
-            frames.append(memoryview(array).cast("B"))
+            frames.append(memoryview(array).cast("B") if array.size else b"")  # a view with a 0 in its shape cannot be cast
         elif dataclasses.is_dataclass(value):
             fields[f.name] = dataclasses.asdict(value)
         else:

@@ -262,12 +262,55 @@ _completion = st.fixed_dictionaries({"model": _model, "prompt": st.one_of(
     **_common, "logprobs": st.one_of(st.integers(0, 5), _numbers, _json), "echo": st.booleans(), "suffix": _text})
 
 
+# Valid bodies (every field in range), to reach generation, streaming, n, logprobs and the
+# output parsers; and valid bodies with exactly one field replaced by any JSON value.
+_floats = lambda lo, hi: st.floats(lo, hi, allow_nan=False)  # noqa: E731
+_valid_common = {
+    "max_tokens": st.integers(1, 8), "temperature": _floats(0, 2), "top_p": _floats(0.01, 1),
+    "top_k": st.integers(-1, 50), "min_p": _floats(0, 1), "seed": st.integers(0, 2**63 - 1),
+    "stop": st.one_of(st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=4)),
+    "n": st.integers(1, 3), "presence_penalty": _floats(-2, 2), "frequency_penalty": _floats(-2, 2),
+    "repetition_penalty": _floats(0.1, 3), "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}), "ignore_eos": st.booleans(),
+    "min_tokens": st.integers(0, 2), "return_token_ids": st.booleans(),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema", "json_schema": {
+        "name": "r", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]),
+}
+_WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "weather", "parameters": {
+    "type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}
+_valid_message = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "developer"]),
+                           "content": st.one_of(_text, st.lists(st.fixed_dictionaries(
+                               {"type": st.just("text"), "text": _text}), min_size=1, max_size=2))}),
+    st.just({"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"location": "Paris"}'}}]}),
+    st.fixed_dictionaries({"role": st.just("tool"), "tool_call_id": st.just("c1"), "content": _text}))
+_valid_chat = st.fixed_dictionaries({"model": st.just(MODEL), "messages": st.lists(_valid_message, min_size=1,
+                                                                                    max_size=3)}, optional={
+    **_valid_common, "logprobs": st.booleans(), "top_logprobs": st.integers(0, 5),
+    "tools": st.just([_WEATHER]), "tool_choice": st.sampled_from(["none", "auto", "required", {
+        "type": "function", "function": {"name": "get_weather"}}]), "parallel_tool_calls": st.booleans(),
+    "chat_template_kwargs": st.fixed_dictionaries({"enable_thinking": st.booleans()}),
+    "max_completion_tokens": st.integers(1, 8)})
+_valid_completion = st.fixed_dictionaries({"model": st.just(MODEL), "prompt": st.one_of(
+    st.text(min_size=1, max_size=20), st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=2),
+    st.lists(st.integers(0, 1023), min_size=1, max_size=6))}, optional={**_valid_common, "logprobs": st.integers(0, 5)})
+
+
+def _one_field_wrong(bodies, fields):
+    return st.tuples(bodies, st.sampled_from(sorted(fields)), _json).map(lambda t: {**t[0], t[1]: t[2]})
+
+
+_FIELDS = {"model", "messages", "prompt", *_valid_common, "logprobs", "top_logprobs", "tools", "tool_choice",
+           "parallel_tool_calls", "chat_template_kwargs", "mm_processor_kwargs", "max_completion_tokens", "echo"}
+
+
 def _dumps(body) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 # --- the properties -----------------------------------------------------------------------------
-@fuzz_settings(250)
+@fuzz_settings(150)
 @given(_chat)
 @example({"model": MODEL, "messages": [{"role": "user", "content": [{"type": ["image_url"]}]}]})
 @example({"model": MODEL, "messages": [{"role": "user", "content": [
@@ -291,7 +334,7 @@ def test_chat_completions_any_body(pipeline, body):
     check_idle(pipeline, before)
 
 
-@fuzz_settings(200)
+@fuzz_settings(100)
 @given(_completion)
 @example({"model": MODEL, "prompt": [10**30]})
 @example({"model": MODEL, "prompt": [[1, 2], [2**64]]})
@@ -305,7 +348,23 @@ def test_completions_any_body(pipeline, body):
     check_idle(pipeline, before)
 
 
-@fuzz_settings(150)
+@fuzz_settings(200)
+@given(st.one_of(st.tuples(st.just(ROUTES[0]), st.one_of(_valid_chat, _one_field_wrong(_valid_chat, _FIELDS))),
+                 st.tuples(st.just(ROUTES[1]), st.one_of(_valid_completion,
+                                                         _one_field_wrong(_valid_completion, _FIELDS)))))
+def test_valid_bodies_and_one_field_wrong(pipeline, route_body):
+    route, body = route_body
+    before = pipeline.backend.in_flight
+    reply = pipeline.request("POST", route, content=_dumps(body), headers=AUTH)
+    check_reply(pipeline, reply)
+    check_idle(pipeline, before)
+    if reply.status_code == 200 and not body.get("stream"):
+        n, prompts = body.get("n", 1), body.get("prompt", "")
+        prompts = len(prompts) if isinstance(prompts, list) and prompts and not isinstance(prompts[0], int) else 1
+        assert len(reply.json()["choices"]) == n * prompts
+
+
+@fuzz_settings(100)
 @given(st.sampled_from(ROUTES), _json)
 def test_generation_routes_any_json_value(pipeline, route, value):
     before = pipeline.backend.in_flight
@@ -325,7 +384,7 @@ _auth = st.one_of(st.just(AUTH), st.just({}), st.builds(lambda v: {"Authorizatio
     _header_value, st.sampled_from([f"bearer {KEY}", f"Bearer  {KEY} ", "Bearer", f"Basic {KEY}", f"Bearer {KEY}x"]))))
 
 
-@fuzz_settings(200)
+@fuzz_settings(150)
 @given(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]),
        st.sampled_from([*ROUTES, "/v1/models", "/health", "/metrics", "/", "/v1", "/v1/models/x", "/v1/embeddings",
                         "/health/", "/%00", "/v1/chat/completions/../models"]),

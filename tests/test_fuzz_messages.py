@@ -85,6 +85,24 @@ _VALID = [
 ]
 
 
+_arrays = st.sampled_from(sorted(ALLOWED_DTYPES)).flatmap(lambda dtype: st.lists(st.integers(0, 3), min_size=1,
+                                                                               max_size=3).flatmap(
+    lambda shape: st.binary(min_size=math.prod(shape) * np.dtype(dtype).itemsize,
+                            max_size=math.prod(shape) * np.dtype(dtype).itemsize).map(
+        lambda raw: np.frombuffer(raw, dtype=dtype).reshape(shape))))
+
+
+@fuzz_settings(200)
+@given(_arrays, _arrays, st.lists(st.integers(0, 2**31 - 1), max_size=3))
+@example(np.zeros((1, 0), np.int32), np.zeros((1, 0), np.float32), [5])  # logprobs with no top alternatives
+def test_arrays_of_any_dtype_and_shape_round_trip(top_ids, top_logprobs, tokens):
+    """Empty arrays included: a TokenBatch for `logprobs: 0` carries [n, 0] alternatives."""
+    back = decode(encode(TokenBatch("r", tokens, None, top_ids=top_ids, top_logprobs=top_logprobs)))
+    for sent, got in ((top_ids, back.top_ids), (top_logprobs, back.top_logprobs)):
+        assert got.dtype == sent.dtype and got.shape == sent.shape and got.tobytes() == sent.tobytes()
+    assert back.token_ids == tokens
+
+
 @fuzz_settings(300)
 @given(st.lists(st.binary(max_size=64), max_size=4))
 def test_arbitrary_frames(frames):
