@@ -233,3 +233,70 @@ def small_video() -> bytes:
 def test_video_corrupted(processor, small_video, data):
     corrupted = _corrupt(small_video, data.draw)
     _processed_or_media_error(lambda: processor.video(corrupted, budget=70))
+
+
+# --- the preprocess actor's whole path (chat template, media, tokenizer) ---------------------------
+def _data_url(mime: str, data: bytes) -> str:
+    import base64
+
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+@pytest.fixture(scope="module")
+def multimodal_preprocessor(tokenizer):
+    from actors.media_prompt import FetchPolicy, MediaPrompt, Placeholders
+    from actors.preprocess import Preprocessor
+    from gemma4_model.config import load_config
+
+    media = MediaPrompt(MediaProcessor(CHECKPOINT, MediaLimits(max_images=2, max_audios=1, max_videos=1)),
+                        FetchPolicy(()), Placeholders.from_tokenizer(tokenizer, load_config(CHECKPOINT).special_tokens))
+    return Preprocessor(tokenizer, [1], media)
+
+
+_MEDIA_URLS = [_data_url("image/png", _image_bytes(20, 12, "RGB", "PNG")),
+               _data_url("image/gif", _image_bytes(9, 30, "P", "GIF")),
+               _data_url("audio/wav", _audio_bytes(3000, 16000, 1, "WAV", None)), "data:image/png;base64,AAAA",
+               "data:,x", "https://media.example.com/a.png", "http://[::1", "ftp://x"]
+_any = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=6)),
+                    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                            st.dictionaries(st.text(max_size=6), inner, max_size=3)), max_leaves=6)
+_media_part = st.one_of(
+    st.builds(lambda kind, url: {"type": kind, kind: {"url": url}},
+              st.sampled_from(["image_url", "audio_url", "video_url"]), st.one_of(st.sampled_from(_MEDIA_URLS), _any)),
+    st.builds(lambda data, fmt: {"type": "input_audio", "input_audio": {"data": data, "format": fmt}},
+              st.one_of(st.just(_MEDIA_URLS[2].split(",", 1)[1]), _any), st.one_of(st.sampled_from(["wav", "mp3"]), _any)),
+    st.fixed_dictionaries({"type": st.one_of(st.sampled_from(["text", "image", "image_url"]), _any),
+                           "text": _any}), _any)
+# Shapes the api's schema lets through: a known role, content text / a list of objects / none,
+# any other message fields; tools a list of objects; kwargs objects; a checked vision budget.
+_pre_message = st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"])},
+                                     optional={"content": st.one_of(st.text(max_size=10), st.none(), st.lists(
+                                         st.one_of(_media_part.filter(lambda p: isinstance(p, dict)),
+                                                   st.dictionaries(st.text(max_size=6), _any, max_size=3)), max_size=3)),
+                                               "tool_calls": st.one_of(st.lists(st.fixed_dictionaries({
+                                                   "function": st.fixed_dictionaries({
+                                                       "name": st.one_of(st.just("f"), _any),
+                                                       "arguments": st.one_of(st.just('{"a": 1}'), st.just("[]"), _any)})}),
+                                                   max_size=2), _any)})
+
+
+@fuzz_settings(150)
+@given(st.fixed_dictionaries({"messages": st.lists(_pre_message, min_size=1, max_size=3)}, optional={
+    "tools": st.one_of(st.just([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+                       st.lists(st.dictionaries(st.text(max_size=6), _any, max_size=3), max_size=2)),
+    "chat_template_kwargs": st.one_of(st.fixed_dictionaries({"enable_thinking": _any}),
+                                      st.dictionaries(st.text(max_size=6), _any, max_size=3)),
+    "mm_processor_kwargs": st.fixed_dictionaries({"max_soft_tokens": st.sampled_from([70, 140, 280])})}),
+       st.sampled_from([None, "required", "function:f", "function:g"]))
+def test_preprocess_any_chat_gives_a_job_or_a_value_error(multimodal_preprocessor, chat, tool_choice):
+    """The preprocess actor answers a ValueError (MediaError included) with a 400 and goes on;
+    any other exception would end its loop."""
+    from actors.messages import GenerateRequest, SamplingSpec
+
+    request = GenerateRequest("r", json.dumps(chat), SamplingSpec(tool_choice=tool_choice))
+    try:
+        prepared = multimodal_preprocessor.prepare(request)
+    except ValueError as exc:
+        assert str(exc)
+        return
+    assert len(prepared.job.token_ids) > 0
