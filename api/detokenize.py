@@ -65,11 +65,13 @@ class StopStringMatcher:
         if not self.stops:
             self.held = ""
             return buffer
-        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        # The stop string that is complete first (earliest end; at a tie the longest) ends the
+        # text at its start: what streaming token by token sees, so any split gives the same.
+        hits = [(i + len(s), i) for s in self.stops if (i := buffer.find(s)) >= 0]
         if hits:
             self.stopped = True
             self.held = ""
-            return buffer[:min(hits)]
+            return buffer[:min(hits)[1]]
         keep = self._partial_tail(buffer)
         self.held = buffer[len(buffer) - keep:] if keep else ""
         return buffer[:len(buffer) - keep]
