@@ -15,9 +15,12 @@ flight afterwards.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import threading
 import traceback
+import wave
 import zlib
 from dataclasses import dataclass, field
 
@@ -26,14 +29,18 @@ import numpy as np
 import pytest
 import zmq
 from hypothesis import event, example, given, strategies as st
+from PIL import Image
 
 from actors.engine_actor import sampling_params
+from actors.media_inputs import MediaLimits, MediaProcessor
+from actors.media_prompt import FetchPolicy, MediaPrompt, Placeholders
 from actors.messages import CancelRequest, PrefillJob, RequestError, TokenBatch
 from actors.preprocess import Preprocessor, PreprocessActor
 from actors.transport import pull, push
 from api.app import create_app
 from api.backend import ZmqBackend
 from default_model import CHECKPOINT
+from gemma4_model.config import load_config
 from tests.fuzzing import fuzz_settings
 
 MODEL = "tandem-default"
@@ -84,6 +91,17 @@ class FakeEngine:
             start = end
 
 
+class Sink:
+    """An encoder stand-in: takes `EncodeJob`s and drops them."""
+
+    def __init__(self, inbox):
+        self.inbox = inbox
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.inbox.recv(timeout_ms=20)
+
+
 @dataclass
 class Pipeline:
     app: object
@@ -125,18 +143,26 @@ def pipeline(tmp_path_factory):
                                                "<turn|>", "<eos>"])
     markers += tokenizer("thought\ncall:get_weather{location:", add_special_tokens=False).input_ids
     run = tmp_path_factory.mktemp("fuzz-api")
-    ends = {name: f"ipc://{run}/{name}" for name in ("preprocess", "engine", "results")}
+    ends = {name: f"ipc://{run}/{name}" for name in ("preprocess", "engine", "results", "vision", "audio")}
     zctx = zmq.Context()
     backend = ZmqBackend([ends["preprocess"]], ends["results"], [ends["engine"]], context=zctx)
     backend.start()
-    preprocess = PreprocessActor(Preprocessor(tokenizer, stops), pull(zctx, ends["preprocess"]),
-                                 push(zctx, ends["engine"]), push(zctx, ends["results"]))
+    # Media are decoded and processed for real; the encoders are sinks (the fake engine does not wait for them).
+    media = MediaPrompt(MediaProcessor(CHECKPOINT, MediaLimits(max_images=2, max_audios=1, max_videos=1)),
+                        FetchPolicy(()), Placeholders.from_tokenizer(tokenizer, load_config(CHECKPOINT).special_tokens))
+    sinks = {kind: pull(zctx, ends[kind], drop_malformed=True) for kind in ("vision", "audio")}
+    preprocess = PreprocessActor(Preprocessor(tokenizer, stops, media), pull(zctx, ends["preprocess"]),
+                                 push(zctx, ends["engine"]), push(zctx, ends["results"]),
+                                 encoders={"vision_encoder": [push(zctx, ends["vision"])],
+                                           "audio_encoder": [push(zctx, ends["audio"])]})
     engine = FakeEngine(pull(zctx, ends["engine"]), push(zctx, ends["results"]), markers)
     stop, crashes = threading.Event(), []
-    threads = [_supervised(n, a, stop, crashes, backend) for n, a in (("preprocess", preprocess), ("engine", engine))]
+    threads = [_supervised(n, a, stop, crashes, backend) for n, a in (("preprocess", preprocess), ("engine", engine),
+                                                                      *((k, Sink(c)) for k, c in sinks.items()))]
     for t in threads:
         t.start()
-    app = create_app(backend, tokenizer, MODEL, api_key=KEY, max_body_bytes=64 << 10, default_max_tokens=8)
+    app = create_app(backend, tokenizer, MODEL, api_key=KEY, max_body_bytes=64 << 10, default_max_tokens=8,
+                     allowed_media_hosts=("media.example.com",), media_kinds=frozenset({"image", "audio", "video"}))
     loop = asyncio.new_event_loop()
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tandem.test")
     try:
@@ -148,7 +174,8 @@ def pipeline(tmp_path_factory):
         for t in threads:
             t.join(timeout=5)
         backend.close()
-        for ch in (preprocess.inbox, *preprocess.downstream, preprocess.errors, engine.inbox, engine.outbox):
+        for ch in (preprocess.inbox, *preprocess.downstream, preprocess.errors, engine.inbox, engine.outbox,
+                   *sinks.values(), *(c for chans in preprocess.encoders.values() for c in chans)):
             ch.close()
         zctx.term()
 
@@ -198,7 +225,24 @@ _json = st.recursive(st.one_of(st.none(), st.booleans(), _numbers, _text),
                      lambda inner: st.one_of(st.lists(inner, max_size=3),
                                              st.dictionaries(st.text(max_size=8), inner, max_size=3)),
                      max_leaves=8)
-_url = st.one_of(st.sampled_from(["data:image/png;base64,iVBORw0KGgo=", "https://example.com/a.png", "http://[::1",
+def _media_url(fmt: str, mime: str) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 16), (200, 30, 30)).save(buf, fmt)
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def _wav_base64() -> str:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((np.sin(np.arange(4000) / 5.0) * 8000).astype("<i2").tobytes())
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+WAV = _wav_base64()
+_url = st.one_of(st.sampled_from([_media_url("PNG", "image/png"), _media_url("GIF", "image/gif"),
+                                  _media_url("BMP", "image/bmp"), f"data:audio/wav;base64,{WAV}",
+                                  "https://media.example.com/a.png", "data:image/png;base64,iVBORw0KGgo=", "https://example.com/a.png", "http://[::1",
                                   "http://[zz]/", "ftp://x/y", "file:///etc/passwd", "data:", "https://", "//x",
                                   "http://a:b/", "https://media.example.com:99999/x"]), _text, _json)
 _part = st.one_of(
@@ -208,7 +252,8 @@ _part = st.one_of(
                            "audio_url": st.fixed_dictionaries({"url": _url}),
                            "video_url": st.fixed_dictionaries({"url": _url})}),
     st.fixed_dictionaries({"type": st.just("input_audio"),
-                           "input_audio": st.fixed_dictionaries({"data": _text, "format": _text})}),
+                           "input_audio": st.fixed_dictionaries({"data": st.one_of(st.just(WAV), _text),
+                                                                 "format": st.one_of(st.just("wav"), _text)})}),
     st.fixed_dictionaries({"type": st.one_of(_json, st.sampled_from(["image", "audio", "video", "refusal"]))}),
     _json)
 _tool_call = st.fixed_dictionaries({"id": _text, "type": st.just("function"), "function": st.fixed_dictionaries(
@@ -284,7 +329,12 @@ _valid_message = st.one_of(
                                {"type": st.just("text"), "text": _text}), min_size=1, max_size=2))}),
     st.just({"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
         "name": "get_weather", "arguments": '{"location": "Paris"}'}}]}),
-    st.fixed_dictionaries({"role": st.just("tool"), "tool_call_id": st.just("c1"), "content": _text}))
+    st.fixed_dictionaries({"role": st.just("tool"), "tool_call_id": st.just("c1"), "content": _text}),
+    st.builds(lambda parts: {"role": "user", "content": [{"type": "text", "text": "What is this?"}, *parts]},
+              st.lists(st.sampled_from([{"type": "image_url", "image_url": {"url": _media_url("PNG", "image/png")}},
+                                        {"type": "image_url", "image_url": {"url": _media_url("GIF", "image/gif")}},
+                                        {"type": "input_audio", "input_audio": {"data": WAV, "format": "wav"}}]),
+                       max_size=2)))
 _valid_chat = st.fixed_dictionaries({"model": st.just(MODEL), "messages": st.lists(_valid_message, min_size=1,
                                                                                     max_size=3)}, optional={
     **_valid_common, "logprobs": st.booleans(), "top_logprobs": st.integers(0, 5),
@@ -358,9 +408,10 @@ def test_valid_bodies_and_one_field_wrong(pipeline, route_body):
     reply = pipeline.request("POST", route, content=_dumps(body), headers=AUTH)
     check_reply(pipeline, reply)
     check_idle(pipeline, before)
-    if reply.status_code == 200 and not body.get("stream"):
-        n, prompts = body.get("n", 1), body.get("prompt", "")
-        prompts = len(prompts) if isinstance(prompts, list) and prompts and not isinstance(prompts[0], int) else 1
+    n = body.get("n", 1)
+    if reply.status_code == 200 and body.get("stream") is not True and type(n) is int:
+        prompt = body.get("prompt") if route == ROUTES[1] else None
+        prompts = len(prompt) if isinstance(prompt, list) and not isinstance(prompt[0], int) else 1
         assert len(reply.json()["choices"]) == n * prompts
 
 
