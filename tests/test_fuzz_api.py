@@ -48,6 +48,7 @@ KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 REQUEST_DEADLINE_S = 10.0  # a request still unanswered after this is a hang
 ROUTES = ("/v1/chat/completions", "/v1/completions")
+VOCAB = 1024  # the default model's tokenizer; a padded model vocabulary may sample ids past it
 
 
 # --- the pipeline -------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ class FakeEngine:
             return
         rng = np.random.default_rng(zlib.crc32(job.token_ids.tobytes()))  # same prompt, same tokens
         count = int(min(params.max_tokens, rng.integers(1, 7)))
-        pool = np.concatenate([rng.integers(0, 1024, 8), self.marker_ids])
+        pool = np.concatenate([rng.integers(0, VOCAB + 64, 8), self.marker_ids])  # ids past the tokenizer too
         tokens = [int(t) for t in rng.choice(pool, count)]
         cuts = sorted({int(c) for c in rng.integers(1, count + 1, 2)} | {count})
         start = 0
@@ -84,7 +85,7 @@ class FakeEngine:
             extra = {"prompt_tokens": len(job.token_ids), "cached_tokens": 0} if start == 0 else {}
             if params.logprobs is not None:
                 k = params.logprobs
-                extra.update(logprobs=[-0.5] * len(part), top_ids=rng.integers(0, 1024, (len(part), k)).astype(np.int32),
+                extra.update(logprobs=[-0.5] * len(part), top_ids=rng.integers(0, VOCAB + 64, (len(part), k)).astype(np.int32),
                              top_logprobs=np.full((len(part), k), -1.0, np.float32))
             finish = None if end < count else ("length" if count == params.max_tokens else "stop")
             self.outbox.send(TokenBatch(job.request_id, part, finish, **extra))
