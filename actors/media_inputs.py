@@ -227,7 +227,8 @@ def decode_image(data: bytes, limits: MediaLimits, param: str = "image") -> Imag
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            # only the formats this Pillow registers (Pillow 13 has no separate MPO plugin: naming it is a KeyError)
+            image = Image.open(io.BytesIO(data), formats=[f for f in IMAGE_FORMATS if f in Image.OPEN])
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise MediaError(param, f"image is {width}x{height} pixels, past PIL's decompression-bomb limit") from None
@@ -333,6 +334,9 @@ class MediaProcessor:
         features = np.ascontiguousarray(out["input_features"][0], dtype=np.float32)
         mask = np.ascontiguousarray(out["input_features_mask"][0], dtype=bool)
         n = int(mask.sum()) if self.unified else audio_soft_tokens(mask)
+        if n == 0:  # a few samples give no feature frame: nothing for the encoder to encode
+            raise MediaError(param, f"audio is too short ({wave.shape[0] / AUDIO_RATE * 1000:.1f} ms); "
+                                    "it gives no audio tokens")
         text = f"{self.tokens['boa_token']}{self.tokens['audio_token'] * n}{self.tokens['eoa_token']}"
         return _media("audio", None, n, text, features=features, feature_mask=mask)
 

@@ -67,7 +67,8 @@ class MediaPrompt:
                 continue
             parts = []
             for j, part in enumerate(content):
-                kind = PART_KINDS.get(part.get("type")) if isinstance(part, dict) else None
+                kind_name = part.get("type") if isinstance(part, dict) else None
+                kind = PART_KINDS.get(kind_name) if isinstance(kind_name, str) else None
                 if kind is None:
                     parts.append(part)
                     continue
@@ -91,6 +92,8 @@ class MediaPrompt:
             if not isinstance(value, dict) or not isinstance(value.get("data"), str):
                 raise MediaError(param, "input_audio needs base64 'data'")
             fmt = value.get("format", "wav")
+            if not isinstance(fmt, str):
+                raise MediaError(param, "input_audio format must be a string (e.g. 'wav')")
             mime = AUDIO_FORMATS.get(fmt, f"audio/{fmt}")
             return parse_data_uri(f"data:{mime};base64,{value['data']}", self.max_bytes, param)[1]
         url = value.get("url") if isinstance(value, dict) else value

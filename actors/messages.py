@@ -11,6 +11,7 @@ Arrays are numpy (the api actor imports no torch); tensors convert with `torch.f
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -331,7 +332,7 @@ def encode(msg: Any) -> list[bytes | memoryview]:
         if isinstance(value, np.ndarray):
             array = np.ascontiguousarray(value)
             arrays.append({"field": f.name, "dtype": str(array.dtype), "shape": list(array.shape)})
-            frames.append(memoryview(array).cast("B"))
+            frames.append(memoryview(array).cast("B") if array.size else b"")  # a view with a 0 in its shape cannot be cast
         elif dataclasses.is_dataclass(value):
             fields[f.name] = dataclasses.asdict(value)
         else:
@@ -376,15 +377,21 @@ def _decode_array(spec: Any, frame: bytes | memoryview) -> tuple[str, np.ndarray
         raise MessageError(f"array dtype {dtype!r} is not allowed")
     if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d for d in shape) or len(shape) > 8:
         raise MessageError(f"bad array shape {shape!r}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    nbytes = count * np.dtype(dtype).itemsize
+    if not isinstance(spec["field"], str):
+        raise MessageError(f"array field name {spec['field']!r} is not a string")
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow on hostile shapes
     if nbytes > MAX_ARRAY_BYTES or len(frame) != nbytes:
         raise MessageError(f"array {spec['field']!r}: frame has {len(frame)} bytes, shape needs {nbytes}")
-    return spec["field"], np.frombuffer(frame, dtype=dtype).reshape(shape)
+    try:
+        return spec["field"], np.frombuffer(frame, dtype=dtype).reshape(shape)
+    except ValueError as exc:  # an empty array with absurd dimensions
+        raise MessageError(f"array {spec['field']!r}: bad shape {shape!r} ({exc})") from None
 
 
 def _build(cls: type, values: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
+    if not all(isinstance(name, str) for name in values):
+        raise MessageError(f"{cls.__name__}: field names must be strings")
     unknown = set(values) - names
     if unknown:
         raise MessageError(f"{cls.__name__}: unknown fields {sorted(unknown)}")

@@ -124,7 +124,7 @@ def forced_call_grammar(sampling: SamplingSpec, tools: list) -> SamplingSpec:
 
 
 def _has_media(messages: list) -> bool:
-    return any(isinstance(part, dict) and part.get("type") in PART_KINDS
+    return any(isinstance(part, dict) and isinstance(part.get("type"), str) and part["type"] in PART_KINDS
                for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list) for part in m["content"])
 
 

@@ -42,6 +42,7 @@ from .streaming import DONE, EventStreamResponse, sse
 
 log = logging.getLogger("tandem.api")
 
+MAX_JSON_DEPTH = 64  # request bodies nesting deeper are refused (400) before anything recurses over them
 CLIENT_CLOSED = 499  # nginx's status for a client that went away (metrics only: nobody reads it)
 
 
@@ -89,9 +90,14 @@ class OpenAIRoutes:
             if len(body) > limit:
                 raise ApiError(413, f"the request body exceeds {limit} bytes")
         try:
-            return json.loads(body)
+            value = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            value = None  # nested past the parser's recursion limit
+        if value is None and body.strip() != b"null" or _depth_exceeds(value, MAX_JSON_DEPTH):
+            raise ApiError(400, f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels")
+        return value
 
     def check_model(self, model: str) -> None:
         if model != self.config.model_name:
@@ -230,6 +236,21 @@ class OpenAIRoutes:
             self.metrics.observe(generation.started_at, choice.first_token_at, now, choice.completion_tokens)
             self.tracer.record("request", generation.started_ns, now_ns, request.request_id,
                                tokens=choice.completion_tokens, prompt_tokens=choice.prompt_tokens)
+
+
+def _depth_exceeds(value, limit: int) -> bool:
+    """Whether JSON `value` nests arrays / objects deeper than `limit` (iterative: no recursion).
+    Later steps (validation, the chat template, re-encoding) recurse over the body."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 async def _unless_disconnected(request: Request, work, generation: Generation) -> bool:

@@ -134,6 +134,7 @@ class ZmqBackend:
         table of in-flight requests is full.
         """
         stream = RequestStream(request.request_id, asyncio.get_running_loop())
+        frames = encode(request)  # before the table: a request that cannot travel must not stay in it
         with self._lock:
             if self._closed or self._thread is None:
                 raise ApiError(503, "the server is not accepting requests")
@@ -143,7 +144,7 @@ class ZmqBackend:
                 raise ApiError(409, f"request id {request.request_id!r} is already in flight")
             self._streams[request.request_id] = stream
             try:
-                self._requests.send_multipart(encode(request), flags=zmq.NOBLOCK, copy=False)
+                self._requests.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 del self._streams[request.request_id]
                 raise ApiError(503, "the preprocess queue is full; retry later") from None

@@ -12,6 +12,7 @@ streaming, holds back any tail that could be the start of one.
 from __future__ import annotations
 
 REPLACEMENT = "\ufffd"
+TOKENIZER_ID_LIMIT = 1 << 32  # the `tokenizers` library's ids are u32
 CONTEXT_TOKENS = 6  # ids decoded before the unread ones so a merge at the boundary renders right
 
 
@@ -30,7 +31,9 @@ class IncrementalDetokenizer:
                                      clean_up_tokenization_spaces=False)
 
     def add(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
+        # The tokenizer renders an unknown id as nothing but cannot even take one outside its
+        # unsigned 32-bit range (OverflowError): such ids are dropped the same way.
+        self.ids.extend(t for t in ids if 0 <= t < TOKENIZER_ID_LIMIT)
         before = self._decode(self.ids[self.prefix_offset:self.read_offset])
         after = self._decode(self.ids[self.prefix_offset:])
         if after.endswith(REPLACEMENT) or len(after) < len(before) or not after.startswith(before):
@@ -62,11 +65,13 @@ class StopStringMatcher:
         if not self.stops:
             self.held = ""
             return buffer
-        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        # The stop string that is complete first (earliest end; at a tie the longest) ends the
+        # text at its start: what streaming token by token sees, so any split gives the same.
+        hits = [(i + len(s), i) for s in self.stops if (i := buffer.find(s)) >= 0]
         if hits:
             self.stopped = True
             self.held = ""
-            return buffer[:min(hits)]
+            return buffer[:min(hits)[1]]
         keep = self._partial_tail(buffer)
         self.held = buffer[len(buffer) - keep:] if keep else ""
         return buffer[:len(buffer) - keep]

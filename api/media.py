@@ -26,7 +26,8 @@ def media_parts(messages: Iterable[Any]) -> list[tuple[str, str | None, str]]:
         if not isinstance(content, list):
             continue
         for j, part in enumerate(content):
-            kind = MEDIA_PARTS.get(part.get("type")) if isinstance(part, dict) else None
+            kind_name = part.get("type") if isinstance(part, dict) else None
+            kind = MEDIA_PARTS.get(kind_name) if isinstance(kind_name, str) else None
             if kind is None:
                 continue
             value = part.get(part["type"])
@@ -54,7 +55,11 @@ def check_media(messages: Iterable[Any], allowed_hosts: Iterable[str], supported
     allowed_hosts = tuple(allowed_hosts)
     for kind, url, param in media_parts(messages):
         if url is not None and not url.startswith("data:"):
-            parts = urlsplit(url)
+            try:
+                parts = urlsplit(url)
+                parts.hostname  # parsed lazily: a bad IPv6 literal raises here
+            except ValueError as exc:
+                raise ApiError(400, f"media URL cannot be parsed: {exc}", param=param) from None
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ApiError(400, f"media URL scheme {parts.scheme or '(none)'!r} is not accepted; use https or data:",
                                param=param)

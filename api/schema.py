@@ -14,6 +14,7 @@ from .errors import ApiError
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
+MAX_COUNT = 2**31 - 1  # token counts and ids travel as int32 / msgpack ints: larger values are refused here
 
 
 class StreamOptions(BaseModel):
@@ -72,10 +73,10 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0, le=MAX_COUNT)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)  # -1 or 0: no top-k cut
+    top_k: int = Field(default=0, ge=-1, le=MAX_COUNT)  # -1 or 0: no top-k cut
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: Union[str, list[str], None] = None
@@ -86,7 +87,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, le=MAX_COUNT)
     return_token_ids: bool = False  # as vLLM: each choice also carries its generated token ids
     response_format: ResponseFormatField | None = None  # structured output (constrained decoding)
 
@@ -112,7 +113,7 @@ VISION_BUDGETS = (70, 140, 280, 560, 1120)  # soft tokens per image Gemma 4 acce
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0, le=MAX_COUNT)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
@@ -175,7 +176,7 @@ Prompt = Union[str, list[str], list[int], list[list[int]]]
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
-    max_tokens: int | None = Field(default=16, gt=0)
+    max_tokens: int | None = Field(default=16, gt=0, le=MAX_COUNT)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
 
@@ -186,8 +187,8 @@ class CompletionRequest(SamplingFields):
             return value
         if not value or any(isinstance(p, (str, list)) and len(p) == 0 for p in value):
             raise ValueError("the prompt must not be empty")
-        if any(isinstance(t, int) and t < 0 for p in value for t in (p if isinstance(p, list) else [p])):
-            raise ValueError("token ids must be >= 0")
+        if any(isinstance(t, int) and not 0 <= t <= MAX_COUNT for p in value for t in (p if isinstance(p, list) else [p])):
+            raise ValueError(f"token ids must be in [0, {MAX_COUNT}]")
         return value
 
     @property

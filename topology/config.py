@@ -125,11 +125,13 @@ class Topology:
 def load_topology(path: str | Path) -> Topology:
     """Read and validate a topology file."""
     try:
-        raw = tomllib.loads(Path(path).read_text())
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TopologyError("file", f"{path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise TopologyError("file", f"not valid TOML ({exc})") from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise TopologyError("file", f"{path} cannot be read ({exc.strerror or exc})") from None
     return parse_topology(raw)
 
 
@@ -208,7 +210,7 @@ def _model(t: Mapping[str, Any]) -> ModelSection:
 def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:
     _only(t, "api.", API_FIELDS)
     node = t.get("node")
-    if node is not None and node not in nodes:
+    if node is not None and (not isinstance(node, str) or node not in nodes):
         raise TopologyError("api.node", f"{node!r} is not declared under [nodes]; declared: {sorted(nodes)}")
     return ApiSection(_host(t.get("host", "127.0.0.1"), "api.host"), _int(t, "api.", "port", 8000, 1, 65535), node,
                       _strings(t, "api.", "cors_origins"), _strings(t, "api.", "allowed_media_hosts"),
@@ -268,8 +270,9 @@ def _processor_kwargs(t: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 def _kwargs(table: Mapping[str, Any], where: str) -> tuple[tuple[str, Any], ...]:
     value = table.get(where.rpartition(".")[2], {})
-    if isinstance(value, (list, tuple)):  # as stored in an ApiSection (overrides re-validate it)
-        value = dict(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str)
+                                                for p in value):
+        value = dict(value)  # pairs, as stored in an ApiSection (overrides re-validate it)
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise TopologyError(where, f"expected a table of template arguments, got {value!r}")
     return tuple(sorted(value.items()))
@@ -318,7 +321,7 @@ def _actor(i: int, a: Any, nodes: Mapping[str, Node]) -> ActorSpec:
     if kind not in ACTOR_KINDS:
         raise TopologyError(where + "kind", f"expected one of {list(ACTOR_KINDS)}, got {kind!r}")
     node = a.get("node", next(iter(nodes)))
-    if node not in nodes:
+    if not isinstance(node, str) or node not in nodes:
         raise TopologyError(where + "node", f"{node!r} is not declared under [nodes]; declared: {sorted(nodes)}")
     device = a.get("device", "cpu")
     if not isinstance(device, str) or not _DEVICE.match(device):
