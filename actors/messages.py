@@ -375,7 +375,7 @@ def _decode_array(spec: Any, frame: bytes | memoryview) -> tuple[str, np.ndarray
     dtype, shape = spec["dtype"], spec["shape"]
     if dtype not in ALLOWED_DTYPES:
         raise MessageError(f"array dtype {dtype!r} is not allowed")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d for d in shape) or len(shape) > 8:
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d for d in shape) or len(shape) > 8:
         raise MessageError(f"bad array shape {shape!r}")
     if not isinstance(spec["field"], str):
         raise MessageError(f"array field name {spec['field']!r} is not a string")
