@@ -4,33 +4,24 @@ numbers follow from what was measured and from the config."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import pathlib
-import sys
 
 import pytest
 
 from gemma4_model.config import FULL, SLIDING, parse_config
 from gemma4_model.random_checkpoint import tiny_config
+from tests.bench_scripts import load_bench
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGE = 4  # the smoke run's page size
 ELEMENT = 4  # float32
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("handoff_bench", ROOT / "bench" / "handoff.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    bench = load_bench()
+    bench = load_bench("handoff")
     out = tmp_path_factory.mktemp("handoff") / "handoff.json"
     returned = bench.main(["--smoke", "--in-process", "--out", str(out), "--commit", "abc1234"])
     return bench, json.loads(out.read_text()), returned
@@ -110,7 +101,7 @@ def test_ttft_records_compare_disaggregated_with_colocated(smoke):
 
 
 def test_report_is_rewritten_after_every_record(tmp_path):
-    bench = load_bench()
+    bench = load_bench("handoff")
     out = tmp_path / "r.json"
     report = bench.Report(out, {"commit": "x"})
     assert json.loads(out.read_text())["records"] == []
@@ -119,7 +110,7 @@ def test_report_is_rewritten_after_every_record(tmp_path):
 
 
 def test_in_process_workers_are_refused_outside_the_smoke_run(tmp_path):
-    bench = load_bench()
+    bench = load_bench("handoff")
     with pytest.raises(SystemExit):
         bench.parse_args(["--in-process", "--out", str(tmp_path / "x.json")])
 

@@ -3,10 +3,8 @@ sensible records; and the random-weight builders it uses (`gemma4_model/random_w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
-import sys
 
 import pytest
 import torch
@@ -16,21 +14,14 @@ from gemma4_model.drafter import DrafterMismatchError
 from gemma4_model.layers import RMSNorm, RotaryEmbedding
 from gemma4_model.random_checkpoint import tiny_config
 from gemma4_model.random_weights import random_drafter, random_text_decoder
+from tests.bench_scripts import load_bench
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("mtp_speed", ROOT / "bench" / "mtp_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    bench = load_bench()
+    bench = load_bench("mtp_speed")
     out = tmp_path_factory.mktemp("mtp") / "mtp.json"
     returned = bench.main(["--smoke", "--out", str(out), "--commit", "abc1234"])
     return bench, json.loads(out.read_text()), returned
@@ -98,7 +89,7 @@ def test_oracle_accepts_every_draft_and_keeps_the_output(smoke):
 
 
 def test_parts_and_models_are_selectable(tmp_path):
-    bench = load_bench()
+    bench = load_bench("mtp_speed")
     out = tmp_path / "one.json"
     doc = bench.main(["--smoke", "--parts", "verify", "--models", "31b", "--batches", "1", "--max-k", "2",
                       "--out", str(out)])
@@ -128,7 +119,7 @@ def test_random_decoder_is_seeded_in_dtype_with_unit_norms_and_real_rope():
 
 
 def test_random_drafter_permutes_its_centroid_ordering_and_refuses_a_misfit():
-    bench = load_bench()
+    bench = load_bench("mtp_speed")
     raw = tiny_config("e4b").to_dict()
     target = parse_config(raw).text
     assistant = parse_config(bench.tiny_assistant_raw(target, raw["text_config"]))

@@ -114,6 +114,12 @@ class Arrival:
 
 
 # -- senders ------------------------------------------------------------------------------
+def missing_device_pages(handoff: KVHandoff, backend: str, now_ns: int) -> Arrival:
+    """The failure of a GPU-backend handoff that came without `device_pages` (a misconfigured pair)."""
+    return Arrival(handoff.request_id, handoff, None, f"the {backend} receiver got a handoff without device_pages: "
+                   "prefill and decode disagree on the backend", BAD_DATA, since_ns=now_ns)
+
+
 class KVSender:
     """Sends handoffs to decode replicas round-robin; this base class carries the pages inline."""
 

@@ -31,7 +31,7 @@ import torch
 from actors.messages import DevicePages, KVHandoff, KVRelease, MessageError
 from actors.transport import Channel
 
-from .backend import BAD_DATA, Arrival, KVReceiver, KVSender, SendReport
+from .backend import BAD_DATA, Arrival, KVReceiver, KVSender, SendReport, missing_device_pages
 from .device_pages import DTYPES, HeldPages, held_pages, hold, pack_group, parse_shapes, release, shapes_of
 from .device_pages import unpack_payload
 from .kv_pages import PayloadError
@@ -210,9 +210,7 @@ class CudaIpcReceiver(KVReceiver):
         now = time.time_ns()
         pages = handoff.device_pages
         if pages is None:
-            self._ready.append(Arrival(handoff.request_id, handoff, None, "a cuda_ipc receiver got a handoff without "
-                                       "device_pages: prefill and decode disagree on the backend", BAD_DATA,
-                                       since_ns=now))
+            self._ready.append(missing_device_pages(handoff, "cuda_ipc", now))
             return
         if handoff.request_id in self._cancelled:
             self._release(pages, handoff.request_id)

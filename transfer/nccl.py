@@ -41,7 +41,7 @@ import torch
 from actors.messages import DevicePages, KVHandoff
 from actors.transport import Channel
 
-from .backend import BAD_DATA, DATA_LOST, Arrival, KVReceiver, KVSender, SendReport
+from .backend import BAD_DATA, DATA_LOST, Arrival, KVReceiver, KVSender, SendReport, missing_device_pages
 from .device_pages import (DTYPES, GROUP_ORDER, HeldPages, as_bytes, empty_buffers, held_pages, pack_payload,
                            parse_shapes, shapes_of, unpack_payload)
 from .kv_pages import PayloadError
@@ -267,9 +267,7 @@ class NcclReceiver(KVReceiver):
         now = time.time_ns()
         pages = handoff.device_pages
         if pages is None:
-            self._ready.append(Arrival(handoff.request_id, handoff, None, "an nccl receiver got a handoff without "
-                                       "device_pages: prefill and decode disagree on the backend", BAD_DATA,
-                                       since_ns=now))
+            self._ready.append(missing_device_pages(handoff, "nccl", now))
             return
         try:
             buffers, logical, group = self._prepare(handoff, pages)
