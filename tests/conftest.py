@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import Any, Callable
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from gemma4_model.random_checkpoint import save_tiny_checkpoint
 
