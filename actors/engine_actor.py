@@ -35,6 +35,7 @@ from .transport import Channel
 
 ROLES = ("engine", "prefill", "decode")
 MAX_REMEMBERED_CANCELS = 4096  # cancels that overtook their request (bounded: ids of gone requests age out)
+WAIT_S = 0.002  # an idle decode waiting on a device transfer looks at its inbox again at least this often
 
 
 def sampling_params(spec: SamplingSpec) -> SamplingParams:
@@ -99,7 +100,11 @@ class EngineActor:
             idle = not self.engine.scheduler.has_work()
             waiting = self.receiver is not None and self.receiver.pending()  # a handoff's other half is due
             waiting = waiting or self.media.pending() or (self.sender is not None and self.sender.pending())
-            msg = self.inbox.recv(timeout_ms=(2 if waiting else 50) if idle else 0)
+            device_wait = idle and self.receiver is not None and self.receiver.on_device and self.receiver.pending()
+            msg = self.inbox.recv(timeout_ms=0 if device_wait or not idle else (2 if waiting else 50))
+            if msg is None and device_wait:  # a handoff on the device: look again as soon as it may be done
+                self.receiver.wait(WAIT_S)
+                msg = self.inbox.recv(timeout_ms=0)
             while msg is not None:  # take everything that has arrived before the next step
                 self.handle(msg)
                 msg = self.inbox.recv(timeout_ms=0)
@@ -184,7 +189,10 @@ class EngineActor:
         if arrival.error is not None:
             self.outbox.send(RequestError(arrival.request_id, arrival.code, arrival.error))
             return
-        self.adopt(arrival.handoff, arrival.payload)
+        try:
+            self.adopt(arrival.handoff, arrival.payload)
+        finally:
+            self.receiver.imported(arrival.request_id)
         self.tracer.record("handoff_receive", arrival.since_ns, time.time_ns(), arrival.request_id,
                            bytes=arrival.nbytes, pages=arrival.pages, backend=self.receiver.backend)
 

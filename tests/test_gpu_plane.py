@@ -345,23 +345,36 @@ def test_cuda_ipc_maps_another_process_pool_and_releases_its_pages(tmp_path, tin
             arrivals = receiver.poll()
         [arrival] = arrivals
         assert arrival.error is None, arrival.error
+        assert receiver.mapped_on == {0: decode_device}  # decode's own kernel reads the peer pool
+        from gemma4_model.config import load_config
+        from transfer.device_pages import DTYPES
+
+        cfg = load_config(checkpoint).text
+        target = PagedKVCache(cfg, page_size=PAGE, num_pages=32, device=decode_device,
+                              dtype=DTYPES[handoff.kv_dtype])
+        import_pages(target, 1, arrival.payload)  # one copy_pages per pool tensor, out of the mapped pool
+        receiver.imported(arrival.request_id)
+        while receiver.pending() and time.monotonic() < deadline:  # the release goes once the copy is done
+            receiver.poll()
+        assert receiver.pending() == 0
         output = owner.communicate(timeout=60)[0]
     finally:
         if owner.poll() is None:
             owner.kill()
     assert owner.returncode == 0, output  # the release reached the owner and freed its pages
-    from gemma4_model.config import load_config
-
-    cache = PagedKVCache(load_config(checkpoint).text, page_size=PAGE, num_pages=32)  # the owner's pool shapes
+    cache = PagedKVCache(cfg, page_size=PAGE, num_pages=32)  # the owner's pool shapes
     physical = handoff.device_pages.physical
     for salt, (name, group) in enumerate(cache.groups.items()):  # the owner's fill order
         pages = arrival.payload.groups[name]
-        assert pages.k.device == torch.device(decode_device) and pages.logical[-1] == 11  # 45 positions, page 4
+        assert pages.logical[-1] == 11  # 45 positions, page 4
         assert name != FULL or pages.logical == tuple(range(12))  # sliding: the last window only
         index = physical[(0 if name == FULL else len(arrival.payload.groups[FULL].logical)):][:len(pages.logical)]
         assert 0 not in index  # the owner's other sequence holds page 0 of each group
-        assert torch.equal(pages.k.float().cpu(), pool_values(group.k.shape, 2 * salt)[:, index])
-        assert torch.equal(pages.v.float().cpu(), pool_values(group.v.shape, 2 * salt + 1)[:, index])
+        mine = torch.tensor([target.page_table(1, name)[j] for j in pages.logical])
+        assert torch.equal(target.groups[name].k[:, mine].float().cpu(), pool_values(group.k.shape, 2 * salt)[:, index])
+        assert torch.equal(target.groups[name].v[:, mine].float().cpu(),
+                           pool_values(group.v.shape, 2 * salt + 1)[:, index])
+    target.free_sequence(1)
     receiver.close(), inbox.close()
     ctx.destroy(linger=0)
 

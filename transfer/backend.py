@@ -203,10 +203,14 @@ class TcpSender(KVSender):
 
 
 # -- receivers ----------------------------------------------------------------------------
+SPIN_S = 50e-6  # how often a receiver waiting on the device looks again
+
+
 class KVReceiver:
     """Turns arriving handoffs into `Arrival`s; this base class reads pages carried inline."""
 
     backend = "inline"
+    on_device = False  # pending parts complete on the GPU (`wait` looks at them), not on a socket
 
     def __init__(self, remember_cancelled: int = 4096):
         self._ready: list[Arrival] = []
@@ -237,6 +241,15 @@ class KVReceiver:
     def pending(self) -> int:
         """Parts held while waiting for their other half."""
         return 0
+
+    def imported(self, request_id: str) -> None:
+        """The engine has imported this arrival's pages (or dropped it): the GPU backends free
+        what they hold for it once the device is past the import."""
+
+    def wait(self, timeout_s: float) -> None:
+        """Block up to `timeout_s` until something pending may be ready (an idle engine waiting
+        for a device transfer calls this rather than sleeping a fixed poll interval)."""
+        time.sleep(timeout_s)  # the GPU backends look at their events
 
     def close(self) -> None:
         pass

@@ -8,13 +8,17 @@ pool once per (prefill replica, handle) with `_new_shared_cuda`.
 
 One handoff: prefill makes sure the sequence's KV is written, takes a reference on its pages
 (`device_pages.hold`: freeing the sequence leaves them allocated) and pushes the control
-`KVHandoff` with the pages' places in its pool. Decode, on accepting it, copies on a side
-stream: per group one gather out of the mapped pool (one `index_select` per pool tensor, into
-one buffer on prefill's GPU) and, across GPUs, one contiguous device-to-device copy to its own;
-no host round trip. When the copy is done it sends `KVRelease` to that prefill replica (its
-`kv_release` channel) and hands the pages to the engine actor, which scatters them into its
-cache. Prefill frees the pages on the release, or after `hold_timeout_s` if none comes (a
-decode replica that died); a handoff decode drops (cancelled, unusable) is released at once.
+`KVHandoff` with the pages' places in its pool. Decode maps the pool on its own device (the
+other GPU's memory opened in this device's context with peer access; on prefill's device where
+CUDA cannot), and the handoff becomes at once an `Arrival` whose payload views the mapped pool
+with the pages' places (`GroupPages.physical`): no staging buffer. The engine actor's import
+(`kv_pages.import_pages`) then moves them with one `copy_pages` kernel per pool tensor, on
+decode's GPU, straight from prefill's pool into its own cache pages, each byte crossing the
+link once and no kernel running on prefill's GPU; no host round trip. The engine actor tells
+the receiver (`imported`), which records an event after the copy and, once it has passed,
+sends `KVRelease` to that prefill replica (its `kv_release` channel). Prefill frees the pages
+on the release, or after `hold_timeout_s` if none comes (a decode replica that died); a
+handoff decode drops (cancelled, unusable) is released at once.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections import deque
 from typing import Sequence
 
 import numpy as np
@@ -31,10 +34,9 @@ import torch
 from actors.messages import DevicePages, KVHandoff, KVRelease, MessageError
 from actors.transport import Channel
 
-from .backend import BAD_DATA, Arrival, KVReceiver, KVSender, SendReport, missing_device_pages
-from .device_pages import DTYPES, HeldPages, held_pages, hold, pack_group, parse_shapes, release, shapes_of
-from .device_pages import unpack_payload
-from .kv_pages import PayloadError
+from .backend import BAD_DATA, SPIN_S, Arrival, KVReceiver, KVSender, SendReport, missing_device_pages
+from .device_pages import DTYPES, HeldPages, held_pages, hold, parse_shapes, release, shapes_of
+from .kv_pages import GroupPages, KVPayload, PayloadError
 
 _FIELD = {"full_attention": "full_pages", "sliding_attention": "sliding_pages"}
 INTS_PER_TENSOR = 6  # device, storage bytes, storage offset, ref-counter offset, event sync, pool pages
@@ -69,9 +71,12 @@ def share_pool(cache, groups: Sequence[str]) -> PoolHandles:
     return PoolHandles(tuple(handles), tuple(refs), tuple(events), tuple(ints))
 
 
-def open_pool(pages: DevicePages, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, tuple]:
-    """Map a pool shared by `share_pool` into this process: per group (K, V) on prefill's device,
-    shaped [layers, pool pages, page_size, kv_heads, head_dim] (raises `PayloadError`)."""
+def open_pool(pages: DevicePages, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+              on_device: int | None = None) -> dict[str, tuple]:
+    """Map a pool shared by `share_pool` into this process: per group (K, V), shaped [layers,
+    pool pages, page_size, kv_heads, head_dim] (raises `PayloadError`). On prefill's device, or
+    on `on_device`: the memory of another GPU opened in this device's context with peer access,
+    so this device's kernels read it directly (CUDA raises RuntimeError where it cannot)."""
     count = 2 * len(shapes)
     if not (len(pages.pool_handles) == len(pages.pool_ref_counters) == len(pages.pool_events) == count
             and len(pages.pool_ints) == INTS_PER_TENSOR * count):
@@ -90,6 +95,8 @@ def open_pool(pages: DevicePages, shapes: dict[str, tuple[int, ...]], dtype: tor
             storage = torch.UntypedStorage._new_shared_cuda(
                 device, pages.pool_handles[i], size, offset, pages.pool_ref_counters[i], ref_offset,
                 pages.pool_events[i], bool(sync))
+            if on_device is not None:
+                device = on_device
             tensor = torch.empty(0, dtype=dtype, device=f"cuda:{device}")
             tensors.append(tensor.set_(storage, 0, full))
             i += 1
@@ -182,15 +189,16 @@ class CudaIpcSender(KVSender):
 
 # -- receiver (decode) ----------------------------------------------------------------------
 @dataclasses.dataclass
-class _Copy:
-    handoff: KVHandoff
-    logical: dict[str, list[int]]
-    buffers: dict[str, torch.Tensor]
-    done: torch.cuda.Event
-    since: int
+class _Reading:
+    """A handoff whose pages decode reads out of prefill's pool: released once `done` is passed."""
+
+    pages: DevicePages
+    request_id: str
+    done: torch.cuda.Event | None = None  # recorded after the engine's import; None until then
 
 
 class CudaIpcReceiver(KVReceiver):
+    on_device = True
     backend = "cuda_ipc"
 
     def __init__(self, releases: Sequence[Channel], replica: int, device: torch.device | str, **kwargs):
@@ -198,13 +206,8 @@ class CudaIpcReceiver(KVReceiver):
         super().__init__(**kwargs)
         self.releases, self.replica, self.device = list(releases), replica, torch.device(device)
         self._pools: dict[int, tuple[bytes, dict]] = {}  # prefill replica -> (its first handle, mapped pool)
-        self._copies: deque[_Copy] = deque()
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
-
-    def _stream(self, device: torch.device) -> torch.cuda.Stream:
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        return self._streams[device]
+        self._reading: dict[str, _Reading] = {}  # request id -> pages until the import has read them
+        self.mapped_on: dict[int, str] = {}  # prefill replica -> the device its pool is mapped on
 
     def accept(self, handoff: KVHandoff) -> None:
         now = time.time_ns()
@@ -212,17 +215,25 @@ class CudaIpcReceiver(KVReceiver):
         if pages is None:
             self._ready.append(missing_device_pages(handoff, "cuda_ipc", now))
             return
-        if handoff.request_id in self._cancelled:
+        if handoff.request_id in self._cancelled or handoff.request_id in self._reading:
             self._release(pages, handoff.request_id)
+            if handoff.request_id not in self._cancelled:
+                self._ready.append(Arrival(handoff.request_id, handoff, None, "a second handoff for a request whose "
+                                           "pages are still being read", BAD_DATA, since_ns=now))
             return
         try:
-            self._copies.append(self._start_copy(handoff, pages, now))
+            payload = self._payload(handoff, pages)
         except (PayloadError, RuntimeError, TypeError, ValueError) as exc:  # RuntimeError: a handle CUDA cannot open
             self._release(pages, handoff.request_id)
             self._ready.append(Arrival(handoff.request_id, handoff, None, f"bad cuda_ipc handoff: {exc}", BAD_DATA,
                                        since_ns=now))
+            return
+        self._reading[handoff.request_id] = _Reading(pages, handoff.request_id)
+        self._ready.append(Arrival(handoff.request_id, handoff, payload, nbytes=payload.nbytes, since_ns=now))
 
-    def _start_copy(self, handoff: KVHandoff, pages: DevicePages, now: int) -> _Copy:
+    def _payload(self, handoff: KVHandoff, pages: DevicePages) -> KVPayload:
+        """The handoff's pages as a view of prefill's mapped pool (no copy: the engine's import
+        reads them in place)."""
         if not 0 <= pages.source < len(self.releases):
             raise PayloadError(f"source replica {pages.source} is not one of {len(self.releases)} prefill replicas")
         if handoff.kv_dtype not in DTYPES:
@@ -231,54 +242,62 @@ class CudaIpcReceiver(KVReceiver):
                    if getattr(handoff, field) is not None}
         shapes = parse_shapes(pages.shapes, logical)
         pool = self._pool(pages, shapes, DTYPES[handoff.kv_dtype])
-        physical, start = {}, 0
+        physical = np.asarray(pages.physical, dtype=np.int64)
+        if physical.shape != (sum(len(p) for p in logical.values()),):
+            raise PayloadError(f"{len(pages.physical)} physical pages for {sum(len(p) for p in logical.values())} "
+                               "logical ones")
+        groups, start = {}, 0
         for name in shapes:
-            physical[name] = pages.physical[start:start + len(logical[name])]
+            k, v = pool[name]
+            places = physical[start:start + len(logical[name])]
             start += len(logical[name])
-            pool_pages = pool[name][0].shape[1]
-            if len(physical[name]) != len(logical[name]) or not all(0 <= p < pool_pages for p in physical[name]):
-                raise PayloadError(f"group {name}: physical pages do not match the page list or the pool")
-        if start != len(pages.physical):
-            raise PayloadError(f"{len(pages.physical)} physical pages for {start} logical ones")
-        source = next(iter(pool.values()))[0].device
-        src_stream, dst_stream = self._stream(source), self._stream(self.device)
-        src_stream.wait_stream(torch.cuda.current_stream(source))
-        dst_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(src_stream), torch.cuda.stream(dst_stream):
-            buffers = {name: pack_group(k, v, physical[name]).to(self.device, non_blocking=True)
-                       for name, (k, v) in pool.items() if name in shapes}
-            done = torch.cuda.Event()
-            done.record(dst_stream)
-        return _Copy(handoff, logical, buffers, done, now)
+            if places.size and not (0 <= places.min() and places.max() < k.shape[1]):
+                raise PayloadError(f"group {name}: physical pages outside the pool's {k.shape[1]}")
+            groups[name] = GroupPages(tuple(logical[name]), k, v, torch.from_numpy(places).to(k.device))
+        return KVPayload(handoff.num_tokens, groups)
 
     def _pool(self, pages: DevicePages, shapes: dict, dtype: torch.dtype) -> dict:
         key = pages.pool_handles[0] if pages.pool_handles else b""
         known = self._pools.get(pages.source)
         if known is None or known[0] != key:  # first handoff of this prefill replica, or a new pool
-            self._pools[pages.source] = (key, open_pool(pages, shapes, dtype))
+            try:  # on this device: the import's one kernel pulls the pages over the GPUs' link
+                pool = open_pool(pages, shapes, dtype, on_device=self.device.index)
+            except RuntimeError:  # no peer access: on prefill's device (the import gathers there, then copies)
+                pool = open_pool(pages, shapes, dtype)
+            self._pools[pages.source] = (key, pool)
+            self.mapped_on[pages.source] = str(next(iter(pool.values()))[0].device)
         return self._pools[pages.source][1]
 
+    def imported(self, request_id: str) -> None:
+        reading = self._reading.get(request_id)
+        if reading is not None and reading.done is None:
+            reading.done = torch.cuda.Event()
+            reading.done.record(torch.cuda.current_stream(self.device))
+
     def poll(self) -> list[Arrival]:
-        while self._copies and self._copies[0].done.query():
-            copy = self._copies.popleft()
-            pages = copy.handoff.device_pages
-            self._release(pages, copy.handoff.request_id)  # copied out: prefill may free them
-            if copy.handoff.request_id in self._cancelled:
-                continue
-            current = torch.cuda.current_stream(self.device)
-            for buffer in copy.buffers.values():
-                buffer.record_stream(current)  # the cache scatter reads it on the engine's stream
-            self._ready.append(self._arrival(copy.handoff, lambda: unpack_payload(copy.handoff.num_tokens,
-                                                                                  copy.logical, copy.buffers),
-                                             copy.since))
+        for request_id in [r for r, reading in self._reading.items() if reading.done is not None
+                           and reading.done.query()]:
+            reading = self._reading.pop(request_id)
+            self._release(reading.pages, request_id)  # read: prefill may free them
         return super().poll()
+
+    def wait(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not any(r.done is None or r.done.query() for r in self._reading.values()):
+            time.sleep(SPIN_S)
+
+    def discard(self, request_id: str) -> None:
+        dropped = [a for a in self._ready if a.request_id == request_id]
+        super().discard(request_id)
+        if dropped:
+            self.imported(request_id)  # never imported: released once the stream is past now
 
     def _release(self, pages: DevicePages, request_id: str) -> None:
         if 0 <= pages.source < len(self.releases):
             self.releases[pages.source].send(KVRelease(self.replica, pages.serial, request_id))
 
     def pending(self) -> int:
-        return len(self._copies)
+        return len(self._reading)
 
     def close(self) -> None:
         for channel in self.releases:

@@ -3,7 +3,7 @@
 `held_pages` lists, per layer group, the logical pages a sequence hands over and their places
 in the sending pool (the same pages `kv_pages.export_pages` would copy). `pack_group` gathers
 one group's pages into one contiguous buffer [2 (k, v), layers, pages, page_size, kv_heads,
-head_dim]: one `index_select` per pool tensor straight into the buffer, never a copy per page.
+head_dim]: one `copy_pages` launch per pool tensor straight into the buffer, never a copy per page.
 `nccl` sends that buffer; `cuda_ipc` packs out of the mapped pool of the other process and
 moves the buffer to its own device in one copy. `unpack_payload` views received buffers as a
 `KVPayload`, which `kv_pages.import_pages` scatters into the receiving cache (one `index_put`
@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import torch
 
 from gemma4_model.config import FULL, SLIDING
+from gemma4_model.kernels.page_copy import copy_pages
 from gemma4_model.kv_cache import PagedKVCache
 
 from .kv_pages import GroupPages, KVPayload, PayloadError
@@ -114,10 +115,11 @@ def buffer_numel(shape: Sequence[int]) -> int:
 def pack_group(k: torch.Tensor, v: torch.Tensor, physical: Sequence[int]) -> torch.Tensor:
     """One group's pages in one contiguous buffer [2, layers, len(physical), page_size, kv_heads,
     head_dim], on the pool's device: one gather per pool tensor."""
-    index = torch.tensor(list(physical), dtype=torch.long, device=k.device)
+    index = torch.tensor(list(physical), dtype=torch.int32, device=k.device)
+    to = torch.arange(len(physical), dtype=torch.int32, device=k.device)
     buffer = k.new_empty((2, k.shape[0], len(physical), *k.shape[2:]))
-    torch.index_select(k, 1, index, out=buffer[0])
-    torch.index_select(v, 1, index, out=buffer[1])
+    copy_pages(k, index, buffer[0], to)
+    copy_pages(v, index, buffer[1], to)
     return buffer
 
 

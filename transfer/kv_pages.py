@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gemma4_model.kernels.page_copy import copy_pages
 from gemma4_model.kv_cache import PagedKVCache
 
 
@@ -28,6 +29,18 @@ class GroupPages:
     logical: tuple[int, ...]
     k: torch.Tensor  # [owning layers, len(logical), page_size, kv_heads, head_dim]
     v: torch.Tensor
+    # When set, `k` / `v` are a whole pool [layers, pool pages, ...] and the pages sit at these
+    # places in it (cuda_ipc: the sender's pool, mapped, read in place by `import_pages`).
+    physical: torch.Tensor | None = None
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.logical)
+
+    @property
+    def nbytes(self) -> int:
+        page = self.k[:, :1].numel() * self.k.element_size()
+        return 2 * page * self.num_pages
 
 
 @dataclass(frozen=True)
@@ -37,7 +50,7 @@ class KVPayload:
 
     @property
     def nbytes(self) -> int:
-        return sum(g.k.numel() * g.k.element_size() + g.v.numel() * g.v.element_size() for g in self.groups.values())
+        return sum(g.nbytes for g in self.groups.values())
 
 
 def export_pages(cache: PagedKVCache, seq_id: int, reach_back: int = 0) -> KVPayload:
@@ -68,6 +81,10 @@ def check_payload(cache: PagedKVCache, payload: KVPayload, num_tokens: int) -> N
     for name, pages in payload.groups.items():
         group = cache.groups[name]
         expected = (group.k.shape[0], len(pages.logical), *group.k.shape[2:])
+        if pages.physical is not None:  # a whole pool: its page count is its own
+            if pages.physical.shape != (len(pages.logical),) or pages.k.shape[1:2] != pages.v.shape[1:2]:
+                raise PayloadError(f"group {name}: {tuple(pages.physical.shape)} places for {len(pages.logical)} pages")
+            expected = expected[:1] + tuple(pages.k.shape[1:2]) + expected[2:]
         for part, t in (("k", pages.k), ("v", pages.v)):
             if tuple(t.shape) != expected:
                 raise PayloadError(f"group {name}: {part} has shape {tuple(t.shape)}, this cache needs {expected} "
@@ -88,6 +105,7 @@ def import_pages(cache: PagedKVCache, seq_id: int, payload: KVPayload) -> None:
     physical = cache.adopt_sequence(seq_id, payload.num_tokens, {n: list(g.logical) for n, g in payload.groups.items()})
     for name, pages in payload.groups.items():
         group = cache.groups[name]
-        index = torch.tensor(physical[name], dtype=torch.long, device=group.k.device)
-        group.k[:, index] = pages.k.to(group.k.device, group.k.dtype)
-        group.v[:, index] = pages.v.to(group.v.device, group.v.dtype)
+        dst = torch.tensor(physical[name], dtype=torch.int32, device=group.k.device)
+        src = pages.physical if pages.physical is not None else torch.arange(pages.num_pages, device=pages.k.device)
+        for part, pool in ((pages.k, group.k), (pages.v, group.v)):
+            copy_pages(part if part.dtype == pool.dtype else part.to(pool.dtype), src, pool, dst)

@@ -41,7 +41,7 @@ import torch
 from actors.messages import DevicePages, KVHandoff
 from actors.transport import Channel
 
-from .backend import BAD_DATA, DATA_LOST, Arrival, KVReceiver, KVSender, SendReport, missing_device_pages
+from .backend import BAD_DATA, DATA_LOST, SPIN_S, Arrival, KVReceiver, KVSender, SendReport, missing_device_pages
 from .device_pages import (DTYPES, GROUP_ORDER, HeldPages, as_bytes, empty_buffers, held_pages, pack_payload,
                            parse_shapes, shapes_of, unpack_payload)
 from .kv_pages import PayloadError
@@ -158,6 +158,12 @@ class Completions:
             key, works = item
             self._finished.put((key, _wait(works)))
 
+    def any_done(self) -> bool:
+        """Whether `done()` would give something now."""
+        if self.threaded:
+            return not self._finished.empty()
+        return bool(self._posted) and all(w.is_completed() for w in self._posted[0][1])
+
     def done(self) -> list:
         out = []
         if not self.threaded:
@@ -252,6 +258,7 @@ class NcclSender(KVSender):
 
 
 class NcclReceiver(KVReceiver):
+    on_device = True
     backend = "nccl"
 
     def __init__(self, groups: Sequence[PairGroup], device: torch.device | str, process_group: str = "nccl",
@@ -311,6 +318,11 @@ class NcclReceiver(KVReceiver):
 
     def pending(self) -> int:
         return len(self._recvs)
+
+    def wait(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self._recvs.any_done():
+            time.sleep(SPIN_S)
 
     def close(self) -> None:
         self._recvs.close()

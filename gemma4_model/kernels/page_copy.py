@@ -1,0 +1,87 @@
+"""Copy KV pages between pools in one launch: `dst[:, dst_pages] = src[:, src_pages]`.
+
+Pool tensors are [layers, pages, *page] with each page's elements contiguous (the KV cache's
+K and V, a handoff's packed buffers). One program moves one block of one page of one layer,
+so a handoff's gather, scatter or peer pull is a single kernel whatever its page count, and it
+reads and writes each byte once (`index_select` then `index_put_` would pass twice, and
+advanced-index assignment moves one element per thread). `src` may be another GPU's memory
+mapped into this device (CUDA IPC with peer access): the kernel then pulls over NVLink.
+
+`copy_pages_torch` is the twin (the CPU path and the oracle); `copy_pages` takes the kernel for
+CUDA tensors and the twin otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 2048  # elements per program: 4 KiB of bf16
+
+
+@triton.jit
+def _copy_pages_kernel(src, dst, src_pages, dst_pages, src_layer_stride, src_page_stride,
+                       dst_layer_stride, dst_page_stride, page_elems, BLOCK: tl.constexpr):
+    page = tl.program_id(0)
+    layer = tl.program_id(1).to(tl.int64)
+    block = tl.program_id(2)
+    s = tl.load(src_pages + page).to(tl.int64)
+    d = tl.load(dst_pages + page).to(tl.int64)
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < page_elems
+    x = tl.load(src + layer * src_layer_stride + s * src_page_stride + offs, mask=mask)
+    tl.store(dst + layer * dst_layer_stride + d * dst_page_stride + offs, x, mask=mask)
+
+
+def _check(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, dst_pages: torch.Tensor) -> None:
+    if src.dim() < 3 or src.shape[0] != dst.shape[0] or src.shape[2:] != dst.shape[2:]:
+        raise ValueError(f"pools of shapes {tuple(src.shape)} and {tuple(dst.shape)} do not hold the same pages")
+    if src.dtype != dst.dtype:
+        raise ValueError(f"pools of {src.dtype} and {dst.dtype}")
+    if src_pages.shape != dst_pages.shape or src_pages.dim() != 1:
+        raise ValueError(f"page lists of shapes {tuple(src_pages.shape)} and {tuple(dst_pages.shape)}")
+
+
+def copy_pages_torch(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, dst_pages: torch.Tensor) -> None:
+    """The twin: an index and an index assignment."""
+    _check(src, src_pages, dst, dst_pages)
+    dst[:, dst_pages.to(dst.device, torch.long)] = src[:, src_pages.to(src.device, torch.long)].to(dst.device)
+
+
+def _pages_contiguous(t: torch.Tensor) -> bool:
+    page_elems = math.prod(t.shape[2:])
+    return t[0, 0].is_contiguous() and (t.shape[1] <= 1 or t.stride(1) == page_elems)
+
+
+def copy_pages_triton(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, dst_pages: torch.Tensor) -> None:
+    """The kernel, on `dst`'s device and current stream (CPU tensors run in Triton's
+    interpreter). Page numbers must be in range: the kernel does not check them."""
+    _check(src, src_pages, dst, dst_pages)
+    if not (_pages_contiguous(src) and _pages_contiguous(dst)):
+        raise ValueError("copy_pages_triton needs each page's elements contiguous")
+    n = src_pages.numel()
+    if n == 0 or src.shape[0] == 0:
+        return
+    page_elems = math.prod(src.shape[2:])
+    src_pages = src_pages.to(dst.device, torch.int32)
+    dst_pages = dst_pages.to(dst.device, torch.int32)
+    grid = (n, src.shape[0], triton.cdiv(page_elems, BLOCK))
+    launch = _copy_pages_kernel[grid]
+    args = (src, dst, src_pages, dst_pages, src.stride(0), src.stride(1), dst.stride(0), dst.stride(1), page_elems)
+    if dst.is_cuda:
+        with torch.cuda.device(dst.device):
+            launch(*args, BLOCK=BLOCK)
+    else:
+        launch(*args, BLOCK=BLOCK)
+
+
+def copy_pages(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, dst_pages: torch.Tensor) -> None:
+    """`dst[:, dst_pages] = src[:, src_pages]`: the kernel when both are on one CUDA device (a
+    peer's memory mapped into it counts) with contiguous pages, else the twin."""
+    if dst.is_cuda and src.device == dst.device and _pages_contiguous(src) and _pages_contiguous(dst):
+        copy_pages_triton(src, src_pages, dst, dst_pages)
+    else:
+        copy_pages_torch(src, src_pages, dst, dst_pages)
