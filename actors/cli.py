@@ -62,6 +62,21 @@ def add_common_options(command: argparse.ArgumentParser) -> None:
                               "(a request's own chat_template_kwargs win)")
 
 
+def add_scheduler_options(command: argparse.ArgumentParser) -> None:
+    group = command.add_argument_group("the engines' scheduler (the topology's [model] fields)")
+    group.add_argument("--max-num-batched-tokens", type=int, metavar="N",
+                       help="query tokens one engine step runs, prefill chunks and decodes together (default 512)")
+    group.add_argument("--chunked-prefill-size", type=int, metavar="N",
+                       help="the longest prefill chunk of one request in a step (default 256)")
+    group.add_argument("--max-running-requests", "--max-num-seqs", type=int, metavar="N",
+                       dest="max_running_requests", help="requests an engine runs at once (default 64)")
+
+
+def scheduler_overrides(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
+    names = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests")
+    return tuple((name, getattr(args, name)) for name in names if getattr(args, name) is not None)
+
+
 SPECULATIVE_ALGORITHMS = ("NEXTN", "MTP", "FROZEN_KV_MTP")  # names other servers give Gemma 4's assistant drafting
 SPECULATIVE_CONFIG_KEYS = {"model", "num_speculative_tokens", "method"}
 
@@ -134,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     for command in (serve, node):
         add_common_options(command)
         add_speculative_options(command)
+        add_scheduler_options(command)
     trace = sub.add_parser("trace", help="print the per-request stage times of a --trace-dir run")
     trace.add_argument("dir", type=Path, help="the run's trace directory (the actors' *.jsonl files)")
     trace.add_argument("--chrome", type=Path, help="also write the merged Chrome-trace JSON here")
@@ -145,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             args.trace_dir.mkdir(parents=True, exist_ok=True)
         launcher = Launcher(topology_path(args.topology), LaunchOptions(
             node=args.node, model=args.model, api_overrides=api_overrides(args),
-            speculative=speculative_overrides(args), trace_dir=args.trace_dir,
+            speculative=speculative_overrides(args), scheduler=scheduler_overrides(args), trace_dir=args.trace_dir,
             api_key=args.api_key, host=args.host, port=args.port))
     except (TopologyError, LaunchError) as exc:
         print(f"tandem: {exc}", file=sys.stderr)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import zmq
 
-from topology.config import Topology, load_topology, with_api_overrides, with_speculative
+from topology.config import Topology, load_topology, with_api_overrides, with_model_overrides, with_speculative
 from topology.wiring import API, ActorId, plan_wiring
 
 from .messages import ActorReady, ActorStatus
@@ -92,6 +92,7 @@ class LaunchOptions:
     model: str | None = None  # overrides the topology's model.path
     api_overrides: tuple[tuple[str, object], ...] = ()  # [api] fields from the command line
     speculative: tuple[tuple[str, object], ...] = ()  # [speculative] fields from the command line
+    scheduler: tuple[tuple[str, int], ...] = ()  # [model] scheduler fields from the command line
     trace_dir: Path | None = None
     api_key: str | None = None
     host: str | None = None  # overrides of the api's listen address
@@ -108,6 +109,7 @@ class Launcher:
         self.topology_path = str(Path(topology_path).resolve())
         topology = with_api_overrides(with_model(load_topology(self.topology_path), options.model),
                                       dict(options.api_overrides))
+        topology = with_model_overrides(topology, dict(options.scheduler))
         self.topology: Topology = with_draft_model(with_speculative(topology, dict(options.speculative)))
         self.options = options
         self.node = options.node or self.topology.api_node
@@ -146,6 +148,8 @@ class Launcher:
             cmd += ["--trace-dir", str(o.trace_dir)]
         if o.model:
             cmd += ["--model", self.topology.model.path]
+        if o.scheduler:  # the engines' step limits
+            cmd += ["--model-overrides", json.dumps(dict(o.scheduler))]
         if o.api_overrides:  # the api's front door, and preprocess's media rules
             cmd += ["--api-overrides", json.dumps(dict(o.api_overrides))]
         if self.topology.speculative is not None:  # the resolved section (flags applied, its path absolute)

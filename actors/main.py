@@ -19,7 +19,7 @@ from pathlib import Path
 
 import zmq
 
-from topology.config import Topology, load_topology, with_api_overrides, with_speculative
+from topology.config import Topology, load_topology, with_api_overrides, with_model_overrides, with_speculative
 from topology.wiring import API, ActorId, Wiring, plan_wiring
 
 from .messages import ActorReady
@@ -130,7 +130,7 @@ def run_encoder(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, tra
 def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, tracer: Tracer) -> None:
     import torch
 
-    from gemma4_model.engine import Engine
+    from gemma4_model.engine import Engine, SchedulerLimits
     from gemma4_model.grammar import GrammarBook
     from gemma4_model.kv_cache import PagedKVCache
     from gemma4_model.loader import load_text_decoder
@@ -149,7 +149,10 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
                                            sorted(set(stop_token_ids(checkpoint)) | set(config.text.eos_token_ids)))
     drafting = make_drafter(ctx, config, model, dtype) if ctx.actor.kind != "prefill" else {}
     # a prefill actor keeps the KV its decode actor's assistant will read, and hands on the hidden state
-    engine = Engine(model, cache, grammars=grammars, draft_context=ctx.topology.speculative is not None, **drafting)
+    limits = SchedulerLimits(model_section.max_num_batched_tokens, model_section.max_running_requests,
+                             model_section.chunked_prefill_size)
+    engine = Engine(model, cache, limits, grammars=grammars, draft_context=ctx.topology.speculative is not None,
+                    **drafting)
     inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor], drop_malformed=True)
     outbox = push(zctx, ctx.wiring.results)
     role, backend = ctx.actor.kind, ctx.topology.transfer
@@ -218,6 +221,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", help="checkpoint directory replacing the topology's model.path")
     ap.add_argument("--api-overrides", help="api: JSON object of [api] fields replacing the topology's")
     ap.add_argument("--speculative", help="JSON object of [speculative] fields replacing the topology's")
+    ap.add_argument("--model-overrides", help="JSON object of [model] fields replacing the topology's")
     ap.add_argument("--host", help="api: listen address (default: the topology's)")
     ap.add_argument("--port", type=int, help="api: listen port (default: the topology's)")
     return ap.parse_args(argv)
@@ -232,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         topology = with_api_overrides(topology, json.loads(args.api_overrides))
     if args.speculative:
         topology = with_speculative(topology, json.loads(args.speculative))
+    if args.model_overrides:
+        topology = with_model_overrides(topology, json.loads(args.model_overrides))
     ctx = ActorContext(topology, plan_wiring(topology, args.run_dir), ActorId(args.actor, args.replica),
                        args.run_id, Path(args.trace_dir) if args.trace_dir else None,
                        os.environ.get("TANDEM_API_KEY") or None, args.host, args.port)

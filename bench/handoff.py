@@ -364,7 +364,8 @@ class ThreadWorker:
 
 def spawn(args, role: str, run: Path, extra: list[str], log: Path):
     worker_args = ["--worker", role, "--run-dir", str(run), "--dtype", args.dtype_name, "--page-size",
-                   str(args.page_size), *extra]
+                   str(args.page_size), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                   "--chunked-prefill-size", str(args.chunked_prefill_size), *extra]
     if args.smoke:
         worker_args.append("--smoke")
     if args.in_process:
@@ -479,7 +480,7 @@ def engine_worker(args, stop: threading.Event | None = None) -> int:
 
     from actors.engine_actor import EngineActor
     from actors.transport import pull, push
-    from gemma4_model.engine import Engine
+    from gemma4_model.engine import Engine, SchedulerLimits
     from gemma4_model.random_weights import random_text_decoder
     from transfer.backend import make_receiver, make_sender
 
@@ -488,7 +489,8 @@ def engine_worker(args, stop: threading.Event | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     model = random_text_decoder(cfg, args.device, dtype, seed=0)
     cache = PagedKVCache(cfg, page_size=args.page_size, num_pages=args.kv_pages, device=args.device, dtype=dtype)
-    engine = Engine(model, cache)  # the default scheduler limits, as run_engine
+    limits = SchedulerLimits(max_batch_tokens=args.max_num_batched_tokens, chunk_size=args.chunked_prefill_size)
+    engine = Engine(model, cache, limits)  # as run_engine with a GPU topology's [model] limits
     run, zctx = Path(args.run_dir), zmq.Context()
     inbox = pull(zctx, f"ipc://{run}/{role}-0.in", drop_malformed=True)
     outbox = push(zctx, f"ipc://{run}/api.results")
@@ -652,10 +654,12 @@ class Defaults:
     page_size: int
     kv_pages: int
     pace_s: float
+    max_num_batched_tokens: int  # ttft: the engines' scheduler, as a GPU topology sets it
+    chunked_prefill_size: int
 
 
-GPU = Defaults("1024,8192,32768", 5, 3, 8192, 8192, 16, 2048, 0.2)
-SMOKE = Defaults("64,256", 2, 2, 48, 256, 4, 64, 0.05)
+GPU = Defaults("1024,8192,32768", 5, 3, 8192, 8192, 16, 2048, 0.2, 8192, 4096)
+SMOKE = Defaults("64,256", 2, 2, 48, 256, 4, 64, 0.05, 64, 16)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -675,6 +679,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--bytes-tokens", type=int)
     ap.add_argument("--kv-pages", type=int)
     ap.add_argument("--pace-s", type=float, help="bandwidth: pause after each handoff")
+    ap.add_argument("--max-num-batched-tokens", type=int, help="ttft: query tokens per engine step")
+    ap.add_argument("--chunked-prefill-size", type=int, help="ttft: longest prefill chunk per step")
     ap.add_argument("--pair-timeout-s", type=float, default=300)
     ap.add_argument("--start-timeout-s", type=float, default=300, help="ttft: start-up and warm-up request")
     # worker processes (started by the driver)
@@ -689,7 +695,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--timeout-s", type=float, default=240)
     args = ap.parse_args(argv)
     d = SMOKE if args.smoke else GPU
-    for name in ("sizes", "reps", "requests", "ttft_tokens", "bytes_tokens", "page_size", "kv_pages", "pace_s"):
+    for name in ("sizes", "reps", "requests", "ttft_tokens", "bytes_tokens", "page_size", "kv_pages", "pace_s",
+                 "max_num_batched_tokens", "chunked_prefill_size"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(d, name))
     args.dtype_name = args.dtype or ("float32" if args.smoke else "bfloat16")
@@ -725,6 +732,7 @@ def main(argv: Sequence[str] | None = None, stop: threading.Event | None = None)
     header = {"command": command, "commit": args.commit, "torch": torch.__version__, "devices": devices,
               "device": devices[0], "dtype": args.dtype_name, "smoke": args.smoke, "config": source,
               "page_size": args.page_size, "process_group": args.process_group,
+              "max_num_batched_tokens": args.max_num_batched_tokens, "chunked_prefill_size": args.chunked_prefill_size,
               "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "acceptance": {"bandwidth": "large handoffs >= 70% of the peer-copy ceiling",
                              "ttft": "disaggregated TTFT at 8k tokens <= 1.10 x colocated"}}

@@ -46,6 +46,27 @@ def test_speculative_section_and_its_overrides():
     assert with_speculative(topology, {"num_speculative_tokens": 6}).speculative == SpeculativeSection("/m/assistant", 6)
 
 
+def test_scheduler_fields_their_flags_and_the_engine_they_reach():
+    from actors.cli import add_scheduler_options, scheduler_overrides
+    from topology.config import with_model_overrides
+    import argparse
+
+    model = parse_topology(BASE).model
+    assert (model.max_num_batched_tokens, model.chunked_prefill_size, model.max_running_requests) == (512, 256, 64)
+    gpu = load_topology(EXAMPLES / "gpu_two.toml").model
+    assert (gpu.max_num_batched_tokens, gpu.chunked_prefill_size, gpu.max_running_requests) == (8192, 4096, 256)
+    ap = argparse.ArgumentParser()
+    add_scheduler_options(ap)
+    args = ap.parse_args(["--max-num-batched-tokens", "4096", "--chunked-prefill-size", "2048", "--max-num-seqs", "8"])
+    overrides = dict(scheduler_overrides(args))
+    assert overrides == {"max_num_batched_tokens": 4096, "chunked_prefill_size": 2048, "max_running_requests": 8}
+    changed = with_model_overrides(parse_topology(BASE), overrides).model
+    assert (changed.max_num_batched_tokens, changed.chunked_prefill_size, changed.max_running_requests) == (4096, 2048, 8)
+    with pytest.raises(TopologyError) as err:
+        with_model_overrides(parse_topology(BASE), {"chunked_prefill_size": 1024})  # more than 512 per step
+    assert err.value.field == "model.chunked_prefill_size"
+
+
 def edited(edit):
     raw = copy.deepcopy(BASE)
     edit(raw)
@@ -70,6 +91,7 @@ def edited(edit):
         (lambda r: r["api"].update(port=70000), "api.port"),
         (lambda r: r["api"].update(host="local host; rm"), "api.host"),
         (lambda r: r.update(model={"dtype": "float8"}), "model.dtype"),
+        (lambda r: r.update(model={"max_running_requests": 0}), "model.max_running_requests"),
         (lambda r: r["api"].update(limit_mm_per_prompt={"picture": 2}), "api.limit_mm_per_prompt"),
         (lambda r: r["api"].update(limit_mm_per_prompt={"image": -1}), "api.limit_mm_per_prompt"),
         (lambda r: r["api"].update(mm_processor_kwargs={"max_soft_tokens": 300}), "api.mm_processor_kwargs"),

@@ -37,6 +37,12 @@ class ModelSection:
     dtype: str
     page_size: int
     kv_pages: int
+    # the engines' scheduler (gemma4_model.engine.SchedulerLimits): query tokens per step (vLLM's
+    # max_num_batched_tokens), the longest prefill chunk of one request (SGLang's
+    # chunked_prefill_size), requests decoding at once (SGLang's max_running_requests, vLLM's max_num_seqs)
+    max_num_batched_tokens: int = 512
+    chunked_prefill_size: int = 256
+    max_running_requests: int = 64
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class ApiSection:
     media_fetch_timeout_s: float = 10.0  # fetching one media URL from an allowed host
 
 
+SCHEDULER_FIELDS = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests")
 API_FIELDS = {"host", "port", "node", "cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes",
               "default_chat_template_kwargs", "limit_mm_per_prompt", "mm_processor_kwargs", "max_media_bytes",
               "media_fetch_timeout_s"}
@@ -196,15 +203,20 @@ def _host(value: Any, where: str) -> str:
 
 
 def _model(t: Mapping[str, Any]) -> ModelSection:
-    _only(t, "model.", {"path", "dtype", "page_size", "kv_pages"})
+    _only(t, "model.", {"path", "dtype", "page_size", "kv_pages", *SCHEDULER_FIELDS})
     path = t.get("path", "default")
     if not isinstance(path, str) or not path:
         raise TopologyError("model.path", f"expected 'default' or a checkpoint directory, got {path!r}")
     dtype = t.get("dtype", "float32")
     if dtype not in DTYPES:
         raise TopologyError("model.dtype", f"expected one of {list(DTYPES)}, got {dtype!r}")
+    batched = _int(t, "model.", "max_num_batched_tokens", 512, 1, 1 << 20)
+    chunk = _int(t, "model.", "chunked_prefill_size", min(256, batched), 1, 1 << 20)
+    if chunk > batched:
+        raise TopologyError("model.chunked_prefill_size", f"{chunk} is more than max_num_batched_tokens ({batched})")
     return ModelSection(path, dtype, _int(t, "model.", "page_size", 16, 1, 1024),
-                        _int(t, "model.", "kv_pages", 2048, 1, 1 << 24))
+                        _int(t, "model.", "kv_pages", 2048, 1, 1 << 24), batched, chunk,
+                        _int(t, "model.", "max_running_requests", 64, 1, 1 << 16))
 
 
 def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:
@@ -286,6 +298,13 @@ def _strings(table: Mapping[str, Any], where: str, name: str) -> tuple[str, ...]
 
 
 _TABLES = ("default_chat_template_kwargs", "limit_mm_per_prompt", "mm_processor_kwargs")
+
+
+def with_model_overrides(topology: Topology, overrides: Mapping[str, Any]) -> Topology:
+    """The topology with [model] fields replaced (command-line flags), validated as in a file."""
+    if not overrides:
+        return topology
+    return replace(topology, model=_model({**vars(topology.model), **overrides}))
 
 
 def with_api_overrides(topology: Topology, overrides: Mapping[str, Any]) -> Topology:
