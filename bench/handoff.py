@@ -309,6 +309,7 @@ def kv_decode_worker(args, stop: threading.Event | None = None) -> int:
                 results.append({"tokens": int(tokens), "rep": int(rep), "error": arrival.error})
                 continue
             seq_id += 1
+            t_import = time.time_ns()
             import_pages(cache, seq_id, arrival.payload)
             sync(device)
             t1 = time.time_ns()
@@ -316,7 +317,8 @@ def kv_decode_worker(args, stop: threading.Event | None = None) -> int:
             while receiver.pending():  # cuda_ipc: the release goes back once the import has read the pages
                 receiver.poll()
             results.append({"tokens": int(tokens), "rep": int(rep), "ms": (t1 - int(t0)) / 1e6,
-                            "decode_side_ms": (t1 - arrival.since_ns) / 1e6, "bytes": arrival.nbytes,
+                            "decode_side_ms": (t1 - arrival.since_ns) / 1e6, "import_ms": (t1 - t_import) / 1e6,
+                            "bytes": arrival.nbytes,
                             "pages": arrival.pages, "tokens_in_payload": arrival.payload.num_tokens,
                             "pool_mapped_on": getattr(receiver, "mapped_on", {}).get(0)})
             cache.free_sequence(seq_id)
@@ -438,6 +440,7 @@ def bandwidth_part(args, report: Report) -> None:
                 "payload_bytes": nbytes, "pages": timed[0]["pages"] if timed else None, "reps": len(timed),
                 "median_ms": ms, "times_ms": [r["ms"] for r in timed],
                 "decode_side_median_ms": median([r["decode_side_ms"] for r in timed]), "gbps": gbps,
+                "import_median_ms": median([r["import_ms"] for r in timed]),
                 "pool_mapped_on": timed[0].get("pool_mapped_on") if timed else None,
                 "ceiling_gbps": ceiling, "fraction_of_ceiling": gbps / ceiling if gbps and ceiling else None,
                 "errors": [r["error"] for r in rows if r["tokens"] == tokens and "error" in r],

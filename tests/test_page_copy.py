@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma4_model.kernels.page_copy import BLOCK, copy_pages, copy_pages_torch, copy_pages_triton
+from gemma4_model.kernels.page_copy import BLOCK, copy_pages, copy_pages_torch, copy_pages_triton, page_runs
 
 
 def pools(shape, dtype, device="cpu", seed=0):
@@ -45,6 +45,13 @@ def test_views_of_a_packed_buffer_and_empty_lists():
     assert torch.equal(buffer, before)
 
 
+def test_page_runs():
+    assert page_runs(torch.tensor([4, 5, 6, 9, 10, 2]), torch.tensor([0, 1, 2, 3, 4, 8])) == [(4, 0, 3), (9, 3, 2),
+                                                                                          (2, 8, 1)]
+    assert page_runs(torch.tensor([1, 2]), torch.tensor([5, 3])) == [(1, 5, 1), (2, 3, 1)]  # both must count up
+    assert page_runs(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)) == []
+
+
 def test_refuses_mismatched_pools():
     src, dst = pools((3, 10, 4, 2, 8), torch.float32)
     with pytest.raises(ValueError, match="same pages"):
@@ -67,6 +74,10 @@ def test_kernel_equals_twin_on_the_device_and_its_bandwidth():
     want, got = dst.clone(), dst.clone()
     copy_pages_torch(src, src_pages, want, dst_pages)
     copy_pages(src, src_pages, got, dst_pages)
+    assert torch.equal(got, want)
+    runs = (torch.arange(100, 1100), torch.cat([torch.arange(7, 507), torch.arange(3000, 3500)]))  # the copy engine
+    copy_pages_torch(src, *runs[:1], want, runs[1])
+    copy_pages(src, *runs[:1], got, runs[1])
     assert torch.equal(got, want)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for fn in (copy_pages, copy_pages_torch):

@@ -77,6 +77,7 @@ def open_pool(pages: DevicePages, shapes: dict[str, tuple[int, ...]], dtype: tor
     pool pages, page_size, kv_heads, head_dim] (raises `PayloadError`). On prefill's device, or
     on `on_device`: the memory of another GPU opened in this device's context with peer access,
     so this device's kernels read it directly (CUDA raises RuntimeError where it cannot)."""
+    torch.cuda.init()  # opening a handle before CUDA is initialised in this process crashes it
     count = 2 * len(shapes)
     if not (len(pages.pool_handles) == len(pages.pool_ref_counters) == len(pages.pool_events) == count
             and len(pages.pool_ints) == INTS_PER_TENSOR * count):
@@ -92,11 +93,11 @@ def open_pool(pages: DevicePages, shapes: dict[str, tuple[int, ...]], dtype: tor
             if not 0 <= device < torch.cuda.device_count() or needed > size or pool_pages < 1:
                 raise PayloadError(f"group {name}: a pool of {full} {dtype} does not fit a {size}-byte storage "
                                    f"on cuda:{device}")
+            if on_device is not None:
+                device = on_device
             storage = torch.UntypedStorage._new_shared_cuda(
                 device, pages.pool_handles[i], size, offset, pages.pool_ref_counters[i], ref_offset,
                 pages.pool_events[i], bool(sync))
-            if on_device is not None:
-                device = on_device
             tensor = torch.empty(0, dtype=dtype, device=f"cuda:{device}")
             tensors.append(tensor.set_(storage, 0, full))
             i += 1
@@ -208,6 +209,7 @@ class CudaIpcReceiver(KVReceiver):
         self._pools: dict[int, tuple[bytes, dict]] = {}  # prefill replica -> (its first handle, mapped pool)
         self._reading: dict[str, _Reading] = {}  # request id -> pages until the import has read them
         self.mapped_on: dict[int, str] = {}  # prefill replica -> the device its pool is mapped on
+        self.map_errors: list[str] = []  # why a pool could not be mapped on this device
 
     def accept(self, handoff: KVHandoff) -> None:
         now = time.time_ns()
@@ -253,7 +255,7 @@ class CudaIpcReceiver(KVReceiver):
             start += len(logical[name])
             if places.size and not (0 <= places.min() and places.max() < k.shape[1]):
                 raise PayloadError(f"group {name}: physical pages outside the pool's {k.shape[1]}")
-            groups[name] = GroupPages(tuple(logical[name]), k, v, torch.from_numpy(places).to(k.device))
+            groups[name] = GroupPages(tuple(logical[name]), k, v, torch.from_numpy(places))
         return KVPayload(handoff.num_tokens, groups)
 
     def _pool(self, pages: DevicePages, shapes: dict, dtype: torch.dtype) -> dict:
@@ -262,7 +264,8 @@ class CudaIpcReceiver(KVReceiver):
         if known is None or known[0] != key:  # first handoff of this prefill replica, or a new pool
             try:  # on this device: the import's one kernel pulls the pages over the GPUs' link
                 pool = open_pool(pages, shapes, dtype, on_device=self.device.index)
-            except RuntimeError:  # no peer access: on prefill's device (the import gathers there, then copies)
+            except RuntimeError as exc:  # no peer access: on prefill's device (the import gathers there, then copies)
+                self.map_errors.append(f"{type(exc).__name__}: {exc}")
                 pool = open_pool(pages, shapes, dtype)
             self._pools[pages.source] = (key, pool)
             self.mapped_on[pages.source] = str(next(iter(pool.values()))[0].device)

@@ -115,8 +115,8 @@ def buffer_numel(shape: Sequence[int]) -> int:
 def pack_group(k: torch.Tensor, v: torch.Tensor, physical: Sequence[int]) -> torch.Tensor:
     """One group's pages in one contiguous buffer [2, layers, len(physical), page_size, kv_heads,
     head_dim], on the pool's device: one gather per pool tensor."""
-    index = torch.tensor(list(physical), dtype=torch.int32, device=k.device)
-    to = torch.arange(len(physical), dtype=torch.int32, device=k.device)
+    index = torch.tensor(list(physical), dtype=torch.int32)  # on the host: copy_pages looks for runs
+    to = torch.arange(len(physical), dtype=torch.int32)
     buffer = k.new_empty((2, k.shape[0], len(physical), *k.shape[2:]))
     copy_pages(k, index, buffer[0], to)
     copy_pages(v, index, buffer[1], to)

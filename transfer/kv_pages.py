@@ -105,7 +105,7 @@ def import_pages(cache: PagedKVCache, seq_id: int, payload: KVPayload) -> None:
     physical = cache.adopt_sequence(seq_id, payload.num_tokens, {n: list(g.logical) for n, g in payload.groups.items()})
     for name, pages in payload.groups.items():
         group = cache.groups[name]
-        dst = torch.tensor(physical[name], dtype=torch.int32, device=group.k.device)
-        src = pages.physical if pages.physical is not None else torch.arange(pages.num_pages, device=pages.k.device)
+        dst = torch.tensor(physical[name], dtype=torch.int32)  # on the host: copy_pages looks for runs
+        src = pages.physical if pages.physical is not None else torch.arange(pages.num_pages, dtype=torch.int32)
         for part, pool in ((pages.k, group.k), (pages.v, group.v)):
             copy_pages(part if part.dtype == pool.dtype else part.to(pool.dtype), src, pool, dst)

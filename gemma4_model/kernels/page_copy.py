@@ -7,8 +7,9 @@ reads and writes each byte once (`index_select` then `index_put_` would pass twi
 advanced-index assignment moves one element per thread). `src` may be another GPU's memory
 mapped into this device (CUDA IPC with peer access): the kernel then pulls over NVLink.
 
-`copy_pages_torch` is the twin (the CPU path and the oracle); `copy_pages` takes the kernel for
-CUDA tensors and the twin otherwise.
+`copy_pages_torch` is the twin (the CPU path and the oracle); `copy_pages` takes, on CUDA, device
+copies for long runs of consecutive pages (the copy engine, which pulls a peer's memory faster
+than a kernel's loads) and the kernel for the rest, and the twin elsewhere.
 """
 
 from __future__ import annotations
@@ -78,10 +79,38 @@ def copy_pages_triton(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Ten
         launch(*args, BLOCK=BLOCK)
 
 
+MEMCPY_MIN_BYTES = 1 << 20  # a run of pages this large (per layer) goes to the copy engine
+MEMCPY_MAX_CALLS = 64  # more copies than this cost more in launches than the kernel
+
+
+def page_runs(src_pages: torch.Tensor, dst_pages: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(src start, dst start, length) of the stretches where both page lists count up by one."""
+    src, dst = src_pages.tolist(), dst_pages.tolist()
+    runs: list[tuple[int, int, int]] = []
+    for i, (s, d) in enumerate(zip(src, dst)):
+        if runs and i and s == src[i - 1] + 1 and d == dst[i - 1] + 1:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
 def copy_pages(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, dst_pages: torch.Tensor) -> None:
-    """`dst[:, dst_pages] = src[:, src_pages]`: the kernel when both are on one CUDA device (a
-    peer's memory mapped into it counts) with contiguous pages, else the twin."""
-    if dst.is_cuda and src.device == dst.device and _pages_contiguous(src) and _pages_contiguous(dst):
-        copy_pages_triton(src, src_pages, dst, dst_pages)
-    else:
+    """`dst[:, dst_pages] = src[:, src_pages]`: on one CUDA device (a peer's memory mapped into it
+    counts) with contiguous pages, long runs of consecutive pages (page lists on the host) as
+    one device copy per run and layer (the copy engine: a peer's memory at the link's full
+    rate), otherwise the kernel; anywhere else the twin."""
+    _check(src, src_pages, dst, dst_pages)
+    if not (dst.is_cuda and src.device == dst.device and _pages_contiguous(src) and _pages_contiguous(dst)):
         copy_pages_torch(src, src_pages, dst, dst_pages)
+        return
+    if not (src_pages.is_cuda or dst_pages.is_cuda) and src_pages.numel():
+        runs = page_runs(src_pages, dst_pages)
+        page_bytes = src[0, :1].numel() * src.element_size()
+        if (len(runs) * src.shape[0] <= MEMCPY_MAX_CALLS
+                and src_pages.numel() * page_bytes >= MEMCPY_MIN_BYTES * len(runs)):
+            for s, d, n in runs:
+                for layer in range(src.shape[0]):
+                    dst[layer, d:d + n].copy_(src[layer, s:s + n], non_blocking=True)
+            return
+    copy_pages_triton(src, src_pages, dst, dst_pages)
