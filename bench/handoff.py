@@ -302,6 +302,7 @@ def kv_decode_worker(args, stop: threading.Event | None = None) -> int:
         if msg is not None:
             receiver.accept(msg)
             in_flight += 1
+            say(f"kv-decode accepted {msg.request_id.rsplit(':', 1)[0]}")
         for arrival in receiver.poll():
             in_flight -= 1
             _, tokens, rep, t0 = arrival.request_id.split(":")
@@ -314,6 +315,7 @@ def kv_decode_worker(args, stop: threading.Event | None = None) -> int:
             sync(device)
             t1 = time.time_ns()
             receiver.imported(arrival.request_id)
+            say(f"kv-decode imported {tokens}:{rep}, pending {receiver.pending()}")
             while receiver.pending():  # cuda_ipc: the release goes back once the import has read the pages
                 receiver.poll()
             results.append({"tokens": int(tokens), "rep": int(rep), "ms": (t1 - int(t0)) / 1e6,

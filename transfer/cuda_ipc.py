@@ -8,13 +8,13 @@ pool once per (prefill replica, handle) with `_new_shared_cuda`.
 
 One handoff: prefill makes sure the sequence's KV is written, takes a reference on its pages
 (`device_pages.hold`: freeing the sequence leaves them allocated) and pushes the control
-`KVHandoff` with the pages' places in its pool. Decode maps the pool on its own device (the
-other GPU's memory opened in this device's context with peer access; on prefill's device where
-CUDA cannot), and the handoff becomes at once an `Arrival` whose payload views the mapped pool
-with the pages' places (`GroupPages.physical`): no staging buffer. The engine actor's import
-(`kv_pages.import_pages`) then moves them with one `copy_pages` kernel per pool tensor, on
-decode's GPU, straight from prefill's pool into its own cache pages, each byte crossing the
-link once and no kernel running on prefill's GPU; no host round trip. The engine actor tells
+`KVHandoff` with the pages' places in its pool. Decode maps the pool (on prefill's device, in
+its own process), and the handoff becomes at once an `Arrival` whose payload views the mapped
+pool with the pages' places (`GroupPages.physical`): no staging buffer. The engine actor's
+import (`kv_pages.import_pages`, `copy_pages`) then moves them straight from prefill's pool into
+its own cache pages: runs of consecutive pages as device copies that prefill's GPU's copy engine
+pushes over the link (no kernel on prefill's SMs), scattered pages as a gather there, one copy
+and a scatter; within one GPU one kernel; no host round trip. The engine actor tells
 the receiver (`imported`), which records an event after the copy and, once it has passed,
 sends `KVRelease` to that prefill replica (its `kv_release` channel). Prefill frees the pages
 on the release, or after `hold_timeout_s` if none comes (a decode replica that died); a
@@ -71,12 +71,9 @@ def share_pool(cache, groups: Sequence[str]) -> PoolHandles:
     return PoolHandles(tuple(handles), tuple(refs), tuple(events), tuple(ints))
 
 
-def open_pool(pages: DevicePages, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-              on_device: int | None = None) -> dict[str, tuple]:
-    """Map a pool shared by `share_pool` into this process: per group (K, V), shaped [layers,
-    pool pages, page_size, kv_heads, head_dim] (raises `PayloadError`). On prefill's device, or
-    on `on_device`: the memory of another GPU opened in this device's context with peer access,
-    so this device's kernels read it directly (CUDA raises RuntimeError where it cannot)."""
+def open_pool(pages: DevicePages, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, tuple]:
+    """Map a pool shared by `share_pool` into this process: per group (K, V) on prefill's device,
+    shaped [layers, pool pages, page_size, kv_heads, head_dim] (raises `PayloadError`)."""
     torch.cuda.init()  # opening a handle before CUDA is initialised in this process crashes it
     count = 2 * len(shapes)
     if not (len(pages.pool_handles) == len(pages.pool_ref_counters) == len(pages.pool_events) == count
@@ -93,8 +90,6 @@ def open_pool(pages: DevicePages, shapes: dict[str, tuple[int, ...]], dtype: tor
             if not 0 <= device < torch.cuda.device_count() or needed > size or pool_pages < 1:
                 raise PayloadError(f"group {name}: a pool of {full} {dtype} does not fit a {size}-byte storage "
                                    f"on cuda:{device}")
-            if on_device is not None:
-                device = on_device
             storage = torch.UntypedStorage._new_shared_cuda(
                 device, pages.pool_handles[i], size, offset, pages.pool_ref_counters[i], ref_offset,
                 pages.pool_events[i], bool(sync))
@@ -209,7 +204,6 @@ class CudaIpcReceiver(KVReceiver):
         self._pools: dict[int, tuple[bytes, dict]] = {}  # prefill replica -> (its first handle, mapped pool)
         self._reading: dict[str, _Reading] = {}  # request id -> pages until the import has read them
         self.mapped_on: dict[int, str] = {}  # prefill replica -> the device its pool is mapped on
-        self.map_errors: list[str] = []  # why a pool could not be mapped on this device
 
     def accept(self, handoff: KVHandoff) -> None:
         now = time.time_ns()
@@ -262,11 +256,7 @@ class CudaIpcReceiver(KVReceiver):
         key = pages.pool_handles[0] if pages.pool_handles else b""
         known = self._pools.get(pages.source)
         if known is None or known[0] != key:  # first handoff of this prefill replica, or a new pool
-            try:  # on this device: the import's one kernel pulls the pages over the GPUs' link
-                pool = open_pool(pages, shapes, dtype, on_device=self.device.index)
-            except RuntimeError as exc:  # no peer access: on prefill's device (the import gathers there, then copies)
-                self.map_errors.append(f"{type(exc).__name__}: {exc}")
-                pool = open_pool(pages, shapes, dtype)
+            pool = open_pool(pages, shapes, dtype)
             self._pools[pages.source] = (key, pool)
             self.mapped_on[pages.source] = str(next(iter(pool.values()))[0].device)
         return self._pools[pages.source][1]

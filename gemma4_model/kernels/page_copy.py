@@ -4,12 +4,12 @@ Pool tensors are [layers, pages, *page] with each page's elements contiguous (th
 K and V, a handoff's packed buffers). One program moves one block of one page of one layer,
 so a handoff's gather, scatter or peer pull is a single kernel whatever its page count, and it
 reads and writes each byte once (`index_select` then `index_put_` would pass twice, and
-advanced-index assignment moves one element per thread). `src` may be another GPU's memory
-mapped into this device (CUDA IPC with peer access): the kernel then pulls over NVLink.
+advanced-index assignment moves one element per thread).
 
 `copy_pages_torch` is the twin (the CPU path and the oracle); `copy_pages` takes, on CUDA, device
-copies for long runs of consecutive pages (the copy engine, which pulls a peer's memory faster
-than a kernel's loads) and the kernel for the rest, and the twin elsewhere.
+copies for long runs of consecutive pages (the copy engine: across GPUs the source pushes at the
+link's full rate, where a kernel on the receiving GPU pulls at less than half of it) and the
+kernel for the rest, and the twin elsewhere.
 """
 
 from __future__ import annotations
@@ -96,15 +96,14 @@ def page_runs(src_pages: torch.Tensor, dst_pages: torch.Tensor) -> list[tuple[in
 
 
 def copy_pages(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, dst_pages: torch.Tensor) -> None:
-    """`dst[:, dst_pages] = src[:, src_pages]`: on one CUDA device (a peer's memory mapped into it
-    counts) with contiguous pages, long runs of consecutive pages (page lists on the host) as
-    one device copy per run and layer (the copy engine: a peer's memory at the link's full
-    rate), otherwise the kernel; anywhere else the twin."""
+    """`dst[:, dst_pages] = src[:, src_pages]`. CUDA pools with contiguous pages and page lists
+    on the host: long runs of consecutive pages go as one device copy per run and layer (the
+    copy engine; across GPUs the source GPU's pushes over the link at its full rate). Otherwise
+    the kernel on one device, and the twin anywhere else (across GPUs: a gather, one copy, a
+    scatter)."""
     _check(src, src_pages, dst, dst_pages)
-    if not (dst.is_cuda and src.device == dst.device and _pages_contiguous(src) and _pages_contiguous(dst)):
-        copy_pages_torch(src, src_pages, dst, dst_pages)
-        return
-    if not (src_pages.is_cuda or dst_pages.is_cuda) and src_pages.numel():
+    on_cuda = src.is_cuda and dst.is_cuda and _pages_contiguous(src) and _pages_contiguous(dst)
+    if on_cuda and not (src_pages.is_cuda or dst_pages.is_cuda) and src_pages.numel():
         runs = page_runs(src_pages, dst_pages)
         page_bytes = src[0, :1].numel() * src.element_size()
         if (len(runs) * src.shape[0] <= MEMCPY_MAX_CALLS
@@ -113,4 +112,7 @@ def copy_pages(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, ds
                 for layer in range(src.shape[0]):
                     dst[layer, d:d + n].copy_(src[layer, s:s + n], non_blocking=True)
             return
-    copy_pages_triton(src, src_pages, dst, dst_pages)
+    if on_cuda and src.device == dst.device:
+        copy_pages_triton(src, src_pages, dst, dst_pages)
+    else:
+        copy_pages_torch(src, src_pages, dst, dst_pages)
