@@ -219,6 +219,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_copy(device: torch.device, copy) -> float:
+    """Milliseconds `copy` takes, from its first device work to its last (CUDA events on this
+    device's stream, the host idle between them; wall time on the CPU)."""
+    sync(device)
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        copy()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    copy()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def kv_prefill_worker(args, stop: threading.Event | None = None) -> int:
     """Hands over `--reps` + 1 sequences of each size in `--sizes`, one at a time."""
     import zmq
@@ -280,7 +296,7 @@ def kv_decode_worker(args, stop: threading.Event | None = None) -> int:
 
     from actors.transport import pull
     from transfer.backend import make_receiver
-    from transfer.kv_pages import import_pages
+    from transfer.kv_pages import write_pages
 
     cfg, _ = text_config(args.smoke)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -311,8 +327,10 @@ def kv_decode_worker(args, stop: threading.Event | None = None) -> int:
                 continue
             seq_id += 1
             t_import = time.time_ns()
-            import_pages(cache, seq_id, arrival.payload)
-            sync(device)
+            payload = arrival.payload
+            physical = cache.adopt_sequence(seq_id, payload.num_tokens,
+                                            {n: list(g.logical) for n, g in payload.groups.items()})
+            copy_ms = timed_copy(device, lambda: write_pages(cache, physical, payload))  # as import_pages
             t1 = time.time_ns()
             receiver.imported(arrival.request_id)
             say(f"kv-decode imported {tokens}:{rep}, pending {receiver.pending()}")
@@ -320,11 +338,12 @@ def kv_decode_worker(args, stop: threading.Event | None = None) -> int:
                 receiver.poll()
             results.append({"tokens": int(tokens), "rep": int(rep), "ms": (t1 - int(t0)) / 1e6,
                             "decode_side_ms": (t1 - arrival.since_ns) / 1e6, "import_ms": (t1 - t_import) / 1e6,
+                            "copy_ms": copy_ms,
                             "bytes": arrival.nbytes,
                             "pages": arrival.pages, "tokens_in_payload": arrival.payload.num_tokens,
                             "pool_mapped_on": getattr(receiver, "mapped_on", {}).get(0)})
             cache.free_sequence(seq_id)
-            del arrival
+            del arrival, payload
     (run / "decode-result.json").write_text(json.dumps(results))
     (run / "decode.done").touch()
     say(f"kv-decode done: {len(results)} of {expected} handoffs")
@@ -443,6 +462,8 @@ def bandwidth_part(args, report: Report) -> None:
                 "median_ms": ms, "times_ms": [r["ms"] for r in timed],
                 "decode_side_median_ms": median([r["decode_side_ms"] for r in timed]), "gbps": gbps,
                 "import_median_ms": median([r["import_ms"] for r in timed]),
+                "copy_median_ms": median([r["copy_ms"] for r in timed]),
+                "copy_gbps": nbytes / (median([r["copy_ms"] for r in timed]) * 1e-3) / GB if timed else None,
                 "pool_mapped_on": timed[0].get("pool_mapped_on") if timed else None,
                 "ceiling_gbps": ceiling, "fraction_of_ceiling": gbps / ceiling if gbps and ceiling else None,
                 "errors": [r["error"] for r in rows if r["tokens"] == tokens and "error" in r],

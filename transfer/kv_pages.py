@@ -103,6 +103,12 @@ def check_payload(cache: PagedKVCache, payload: KVPayload, num_tokens: int) -> N
 def import_pages(cache: PagedKVCache, seq_id: int, payload: KVPayload) -> None:
     """Register the sequence in `cache` and write the received pages into fresh ones."""
     physical = cache.adopt_sequence(seq_id, payload.num_tokens, {n: list(g.logical) for n, g in payload.groups.items()})
+    write_pages(cache, physical, payload)
+
+
+def write_pages(cache: PagedKVCache, physical: dict[str, list[int]], payload: KVPayload) -> None:
+    """Copy the payload's pages into `physical` (per group, in the payload's page order): per
+    pool tensor one `copy_pages`."""
     for name, pages in payload.groups.items():
         group = cache.groups[name]
         dst = torch.tensor(physical[name], dtype=torch.int32)  # on the host: copy_pages looks for runs
