@@ -37,6 +37,13 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # float32 inputs: exact products, as the twin computes them
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, out_ptr, k_ptr, v_ptr, tables_ptr, positions_ptr, schedule_ptr,
     query_starts_ptr, kv_lens_ptr, chunk_starts_ptr, span_offsets_ptr, span_lens_ptr, spans_ptr,
@@ -46,7 +53,7 @@ def _paged_attention_kernel(
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_table,
     REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
-    PAGE: tl.constexpr, SPAN_MODE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    PAGE: tl.constexpr, SPAN_MODE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1) // NUM_DV
@@ -104,7 +111,7 @@ def _paged_attention_kernel(
             if NUM_DK != 1:
                 q_tile = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             k_tile = tl.load(k_slots[:, None] + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-            scores += tl.dot(q_tile, tl.trans(k_tile.to(q_tile.dtype)), input_precision=PRECISION)
+            scores += _dot(q_tile, tl.trans(k_tile.to(q_tile.dtype)), IEEE)
 
         diff = pos[:, None] - keys[None, :]
         in_window = diff < window
@@ -126,7 +133,7 @@ def _paged_attention_kernel(
         v_slots = v_ptr + page * stride_vp + (keys % PAGE).to(tl.int64) * stride_vs + kv_head * stride_vh
         v_tile = tl.load(v_slots[:, None] + offs_dv[None, :], mask=key_ok[:, None] & (offs_dv < head_dim)[None, :],
                          other=0.0).to(q_ptr.dtype.element_ty)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v_tile.dtype), v_tile, IEEE)
         m_i = m_new
 
     out_ok = row_ok[:, None] & (offs_dv < head_dim)[None, :]
@@ -235,8 +242,7 @@ def paged_attention_triton(
                 dict(REP=rep, REP_PAD=rep_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
                      NUM_DK=d_pad // block_dk, BLOCK_DV=block_dv, NUM_DV=d_pad // block_dv, PAGE=page,
                      SPAN_MODE=SPAN_MODES[span_mode], NUM_SPLITS=splits,
-                     PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                     num_warps=4 if block_m <= 16 else 8))
+                     IEEE=q.dtype == torch.float32, num_warps=4 if block_m <= 16 else 8, num_stages=2))
     return out
 
 
