@@ -48,10 +48,10 @@ def _paged_attention_kernel(
     q_ptr, out_ptr, k_ptr, v_ptr, tables_ptr, positions_ptr, schedule_ptr,
     query_starts_ptr, kv_lens_ptr, chunk_starts_ptr, span_offsets_ptr, span_lens_ptr, spans_ptr,
     part_ptr, lse_ptr,
-    num_programs, num_rows, num_heads, head_dim, window,
+    num_programs, num_rows, num_heads, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_table,
-    REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
     PAGE: tl.constexpr, SPAN_MODE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -92,7 +92,7 @@ def _paged_attention_kernel(
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh
     if NUM_DK == 1:  # the whole query tile stays in registers
         offs_d = tl.arange(0, BLOCK_DK)
-        q_tile = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+        q_tile = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked row stays NaN-free
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -107,7 +107,7 @@ def _paged_attention_kernel(
         scores = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for c in tl.static_range(NUM_DK):
             offs_d = c * BLOCK_DK + tl.arange(0, BLOCK_DK)
-            d_ok = offs_d < head_dim
+            d_ok = offs_d < HEAD_DIM
             if NUM_DK != 1:
                 q_tile = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             k_tile = tl.load(k_slots[:, None] + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
@@ -131,26 +131,26 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_slots = v_ptr + page * stride_vp + (keys % PAGE).to(tl.int64) * stride_vs + kv_head * stride_vh
-        v_tile = tl.load(v_slots[:, None] + offs_dv[None, :], mask=key_ok[:, None] & (offs_dv < head_dim)[None, :],
+        v_tile = tl.load(v_slots[:, None] + offs_dv[None, :], mask=key_ok[:, None] & (offs_dv < HEAD_DIM)[None, :],
                          other=0.0).to(q_ptr.dtype.element_ty)
         acc = acc * alpha[:, None] + _dot(p.to(v_tile.dtype), v_tile, IEEE)
         m_i = m_new
 
-    out_ok = row_ok[:, None] & (offs_dv < head_dim)[None, :]
+    out_ok = row_ok[:, None] & (offs_dv < HEAD_DIM)[None, :]
     norm = tl.where(l_i > 0, l_i, 1.0)
     if NUM_SPLITS == 1:
         out = out_ptr + rows.to(tl.int64)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_dv[None, :]
         tl.store(out, (acc / norm[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
     else:  # partial result and its log2-sum-exp2, merged by _merge_splits_kernel
         cell = (split * num_rows + rows.to(tl.int64)) * num_heads + heads
-        tl.store(part_ptr + cell[:, None] * head_dim + offs_dv[None, :], acc / norm[:, None], mask=out_ok)
+        tl.store(part_ptr + cell[:, None] * HEAD_DIM + offs_dv[None, :], acc / norm[:, None], mask=out_ok)
         lse = tl.where(l_i > 0, m_i + tl.log2(norm), float("-inf"))
         if dv == 0:
             tl.store(lse_ptr + cell, lse, mask=row_ok)
 
 
 @triton.jit
-def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_rows, num_heads, head_dim, stride_ot, stride_oh,
+def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_rows, num_heads, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -160,11 +160,11 @@ def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_rows, num_heads, head_d
     lse = tl.load(lse_ptr + cell, mask=split_ok, other=float("-inf"))
     weight = tl.exp2(lse - tl.max(lse, axis=0))  # every row has its own key in some split
     offs_d = tl.arange(0, BLOCK_D)
-    part = tl.load(part_ptr + cell[:, None] * head_dim + offs_d[None, :],
-                   mask=split_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    part = tl.load(part_ptr + cell[:, None] * HEAD_DIM + offs_d[None, :],
+                   mask=split_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     out = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)
     tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < head_dim)
+             mask=offs_d < HEAD_DIM)
 
 
 def _pow2(n: int) -> int:
@@ -223,7 +223,7 @@ def paged_attention_triton(
     block_m = max(16, _pow2(rep_pad * layout.max_query_len))
     if block_m > 16:
         block_m = max(rep_pad, 32 if d_pad > 256 else 64)
-    block_n = 32 if d_pad > 256 else 64
+    block_n = 64 if block_m <= 16 and d_pad <= 256 else 32  # no register spills on sm_90 (ptxas, bf16)
     block_dk = min(d_pad, 256)
     block_dv = d_pad if block_m <= 16 else min(d_pad, 256)
     splits = num_splits if num_splits is not None else default_num_splits(batch, kv_heads, block_m, q.device)
@@ -239,7 +239,7 @@ def paged_attention_triton(
     grid = (programs, kv_heads * (d_pad // block_dv), splits)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _launch(grid, q, out, k, v, tables, batch, schedule, part, lse, programs, window, splits,
-                dict(REP=rep, REP_PAD=rep_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
+                dict(HEAD_DIM=head_dim, REP=rep, REP_PAD=rep_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
                      NUM_DK=d_pad // block_dk, BLOCK_DV=block_dv, NUM_DV=d_pad // block_dv, PAGE=page,
                      SPAN_MODE=SPAN_MODES[span_mode], NUM_SPLITS=splits,
                      IEEE=q.dtype == torch.float32, num_warps=4 if block_m <= 16 else 8, num_stages=2))
@@ -253,12 +253,12 @@ def _launch(grid, q, out, k, v, tables, batch, schedule, part, lse, programs, wi
         q, out, k, v, tables, batch.positions, schedule,
         layout.query_starts, layout.kv_lens, layout.chunk_starts, layout.span_offsets, layout.span_lens,
         layout.spans, part, lse,
-        programs, T, heads, head_dim, window,
+        programs, T, heads, window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), tables.stride(0), **meta,
     )
     if splits > 1:
         _merge_splits_kernel[(T, heads)](
-            part, lse, out, T, heads, head_dim, out.stride(0), out.stride(1),
+            part, lse, out, T, heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
             NUM_SPLITS=splits, SPLITS_PAD=max(2, _pow2(splits)), BLOCK_D=max(16, _pow2(head_dim)),
         )
