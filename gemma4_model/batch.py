@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from itertools import accumulate
 from typing import Sequence
 
 import torch
@@ -172,7 +173,7 @@ class RaggedLayout:
     def of(batch: ForwardBatch) -> "RaggedLayout":
         device = batch.positions.device
         lens = [0 if s is None else int(s.shape[0]) for s in batch.chunk_spans]
-        offsets = [sum(lens[:b]) for b in range(len(lens))]
+        offsets = [0, *accumulate(lens)][:-1]
         B = batch.num_seqs
         packed = torch.tensor([*batch.query_starts, *batch.kv_lens, *batch.chunk_starts, *offsets, *lens],
                               dtype=torch.int32).to(device)

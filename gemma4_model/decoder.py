@@ -15,8 +15,8 @@ from torch.nn import functional as F
 
 from .attention import paged_attention, write_kv
 from .batch import ForwardBatch
-from .kernels.paged_attention import paged_attention_triton
 from .config import LayerSpec, TextConfig
+from .kernels.paged_attention import paged_attention_triton
 from .kv_cache import PagedKVCache
 from .layers import MLP, Experts, RMSNorm, RotaryEmbedding, Router, add_sandwich_norms, apply_rope, gelu_tanh
 

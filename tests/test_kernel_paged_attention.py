@@ -127,10 +127,10 @@ def test_flash_decoding_splits_equal_one_pass():
 
 def test_rows_selected_after_the_last_kv_owning_layer():
     """`select_rows` keeps only logits rows: positions of a sequence's rows are then not consecutive."""
-    q, group, batch = make_case([Seq(8, 10), Seq(20, 1)], heads=2, kv_heads=1, head_dim=16, page=4)
-    rows = torch.tensor([3, 9, 10])
+    q, group, batch = make_case([Seq(8, 10), Seq(20, 1), Seq(5, 3)], heads=2, kv_heads=1, head_dim=16, page=4)
+    rows = torch.tensor([3, 9, 12])
     sub = replace(batch, logits_rows=rows).select_rows(rows)
-    assert sub.query_starts == (0, 2, 3)
+    assert sub.query_starts == (0, 2, 2, 3)  # the second sequence keeps no row
     torch.testing.assert_close(paged_attention_triton(q[rows], group, 0, sub, LAYER),
                                paged_attention(q[rows], group, 0, sub, LAYER), atol=2e-5, rtol=1e-4)
 
