@@ -125,6 +125,16 @@ def test_flash_decoding_splits_equal_one_pass():
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+def test_half_precision_inputs_against_the_float32_twin():
+    """float16 (the interpreter's dot mishandles bfloat16; bf16 is checked in the gpu tests):
+    probabilities rounded to q's dtype for the PV product, accumulation in float32."""
+    q, group, batch = make_case([Seq(300, 1), Seq(40, 30), Seq(5, 3)], heads=8, kv_heads=2, head_dim=256, page=16,
+                                window=128, dtype=torch.float16, q_scale=256**-0.5)
+    got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=2)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), twin_fp32(q, group, batch, "none"), atol=2e-3, rtol=1e-2)
+
+
 def test_rows_selected_after_the_last_kv_owning_layer():
     """`select_rows` keeps only logits rows: positions of a sequence's rows are then not consecutive."""
     q, group, batch = make_case([Seq(8, 10), Seq(20, 1), Seq(5, 3)], heads=2, kv_heads=1, head_dim=16, page=4)
