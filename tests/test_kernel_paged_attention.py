@@ -145,20 +145,24 @@ def test_rows_selected_after_the_last_kv_owning_layer():
                                paged_attention(q[rows], group, 0, sub, LAYER), atol=2e-5, rtol=1e-4)
 
 
-def test_text_decoder_with_kernels_matches_without():
-    from gemma4_model.config import FULL, SLIDING, parse_config
+TINY = {
+    "model_type": "gemma4_text", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
+    "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+    "global_head_dim": 32, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2,
+    "hidden_size_per_layer_input": 4, "num_kv_shared_layers": 1, "final_logit_softcapping": 30.0,
+    "eos_token_id": 1, "max_position_embeddings": 256,
+}
+
+
+def decoders_agree(raw, device, prompt_lens, chunk):
+    """Greedy tokens equal and every step's logits close, TextDecoder(kernels=True) against the
+    PyTorch path, through the engine (prefill chunks, decodes, mixed steps, KV-shared layers)."""
+    from gemma4_model.config import parse_config
     from gemma4_model.decoder import TextDecoder
     from gemma4_model.engine import Engine, SchedulerLimits
     from gemma4_model.kv_cache import PagedKVCache
     from gemma4_model.sampling import SamplingParams
 
-    raw = {
-        "model_type": "gemma4_text", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
-        "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-        "global_head_dim": 32, "sliding_window": 8, "layer_types": [SLIDING, FULL, SLIDING, FULL],
-        "hidden_size_per_layer_input": 4, "num_kv_shared_layers": 1, "final_logit_softcapping": 30.0,
-        "eos_token_id": 1, "max_position_embeddings": 256,
-    }
     cfg = parse_config(raw).text
     torch.manual_seed(0)
     plain = TextDecoder(cfg).eval()
@@ -169,16 +173,28 @@ def test_text_decoder_with_kernels_matches_without():
     fast.load_state_dict(plain.state_dict())
     assert fast.layers[0].self_attn.kernels and not plain.layers[0].self_attn.kernels
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(2, 96, (n,), generator=g).tolist() for n in (11, 5)]
+    prompts = [torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist() for n in prompt_lens]
     runs = []
-    for model in (plain, fast):
-        cache = PagedKVCache(cfg, page_size=4, num_pages=64)
-        engine = Engine(model, cache, SchedulerLimits(chunk_size=8))  # the 11-token prompt takes two chunks
+    for model in (plain.to(device), fast.to(device)):
+        cache = PagedKVCache(cfg, page_size=4, num_pages=128, device=device)
+        engine = Engine(model, cache, SchedulerLimits(chunk_size=chunk))
         with torch.inference_mode():
             runs.append(engine.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True, keep_logits=True)))
     for want, got in zip(*runs):
         assert got.output == want.output
         torch.testing.assert_close(torch.stack(got.step_logits), torch.stack(want.step_logits), atol=1e-4, rtol=1e-4)
+
+
+def test_text_decoder_with_kernels_matches_without():
+    decoders_agree(TINY, "cpu", (11, 5), chunk=8)  # the 11-token prompt takes two chunks
+
+
+@pytest.mark.gpu
+def test_gpu_text_decoder_with_kernels_matches_without():
+    """float32 on the device (exact dots in the kernel), Gemma 4's head dims 256 / 512, GQA."""
+    raw = dict(TINY, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=256,
+               global_head_dim=512, sliding_window=16)
+    decoders_agree(raw, "cuda", (45, 7, 30), chunk=16)
 
 
 # --- GPU, real Gemma 4 shapes in bf16 --------------------------------------------------------------

@@ -210,7 +210,7 @@ def paged_attention_triton(
     assert heads % kv_heads == 0 and k.shape[3] == head_dim and k.stride(3) == 1 and v.stride(3) == 1
     page = batch.page_size
     assert page & (page - 1) == 0, "page sizes are powers of two"
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if T == 0:
         return out
     if q.stride(2) != 1:
