@@ -8,7 +8,9 @@ tensors the attention reads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from itertools import accumulate
 from typing import Sequence
 
 import torch
@@ -56,6 +58,11 @@ class ForwardBatch:
     @property
     def num_seqs(self) -> int:
         return len(self.kv_lens)
+
+    @cached_property
+    def layout(self) -> "RaggedLayout":
+        """The batch's ragged layout as small int32 device tensors, built once per batch."""
+        return RaggedLayout.of(self)
 
     @staticmethod
     def build(chunks: Sequence[SequenceChunk], cache: PagedKVCache, device: torch.device | str = "cpu") -> "ForwardBatch":
@@ -140,3 +147,55 @@ class ForwardBatch:
             media_rows=None,  # spliced at the input already
             media_embeds=None,
         )
+
+
+@dataclass(frozen=True)
+class RaggedLayout:
+    """A batch's ragged layout as int32 tensors on its device, for kernels (built once per batch).
+
+    Everything a kernel needs past the page tables and positions lives in tensors, so a decode
+    step can keep them in fixed buffers (fixed batch size) and replay a captured graph.
+    `spans` holds every sequence's chunk span ids end to end (one 0 when none has any); a
+    sequence without spans has span_lens 0.
+    """
+
+    query_starts: torch.Tensor  # [B+1]
+    kv_lens: torch.Tensor  # [B]
+    chunk_starts: torch.Tensor  # [B]
+    span_offsets: torch.Tensor  # [B] into spans
+    span_lens: torch.Tensor  # [B]
+    spans: torch.Tensor  # [S]
+    max_query_len: int
+    host_query_starts: tuple[int, ...]  # the same offsets on the host, to build schedules
+    _schedules: dict[int, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def of(batch: ForwardBatch) -> "RaggedLayout":
+        device = batch.positions.device
+        lens = [0 if s is None else int(s.shape[0]) for s in batch.chunk_spans]
+        offsets = [0, *accumulate(lens)][:-1]
+        B = batch.num_seqs
+        packed = torch.tensor([*batch.query_starts, *batch.kv_lens, *batch.chunk_starts, *offsets, *lens],
+                              dtype=torch.int32).to(device)
+        present = [s.to(device, torch.int32) for s in batch.chunk_spans if s is not None]
+        spans = torch.cat(present) if present else torch.zeros(1, dtype=torch.int32, device=device)
+        q = batch.query_starts
+        return RaggedLayout(
+            query_starts=packed[: B + 1], kv_lens=packed[B + 1 : 2 * B + 1],
+            chunk_starts=packed[2 * B + 1 : 3 * B + 1], span_offsets=packed[3 * B + 1 : 4 * B + 1],
+            span_lens=packed[4 * B + 1 :], spans=spans,
+            max_query_len=max(q[b + 1] - q[b] for b in range(B)), host_query_starts=q,
+        )
+
+    def schedule(self, block_tokens: int) -> torch.Tensor:
+        """[2, programs] int32: (sequence, first row) of each block of up to `block_tokens` query
+        rows; each sequence's rows split into blocks, in sequence order. Cached per block size."""
+        if block_tokens not in self._schedules:
+            q = self.host_query_starts
+            seqs, rows = [], []
+            for b in range(len(q) - 1):
+                for r in range(q[b], q[b + 1], block_tokens):
+                    seqs.append(b)
+                    rows.append(r)
+            self._schedules[block_tokens] = torch.tensor([seqs, rows], dtype=torch.int32).to(self.kv_lens.device)
+        return self._schedules[block_tokens]

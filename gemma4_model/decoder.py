@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from .attention import paged_attention, write_kv
 from .batch import ForwardBatch
 from .config import LayerSpec, TextConfig
+from .kernels.paged_attention import paged_attention_triton
 from .kv_cache import PagedKVCache
 from .layers import MLP, Experts, RMSNorm, RotaryEmbedding, Router, add_sandwich_norms, apply_rope, gelu_tanh
 
@@ -29,9 +30,10 @@ class DecoderOutput:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec, kernels: bool = False):
         super().__init__()
         self.spec = spec
+        self.kernels = kernels  # the Triton paged-attention kernel instead of its PyTorch twin
         self.heads = cfg.num_heads
         self.span_mode = _span_mode(cfg.span_attention, spec)
         d = spec.head_dim
@@ -55,7 +57,8 @@ class Attention(nn.Module):
             raw_v = raw_k if self.v_proj is None else self.v_proj(x).view(T, spec.num_kv_heads, spec.head_dim)
             k = apply_rope(self.k_norm(raw_k), cos, sin)
             write_kv(group, slot, batch.groups[spec.layer_type].write_slots, k, self.v_norm(raw_v))
-        out = paged_attention(q, group, slot, batch, spec.layer_type, self.span_mode)
+        attend = paged_attention_triton if self.kernels else paged_attention
+        out = attend(q, group, slot, batch, spec.layer_type, self.span_mode)
         return self.o_proj(out.reshape(T, -1))
 
 
@@ -68,11 +71,11 @@ def _span_mode(span_attention: str, spec: LayerSpec) -> str:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec, kernels: bool = False):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.spec = spec
-        self.self_attn = Attention(cfg, spec)
+        self.self_attn = Attention(cfg, spec, kernels)
         self.mlp = MLP(h, spec.intermediate_size)
         add_sandwich_norms(self, h, eps)
         self.register_buffer("layer_scalar", torch.ones(1))
@@ -104,13 +107,18 @@ class DecoderLayer(nn.Module):
 
 
 class TextDecoder(nn.Module):
-    """Gemma 4 text decoder; parameter names match the checkpoint's language-model tensors."""
+    """Gemma 4 text decoder; parameter names match the checkpoint's language-model tensors.
 
-    def __init__(self, cfg: TextConfig):
+    `kernels=True` runs attention through the Triton kernel (CUDA tensors, or Triton's
+    interpreter on CPU) instead of the PyTorch path.
+    """
+
+    def __init__(self, cfg: TextConfig, kernels: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.kernels = kernels
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, spec) for spec in cfg.layers)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, spec, kernels) for spec in cfg.layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = nn.ModuleDict({name: RotaryEmbedding(spec) for name, spec in cfg.rope.items()})
         if cfg.ple_dim:

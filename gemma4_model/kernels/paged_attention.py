@@ -1,0 +1,266 @@
+"""Paged attention over a ragged batch in one Triton launch; `attention.paged_attention` is its twin.
+
+Decode rows (one query token), verify runs (k+1) and prefill chunks mix in one batch. A program
+takes one block of a sequence's query rows and one KV head: its tile rows are (token, query head
+of that KV head's group), so GQA reads each key once for all the heads that share it. Keys are
+gathered through the sequence's page table BLOCK_N at a time, masked exactly as
+`attention.attention_mask` (causal, sliding window, span modes), and folded into an online
+(flash-style) softmax with fp32 accumulation; softmax scale 1. Key blocks wholly below a
+sliding window are never visited: the key loop starts at the window's first position.
+
+Head dims up to 512: scores are summed over head-dim chunks of at most 256, and for many-row
+tiles the output is split into head-dim slices over programs (each recomputes the scores) so the
+accumulator stays in registers. For decode-only batches with few programs per SM the keys of each
+sequence are split over `num_splits` programs (flash decoding) and a second kernel merges their
+partial results by their log-sum-exp.
+
+The schedule and every length live in int32 tensors (`ForwardBatch.layout`): a decode step of
+fixed batch size launches the same grid whatever its sequences' lengths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..batch import ForwardBatch
+from ..kv_cache import KVGroup
+
+SPAN_MODES = {"none": 0, "windowed": 1, "override": 2}
+NO_WINDOW = 1 << 30  # a window no sequence reaches: the causal mask alone
+_FAR = tl.constexpr(NO_WINDOW)
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # float32 inputs: exact products, as the twin computes them
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, out_ptr, k_ptr, v_ptr, tables_ptr, positions_ptr, schedule_ptr,
+    query_starts_ptr, kv_lens_ptr, chunk_starts_ptr, span_offsets_ptr, span_lens_ptr, spans_ptr,
+    part_ptr, lse_ptr,
+    num_programs, num_rows, num_heads, window,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_table,
+    HEAD_DIM: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
+    PAGE: tl.constexpr, SPAN_MODE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1) // NUM_DV
+    dv = tl.program_id(1) % NUM_DV
+    split = tl.program_id(2)
+    seq = tl.load(schedule_ptr + pid)
+    row0 = tl.load(schedule_ptr + num_programs + pid)
+    row_end = tl.load(query_starts_ptr + seq + 1)
+    kv_len = tl.load(kv_lens_ptr + seq)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = row0 + offs_m // REP_PAD
+    group_head = offs_m % REP_PAD
+    row_ok = (rows < row_end) & (group_head < REP)
+    heads = kv_head * REP + group_head
+    pos = tl.load(positions_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+    pos_min = tl.min(tl.where(row_ok, pos, _FAR), axis=0)
+    pos_max = tl.max(tl.where(row_ok, pos, -1), axis=0)
+
+    lo = tl.maximum(pos_min - window + 1, 0)
+    hi = tl.minimum(kv_len, pos_max + 1)
+    if SPAN_MODE != 0:
+        chunk_start = tl.load(chunk_starts_ptr + seq)
+        span_base = spans_ptr + tl.load(span_offsets_ptr + seq)
+        span_len = tl.load(span_lens_ptr + seq)
+        q_rel = pos - chunk_start
+        q_span = tl.load(span_base + q_rel, mask=row_ok & (q_rel >= 0) & (q_rel < span_len), other=0)
+        if SPAN_MODE == 2:  # a span may reach below the window
+            lo = tl.where(span_len > 0, tl.minimum(lo, chunk_start), lo)
+        hi = tl.where(span_len > 0, kv_len, hi)  # and past the query, inside the chunk
+    per_split = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_lo = lo + split * per_split
+    split_hi = tl.minimum(hi, split_lo + per_split)
+
+    offs_dv = dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh
+    if NUM_DK == 1:  # the whole query tile stays in registers
+        offs_d = tl.arange(0, BLOCK_DK)
+        q_tile = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked row stays NaN-free
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    table = tables_ptr + seq.to(tl.int64) * stride_table
+    for start in range(split_lo, split_hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < split_hi
+        page = tl.load(table + keys // PAGE, mask=key_ok, other=-1).to(tl.int64)
+        key_ok = key_ok & (page >= 0)
+        k_slots = k_ptr + page * stride_kp + (keys % PAGE).to(tl.int64) * stride_ks + kv_head * stride_kh
+        scores = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for c in tl.static_range(NUM_DK):
+            offs_d = c * BLOCK_DK + tl.arange(0, BLOCK_DK)
+            d_ok = offs_d < HEAD_DIM
+            if NUM_DK != 1:
+                q_tile = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            k_tile = tl.load(k_slots[:, None] + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+            scores += _dot(q_tile, tl.trans(k_tile.to(q_tile.dtype)), IEEE)
+
+        diff = pos[:, None] - keys[None, :]
+        in_window = diff < window
+        allowed = (diff >= 0) & in_window
+        if SPAN_MODE != 0:
+            k_rel = keys - chunk_start
+            k_span = tl.load(span_base + k_rel, mask=key_ok & (k_rel >= 0) & (k_rel < span_len), other=0)
+            same = (q_span[:, None] == k_span[None, :]) & (q_span[:, None] > 0)
+            if SPAN_MODE == 1:
+                same = same & in_window
+            allowed = allowed | same
+        allowed = allowed & key_ok[None, :] & row_ok[:, None]
+        scores = tl.where(allowed, scores * _LOG2E, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_slots = v_ptr + page * stride_vp + (keys % PAGE).to(tl.int64) * stride_vs + kv_head * stride_vh
+        v_tile = tl.load(v_slots[:, None] + offs_dv[None, :], mask=key_ok[:, None] & (offs_dv < HEAD_DIM)[None, :],
+                         other=0.0).to(q_ptr.dtype.element_ty)
+        acc = acc * alpha[:, None] + _dot(p.to(v_tile.dtype), v_tile, IEEE)
+        m_i = m_new
+
+    out_ok = row_ok[:, None] & (offs_dv < HEAD_DIM)[None, :]
+    norm = tl.where(l_i > 0, l_i, 1.0)
+    if NUM_SPLITS == 1:
+        out = out_ptr + rows.to(tl.int64)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_dv[None, :]
+        tl.store(out, (acc / norm[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
+    else:  # partial result and its log2-sum-exp2, merged by _merge_splits_kernel
+        cell = (split * num_rows + rows.to(tl.int64)) * num_heads + heads
+        tl.store(part_ptr + cell[:, None] * HEAD_DIM + offs_dv[None, :], acc / norm[:, None], mask=out_ok)
+        lse = tl.where(l_i > 0, m_i + tl.log2(norm), float("-inf"))
+        if dv == 0:
+            tl.store(lse_ptr + cell, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_rows, num_heads, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < NUM_SPLITS
+    cell = (splits * num_rows + row) * num_heads + head
+    lse = tl.load(lse_ptr + cell, mask=split_ok, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, axis=0))  # every row has its own key in some split
+    offs_d = tl.arange(0, BLOCK_D)
+    part = tl.load(part_ptr + cell[:, None] * HEAD_DIM + offs_d[None, :],
+                   mask=split_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    out = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_num_splits(batch: ForwardBatch, kv_heads: int, block_m: int, device: torch.device) -> int:
+    """Flash-decoding splits: only for decode-like tiles, enough programs to fill the GPU twice,
+    at most one split per 512 keys of the longest sequence."""
+    if block_m > 16 or device.type != "cuda":
+        return 1
+    programs = batch.num_seqs * kv_heads
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(max(batch.kv_lens), 512), 16))
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    group: KVGroup,
+    slot: int,
+    batch: ForwardBatch,
+    layer_type: str,
+    span_mode: str = "none",
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """q [T, heads, head_dim] -> output [T, heads, head_dim] in q's dtype; softmax scale 1.
+
+    Same contract as `attention.paged_attention`. `num_splits` (keys of each sequence split over
+    that many programs, then merged) defaults to a choice by batch size; a captured decode graph
+    passes a fixed one.
+    """
+    if not q.is_cuda and not _interpreting():
+        raise ValueError("paged_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+    if span_mode not in SPAN_MODES:
+        raise ValueError(f"unknown span mode {span_mode!r}")
+    T, heads, head_dim = q.shape
+    k, v = group.k[slot], group.v[slot]  # [pages, page_size, kv_heads, head_dim]
+    kv_heads = k.shape[2]
+    assert heads % kv_heads == 0 and k.shape[3] == head_dim and k.stride(3) == 1 and v.stride(3) == 1
+    page = batch.page_size
+    assert page & (page - 1) == 0, "page sizes are powers of two"
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if T == 0:
+        return out
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    layout = batch.layout
+    rep = heads // kv_heads
+    rep_pad = _pow2(rep)
+    d_pad = max(16, _pow2(head_dim))
+    # Decode-like batches take 16-row tiles; prefill chunks 64 rows (32 for a 512 head dim).
+    block_m = max(16, _pow2(rep_pad * layout.max_query_len))
+    if block_m > 16:
+        block_m = max(rep_pad, 32 if d_pad > 256 else 64)
+    block_n = 64 if block_m <= 16 and d_pad <= 256 else 32  # no register spills on sm_90 (ptxas, bf16)
+    block_dk = min(d_pad, 256)
+    if q.element_size() > 2:  # float32 (tests, the CPU): halve the tiles' bytes
+        block_n, block_dk = 32, min(d_pad, 128)
+    block_dv = d_pad if block_m <= 16 else min(d_pad, 256)
+    splits = num_splits if num_splits is not None else default_num_splits(batch, kv_heads, block_m, q.device)
+    schedule = layout.schedule(block_m // rep_pad)
+    programs = schedule.shape[1]
+    window = NO_WINDOW if group.window is None else group.window
+    if splits > 1:
+        part = torch.empty((splits, T, heads, head_dim), dtype=torch.float32, device=q.device)
+        lse = torch.empty((splits, T, heads), dtype=torch.float32, device=q.device)
+    else:
+        part = lse = out  # unused
+    tables = batch.groups[layer_type].page_tables
+    grid = (programs, kv_heads * (d_pad // block_dv), splits)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _launch(grid, q, out, k, v, tables, batch, schedule, part, lse, programs, window, splits,
+                dict(HEAD_DIM=head_dim, REP=rep, REP_PAD=rep_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
+                     NUM_DK=d_pad // block_dk, BLOCK_DV=block_dv, NUM_DV=d_pad // block_dv, PAGE=page,
+                     SPAN_MODE=SPAN_MODES[span_mode], NUM_SPLITS=splits,
+                     IEEE=q.dtype == torch.float32, num_warps=4 if block_m <= 16 else 8, num_stages=2))
+    return out
+
+
+def _launch(grid, q, out, k, v, tables, batch, schedule, part, lse, programs, window, splits, meta) -> None:
+    layout = batch.layout
+    T, heads, head_dim = q.shape
+    _paged_attention_kernel[grid](
+        q, out, k, v, tables, batch.positions, schedule,
+        layout.query_starts, layout.kv_lens, layout.chunk_starts, layout.span_offsets, layout.span_lens,
+        layout.spans, part, lse,
+        programs, T, heads, window,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), tables.stride(0), **meta,
+    )
+    if splits > 1:
+        _merge_splits_kernel[(T, heads)](
+            part, lse, out, T, heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
+            NUM_SPLITS=splits, SPLITS_PAD=max(2, _pow2(splits)), BLOCK_D=max(16, _pow2(head_dim)),
+        )

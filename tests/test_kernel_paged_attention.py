@@ -1,0 +1,279 @@
+"""`paged_attention_triton` against its twin `attention.paged_attention` (in Triton's interpreter
+on CPU, in bf16 at real Gemma 4 shapes in the `gpu` tests), and the decoder with kernels on."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+from gemma4_model.attention import paged_attention
+from gemma4_model.batch import ForwardBatch, GroupView
+from gemma4_model.kernels.paged_attention import paged_attention_triton
+from gemma4_model.kv_cache import NO_PAGE, KVGroup
+from gemma4_model.page_pool import PagePool
+
+LAYER = "sliding_attention"
+
+
+@dataclass(frozen=True)
+class Seq:
+    """A sequence with `cached` positions already in the cache and `queries` new ones this step."""
+
+    cached: int
+    queries: int
+    spans: tuple[int, ...] | None = None  # span id per query position (the chunk)
+
+
+def make_case(seqs, *, heads, kv_heads, head_dim, page, window=None, dtype=torch.float32, device="cpu", seed=0,
+              q_scale=1.0):
+    """A KV group with random K/V on scattered pages, and the batch of `seqs` over it. Pages wholly
+    below a sliding window are NO_PAGE, as the cache releases them."""
+    g = torch.Generator().manual_seed(seed)
+    gd = torch.Generator(device=device).manual_seed(seed)  # large caches are drawn where they live
+    pages_per_seq = [-(-(s.cached + s.queries) // page) for s in seqs]
+    num_pages = sum(pages_per_seq) + 3
+    shape = (1, num_pages, page, kv_heads, head_dim)
+    k = torch.randn(shape, generator=gd, device=device).to(dtype)
+    v = torch.randn(shape, generator=gd, device=device).to(dtype)
+    group = KVGroup(LAYER, (0,), window, PagePool(num_pages), k, v)
+    order = torch.randperm(num_pages, generator=g).tolist()
+    tables = torch.full((len(seqs), max(pages_per_seq)), NO_PAGE, dtype=torch.long)
+    positions, starts = [], [0]
+    for b, (s, n) in enumerate(zip(seqs, pages_per_seq)):
+        first = 0 if window is None else max(0, s.cached - window + 1) // page
+        tables[b, first:n] = torch.tensor(order[:n][first:])
+        order = order[n:]
+        positions.extend(range(s.cached, s.cached + s.queries))
+        starts.append(starts[-1] + s.queries)
+    T = starts[-1]
+    batch = ForwardBatch(
+        token_ids=torch.zeros(T, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        query_starts=tuple(starts),
+        kv_lens=tuple(s.cached + s.queries for s in seqs),
+        chunk_starts=tuple(s.cached for s in seqs),
+        chunk_spans=tuple(None if s.spans is None else torch.tensor(s.spans, device=device) for s in seqs),
+        groups={LAYER: GroupView(tables.to(device), torch.zeros(T, dtype=torch.long, device=device))},
+        logits_rows=torch.zeros(1, dtype=torch.long, device=device),
+        page_size=page,
+    )
+    q = torch.randn((T, heads, head_dim), generator=gd, device=device) * q_scale
+    return q.to(dtype), group, batch
+
+
+def twin_fp32(q, group, batch, span_mode):
+    """The twin in float32 over the same (possibly bf16) inputs."""
+    group32 = KVGroup(group.layer_type, group.layers, group.window, group.pool, group.k.float(), group.v.float())
+    return paged_attention(q.float(), group32, 0, batch, LAYER, span_mode)
+
+
+def check(seqs, span_mode="none", atol=2e-5, **kw):
+    q, group, batch = make_case(seqs, **kw)
+    want = paged_attention(q, group, 0, batch, LAYER, span_mode)
+    got = paged_attention_triton(q, group, 0, batch, LAYER, span_mode)
+    assert got.dtype == q.dtype and got.shape == q.shape
+    torch.testing.assert_close(got, want, atol=atol, rtol=1e-4)
+    return q, group, batch, got
+
+
+# --- CPU, in Triton's interpreter ----------------------------------------------------------------
+
+SPANS = (0, 0, 1, 1, 1, 1, 1, 0, 2, 2, 2, 0)  # two images in a 12-token chunk
+
+
+@pytest.mark.parametrize("page", [16, 4])
+def test_decode_batch_with_gqa(page):
+    check([Seq(37, 1), Seq(5, 1), Seq(80, 1)], heads=4, kv_heads=2, head_dim=32, page=page)
+
+
+def test_mixed_batch_prefill_chunk_verify_and_decode_with_prefix_in_cache():
+    check([Seq(21, 40), Seq(9, 1), Seq(30, 5), Seq(0, 19)], heads=2, kv_heads=1, head_dim=32, page=16)
+
+
+@pytest.mark.parametrize("page", [16, 4])
+def test_sliding_window_shorter_than_the_context_skips_released_pages(page):
+    q, group, batch, _ = check([Seq(50, 20), Seq(70, 1), Seq(3, 2)], heads=4, kv_heads=1, head_dim=16,
+                               page=page, window=12)
+    assert (batch.groups[LAYER].page_tables == NO_PAGE).any()  # the kernel never reads released pages
+
+
+LONG_SPANS = (0,) * 5 + (3,) * 70 + (0,) * 5  # one image over two 64-row query blocks
+
+
+@pytest.mark.parametrize("span_mode", ["windowed", "override"])
+def test_spans_see_each_other(span_mode):
+    seqs = [Seq(10, 12, SPANS), Seq(40, 1), Seq(4, 12, SPANS[::-1]), Seq(6, 80, LONG_SPANS)]
+    q, group, batch, got = check(seqs, span_mode=span_mode, heads=2, kv_heads=2, head_dim=16, page=4, window=4)
+    plain = paged_attention(q, group, 0, batch, LAYER, "none")
+    assert not torch.allclose(got[:12], plain[:12])  # the spans changed what the image tokens see
+
+
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(256, 2, 1), (512, 2, 2)])
+def test_gemma_head_dims(head_dim, heads, kv_heads):
+    check([Seq(20, 1), Seq(6, 18)], heads=heads, kv_heads=kv_heads, head_dim=head_dim, page=16, window=16)
+
+
+def test_flash_decoding_splits_equal_one_pass():
+    q, group, batch = make_case([Seq(150, 1), Seq(3, 1), Seq(64, 2)], heads=4, kv_heads=2, head_dim=32, page=16,
+                                window=100)
+    want = paged_attention(q, group, 0, batch, LAYER, "none")
+    for splits in (1, 3):
+        got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=splits)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_half_precision_inputs_against_the_float32_twin():
+    """float16 (the interpreter's dot mishandles bfloat16; bf16 is checked in the gpu tests):
+    probabilities rounded to q's dtype for the PV product, accumulation in float32."""
+    q, group, batch = make_case([Seq(300, 1), Seq(40, 30), Seq(5, 3)], heads=8, kv_heads=2, head_dim=256, page=16,
+                                window=128, dtype=torch.float16, q_scale=256**-0.5)
+    got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=2)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), twin_fp32(q, group, batch, "none"), atol=2e-3, rtol=1e-2)
+
+
+def test_rows_selected_after_the_last_kv_owning_layer():
+    """`select_rows` keeps only logits rows: positions of a sequence's rows are then not consecutive."""
+    q, group, batch = make_case([Seq(8, 10), Seq(20, 1), Seq(5, 3)], heads=2, kv_heads=1, head_dim=16, page=4)
+    rows = torch.tensor([3, 9, 12])
+    sub = replace(batch, logits_rows=rows).select_rows(rows)
+    assert sub.query_starts == (0, 2, 2, 3)  # the second sequence keeps no row
+    torch.testing.assert_close(paged_attention_triton(q[rows], group, 0, sub, LAYER),
+                               paged_attention(q[rows], group, 0, sub, LAYER), atol=2e-5, rtol=1e-4)
+
+
+TINY = {
+    "model_type": "gemma4_text", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
+    "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+    "global_head_dim": 32, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2,
+    "hidden_size_per_layer_input": 4, "num_kv_shared_layers": 1, "final_logit_softcapping": 30.0,
+    "eos_token_id": 1, "max_position_embeddings": 256,
+}
+
+
+def decoders_agree(raw, device, prompt_lens, chunk):
+    """Greedy tokens equal and every step's logits close, TextDecoder(kernels=True) against the
+    PyTorch path, through the engine (prefill chunks, decodes, mixed steps, KV-shared layers)."""
+    from gemma4_model.config import parse_config
+    from gemma4_model.decoder import TextDecoder
+    from gemma4_model.engine import Engine, SchedulerLimits
+    from gemma4_model.kv_cache import PagedKVCache
+    from gemma4_model.sampling import SamplingParams
+
+    cfg = parse_config(raw).text
+    torch.manual_seed(0)
+    plain = TextDecoder(cfg).eval()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.3)
+    fast = TextDecoder(cfg, kernels=True).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert fast.layers[0].self_attn.kernels and not plain.layers[0].self_attn.kernels
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist() for n in prompt_lens]
+    runs = []
+    for model in (plain.to(device), fast.to(device)):
+        cache = PagedKVCache(cfg, page_size=4, num_pages=128, device=device)
+        engine = Engine(model, cache, SchedulerLimits(chunk_size=chunk))
+        with torch.inference_mode():
+            runs.append(engine.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True, keep_logits=True)))
+    for want, got in zip(*runs):
+        assert got.output == want.output
+        torch.testing.assert_close(torch.stack(got.step_logits), torch.stack(want.step_logits), atol=1e-4, rtol=1e-4)
+
+
+def test_text_decoder_with_kernels_matches_without():
+    decoders_agree(TINY, "cpu", (11, 5), chunk=8)  # the 11-token prompt takes two chunks
+
+
+@pytest.mark.gpu
+def test_gpu_text_decoder_with_kernels_matches_without():
+    """float32 on the device (exact dots in the kernel), Gemma 4's head dims 256 / 512, GQA."""
+    raw = dict(TINY, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=256,
+               global_head_dim=512, sliding_window=16)
+    decoders_agree(raw, "cuda", (45, 7, 30), chunk=16)
+
+
+# --- GPU, real Gemma 4 shapes in bf16 --------------------------------------------------------------
+
+E4B = dict(heads=8, sliding=(2, 256, 512), full=(2, 512, None))
+G31B = dict(heads=32, sliding=(16, 256, 1024), full=(4, 512, None))
+
+
+def assert_bf16_close(got, want):
+    """bf16 output against the float32 twin: rounding of the output and of the probabilities."""
+    assert got.dtype == torch.bfloat16 and not got.isnan().any()
+    err = (got.float() - want).abs().max().item()
+    rel = ((got.float() - want).norm() / want.norm()).item()
+    assert err < 2e-2 and rel < 1e-2, f"max abs error {err}, relative error {rel}"
+
+
+def gpu_check(seqs, heads, kv_heads, head_dim, window, span_mode="none", num_splits=None, seed=0):
+    # q scaled so scores are about unit normal: soft attention over thousands of keys, the hard case
+    # for accumulation (unscaled random q, k give nearly one-hot attention).
+    for q_scale in (head_dim**-0.5, 1.0):
+        q, group, batch = make_case(seqs, heads=heads, kv_heads=kv_heads, head_dim=head_dim, page=16, window=window,
+                                    dtype=torch.bfloat16, device="cuda", seed=seed, q_scale=q_scale)
+        want = twin_fp32(q, group, batch, span_mode)
+        assert_bf16_close(paged_attention_triton(q, group, 0, batch, LAYER, span_mode, num_splits=num_splits), want)
+        del group, want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["e4b", "31b"])
+@pytest.mark.parametrize("layer", ["sliding", "full"])
+@pytest.mark.parametrize("batch_size", [1, 8, 64])
+def test_gpu_decode_up_to_8k(model, layer, batch_size):
+    spec = {"e4b": E4B, "31b": G31B}[model]
+    kv_heads, head_dim, window = spec[layer]
+    g = torch.Generator().manual_seed(batch_size)
+    lens = torch.randint(1, 8192, (batch_size,), generator=g).tolist()
+    lens[0] = 8191
+    seqs = [Seq(n, 1) for n in lens]
+    gpu_check(seqs, spec["heads"], kv_heads, head_dim, window)
+    if batch_size == 1:
+        gpu_check(seqs, spec["heads"], kv_heads, head_dim, window, num_splits=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["e4b", "31b"])
+@pytest.mark.parametrize("layer", ["sliding", "full"])
+def test_gpu_prefill_chunk_2k_mixed_with_decodes_and_verifies(model, layer):
+    spec = {"e4b": E4B, "31b": G31B}[model]
+    kv_heads, head_dim, window = spec[layer]
+    seqs = [Seq(3000, 2048), Seq(4000, 1), Seq(700, 5), Seq(0, 300), Seq(1, 1)]
+    gpu_check(seqs, spec["heads"], kv_heads, head_dim, window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("span_mode", ["windowed", "override"])
+def test_gpu_image_spans(span_mode):
+    spans = tuple([0] * 100 + [1] * 280 + [0] * 20 + [2] * 280 + [0] * 40)
+    seqs = [Seq(1000, len(spans), spans), Seq(5000, 1)]
+    gpu_check(seqs, 8, 2, 256, 512, span_mode=span_mode)
+
+
+def _cuda_ms(fn, reps=20):
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch_size", [1, 32])
+def test_gpu_decode_timing_against_the_twin(batch_size):
+    """Not a benchmark assertion: prints kernel and twin times for E4B-shaped 4k decodes."""
+    for layer, (kv_heads, head_dim, window) in (("sliding", E4B["sliding"]), ("full", E4B["full"])):
+        q, group, batch = make_case([Seq(4095, 1)] * batch_size, heads=8, kv_heads=kv_heads, head_dim=head_dim,
+                                    page=16, window=window, dtype=torch.bfloat16, device="cuda")
+        kernel = _cuda_ms(lambda: paged_attention_triton(q, group, 0, batch, LAYER))
+        twin = _cuda_ms(lambda: paged_attention(q, group, 0, batch, LAYER), reps=3)
+        assert_bf16_close(paged_attention_triton(q, group, 0, batch, LAYER), twin_fp32(q, group, batch, "none"))
+        print(f"\nE4B {layer} decode, batch {batch_size}, 4k context: kernel {kernel:.3f} ms, twin {twin:.3f} ms")
