@@ -70,10 +70,15 @@ def add_scheduler_options(command: argparse.ArgumentParser) -> None:
                        help="the longest prefill chunk of one request in a step (default 256)")
     group.add_argument("--max-running-requests", "--max-num-seqs", type=int, metavar="N",
                        dest="max_running_requests", help="requests an engine runs at once (default 64)")
+    group.add_argument("--cuda-graph-max-bs", type=int, metavar="N",
+                       help="CUDA engines replay decode steps of up to N sequences as CUDA graphs "
+                            "(default: --max-running-requests)")
+    group.add_argument("--disable-cuda-graph", action="store_const", const=0, dest="cuda_graph_max_bs",
+                       help="run every step eagerly")
 
 
 def scheduler_overrides(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
-    names = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests")
+    names = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "cuda_graph_max_bs")
     return tuple((name, getattr(args, name)) for name in names if getattr(args, name) is not None)
 
 

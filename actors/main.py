@@ -130,6 +130,7 @@ def run_encoder(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, tra
 def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, tracer: Tracer) -> None:
     import torch
 
+    from gemma4_model.cuda_graphs import can_capture
     from gemma4_model.engine import Engine, SchedulerLimits
     from gemma4_model.grammar import GrammarBook
     from gemma4_model.kv_cache import PagedKVCache
@@ -151,8 +152,13 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     # a prefill actor keeps the KV its decode actor's assistant will read, and hands on the hidden state
     limits = SchedulerLimits(model_section.max_num_batched_tokens, model_section.max_running_requests,
                              model_section.chunked_prefill_size)
+    model.set_kernels(model.embed_tokens.weight.is_cuda)  # the Triton attention on GPUs
     engine = Engine(model, cache, limits, grammars=grammars, draft_context=ctx.topology.speculative is not None,
                     **drafting)
+    graph_bs = model_section.cuda_graph_max_bs
+    graph_bs = limits.max_running if graph_bs is None else min(graph_bs, limits.max_running)
+    if ctx.actor.kind != "prefill" and not drafting and graph_bs > 0 and can_capture(model) is None:
+        engine.capture_decode_graphs(graph_bs)
     inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor], drop_malformed=True)
     outbox = push(zctx, ctx.wiring.results)
     role, backend = ctx.actor.kind, ctx.topology.transfer

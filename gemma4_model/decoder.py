@@ -128,6 +128,12 @@ class TextDecoder(nn.Module):
             self.per_layer_projection_norm = RMSNorm(cfg.ple_dim, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
+    def set_kernels(self, on: bool) -> None:
+        """Run attention through the Triton kernel (on) or its PyTorch twin (off)."""
+        self.kernels = on
+        for layer in self.layers:
+            layer.self_attn.kernels = on
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings times sqrt(hidden), the scale rounded to the weight dtype first."""
         w = self.embed_tokens.weight

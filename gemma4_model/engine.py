@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .batch import ForwardBatch, SequenceChunk
+from .cuda_graphs import DecodeGraphs, capture_sizes
 from .decoder import DecoderOutput, TextDecoder
 from .grammar import GrammarBook, GrammarState
 from .kv_cache import PagedKVCache, RequestTooLargeError
@@ -296,6 +297,17 @@ class Engine:
         # seed: the noise of requests without their own seed
         self.sampler = Sampler(model.cfg.eos_token_ids, seed, logprobs_mode, self.device)
         self._next_id = 0
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (`capture_decode_graphs`)
+
+    def capture_decode_graphs(self, max_batch: int | None = None) -> DecodeGraphs:
+        """Replay plain decode steps of up to `max_batch` sequences (default: the scheduler's
+        `max_running`) as CUDA graphs; other steps run eagerly. ValueError where the model cannot
+        be captured (see `cuda_graphs.can_capture`)."""
+        if self.graphs is not None:
+            self.graphs.close()
+        sizes = capture_sizes(max_batch or self.scheduler.limits.max_running)
+        self.graphs = DecodeGraphs(self.model, self.cache, sizes, self.scheduler.max_model_len)
+        return self.graphs
 
     def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None,
                     media: Sequence[MediaSpan] = ()) -> GenerationSequence:
@@ -359,7 +371,9 @@ class Engine:
             return []
         chunks, verifies = self._add_drafts(plan)
         batch = ForwardBatch.build(chunks, self.cache, self.device)
-        out = self.model(batch, self.cache)
+        out = self.graphs.run(batch) if self.graphs is not None else None
+        if out is None:
+            out = self.model(batch, self.cache)
         self._count(plan, chunks)
         pending, row = [], 0
         for i, (seq, chunk, sampled) in enumerate(zip(plan.seqs, chunks, plan.samples)):

@@ -60,6 +60,8 @@ def test_scheduler_fields_their_flags_and_the_engine_they_reach():
     args = ap.parse_args(["--max-num-batched-tokens", "4096", "--chunked-prefill-size", "2048", "--max-num-seqs", "8"])
     overrides = dict(scheduler_overrides(args))
     assert overrides == {"max_num_batched_tokens": 4096, "chunked_prefill_size": 2048, "max_running_requests": 8}
+    assert dict(scheduler_overrides(ap.parse_args(["--disable-cuda-graph"]))) == {"cuda_graph_max_bs": 0}
+    assert model.cuda_graph_max_bs is None  # as many as run at once
     changed = with_model_overrides(parse_topology(BASE), overrides).model
     assert (changed.max_num_batched_tokens, changed.chunked_prefill_size, changed.max_running_requests) == (4096, 2048, 8)
     with pytest.raises(TopologyError) as err:

@@ -43,6 +43,9 @@ class ModelSection:
     max_num_batched_tokens: int = 512
     chunked_prefill_size: int = 256
     max_running_requests: int = 64
+    # CUDA engines replay decode steps of up to this many sequences as CUDA graphs (SGLang's
+    # cuda_graph_max_bs; 0 turns them off, as --disable-cuda-graph); None: max_running_requests
+    cuda_graph_max_bs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class ApiSection:
     media_fetch_timeout_s: float = 10.0  # fetching one media URL from an allowed host
 
 
-SCHEDULER_FIELDS = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests")
+SCHEDULER_FIELDS = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "cuda_graph_max_bs")
 API_FIELDS = {"host", "port", "node", "cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes",
               "default_chat_template_kwargs", "limit_mm_per_prompt", "mm_processor_kwargs", "max_media_bytes",
               "media_fetch_timeout_s"}
@@ -216,7 +219,8 @@ def _model(t: Mapping[str, Any]) -> ModelSection:
         raise TopologyError("model.chunked_prefill_size", f"{chunk} is more than max_num_batched_tokens ({batched})")
     return ModelSection(path, dtype, _int(t, "model.", "page_size", 16, 1, 1024),
                         _int(t, "model.", "kv_pages", 2048, 1, 1 << 24), batched, chunk,
-                        _int(t, "model.", "max_running_requests", 64, 1, 1 << 16))
+                        _int(t, "model.", "max_running_requests", 64, 1, 1 << 16),
+                        None if t.get("cuda_graph_max_bs") is None else _int(t, "model.", "cuda_graph_max_bs", 0, 0, 4096))
 
 
 def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:

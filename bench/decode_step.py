@@ -1,0 +1,135 @@
+"""Decode step time at a real Gemma 4 shape (random weights): eager PyTorch attention, eager with
+the Triton kernels, and CUDA-graph replays; beside the memory-bandwidth floor.
+
+One record per (model, batch, mode): `B` sequences with `--context`-token random prompts are
+prefilled, then `--steps` engine steps are timed (wall clock between device synchronisations:
+batch building, the forward and sampling, so the time a client sees per token at that
+concurrency, the api hop aside). The floor is `mtp_speed.step_bytes` (every weight once, plus
+each layer's visible KV) over the measured device copy bandwidth.
+
+    PYTHONPATH=. python bench/decode_step.py --commit <sha> --out bench/results/decode_step_h100.json
+    PYTHONPATH=. python bench/decode_step.py --smoke --out /tmp/decode_step.json   # CPU, tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mtp_speed import Clock, copy_bandwidth, model_configs, step_bytes  # noqa: E402
+
+from gemma4_model.engine import Engine, SchedulerLimits  # noqa: E402
+from gemma4_model.kv_cache import PagedKVCache  # noqa: E402
+from gemma4_model.random_weights import random_text_decoder  # noqa: E402
+from gemma4_model.sampling import SamplingParams  # noqa: E402
+
+MODES = ("eager", "kernels", "graphs")
+
+
+def say(*parts) -> None:
+    print(time.strftime("%H:%M:%S"), *parts, flush=True)
+
+
+def time_steps(engine: Engine, steps: int, device: torch.device) -> list[float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        engine.step()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def measure(model, cfg, batch: int, mode: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    model.set_kernels(mode != "eager")
+    pages_per_seq = -(-(args.context + args.steps + 8) // args.page_size)
+    cache = PagedKVCache(cfg, page_size=args.page_size, num_pages=batch * pages_per_seq + 8, device=device,
+                         dtype=dtype)
+    engine = Engine(model, cache, SchedulerLimits(max_batch_tokens=max(8192, batch), max_running=batch,
+                                                  chunk_size=4096))
+    capture_s = None
+    if mode == "graphs":
+        t0 = time.perf_counter()
+        engine.capture_decode_graphs(batch)
+        capture_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(batch)
+    params = SamplingParams(max_tokens=args.steps + args.warmup + 4, ignore_eos=True)
+    for _ in range(batch):
+        engine.add_request(torch.randint(3, cfg.vocab_size, (args.context,), generator=g).tolist(), params)
+    while any(not s.output for s in engine.scheduler.running + engine.scheduler.waiting):
+        engine.step()  # prefill
+    time_steps(engine, args.warmup, device)
+    times = time_steps(engine, args.steps, device)
+    replays = engine.graphs.replays if engine.graphs is not None else 0
+    if engine.graphs is not None:
+        engine.graphs.close()
+    for seq in list(engine.scheduler.running):
+        engine.cancel(seq)
+    del engine, cache
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"median_ms": statistics.median(times), "p90_ms": sorted(times)[int(0.9 * (len(times) - 1))],
+            "times_ms": [round(t, 3) for t in times], "graph_replays": replays, "capture_s": capture_s}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--models", default="e4b")
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--smoke", action="store_true", help="CPU, float32, a tiny config, eager only")
+    args = ap.parse_args(argv)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    modes = [m for m in args.modes.split(",") if not args.smoke or m == "eager"]  # kernels and graphs: CUDA
+    clock = Clock(device)
+    bandwidth = copy_bandwidth(device, clock, args.smoke)
+    header = {"benchmark": "decode_step", "command": "python bench/decode_step.py " + " ".join(
+        sys.argv[1:] if argv is None else argv), "commit": args.commit, "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "dtype": str(dtype),
+        "context": args.context, "copy_bandwidth_gbps": round(bandwidth, 1),
+        "timing": "wall clock of Engine.step between device synchronisations (batch build, forward, sampling)",
+        "floor": "mtp_speed.step_bytes / copy bandwidth"}
+    records = []
+    for name in args.models.split(","):
+        target, _, source = model_configs(name, args.smoke)
+        cfg = target.text
+        model = random_text_decoder(cfg, device, dtype, seed=0)
+        for batch in (int(b) for b in args.batches.split(",")):
+            floor_ms = step_bytes(model, cfg, batch, 1, args.context, dtype.itemsize) / (bandwidth * 1e9) * 1e3
+            for mode in modes:
+                try:
+                    result = measure(model, cfg, batch, mode, args, device, dtype)
+                except Exception as exc:  # a record of what failed, the rest still measured
+                    result = {"error": f"{type(exc).__name__}: {exc}"}
+                record = {"model": name, "config": source, "batch": batch, "mode": mode,
+                          "floor_ms": round(floor_ms, 3), **result}
+                if "median_ms" in result:
+                    record["over_floor"] = round(result["median_ms"] / floor_ms, 2)
+                    record["output_tok_per_s"] = round(batch * 1e3 / result["median_ms"], 1)
+                records.append(record)
+                say(f"{name} batch {batch} {mode}: " + (f"{result['median_ms']:.2f} ms/step (floor {floor_ms:.2f})"
+                                                         if "median_ms" in result else result["error"]))
+                args.out.write_text(json.dumps({"header": header, "records": records}, indent=1))
+        del model
+    return {"header": header, "records": records}
+
+
+if __name__ == "__main__":
+    main()
