@@ -70,15 +70,18 @@ def add_scheduler_options(command: argparse.ArgumentParser) -> None:
                        help="the longest prefill chunk of one request in a step (default 256)")
     group.add_argument("--max-running-requests", "--max-num-seqs", type=int, metavar="N",
                        dest="max_running_requests", help="requests an engine runs at once (default 64)")
+    group.add_argument("--attention-backend", choices=("torch_native", "triton"),
+                       help="attention in the engines: the PyTorch path (default) or the Triton kernel (CUDA)")
     group.add_argument("--cuda-graph-max-bs", type=int, metavar="N",
-                       help="CUDA engines replay decode steps of up to N sequences as CUDA graphs "
-                            "(default: --max-running-requests)")
+                       help="with --attention-backend triton, CUDA engines replay decode steps of up to N "
+                            "sequences as CUDA graphs (default: --max-running-requests)")
     group.add_argument("--disable-cuda-graph", action="store_const", const=0, dest="cuda_graph_max_bs",
                        help="run every step eagerly")
 
 
 def scheduler_overrides(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
-    names = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "cuda_graph_max_bs")
+    names = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
+             "cuda_graph_max_bs")
     return tuple((name, getattr(args, name)) for name in names if getattr(args, name) is not None)
 
 

@@ -152,7 +152,7 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     # a prefill actor keeps the KV its decode actor's assistant will read, and hands on the hidden state
     limits = SchedulerLimits(model_section.max_num_batched_tokens, model_section.max_running_requests,
                              model_section.chunked_prefill_size)
-    model.set_kernels(model.embed_tokens.weight.is_cuda)  # the Triton attention on GPUs
+    model.set_kernels(model_section.attention_backend == "triton" and model.embed_tokens.weight.is_cuda)
     engine = Engine(model, cache, limits, grammars=grammars, draft_context=ctx.topology.speculative is not None,
                     **drafting)
     graph_bs = model_section.cuda_graph_max_bs

@@ -117,12 +117,29 @@ def test_gemma_head_dims(head_dim, heads, kv_heads):
 
 
 def test_flash_decoding_splits_equal_one_pass():
-    q, group, batch = make_case([Seq(150, 1), Seq(3, 1), Seq(64, 2)], heads=4, kv_heads=2, head_dim=32, page=16,
-                                window=100)
+    """1100 keys: three splits of SPLIT_KEYS, the rest of the 16 empty; a window: one split."""
+    q, group, batch = make_case([Seq(1100, 1), Seq(3, 1), Seq(150, 1)], heads=2, kv_heads=1, head_dim=16, page=16)
     want = paged_attention(q, group, 0, batch, LAYER, "none")
-    for splits in (1, 3):
+    for splits in (1, 16):
         got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=splits)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    q, group, batch = make_case([Seq(150, 1), Seq(64, 1)], heads=4, kv_heads=2, head_dim=32, page=16, window=100)
+    torch.testing.assert_close(paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16),
+                               paged_attention(q, group, 0, batch, LAYER, "none"), atol=2e-5, rtol=1e-4)
+
+
+def test_a_decode_row_does_not_depend_on_its_batch():
+    """The same sequence decoded alone and beside others: bit-identical (its splits are its own),
+    so a captured graph's padded batch and an eager step agree, as do topologies that batch
+    requests differently."""
+    alone_q, alone_group, alone = make_case([Seq(1100, 1)], heads=2, kv_heads=1, head_dim=16, page=16)
+    q, group, batch = make_case([Seq(1100, 1), Seq(300, 1), Seq(7, 1)], heads=2, kv_heads=1, head_dim=16, page=16)
+    mine = alone.groups[LAYER].page_tables[0]
+    group.k[0, batch.groups[LAYER].page_tables[0, :mine.numel()]] = alone_group.k[0, mine]  # its KV, its query
+    group.v[0, batch.groups[LAYER].page_tables[0, :mine.numel()]] = alone_group.v[0, mine]
+    q[:1] = alone_q
+    got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16)
+    assert torch.equal(got[:1], paged_attention_triton(alone_q, alone_group, 0, alone, LAYER, "none", num_splits=16))
 
 
 def test_half_precision_inputs_against_the_float32_twin():

@@ -61,7 +61,10 @@ def test_scheduler_fields_their_flags_and_the_engine_they_reach():
     overrides = dict(scheduler_overrides(args))
     assert overrides == {"max_num_batched_tokens": 4096, "chunked_prefill_size": 2048, "max_running_requests": 8}
     assert dict(scheduler_overrides(ap.parse_args(["--disable-cuda-graph"]))) == {"cuda_graph_max_bs": 0}
-    assert model.cuda_graph_max_bs is None  # as many as run at once
+    assert model.cuda_graph_max_bs is None and model.attention_backend == "torch_native"
+    triton = dict(scheduler_overrides(ap.parse_args(["--attention-backend", "triton", "--cuda-graph-max-bs", "32"])))
+    changed = with_model_overrides(parse_topology(BASE), triton).model
+    assert (changed.attention_backend, changed.cuda_graph_max_bs) == ("triton", 32)
     changed = with_model_overrides(parse_topology(BASE), overrides).model
     assert (changed.max_num_batched_tokens, changed.chunked_prefill_size, changed.max_running_requests) == (4096, 2048, 8)
     with pytest.raises(TopologyError) as err:
@@ -94,6 +97,7 @@ def edited(edit):
         (lambda r: r["api"].update(host="local host; rm"), "api.host"),
         (lambda r: r.update(model={"dtype": "float8"}), "model.dtype"),
         (lambda r: r.update(model={"max_running_requests": 0}), "model.max_running_requests"),
+        (lambda r: r.update(model={"attention_backend": "flashinfer"}), "model.attention_backend"),
         (lambda r: r["api"].update(limit_mm_per_prompt={"picture": 2}), "api.limit_mm_per_prompt"),
         (lambda r: r["api"].update(limit_mm_per_prompt={"image": -1}), "api.limit_mm_per_prompt"),
         (lambda r: r["api"].update(mm_processor_kwargs={"max_soft_tokens": 300}), "api.mm_processor_kwargs"),

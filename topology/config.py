@@ -43,8 +43,12 @@ class ModelSection:
     max_num_batched_tokens: int = 512
     chunked_prefill_size: int = 256
     max_running_requests: int = 64
-    # CUDA engines replay decode steps of up to this many sequences as CUDA graphs (SGLang's
-    # cuda_graph_max_bs; 0 turns them off, as --disable-cuda-graph); None: max_running_requests
+    # the engines' attention: "torch_native" (the PyTorch path) or "triton" (the Triton kernel, on
+    # CUDA devices; SGLang's attention_backend names)
+    attention_backend: str = "torch_native"
+    # with the triton backend, CUDA engines replay decode steps of up to this many sequences as
+    # CUDA graphs (SGLang's cuda_graph_max_bs; 0 turns them off, as --disable-cuda-graph);
+    # None: max_running_requests
     cuda_graph_max_bs: int | None = None
 
 
@@ -64,7 +68,9 @@ class ApiSection:
     media_fetch_timeout_s: float = 10.0  # fetching one media URL from an allowed host
 
 
-SCHEDULER_FIELDS = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "cuda_graph_max_bs")
+SCHEDULER_FIELDS = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
+                    "cuda_graph_max_bs")
+ATTENTION_BACKENDS = ("torch_native", "triton")
 API_FIELDS = {"host", "port", "node", "cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes",
               "default_chat_template_kwargs", "limit_mm_per_prompt", "mm_processor_kwargs", "max_media_bytes",
               "media_fetch_timeout_s"}
@@ -213,13 +219,16 @@ def _model(t: Mapping[str, Any]) -> ModelSection:
     dtype = t.get("dtype", "float32")
     if dtype not in DTYPES:
         raise TopologyError("model.dtype", f"expected one of {list(DTYPES)}, got {dtype!r}")
+    backend = t.get("attention_backend", "torch_native")
+    if backend not in ATTENTION_BACKENDS:
+        raise TopologyError("model.attention_backend", f"expected one of {list(ATTENTION_BACKENDS)}, got {backend!r}")
     batched = _int(t, "model.", "max_num_batched_tokens", 512, 1, 1 << 20)
     chunk = _int(t, "model.", "chunked_prefill_size", min(256, batched), 1, 1 << 20)
     if chunk > batched:
         raise TopologyError("model.chunked_prefill_size", f"{chunk} is more than max_num_batched_tokens ({batched})")
     return ModelSection(path, dtype, _int(t, "model.", "page_size", 16, 1, 1024),
                         _int(t, "model.", "kv_pages", 2048, 1, 1 << 24), batched, chunk,
-                        _int(t, "model.", "max_running_requests", 64, 1, 1 << 16),
+                        _int(t, "model.", "max_running_requests", 64, 1, 1 << 16), backend,
                         None if t.get("cuda_graph_max_bs") is None else _int(t, "model.", "cuda_graph_max_bs", 0, 0, 4096))
 
 

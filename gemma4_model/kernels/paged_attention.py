@@ -34,6 +34,9 @@ SPAN_MODES = {"none": 0, "windowed": 1, "override": 2}
 NO_WINDOW = 1 << 30  # a window no sequence reaches: the causal mask alone
 _FAR = tl.constexpr(NO_WINDOW)
 _LOG2E = tl.constexpr(1.4426950408889634)
+SPLIT_KEYS = 512  # keys per flash-decoding split (a multiple of every BLOCK_N)
+MAX_SPLITS = 16  # the splits of every decode-like launch on a GPU
+_SPLIT_KEYS = tl.constexpr(SPLIT_KEYS)
 
 
 @triton.jit
@@ -84,7 +87,9 @@ def _paged_attention_kernel(
         if SPAN_MODE == 2:  # a span may reach below the window
             lo = tl.where(span_len > 0, tl.minimum(lo, chunk_start), lo)
         hi = tl.where(span_len > 0, kv_len, hi)  # and past the query, inside the chunk
-    per_split = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # splits of SPLIT_KEYS keys from the window's start (more per split only past NUM_SPLITS of
+    # them): a row's partition, so its result, does not depend on its batch
+    per_split = tl.maximum(_SPLIT_KEYS, tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N)
     split_lo = lo + split * per_split
     split_hi = tl.minimum(hi, split_lo + per_split)
 
@@ -176,13 +181,12 @@ def _interpreting() -> bool:
 
 
 def default_num_splits(batch: ForwardBatch, kv_heads: int, block_m: int, device: torch.device) -> int:
-    """Flash-decoding splits: only for decode-like tiles, enough programs to fill the GPU twice,
-    at most one split per 512 keys of the longest sequence."""
+    """Flash-decoding splits: `MAX_SPLITS` for decode-like tiles on a GPU, whatever the batch
+    (so a captured graph and an eager step split alike, and a row's result does not depend on
+    its batch mates); 1 otherwise. Splits past a sequence's keys exit at once."""
     if block_m > 16 or device.type != "cuda":
         return 1
-    programs = batch.num_seqs * kv_heads
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(max(batch.kv_lens), 512), 16))
+    return MAX_SPLITS
 
 
 def paged_attention_triton(
