@@ -64,8 +64,10 @@ def measure(model, cfg, batch: int, mode: str, args, device: torch.device, dtype
         capture_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(batch)
     params = SamplingParams(max_tokens=args.steps + args.warmup + 4, ignore_eos=True)
-    for _ in range(batch):
-        engine.add_request(torch.randint(3, cfg.vocab_size, (args.context,), generator=g).tolist(), params)
+    media = set(cfg.media_token_ids.values())
+    for _ in range(batch):  # random text: no media placeholder ids
+        prompt = torch.randint(3, cfg.vocab_size, (args.context,), generator=g).tolist()
+        engine.add_request([3 if t in media else t for t in prompt], params)
     while any(not s.output for s in engine.scheduler.running + engine.scheduler.waiting):
         engine.step()  # prefill
     time_steps(engine, args.warmup, device)
