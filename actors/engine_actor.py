@@ -294,7 +294,7 @@ class EngineActor:
         """Per request: tokens run so far (all attempts), its position in the cache, its length."""
         cache = self.engine.cache
         return {rid: (seq, seq.num_computed_tokens,
-                      cache.num_computed(seq.seq_id) if cache.has_sequence(seq.seq_id) else 0, len(seq.tokens))
+                      cache.num_computed(seq.seq_id) if cache.has_sequence(seq.seq_id) else 0, seq.num_tokens)
                 for rid, seq in self.requests.items()}
 
     def _trace_step(self, before: dict[str, tuple[GenerationSequence, int, int, int]], start: int, end: int,

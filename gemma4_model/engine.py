@@ -68,6 +68,18 @@ class GenerationSequence:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    @property
+    def num_tokens(self) -> int:
+        """len(tokens), without building the list."""
+        return len(self.prompt) + len(self.output)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """tokens[start:end], without building the whole list."""
+        p = len(self.prompt)
+        if start >= p:
+            return self.output[start - p:end - p]
+        return self.prompt[start:end] + self.output[:max(0, end - p)]
+
 
 @dataclass(frozen=True)
 class SchedulerLimits:
@@ -138,7 +150,7 @@ class Scheduler:
                 continue  # preempted earlier in this loop to make room
             start = self.cache.num_computed(seq.seq_id)
             n = self._chunk_length(seq, start, budget, alone=not plan)
-            if start == len(seq.tokens) - 1 and seq.output:  # decoding: room for its drafts too
+            if start == seq.num_tokens - 1 and seq.output:  # decoding: room for its drafts too
                 n = min(1 + self.draft_limit(seq), budget)
                 self.cache.slide(seq.seq_id, self._keep_from(start))
                 if n > 1 and not self.cache.can_extend([(seq.seq_id, start + n)]):
@@ -172,12 +184,12 @@ class Scheduler:
         chunks, seqs, samples, drafts = [], [], [], []
         for seq, n in plan:
             start = self.cache.num_computed(seq.seq_id)
-            end = min(start + n, len(seq.tokens))
-            chunks.append(SequenceChunk(seq.seq_id, seq.tokens[start:end], start,
+            end = min(start + n, seq.num_tokens)
+            chunks.append(SequenceChunk(seq.seq_id, seq.token_slice(start, end), start,
                                         span_ids=chunk_span_ids(seq.blocks, start, end),
                                         media=chunk_media(seq.media, start, end)))
             seqs.append(seq)
-            samples.append(end == len(seq.tokens))
+            samples.append(end == seq.num_tokens)
             drafts.append(start + n - end)
         return StepPlan(tuple(chunks), tuple(seqs), tuple(samples), tuple(drafts))
 
@@ -185,7 +197,7 @@ class Scheduler:
         """Draft tokens a decoding sequence may verify this step: at most `num_speculative_tokens`,
         and never so many that accepting all of them plus the bonus token passes max_tokens or
         the model length."""
-        left = min(seq.params.max_tokens - len(seq.output), self.max_model_len - len(seq.tokens))
+        left = min(seq.params.max_tokens - len(seq.output), self.max_model_len - seq.num_tokens)
         return max(0, min(self.num_speculative_tokens, left - 1))
 
     def _chunk_length(self, seq: GenerationSequence, start: int, budget: int, alone: bool) -> int:
@@ -196,7 +208,7 @@ class Scheduler:
         whole span even past `chunk_size` if the budget allows, or past the budget too when it is
         the step's first chunk (so a span longer than `max_batch_tokens` still runs).
         """
-        n = min(len(seq.tokens) - start, self.limits.chunk_size, budget)
+        n = min(seq.num_tokens - start, self.limits.chunk_size, budget)
         end = start + n
         for lo, hi in seq.blocks:
             if lo < end < hi:
@@ -389,8 +401,8 @@ class Engine:
         for seq, verify in zip(plan.seqs, verifies):
             if verify is not None and seq.status is Status.RUNNING:
                 # KV of rejected drafts is dropped; the newest token is computed next step.
-                self.cache.truncate(seq.seq_id, len(seq.tokens) - 1)
-                self.cache.commit(seq.seq_id, seq.tokens, len(seq.tokens) - 1, seq.page_keys)
+                self.cache.truncate(seq.seq_id, seq.num_tokens - 1)
+                self.cache.commit(seq.seq_id, seq.tokens, seq.num_tokens - 1, seq.page_keys)
         return advanced
 
     def _add_drafts(self, plan: StepPlan) -> tuple[list[SequenceChunk], list[_Verify | None]]:
@@ -483,7 +495,7 @@ class Engine:
             return "stop"
         if seq.grammar is not None and seq.grammar.terminated:
             return "stop"  # the grammar is complete (and needed no stop token): nothing else may follow
-        if len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.scheduler.max_model_len:
+        if len(seq.output) >= p.max_tokens or seq.num_tokens >= self.scheduler.max_model_len:
             return "length"
         return None
 

@@ -184,7 +184,7 @@ class AssistantDrafter:
         if ready:
             device = ready[0].last_hidden.device
             last = torch.tensor([s.tokens[-1] for s in ready], device=device)
-            positions = torch.tensor([len(s.tokens) - 1 for s in ready], device=device)
+            positions = torch.tensor([s.num_tokens - 1 for s in ready], device=device)
             hidden = torch.stack([s.last_hidden for s in ready])
             result = self.assistant.draft(cache, [s.seq_id for s in ready], last, hidden, positions, k)
             tokens = {s.seq_id: row.tolist() for s, row in zip(ready, result.tokens)}

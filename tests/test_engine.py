@@ -92,3 +92,14 @@ def test_sampling_params_are_validated():
     for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_token_slice_and_count_equal_the_token_list():
+    from gemma4_model.engine import GenerationSequence
+    from gemma4_model.sampling import SamplingParams
+
+    seq = GenerationSequence(0, [5, 6, 7, 8], SamplingParams(), output=[9, 10, 11])
+    assert seq.num_tokens == len(seq.tokens) == 7
+    for start in range(8):
+        for end in range(start, 9):
+            assert seq.token_slice(start, end) == seq.tokens[start:end], (start, end)
