@@ -72,6 +72,8 @@ def add_scheduler_options(command: argparse.ArgumentParser) -> None:
                        dest="max_running_requests", help="requests an engine runs at once (default 64)")
     group.add_argument("--attention-backend", choices=("torch_native", "triton"),
                        help="attention in the engines: the PyTorch path (default) or the Triton kernel (CUDA)")
+    group.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3"),
+                       help="KV cache storage: the model's dtype (auto, default) or FP8 e4m3 (twice the tokens)")
     group.add_argument("--cuda-graph-max-bs", type=int, metavar="N",
                        help="with --attention-backend triton, CUDA engines replay decode steps of up to N "
                             "sequences as CUDA graphs (default: --max-running-requests)")
@@ -81,7 +83,7 @@ def add_scheduler_options(command: argparse.ArgumentParser) -> None:
 
 def scheduler_overrides(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
     names = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
-             "cuda_graph_max_bs")
+             "cuda_graph_max_bs", "kv_cache_dtype")
     return tuple((name, getattr(args, name)) for name in names if getattr(args, name) is not None)
 
 

@@ -20,20 +20,23 @@ from .messages import KVHandoff, SamplingSpec
 
 _GROUP_FIELD = {"full_attention": "full", "sliding_attention": "sliding"}
 PAGE_FIELDS = tuple(f"{key}_{part}" for key in _GROUP_FIELD.values() for part in ("pages", "k", "v"))
-KV_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}  # kv_dtype -> numpy dtype
+# kv_dtype -> numpy dtype it travels as (numpy has no bfloat16 or float8: their bits as uints)
+KV_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16", "float8_e4m3fn": "uint8"}
+_AS_BITS = {torch.bfloat16: torch.uint16, torch.float8_e4m3fn: torch.uint8}
+_FROM_BITS = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 def to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
     t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.uint16).numpy(), "bfloat16"
+    if t.dtype in _AS_BITS:
+        return t.view(_AS_BITS[t.dtype]).numpy(), str(t.dtype).removeprefix("torch.")
     return t.numpy(), str(t.dtype).removeprefix("torch.")
 
 
 def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
     # frames are read-only views of the socket's buffers: copy those; writable arrays are ours
     t = torch.from_numpy(a if a.flags.writeable else np.array(a, copy=True))
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+    return t.view(_FROM_BITS[dtype]) if dtype in _FROM_BITS else t
 
 
 def page_arrays(payload: KVPayload) -> tuple[dict[str, np.ndarray], str]:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import zmq
 
-from topology.config import Topology, load_topology, with_api_overrides, with_model_overrides, with_speculative
+from topology.config import (KV_CACHE_DTYPES, Topology, load_topology, with_api_overrides, with_model_overrides,
+                             with_speculative)
 from topology.wiring import API, ActorId, Wiring, plan_wiring
 
 from .messages import ActorReady
@@ -143,8 +144,9 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     model_section = ctx.topology.model
     dtype = getattr(torch, DTYPES[model_section.dtype])
     config, model = load_text_decoder(checkpoint_dir(ctx.topology), device=ctx.device, dtype=dtype)
+    kv_dtype = KV_CACHE_DTYPES[model_section.kv_cache_dtype]
     cache = PagedKVCache(config.text, page_size=model_section.page_size, num_pages=model_section.kv_pages,
-                         device=ctx.device, dtype=dtype)
+                         device=ctx.device, dtype=dtype if kv_dtype is None else getattr(torch, kv_dtype))
     checkpoint = checkpoint_dir(ctx.topology)
     grammars = GrammarBook.from_checkpoint(checkpoint, config.text.vocab_size,
                                            sorted(set(stop_token_ids(checkpoint)) | set(config.text.eos_token_ids)))

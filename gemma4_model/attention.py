@@ -15,11 +15,23 @@ from .batch import ForwardBatch
 from .kv_cache import KVGroup
 
 
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """K or V in the cache's dtype; an FP8 (e4m3) cache saturates at its largest finite value
+    (explicitly, so every device's cast agrees). Gemma 4's K and V are RMS-normed: no scale is
+    kept."""
+    if dtype == torch.float8_e4m3fn:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
+
+
 def write_kv(group: KVGroup, slot: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Store new tokens' K and V [T, kv_heads, head_dim] at flat cache slots."""
     kv_heads, head_dim = group.k.shape[-2:]
-    group.k[slot].view(-1, kv_heads, head_dim)[slots] = k.to(group.k.dtype)
-    group.v[slot].view(-1, kv_heads, head_dim)[slots] = v.to(group.v.dtype)
+    group.k[slot].view(-1, kv_heads, head_dim)[slots] = to_cache(k, group.k.dtype)
+    group.v[slot].view(-1, kv_heads, head_dim)[slots] = to_cache(v, group.v.dtype)
 
 
 def attention_mask(

@@ -46,6 +46,9 @@ class ModelSection:
     # the engines' attention: "torch_native" (the PyTorch path) or "triton" (the Triton kernel, on
     # CUDA devices; SGLang's attention_backend names)
     attention_backend: str = "torch_native"
+    # the KV cache's storage: "auto" (the model's dtype) or "fp8_e4m3" (half of bf16's bytes,
+    # twice the tokens; vLLM's and SGLang's kv_cache_dtype names, "fp8" too)
+    kv_cache_dtype: str = "auto"
     # with the triton backend, CUDA engines replay decode steps of up to this many sequences as
     # CUDA graphs (SGLang's cuda_graph_max_bs; 0 turns them off, as --disable-cuda-graph);
     # None: max_running_requests
@@ -69,7 +72,8 @@ class ApiSection:
 
 
 SCHEDULER_FIELDS = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
-                    "cuda_graph_max_bs")
+                    "cuda_graph_max_bs", "kv_cache_dtype")
+KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}
 ATTENTION_BACKENDS = ("torch_native", "triton")
 API_FIELDS = {"host", "port", "node", "cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes",
               "default_chat_template_kwargs", "limit_mm_per_prompt", "mm_processor_kwargs", "max_media_bytes",
@@ -222,14 +226,18 @@ def _model(t: Mapping[str, Any]) -> ModelSection:
     backend = t.get("attention_backend", "torch_native")
     if backend not in ATTENTION_BACKENDS:
         raise TopologyError("model.attention_backend", f"expected one of {list(ATTENTION_BACKENDS)}, got {backend!r}")
+    kv_dtype = t.get("kv_cache_dtype", "auto")
+    if kv_dtype not in KV_CACHE_DTYPES:
+        raise TopologyError("model.kv_cache_dtype", f"expected one of {list(KV_CACHE_DTYPES)}, got {kv_dtype!r}")
     batched = _int(t, "model.", "max_num_batched_tokens", 512, 1, 1 << 20)
     chunk = _int(t, "model.", "chunked_prefill_size", min(256, batched), 1, 1 << 20)
     if chunk > batched:
         raise TopologyError("model.chunked_prefill_size", f"{chunk} is more than max_num_batched_tokens ({batched})")
     return ModelSection(path, dtype, _int(t, "model.", "page_size", 16, 1, 1024),
                         _int(t, "model.", "kv_pages", 2048, 1, 1 << 24), batched, chunk,
-                        _int(t, "model.", "max_running_requests", 64, 1, 1 << 16), backend,
-                        None if t.get("cuda_graph_max_bs") is None else _int(t, "model.", "cuda_graph_max_bs", 0, 0, 4096))
+                        _int(t, "model.", "max_running_requests", 64, 1, 1 << 16), attention_backend=backend,
+                        kv_cache_dtype=kv_dtype, cuda_graph_max_bs=None if t.get("cuda_graph_max_bs") is None
+                        else _int(t, "model.", "cuda_graph_max_bs", 0, 0, 4096))
 
 
 def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:

@@ -30,7 +30,8 @@ from .kv_pages import GroupPages, KVPayload, PayloadError
 GROUP_ORDER = (FULL, SLIDING)  # the order groups travel in (the order of `DevicePages.shapes`)
 SHAPE_RANK = 5  # layers, pages, page_size, kv_heads, head_dim
 MAX_PAGES = 1 << 20
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 @dataclass(frozen=True)
