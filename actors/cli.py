@@ -5,11 +5,13 @@
                  [--speculative-num-steps K]]
     tandem node --topology FILE --node NAME [...]
     tandem trace DIR [--chrome OUT.json]
+    tandem keys DIR
 
 `serve` runs the launcher for a topology (by default the CPU colocated example with the embedded
 default model) until SIGINT / SIGTERM; `node` runs one node's share of a multi-node topology
 (start one per node, each with the same file); `trace` prints the per-request, per-stage time
-breakdown of the spans a `--trace-dir` run wrote (and can merge them into a Chrome trace).
+breakdown of the spans a `--trace-dir` run wrote (and can merge them into a Chrome trace); `keys`
+writes the ZeroMQ CURVE certificates a topology's `[security] curve_keys` names.
 """
 
 from __future__ import annotations
@@ -160,12 +162,20 @@ def main(argv: list[str] | None = None) -> int:
         add_common_options(command)
         add_speculative_options(command)
         add_scheduler_options(command)
+    keys = sub.add_parser("keys", help="write the ZeroMQ CURVE certificates a topology's [security] names")
+    keys.add_argument("dir", type=Path, help="where to write server.key(_secret) and client.key(_secret)")
     trace = sub.add_parser("trace", help="print the per-request stage times of a --trace-dir run")
     trace.add_argument("dir", type=Path, help="the run's trace directory (the actors' *.jsonl files)")
     trace.add_argument("--chrome", type=Path, help="also write the merged Chrome-trace JSON here")
     args = ap.parse_args(argv)
     if args.command == "trace":
         return print_trace(args.dir, args.chrome)
+    if args.command == "keys":
+        from .security import make_keys
+
+        print(f"CURVE certificates in {make_keys(args.dir)}: copy the directory to every node and set "
+              f"[security] curve_keys = \"{args.dir}\" in the topology")
+        return 0
     try:
         if args.trace_dir:
             args.trace_dir.mkdir(parents=True, exist_ok=True)

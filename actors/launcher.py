@@ -31,12 +31,12 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import zmq
 
 from topology.config import Topology, load_topology, with_api_overrides, with_model_overrides, with_speculative
 from topology.wiring import API, ActorId, plan_wiring
 
 from .messages import ActorReady, ActorStatus
+from .security import topology_context
 from .transport import pull, push
 
 POLL_S = 0.2
@@ -119,7 +119,7 @@ class Launcher:
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"tandem-{self.run_id}-"))
         self.wiring = plan_wiring(self.topology, self.run_dir)
         self.children: dict[ActorId, Child] = {}
-        self.zctx = zmq.Context()
+        self.zctx = topology_context(self.topology.curve_keys)
         self.control = pull(self.zctx, self.wiring.controls[self.node])
         self.notices = push(self.zctx, self.wiring.api_control)
         self._stopping = threading.Event()

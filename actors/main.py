@@ -24,6 +24,7 @@ from topology.config import (KV_CACHE_DTYPES, Topology, load_topology, with_api_
 from topology.wiring import API, ActorId, Wiring, plan_wiring
 
 from .messages import ActorReady
+from .security import topology_context
 from .tracing import Tracer
 from .transport import pull, push
 
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    zctx = zmq.Context()
+    zctx = topology_context(topology.curve_keys)  # CURVE on TCP links when the topology has keys
     tracer = Tracer(ctx.actor.name, ctx.trace_dir)  # off (and free) without --trace-dir
     try:
         spec = topology.actor(args.actor)

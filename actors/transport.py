@@ -14,6 +14,7 @@ from typing import Any
 import zmq
 
 from .messages import MessageError, decode, encode
+from .security import secure_socket
 
 MAX_MESSAGE_BYTES = 1 << 30
 
@@ -29,6 +30,7 @@ class Channel:
         self.socket = ctx.socket(kind)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.socket.setsockopt(zmq.LINGER, 0)  # shutdown never blocks on unsent messages
+        secure_socket(ctx, self.socket, endpoint, server=bind)  # CURVE over TCP when the topology has keys
         (self.socket.bind if bind else self.socket.connect)(endpoint)
         self.endpoint = endpoint
 

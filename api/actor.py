@@ -15,6 +15,7 @@ import zmq
 
 from actors.main import ActorContext, announce_ready, checkpoint_dir
 from actors.messages import ActorStatus
+from actors.security import topology_context
 from actors.tracing import Tracer
 from actors.transport import pull
 
@@ -56,7 +57,8 @@ def run_api(ctx: ActorContext) -> int:
     wiring = ctx.wiring
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir(ctx.topology))
     cancels = [endpoint for kind in (*ENGINE_KINDS, *ENCODER_KINDS) for endpoint in wiring.of_kind(kind)]
-    backend = ZmqBackend(wiring.of_kind("preprocess"), wiring.results, cancels)
+    zctx = topology_context(ctx.topology.curve_keys)  # CURVE on TCP links when the topology has keys
+    backend = ZmqBackend(wiring.of_kind("preprocess"), wiring.results, cancels, context=zctx)
     tracer = Tracer(ctx.actor.name, ctx.trace_dir)
     api = ctx.topology.api
     app = create_app(backend, tokenizer, served_model_name(ctx), api_key=ctx.api_key, tracer=tracer,
@@ -65,7 +67,6 @@ def run_api(ctx: ActorContext) -> int:
                      default_chat_template_kwargs=dict(api.default_chat_template_kwargs),
                      media_kinds=ctx.topology.media_kinds)
     server = ApiServer(app, ServerConfig(host=ctx.host or api.host, port=ctx.port or api.port))
-    zctx = zmq.Context()
     stop = threading.Event()
     notices = threading.Thread(target=watch_notices, args=(zctx, wiring.api_control, backend, stop), daemon=True)
     notices.start()

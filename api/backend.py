@@ -21,6 +21,7 @@ import zmq
 
 from actors.messages import (ActorStats, CancelRequest, GenerateRequest, MessageError, RequestError, TokenBatch,
                              decode, encode)
+from actors.security import secure_socket
 from actors.transport import MAX_MESSAGE_BYTES
 
 from .errors import ApiError
@@ -91,22 +92,25 @@ class ZmqBackend:
         with self._lock:
             if self._thread is not None or self._closed:
                 return
-            self._results = self._socket(zmq.PULL)
+            self._results = self._socket(zmq.PULL, [self.results_endpoint], server=True)
             self._results.bind(self.results_endpoint)
-            self._requests = self._socket(zmq.PUSH)
+            self._requests = self._socket(zmq.PUSH, self.requests_endpoints, server=False)
             for endpoint in self.requests_endpoints:
                 self._requests.connect(endpoint)
             for endpoint in self.cancel_endpoints:
-                sock = self._socket(zmq.PUSH)
+                sock = self._socket(zmq.PUSH, [endpoint], server=False)
                 sock.connect(endpoint)
                 self._cancels.append(sock)
             self._thread = threading.Thread(target=self._receive, name="api-results", daemon=True)
             self._thread.start()
 
-    def _socket(self, kind: int) -> zmq.Socket:
+    def _socket(self, kind: int, endpoints: Sequence[str], server: bool) -> zmq.Socket:
         sock = self._zctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        tcp = next((e for e in endpoints if e.startswith("tcp://")), None)
+        if tcp is not None:  # CURVE when the context carries the topology's keys
+            secure_socket(self._zctx, sock, tcp, server)
         return sock
 
     def close(self) -> None:

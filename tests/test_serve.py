@@ -176,6 +176,8 @@ kind = "decode"
 node = "back"
 [transfer]
 backend = "tcp"
+[security]
+curve_keys = "{keys}"
 """
 
 
@@ -242,10 +244,14 @@ def _ns_health(ns: str, url: str) -> int | None:
 
 
 def test_two_nodes_in_network_namespaces_kv_over_tcp(two_namespaces, colocated, prompts, tmp_path):
-    """Prefill (with api and preprocess) in one namespace, decode in another, joined by a veth pair."""
+    """Prefill (with api and preprocess) in one namespace, decode in another, joined by a veth pair;
+    every TCP link between them CURVE-authenticated and encrypted (`[security]`)."""
+    from actors.security import make_keys
+
     front, back = two_namespaces
     topology = tmp_path / "two.toml"
-    topology.write_text(TWO_NODE.format(front="10.231.0.1", back="10.231.0.2", port=8000))
+    keys = make_keys(tmp_path / "keys")
+    topology.write_text(TWO_NODE.format(front="10.231.0.1", back="10.231.0.2", port=8000, keys=keys))
     back_node = Served(["node", "--topology", str(topology), "--node", "back"], prefix=["ip", "netns", "exec", back],
                        log=tmp_path / "back.log", wait_health=False)
     front_node = Served(["node", "--topology", str(topology), "--node", "front"], host="10.231.0.1", port=8000,

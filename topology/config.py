@@ -119,6 +119,9 @@ class Topology:
     actors: tuple[ActorSpec, ...]
     transfer: str | None  # None when colocated
     speculative: SpeculativeSection | None = None  # None: decode one token per step
+    # [security] curve_keys: a directory holding the ZeroMQ `server` and `client` certificates
+    # (`tandem keys DIR`); every TCP link is then CURVE-authenticated and encrypted
+    curve_keys: str | None = None
 
     @property
     def colocated(self) -> bool:
@@ -157,7 +160,7 @@ def load_topology(path: str | Path) -> Topology:
 
 def parse_topology(raw: Mapping[str, Any]) -> Topology:
     """Validate a parsed TOML mapping into a `Topology`."""
-    _only(raw, "", {"name", "model", "api", "nodes", "actors", "transfer", "speculative"})
+    _only(raw, "", {"name", "model", "api", "nodes", "actors", "transfer", "speculative", "security"})
     nodes = _nodes(_table(raw, "nodes", required=True))
     actors = tuple(_actor(i, a, nodes) for i, a in enumerate(_list(raw, "actors")))
     kinds = [a.kind for a in actors]
@@ -175,7 +178,20 @@ def parse_topology(raw: Mapping[str, Any]) -> Topology:
     if not isinstance(name, str):
         raise TopologyError("name", f"expected a string, got {name!r}")
     return Topology(name, _model(_table(raw, "model")), _api(_table(raw, "api"), nodes), nodes, actors, transfer,
-                    _speculative(_table(raw, "speculative")))
+                    _speculative(_table(raw, "speculative")), _security(_table(raw, "security")))
+
+
+def _security(t: Mapping[str, Any]) -> str | None:
+    _only(t, "security.", {"curve_keys"})
+    keys = t.get("curve_keys")
+    if keys is None:
+        return None
+    if not isinstance(keys, str) or not keys:
+        raise TopologyError("security.curve_keys", f"expected a directory path, got {keys!r}")
+    missing = [n for n in ("server.key_secret", "client.key_secret") if not (Path(keys) / n).is_file()]
+    if missing:
+        raise TopologyError("security.curve_keys", f"{keys!r} lacks {missing} (make them with `tandem keys DIR`)")
+    return keys
 
 
 def _table(raw: Mapping[str, Any], name: str, required: bool = False) -> Mapping[str, Any]:
