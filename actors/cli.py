@@ -59,6 +59,9 @@ def add_common_options(command: argparse.ArgumentParser) -> None:
                          help='default vision token budget, e.g. \'{"max_soft_tokens": 560}\' (70, 140, 280, 560 or '
                               "1120; default: the checkpoint's; a request's own mm_processor_kwargs win)")
     command.add_argument("--max-media-bytes", type=int, help="one media item's largest encoded size (default 20 MiB)")
+    command.add_argument("--max-queued-requests", type=int, metavar="N",
+                         help="requests admitted beyond what the engines run at once; more get a 429 with "
+                              "Retry-After (default: as many as they run)")
     command.add_argument("--default-chat-template-kwargs", type=json.loads, metavar="JSON",
                          help='chat template arguments for every chat request, e.g. \'{"enable_thinking": true}\' '
                               "(a request's own chat_template_kwargs win)")
@@ -145,7 +148,7 @@ def speculative_overrides(args: argparse.Namespace) -> tuple[tuple[str, object],
 
 def api_overrides(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
     names = ("cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes", "default_chat_template_kwargs",
-             "limit_mm_per_prompt", "mm_processor_kwargs", "max_media_bytes")
+             "limit_mm_per_prompt", "mm_processor_kwargs", "max_media_bytes", "max_queued_requests")
     return tuple((name, getattr(args, name)) for name in names if getattr(args, name) is not None)
 
 

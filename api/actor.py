@@ -58,7 +58,8 @@ def run_api(ctx: ActorContext) -> int:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir(ctx.topology))
     cancels = [endpoint for kind in (*ENGINE_KINDS, *ENCODER_KINDS) for endpoint in wiring.of_kind(kind)]
     zctx = topology_context(ctx.topology.curve_keys)  # CURVE on TCP links when the topology has keys
-    backend = ZmqBackend(wiring.of_kind("preprocess"), wiring.results, cancels, context=zctx)
+    backend = ZmqBackend(wiring.of_kind("preprocess"), wiring.results, cancels, context=zctx,
+                         max_in_flight=ctx.topology.admission_limit())
     tracer = Tracer(ctx.actor.name, ctx.trace_dir)
     api = ctx.topology.api
     app = create_app(backend, tokenizer, served_model_name(ctx), api_key=ctx.api_key, tracer=tracer,

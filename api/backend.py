@@ -73,7 +73,7 @@ class ZmqBackend:
         self.requests_endpoints = list(requests_endpoints)
         self.results_endpoint = results_endpoint
         self.cancel_endpoints = list(cancel_endpoints)
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = max_in_flight  # admission: more get a 429 with Retry-After
         self._own_context = context is None
         self._zctx = context or zmq.Context()
         self._lock = threading.Lock()  # guards the sockets and the tables below
@@ -143,7 +143,8 @@ class ZmqBackend:
             if self._closed or self._thread is None:
                 raise ApiError(503, "the server is not accepting requests")
             if len(self._streams) >= self.max_in_flight:
-                raise ApiError(429, f"too many requests in flight ({self.max_in_flight}); retry later")
+                raise ApiError(429, f"the server is at capacity ({self.max_in_flight} requests in flight); "
+                                    "retry later")
             if request.request_id in self._streams:
                 raise ApiError(409, f"request id {request.request_id!r} is already in flight")
             self._streams[request.request_id] = stream

@@ -16,15 +16,22 @@ ERROR_TYPES = {
 }
 
 
-class ApiError(Exception):
-    """An error the client must see, with its HTTP status and (when known) the field at fault."""
+RETRY_AFTER_S = 1  # what a refused request (429, 503) is told to wait before trying again
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+
+class ApiError(Exception):
+    """An error the client must see, with its HTTP status and (when known) the field at fault.
+    429 and 503 responses carry `Retry-After` (`retry_after_s`, default `RETRY_AFTER_S`)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after_s: int | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s if retry_after_s is not None else (
+            RETRY_AFTER_S if status in (429, 503) else None)
 
     def body(self) -> dict:
         return error_body(self.status, self.message, self.param, self.code)
@@ -36,5 +43,7 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def error_response(error: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(error.retry_after_s)
+    return JSONResponse(error.body(), status_code=error.status, headers=headers or None)

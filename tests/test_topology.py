@@ -133,3 +133,14 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("[model\npath=")
     with pytest.raises(TopologyError, match="not valid TOML"):
         load_topology(bad)
+
+
+def test_admission_limit_follows_the_decoding_engines():
+    from topology.config import with_api_overrides, with_model_overrides
+
+    colocated = load_topology(EXAMPLES / "cpu_colocated.toml")
+    assert colocated.admission_limit() == 64 + 64  # what the engine runs, and as many queued
+    two_decoders = parse_topology(edited(lambda r: r["actors"][2].update(replicas=2)))
+    assert two_decoders.actor("decode").replicas == 2 and two_decoders.admission_limit() == 2 * 64 * 2
+    tight = with_api_overrides(with_model_overrides(colocated, {"max_running_requests": 2}), {"max_queued_requests": 0})
+    assert tight.admission_limit() == 2

@@ -69,6 +69,10 @@ class ApiSection:
     mm_processor_kwargs: tuple[tuple[str, Any], ...] = ()  # (("max_soft_tokens", 280),): the default vision budget
     max_media_bytes: int = 20 << 20  # one media item's encoded bytes (base64 decoded or fetched)
     media_fetch_timeout_s: float = 10.0  # fetching one media URL from an allowed host
+    # requests admitted beyond what the decoding engines run at once (their max_running_requests,
+    # summed over replicas); more get a 429 with Retry-After at once (SGLang's max_queued_requests).
+    # None: as many as they run.
+    max_queued_requests: int | None = None
 
 
 SCHEDULER_FIELDS = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
@@ -77,7 +81,7 @@ KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m
 ATTENTION_BACKENDS = ("torch_native", "triton")
 API_FIELDS = {"host", "port", "node", "cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes",
               "default_chat_template_kwargs", "limit_mm_per_prompt", "mm_processor_kwargs", "max_media_bytes",
-              "media_fetch_timeout_s"}
+              "media_fetch_timeout_s", "max_queued_requests"}
 MEDIA_KINDS = ("image", "audio", "video")
 VISION_BUDGETS = (70, 140, 280, 560, 1120)
 
@@ -129,6 +133,14 @@ class Topology:
 
     def actor(self, kind: str) -> ActorSpec | None:
         return next((a for a in self.actors if a.kind == kind), None)
+
+    def admission_limit(self) -> int:
+        """Requests the api admits at once: what the decoding engines run at once (colocated
+        engines or decode actors, `max_running_requests` each replica) plus the queue allowance
+        (`[api] max_queued_requests`, by default as many again)."""
+        running = sum(a.replicas for a in self.actors if a.kind in ("engine", "decode")) * self.model.max_running_requests
+        queued = running if self.api.max_queued_requests is None else self.api.max_queued_requests
+        return running + queued
 
     @property
     def media_kinds(self) -> frozenset[str]:
@@ -267,7 +279,9 @@ def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:
                       _int(t, "api.", "max_body_bytes", 32 << 20, 1024, 96 << 20),
                       _kwargs(t, "api.default_chat_template_kwargs"), _media_limits(t), _processor_kwargs(t),
                       _int(t, "api.", "max_media_bytes", 20 << 20, 1024, 1 << 31),
-                      _seconds(t, "api.", "media_fetch_timeout_s", 10.0))
+                      _seconds(t, "api.", "media_fetch_timeout_s", 10.0),
+                      None if t.get("max_queued_requests") is None else _int(t, "api.", "max_queued_requests", 0, 0,
+                                                                               1 << 20))
 
 
 def _speculative(t: Mapping[str, Any]) -> SpeculativeSection | None:
