@@ -1,0 +1,30 @@
+"""bench/soak.py: its verdict, and a few seconds of its mixed load against `tandem serve`."""
+
+from tests.bench_scripts import load_bench
+
+
+def window(start, p99, rss, **outcomes):
+    return {"start_s": start, "finished": 10, "p50_s": p99 / 2, "p99_s": p99, "outcomes": outcomes or {"ok": 10},
+            "rss_mib": rss}
+
+
+def test_verdict():
+    soak = load_bench("soak")
+    steady = [window(s, 1.0, 100.0) for s in range(0, 60, 10)]
+    assert soak.verdict(steady, warmup_s=10)["pass"]
+    grown = steady[:-1] + [window(50, 1.0, 106.0)]
+    assert not soak.verdict(grown, 10)["pass"] and soak.verdict(grown, 10)["memory_growth"] > 0.05
+    slower = steady[:3] + [window(s, 2.0, 100.0) for s in (30, 40, 50)]
+    assert not soak.verdict(slower, 10)["pass"]
+    failing = steady[:-1] + [window(50, 1.0, 100.0, ok=9, **{"unexpected:status 500": 1})]
+    assert soak.verdict(failing, 10)["unexpected"] == {"unexpected:status 500": 1} and not soak.verdict(failing, 10)["pass"]
+    assert not soak.verdict(steady[:1], 0)["pass"]  # too short to judge
+
+
+def test_a_short_soak_against_tandem_serve(tmp_path):
+    soak = load_bench("soak")
+    doc = soak.main(["--duration-s", "5", "--window-s", "1", "--warmup-s", "1", "--clients", "4",
+                     "--out", str(tmp_path / "soak.json")])
+    outcomes = {k for w in doc["windows"] for k in w["outcomes"]}
+    assert doc["verdict"]["unexpected"] == {} and doc["server_exit_code"] == 0, doc
+    assert "ok" in outcomes and len(doc["windows"]) >= 4 and all(w["rss_mib"] > 0 for w in doc["windows"])
