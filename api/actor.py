@@ -3,8 +3,9 @@
 Started by the launcher like every actor (`python -m actors.main --actor api ...`). It serves
 the OpenAI routes on the topology's api address, sends requests to the preprocess replicas,
 receives every actor's token batches, and listens for `ActorStatus` notices: when an actor
-dies, every request in flight ends at once with a 503 that names it and /health turns 503
-until the launcher reports it back. It says `ActorReady` once the server accepts connections.
+dies, the requests it may have held are sent again if they have streamed nothing, or end with
+a 503 that names it (`ZmqBackend.actor_down`), and /health turns 503 until the launcher reports
+it back. It says `ActorReady` once the server accepts connections.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def watch_notices(zctx: zmq.Context, endpoint: str, backend: ZmqBackend, stop: t
                 down.pop(name, None)
             else:
                 down[name] = msg.detail
-                backend.fail_all(503, f"request aborted: {msg.detail}")
+                backend.actor_down(msg.actor, msg.replica, msg.detail)  # re-send what has not streamed
             backend.set_health(not down, "; ".join(down.values()) if down else "ok")
     finally:
         inbox.close()

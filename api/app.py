@@ -68,7 +68,8 @@ class OpenAIRoutes:
         self.names = TokenText(tokenizer)
         self.special = SpecialIds.of(tokenizer)
         self.config = config
-        self.metrics = ApiMetrics(backend.actor_stats, lambda: backend.in_flight)
+        self.metrics = ApiMetrics(backend.actor_stats, lambda: backend.in_flight,
+                                  lambda: getattr(backend, "retried", 0))
 
     # --- checks -----------------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:

@@ -8,11 +8,19 @@ A receiver thread routes each result to its request's `RequestStream`, an asynci
 event loop that submitted it. Nothing waits forever: `fail_all` and `close` end every stream in
 flight with an error at once, and a full table of in-flight requests refuses new ones (429).
 Sockets are used under one lock, so any thread may submit, cancel or fail requests.
+
+Supervision (`actor_down`): when the launcher reports an actor dead, a request that has streamed
+nothing yet is sent again under a fresh attempt id (its old attempt cancelled everywhere, so no
+survivor keeps its pages; results of the old attempt are dropped), at most `max_retries` times;
+one that has streamed, and could have been at the dead actor, ends with a 503 naming it. A
+request past the stages of the dead actor (it has streamed, and the dead actor prepares
+requests: preprocess, an encoder, prefill) goes on untouched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from typing import Sequence
@@ -27,6 +35,7 @@ from actors.transport import MAX_MESSAGE_BYTES
 from .errors import ApiError
 
 log = logging.getLogger("tandem.api")
+UPSTREAM_KINDS = ("preprocess", "vision_encoder", "audio_encoder", "prefill")  # done with a request once it streams
 
 
 class RequestStream:
@@ -67,13 +76,20 @@ class ZmqBackend:
     """Submit `GenerateRequest`s and stream their results; see the module docstring."""
 
     def __init__(self, requests_endpoints: Sequence[str], results_endpoint: str, cancel_endpoints: Sequence[str],
-                 *, max_in_flight: int = 1024, context: zmq.Context | None = None):
+                 *, max_in_flight: int = 1024, context: zmq.Context | None = None, max_retries: int = 2):
         if not requests_endpoints:
             raise ValueError("the backend needs at least one preprocess endpoint")
         self.requests_endpoints = list(requests_endpoints)
         self.results_endpoint = results_endpoint
         self.cancel_endpoints = list(cancel_endpoints)
         self.max_in_flight = max_in_flight  # admission: more get a 429 with Retry-After
+        self.max_retries = max_retries  # re-sends of a request an actor death caught before it streamed
+        self.retried = 0  # requests sent again after an actor died
+        self._requests_sent: dict[str, GenerateRequest] = {}  # client id -> the request, for re-sending
+        self._attempt: dict[str, str] = {}  # client id -> the id its current attempt travels under
+        self._client_of: dict[str, str] = {}  # attempt id -> client id
+        self._tries: dict[str, int] = {}  # client id -> attempts so far
+        self._streamed: set[str] = set()  # client ids that have had a result
         self._own_context = context is None
         self._zctx = context or zmq.Context()
         self._lock = threading.Lock()  # guards the sockets and the tables below
@@ -153,13 +169,57 @@ class ZmqBackend:
             except zmq.Again:
                 del self._streams[request.request_id]
                 raise ApiError(503, "the preprocess queue is full; retry later") from None
+            rid = request.request_id
+            self._requests_sent[rid], self._attempt[rid], self._client_of[rid], self._tries[rid] = request, rid, rid, 1
         return stream
+
+    def _forget(self, client: str) -> None:
+        """Drop a request's supervision records (it ended, failed or was cancelled)."""
+        self._requests_sent.pop(client, None)
+        self._tries.pop(client, None)
+        self._streamed.discard(client)
+        attempt = self._attempt.pop(client, None)
+        if attempt is not None:
+            self._client_of.pop(attempt, None)
+
+    def actor_down(self, kind: str, replica: int, detail: str) -> None:
+        """An actor died (the launcher restarts it): send again the requests that have streamed
+        nothing, end those that have and could have been at it (from any thread)."""
+        failed = []
+        with self._lock:
+            for client in list(self._streams):
+                streamed = client in self._streamed
+                if streamed and kind in UPSTREAM_KINDS:
+                    continue  # past the dead actor's stage
+                old = self._attempt[client]
+                self._send_cancel(old)  # no survivor keeps the old attempt's pages or cache entries
+                if streamed or self._tries[client] > self.max_retries or not self._resend(client):
+                    failed.append(self._streams.pop(client))
+                    self._forget(client)
+        why = f"{detail}; the request had begun streaming" if failed else detail
+        for stream in failed:
+            stream.deliver(RequestError(stream.request_id, 503, f"request aborted: {why}"))
+
+    def _resend(self, client: str) -> bool:
+        """The request again, under a fresh attempt id (results of the old one are dropped)."""
+        self._client_of.pop(self._attempt[client], None)
+        self._tries[client] += 1
+        attempt = f"{client}.retry{self._tries[client] - 1}"
+        request = dataclasses.replace(self._requests_sent[client], request_id=attempt)
+        try:
+            self._requests.send_multipart(encode(request), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        self._attempt[client], self._client_of[attempt] = attempt, client
+        self.retried += 1
+        return True
 
     def cancel(self, request_id: str) -> None:
         """Forget the request and tell every engine to drop it (and free its pages)."""
         with self._lock:
             if self._streams.pop(request_id, None) is not None:
-                self._send_cancel(request_id)
+                self._send_cancel(self._attempt.get(request_id, request_id))
+                self._forget(request_id)
 
     def _send_cancel(self, request_id: str) -> None:
         if self._closed or self._thread is None:
@@ -175,6 +235,7 @@ class ZmqBackend:
         """The request ended normally: stop routing to it (no cancel needed)."""
         with self._lock:
             self._streams.pop(request_id, None)
+            self._forget(request_id)
 
     def fail_all(self, status: int, message: str) -> None:
         """End every request in flight now with this error (from any thread); the actors still
@@ -182,7 +243,8 @@ class ZmqBackend:
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
             for stream in streams:
-                self._send_cancel(stream.request_id)
+                self._send_cancel(self._attempt.get(stream.request_id, stream.request_id))
+                self._forget(stream.request_id)
         for stream in streams:
             stream.deliver(RequestError(stream.request_id, status, message))
 
@@ -234,7 +296,12 @@ class ZmqBackend:
             log.warning("unexpected %s on the results socket", type(msg).__name__)
             return
         with self._lock:
+            client = self._client_of.get(msg.request_id)  # None: a cancelled, failed or superseded attempt
             final = isinstance(msg, RequestError) or msg.finish_reason is not None
-            stream = self._streams.pop(msg.request_id, None) if final else self._streams.get(msg.request_id)
+            stream = None if client is None else self._streams.pop(client, None) if final else self._streams.get(client)
+            if stream is not None:
+                self._streamed.add(client)
+                if final:
+                    self._forget(client)
         if stream is not None:  # results of cancelled or failed requests are dropped
-            stream.deliver(msg)
+            stream.deliver(msg if msg.request_id == client else dataclasses.replace(msg, request_id=client))

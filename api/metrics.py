@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from actors.messages import ActorStats
@@ -41,9 +41,11 @@ SPEC_RATIOS = (
 class _ActorCollector:
     """Gauges from the actors' latest reports, read when /metrics is scraped."""
 
-    def __init__(self, stats: Callable[[], Iterable[ActorStats]], in_flight: Callable[[], int]):
+    def __init__(self, stats: Callable[[], Iterable[ActorStats]], in_flight: Callable[[], int],
+                 retried: Callable[[], int]):
         self.stats = stats
         self.in_flight = in_flight
+        self.retried = retried
 
     def collect(self):
         reports = list(self.stats())
@@ -60,10 +62,13 @@ class _ActorCollector:
             yield family
         yield GaugeMetricFamily("tandem_api_requests_in_flight", "engine requests the api is waiting on",
                                 value=self.in_flight())
+        yield CounterMetricFamily("tandem_requests_retried", "requests sent again after an actor died before "
+                                  "they streamed", value=self.retried())
 
 
 class ApiMetrics:
-    def __init__(self, stats: Callable[[], Iterable[ActorStats]], in_flight: Callable[[], int]):
+    def __init__(self, stats: Callable[[], Iterable[ActorStats]], in_flight: Callable[[], int],
+                 retried: Callable[[], int] = lambda: 0):
         self.registry = CollectorRegistry()
         self.requests = Counter("tandem_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=self.registry)
@@ -73,7 +78,7 @@ class ApiMetrics:
                               buckets=TOKEN_BUCKETS, registry=self.registry)
         self.e2e = Histogram("tandem_request_latency_seconds", "request start to its last token",
                              buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(_ActorCollector(stats, in_flight))
+        self.registry.register(_ActorCollector(stats, in_flight, retried))
 
     def count(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()

@@ -9,8 +9,9 @@ and per window the p50 / p99 latency of the requests that finished and the count
 
 Verdict (after `--warmup-s`): no unexpected outcome (a 5xx, a transport error, a refused
 request answered 2xx, a stream without [DONE]); memory growth under 5% (the last window's RSS
-against the first's); p99 stable (the median p99 of the last three windows at most 1.5x that of
-the first three).
+against the first's); p99 stable: the p99 of every request that finished in the last
+`--judge-s` (60) seconds at most 1.5x that of the first `--judge-s` after the warm-up (pooled
+over several windows: one window's p99 is too few requests to compare).
 
     PYTHONPATH=. python bench/soak.py --commit <sha> --out bench/results/soak_cpu.json
 """
@@ -142,14 +143,28 @@ async def drive(url: str, args, server: Served | None) -> list[Window]:
     return windows
 
 
-def verdict(windows: list[dict], warmup_s: float) -> dict:
+def pooled_p99(windows: list[Window], warmup_s: float, judge_s: float) -> tuple[float | None, float | None]:
+    """p99 of the requests that finished in the first `judge_s` after the warm-up, and in the last."""
+    steady = [w for w in windows if w.start_s >= warmup_s]
+    if not steady:
+        return None, None
+    first = [t for w in steady if w.start_s < steady[0].start_s + judge_s for t in w.latencies]
+    last = [t for w in steady if w.start_s >= steady[-1].start_s - judge_s + 1e-9 for t in w.latencies]
+    p99 = (lambda xs: sorted(xs)[min(len(xs) - 1, int(0.99 * len(xs)))] if xs else None)
+    return p99(first), p99(last)
+
+
+def verdict(windows: list[dict], warmup_s: float, p99_first: float | None = None,
+            p99_last: float | None = None) -> dict:
+    """`p99_first` / `p99_last`: pooled (`pooled_p99`); by default the median of the first and
+    last three windows' own p99."""
     steady = [w for w in windows if w["start_s"] >= warmup_s and w["finished"]]
     unexpected = {k: v for w in windows for k, v in w["outcomes"].items() if k.startswith("unexpected")}
     out: dict = {"unexpected": unexpected, "steady_windows": len(steady)}
     if len(steady) >= 2:
         growth = steady[-1]["rss_mib"] / steady[0]["rss_mib"] - 1 if steady[0]["rss_mib"] else 0.0
-        head = statistics.median(w["p99_s"] for w in steady[:3])
-        tail = statistics.median(w["p99_s"] for w in steady[-3:])
+        head = p99_first if p99_first is not None else statistics.median(w["p99_s"] for w in steady[:3])
+        tail = p99_last if p99_last is not None else statistics.median(w["p99_s"] for w in steady[-3:])
         out.update(memory_growth=growth, p99_first_s=head, p99_last_s=tail, p99_drift=tail / head)
         out["pass"] = not unexpected and growth < MEMORY_GROWTH_LIMIT and tail <= P99_DRIFT_LIMIT * head
     else:
@@ -166,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--duration-s", type=float, default=600)
     ap.add_argument("--window-s", type=float, default=10)
     ap.add_argument("--warmup-s", type=float, default=30)
+    ap.add_argument("--judge-s", type=float, default=60, help="p99 pooled over this long at the start and the end")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--request-timeout-s", type=float, default=120)
@@ -173,14 +189,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         log = Path(tmp) / "serve.log"
         with Served(["serve", "--topology", args.topology], log=log) as server:
-            windows = [w.summary() for w in asyncio.run(drive(server.url, args, server))]
+            raw = asyncio.run(drive(server.url, args, server))
+            windows = [w.summary() for w in raw]
+            p99_first, p99_last = pooled_p99(raw, args.warmup_s, args.judge_s)
             code = server.stop()
             tail = log.read_text()[-2000:]
     doc = {"benchmark": "soak", "command": "python bench/soak.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "commit": args.commit, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "mix": dict(KINDS), "criteria": {"memory_growth_below": MEMORY_GROWTH_LIMIT,
-                                            "p99_last3_over_first3_at_most": P99_DRIFT_LIMIT},
-           "windows": windows, "verdict": verdict(windows, args.warmup_s), "server_exit_code": code}
+                                            "p99_last_over_first_at_most": P99_DRIFT_LIMIT,
+                                            "pooled_over_s": args.judge_s},
+           "windows": windows, "verdict": verdict(windows, args.warmup_s, p99_first, p99_last),
+           "server_exit_code": code}
     if code != 0:
         doc["server_log_tail"] = tail
     args.out.write_text(json.dumps(doc, indent=1))

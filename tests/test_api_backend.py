@@ -88,3 +88,53 @@ def test_close_ends_waiters_and_health(wired):
 
     asyncio.run(asyncio.wait_for(run(), 5))
     assert backend.health()[0] is False
+
+
+def test_actor_death_resends_what_has_not_streamed(tmp_path):
+    """Three requests in flight when decode dies: the one that has streamed ends with a 503 naming
+    it; the others are cancelled under their old ids and sent again under new ones, whose results
+    reach the client's streams (under the client's ids) while the old attempts' are dropped.
+    A request past a dead preprocess goes on; after `max_retries` re-sends a request fails."""
+    ctx = zmq.Context()
+    ends = {n: f"ipc://{tmp_path}/{n}" for n in ("pre", "results", "engine")}
+    preprocess, engine = pull(ctx, ends["pre"]), pull(ctx, ends["engine"])
+    backend = ZmqBackend([ends["pre"]], ends["results"], [ends["engine"]], max_retries=1)
+    backend.start()
+    actor_out = push(ctx, ends["results"])
+
+    async def run():
+        streams = {rid: backend.submit(request(rid)) for rid in ("a", "b", "c")}
+        assert sorted(preprocess.recv(timeout_ms=2000).request_id for _ in range(3)) == ["a", "b", "c"]
+        actor_out.send(TokenBatch("a", [5]))
+        assert (await asyncio.wait_for(streams["a"].next(), 2)).token_ids == [5]
+        backend.actor_down("decode", 0, "decode-0 died (exit -9)")
+        error = await asyncio.wait_for(streams["a"].next(), 2)
+        assert isinstance(error, RequestError) and error.code == 503 and "decode-0" in error.message
+        assert sorted(engine.recv(timeout_ms=2000).request_id for _ in range(3)) == ["a", "b", "c"]  # cancels
+        assert sorted(preprocess.recv(timeout_ms=2000).request_id for _ in range(2)) == ["b.retry1", "c.retry1"]
+        assert backend.retried == 2 and backend.in_flight == 2
+        actor_out.send(TokenBatch("b", [1], "length"))  # the old attempt: dropped
+        actor_out.send(TokenBatch("b.retry1", [7]))
+        actor_out.send(TokenBatch("b.retry1", [8], "length"))
+        got = [m async for m in streams["b"]]
+        assert [m.token_ids for m in got] == [[7], [8]] and {m.request_id for m in got} == {"b"}
+        actor_out.send(TokenBatch("c.retry1", [9]))
+        assert (await asyncio.wait_for(streams["c"].next(), 2)).token_ids == [9]
+        backend.actor_down("preprocess", 0, "preprocess-0 died")  # c has streamed: past preprocess
+        assert backend.in_flight == 1
+        backend.actor_down("engine", 0, "engine-0 died")  # c has streamed and was at the engine
+        assert isinstance(await asyncio.wait_for(streams["c"].next(), 2), RequestError)
+        d = backend.submit(request("d"))
+        preprocess.recv(timeout_ms=2000)
+        backend.actor_down("engine", 0, "engine-0 died")  # d: re-sent once
+        backend.actor_down("engine", 0, "engine-0 died again")  # past max_retries: fails
+        assert isinstance(await asyncio.wait_for(d.next(), 2), RequestError) and backend.retried == 3
+        assert backend.in_flight == 0
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 10))
+    finally:
+        backend.close()
+        for ch in (preprocess, engine, actor_out):
+            ch.close()
+        ctx.term()

@@ -19,6 +19,9 @@ def test_verdict():
     failing = steady[:-1] + [window(50, 1.0, 100.0, ok=9, **{"unexpected:status 500": 1})]
     assert soak.verdict(failing, 10)["unexpected"] == {"unexpected:status 500": 1} and not soak.verdict(failing, 10)["pass"]
     assert not soak.verdict(steady[:1], 0)["pass"]  # too short to judge
+    assert not soak.verdict(steady, 10, p99_first=1.0, p99_last=1.6)["pass"]  # pooled figures win
+    windows = [soak.Window(float(s), latencies=[0.1 * (s + 1)] * 10) for s in range(0, 100, 10)]
+    assert soak.pooled_p99(windows, warmup_s=10, judge_s=20) == (2.1, 9.1)  # windows 10-20 and 80-90
 
 
 def test_a_short_soak_against_tandem_serve(tmp_path):
