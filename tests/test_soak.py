@@ -1,4 +1,4 @@
-"""bench/soak.py: its verdict, and a few seconds of its mixed load against `tandem serve`."""
+"""bench/soak.py's verdict (the soak itself runs for minutes: `bench/results/soak_cpu.json`)."""
 
 from tests.bench_scripts import load_bench
 
@@ -23,11 +23,3 @@ def test_verdict():
     windows = [soak.Window(float(s), latencies=[0.1 * (s + 1)] * 10) for s in range(0, 100, 10)]
     assert soak.pooled_p99(windows, warmup_s=10, judge_s=20) == (2.1, 9.1)  # windows 10-20 and 80-90
 
-
-def test_a_short_soak_against_tandem_serve(tmp_path):
-    soak = load_bench("soak")
-    doc = soak.main(["--duration-s", "5", "--window-s", "1", "--warmup-s", "1", "--clients", "4",
-                     "--out", str(tmp_path / "soak.json")])
-    outcomes = {k for w in doc["windows"] for k in w["outcomes"]}
-    assert doc["verdict"]["unexpected"] == {} and doc["server_exit_code"] == 0, doc
-    assert "ok" in outcomes and len(doc["windows"]) >= 4 and all(w["rss_mib"] > 0 for w in doc["windows"])
