@@ -131,26 +131,6 @@ def test_killed_decode_ends_streams_with_an_error_then_recovers(disaggregated):
     assert answer["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_sigterm_leaves_no_process_socket_or_shared_memory(tmp_path):
-    before = set(Path("/dev/shm").glob("tandem-*"))
-    other_runs = set(Path("/tmp").glob("tandem-*"))  # the module's other servers
-    served = Served(["serve", "--topology", "cpu_disaggregated", "--trace-dir", str(tmp_path / "traces")],
-                    log=tmp_path / "tandem.log")
-    with served:
-        run_dirs = {p for p in Path("/tmp").glob("tandem-*") if p.is_dir()} - other_runs
-        assert len(run_dirs) == 1, run_dirs
-        _chat(served.url, {"model": "tandem-default", "messages": [{"role": "user", "content": "Add 2 and 3."}],
-                           "max_tokens": 8})
-        assert served.stop() == 0
-    assert not any(p.exists() for p in run_dirs)
-    assert set(Path("/dev/shm").glob("tandem-*")) <= before
-    trace = next((tmp_path / "traces").glob("trace-*.json"))  # merged by the launcher at stop
-    events = json.loads(trace.read_text())["traceEvents"]
-    tracks = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
-    with_spans = {tracks[e["pid"]] for e in events if e.get("ph") == "X"}
-    assert with_spans == {"api-0", "preprocess-0", "prefill-0", "decode-0"}, with_spans
-
-
 TWO_NODE = """
 name = "two-netns"
 [model]

@@ -77,8 +77,8 @@ def test_greedy_with_drafts_equals_plain_greedy(tiny):
     expected = [(s.output, s.finish_reason) for s in plain]
     assert any(r == "stop" for _, r in expected) and any(r == "length" for _, r in expected)
     plain_steps = run(model, cfg, requests)[0].stats.steps
-    cases = [(OracleDrafter(futures, cfg.vocab_size), k, 8) for k in (1, 2, 3, 4)]
-    cases += [(RandomDrafter(cfg.vocab_size, seed=k), k, 8) for k in (1, 2, 3, 4)]
+    cases = [(OracleDrafter(futures, cfg.vocab_size), k, 8) for k in (1, 2, 4)]
+    cases += [(RandomDrafter(cfg.vocab_size, seed=k), k, 8) for k in (1, 3)]
     cases += [(OracleDrafter(futures, cfg.vocab_size, wrong_every=3), 3, 1), (RandomDrafter(cfg.vocab_size), 2, 1)]
     for drafter, k, batch in cases:
         engine, seqs = run(model, cfg, requests, drafter, k=k, max_running=batch)

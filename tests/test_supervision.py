@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -30,15 +31,24 @@ BODY = {"model": "tandem-default", "messages": [{"role": "user", "content": "Cop
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """cpu_disaggregated with one torch thread per actor (five processes on a small machine)."""
-    work = tmp_path_factory.mktemp("supervision")
+def work(tmp_path_factory):
+    """(directory for the run's files, run directories and shm segments that existed before it)."""
+    return (tmp_path_factory.mktemp("supervision"), set(Path("/tmp").glob("tandem-*")),
+            set(Path("/dev/shm").glob("tandem-*")))
+
+
+@pytest.fixture(scope="module")
+def server(work):
+    """cpu_disaggregated with one torch thread per actor (five processes on a small machine),
+    tracing to `work/traces`."""
+    work = work[0]
     text = (EXAMPLES / "cpu_disaggregated.toml").read_text()
     topology = work / "topology.toml"
     topology.write_text(re.sub(r'(\[\[actors\]\]\nkind = "(prefill|decode|vision_encoder|audio_encoder)"\n)',
                                r"\1threads = 1\n", text))
     assert load_topology(topology).actor("decode").threads == 1
-    with Served(["serve", "--topology", str(topology)], log=work / "serve.log") as served:
+    with Served(["serve", "--topology", str(topology), "--trace-dir", str(work / "traces")],
+                log=work / "serve.log") as served:
         yield served
 
 
@@ -129,3 +139,20 @@ def test_kill_each_actor_kind_under_load(server):
     assert not any(metric(metrics, "tandem_kv_pages_used")), metrics
     assert metric(metrics, "tandem_api_requests_in_flight") == [0]
     assert httpx.post(f"{server.url}/v1/chat/completions", json={**BODY, "stream": False}, timeout=60).status_code == 200
+
+
+def test_sigterm_then_leaves_no_process_socket_or_shared_memory(server, work):
+    """After the kills and restarts: SIGTERM stops every process of the run (`Served.stop` checks
+    none outlives the launcher), removes its run directory and shared memory, and merges the
+    actors' spans into one Chrome trace."""
+    work, runs_before, shm_before = work
+    run_dirs = {p for p in Path("/tmp").glob("tandem-*") if p.is_dir()} - runs_before
+    assert len(run_dirs) == 1, run_dirs
+    assert server.stop() == 0
+    assert not any(p.exists() for p in run_dirs)
+    assert set(Path("/dev/shm").glob("tandem-*")) <= shm_before
+    trace = next((work / "traces").glob("trace-*.json"))  # merged by the launcher at stop
+    events = json.loads(trace.read_text())["traceEvents"]
+    tracks = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    with_spans = {tracks[e["pid"]] for e in events if e.get("ph") == "X"}
+    assert {"api-0", "preprocess-0", "prefill-0", "decode-0"} <= with_spans, with_spans
