@@ -35,7 +35,7 @@ from pathlib import Path
 from topology.config import Topology, load_topology, with_api_overrides, with_model_overrides, with_speculative
 from topology.wiring import API, ActorId, plan_wiring
 
-from .messages import ActorReady, ActorStatus
+from .messages import STARTUP_STATUS, ActorReady, ActorStatus
 from .security import topology_context
 from .transport import pull, push
 
@@ -139,6 +139,8 @@ class Launcher:
         except BaseException:
             self.stop()
             raise
+        # the api reports healthy once every node's launcher has said this
+        self.notices.send(ActorStatus(STARTUP_STATUS, 0, True, self.node))
 
     def _command(self, actor: ActorId) -> list[str]:
         o = self.options
@@ -221,6 +223,9 @@ class Launcher:
         self.events.append((time.monotonic(), f"{actor.name} restarted"))
         self._log(f"{actor.name} restarted")
         self.notices.send(ActorStatus(actor.kind, actor.replica, True, f"{actor.name} restarted"))
+        if actor.kind == API:  # a new api waits for every node's start-up notice: the nodes were up
+            for node in self.topology.nodes:
+                self.notices.send(ActorStatus(STARTUP_STATUS, 0, True, node))
 
     # -- stop --------------------------------------------------------------------------------
     def stop(self) -> None:

@@ -265,9 +265,13 @@ class ActorReady:
     pid: int
 
 
+STARTUP_STATUS = "startup"  # ActorStatus.actor of a launcher's "all my actors are ready"
+
+
 @message
 class ActorStatus:
-    """launcher -> api: an actor died (`up` False; its requests in flight are lost) or is back."""
+    """launcher -> api: an actor died (`up` False; its requests in flight are lost) or is back;
+    or, with `actor` = `STARTUP_STATUS`, that every actor of a node (`detail`) is ready."""
 
     actor: str
     replica: int

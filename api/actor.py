@@ -15,7 +15,7 @@ import threading
 import zmq
 
 from actors.main import ActorContext, announce_ready, checkpoint_dir
-from actors.messages import ActorStatus
+from actors.messages import STARTUP_STATUS, ActorStatus
 from actors.security import topology_context
 from actors.tracing import Tracer
 from actors.transport import pull
@@ -32,16 +32,19 @@ def served_model_name(ctx: ActorContext) -> str:
     return "tandem-default" if ctx.topology.model.path == "default" else checkpoint_dir(ctx.topology).name
 
 
-def watch_notices(zctx: zmq.Context, endpoint: str, backend: ZmqBackend, stop: threading.Event) -> None:
-    """Apply the launcher's actor down / up notices to the backend until `stop`."""
+def watch_notices(zctx: zmq.Context, endpoint: str, backend: ZmqBackend, stop: threading.Event,
+                  nodes: tuple[str, ...] = ()) -> None:
+    """Apply the launchers' notices to the backend until `stop`: unhealthy until the launcher of
+    every node in `nodes` says all its actors are ready, then while any actor is down."""
     inbox = pull(zctx, endpoint)
-    down: dict[str, str] = {}
+    down: dict[str, str] = {f"{STARTUP_STATUS}-{node}": f"node {node}: actors starting" for node in nodes}
+    backend.set_health(not down, "; ".join(down.values()) if down else "ok")
     try:
         while not stop.is_set():
             msg = inbox.recv(timeout_ms=100)
             if not isinstance(msg, ActorStatus):
                 continue
-            name = f"{msg.actor}-{msg.replica}"
+            name = f"{msg.actor}-{msg.detail if msg.actor == STARTUP_STATUS else msg.replica}"
             if msg.up:
                 down.pop(name, None)
             else:
@@ -70,7 +73,8 @@ def run_api(ctx: ActorContext) -> int:
                      media_kinds=ctx.topology.media_kinds)
     server = ApiServer(app, ServerConfig(host=ctx.host or api.host, port=ctx.port or api.port))
     stop = threading.Event()
-    notices = threading.Thread(target=watch_notices, args=(zctx, wiring.api_control, backend, stop), daemon=True)
+    notices = threading.Thread(target=watch_notices, args=(zctx, wiring.api_control, backend, stop,
+                                                           tuple(ctx.topology.nodes)), daemon=True)
     notices.start()
 
     def ready_when_listening() -> None:
