@@ -11,6 +11,7 @@ the load stops, no KV page is in use and the api holds no request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.serving import Served
@@ -53,13 +55,31 @@ def server(work):
         yield served
 
 
-async def stream_once(client: httpx.AsyncClient, url: str) -> tuple[str, float, float]:
+def media_bodies(count: int = 2) -> list[dict]:
+    """Image and audio tasks of the default model as streamed chat bodies; each call's pixels and
+    samples are nudged at random so the encoders work on every request (no cache hit)."""
+    from default_model.tasks import make_set
+    from tests.test_multimodal_serve import openai_messages
+
+    rng = np.random.default_rng()
+    bodies = []
+    for inst in make_set(int(rng.integers(1 << 30)), count, heldout=True, kinds=("colour", "tone")):
+        if inst.image is not None:
+            inst = dataclasses.replace(inst, image=np.clip(inst.image.astype(int) + rng.integers(-3, 4, inst.image.shape),
+                                                           0, 255).astype(np.uint8))
+        if inst.audio is not None:
+            inst = dataclasses.replace(inst, audio=inst.audio + rng.normal(0, 1e-3, inst.audio.shape))
+        bodies.append({**BODY, "messages": openai_messages(inst)})
+    return bodies
+
+
+async def stream_once(client: httpx.AsyncClient, url: str, body: dict = BODY) -> tuple[str, float, float]:
     """(outcome, start, end): `ok` (tokens then [DONE]), `error:<message>` (a clear error), or
     `hang` / `unclear:<what>` (failures of this test)."""
     start = time.monotonic()
     try:
         async with asyncio.timeout(REQUEST_DEADLINE_S):
-            async with client.stream("POST", f"{url}/v1/chat/completions", json=BODY) as reply:
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as reply:
                 if reply.status_code != 200:
                     body = json.loads(await reply.aread())
                     return f"error:{body['error']['message']}", start, time.monotonic()
@@ -87,10 +107,11 @@ async def load_and_kill(server: Served) -> tuple[list, list, list[float]]:
     retried: list[float] = []  # the api's retry count before it is killed
     stop = asyncio.Event()
 
-    async def client_loop() -> None:
+    async def client_loop(index: int) -> None:
         async with httpx.AsyncClient(timeout=None) as client:
-            while not stop.is_set():
-                results.append(await stream_once(client, server.url))
+            while not stop.is_set():  # a quarter of the clients send images and audio: the encoders work
+                body = media_bodies(2)[index % 2] if index % 4 == 0 else BODY
+                results.append(await stream_once(client, server.url, body))
                 if results[-1][0].startswith("connection:"):
                     await asyncio.sleep(0.2)  # the api is down: try again shortly
 
@@ -117,7 +138,7 @@ async def load_and_kill(server: Served) -> tuple[list, list, list[float]]:
                 await asyncio.sleep(1.5)  # load runs on the restarted actor
         stop.set()
 
-    clients = [asyncio.create_task(client_loop()) for _ in range(CLIENTS)]
+    clients = [asyncio.create_task(client_loop(i)) for i in range(CLIENTS)]
     await killer()
     await asyncio.gather(*clients)
     return results, kills, retried
