@@ -2,6 +2,7 @@
 broadcast, the in-flight bound, and that fail_all and close end every waiter at once."""
 
 import asyncio
+import contextlib
 
 import pytest
 import zmq
@@ -16,19 +17,28 @@ def request(rid):
     return GenerateRequest(rid, '{"messages": [{"role": "user", "content": "x"}]}', SamplingSpec())
 
 
-@pytest.fixture()
-def wired(tmp_path):
+@contextlib.contextmanager
+def wiring(tmp_path, **backend_options):
+    """A started backend and bare sockets for preprocess, an engine and an actor's results."""
     ctx = zmq.Context()
     ends = {n: f"ipc://{tmp_path}/{n}" for n in ("pre", "results", "engine")}
     preprocess, engine = pull(ctx, ends["pre"]), pull(ctx, ends["engine"])
-    backend = ZmqBackend([ends["pre"]], ends["results"], [ends["engine"]], max_in_flight=2)
+    backend = ZmqBackend([ends["pre"]], ends["results"], [ends["engine"]], **backend_options)
     backend.start()
     actor_out = push(ctx, ends["results"])
-    yield backend, preprocess, engine, actor_out
-    backend.close()
-    for ch in (preprocess, engine, actor_out):
-        ch.close()
-    ctx.term()
+    try:
+        yield backend, preprocess, engine, actor_out
+    finally:
+        backend.close()
+        for ch in (preprocess, engine, actor_out):
+            ch.close()
+        ctx.term()
+
+
+@pytest.fixture()
+def wired(tmp_path):
+    with wiring(tmp_path, max_in_flight=2) as parts:
+        yield parts
 
 
 def test_routes_results_and_stats(wired):
@@ -95,14 +105,7 @@ def test_actor_death_resends_what_has_not_streamed(tmp_path):
     it; the others are cancelled under their old ids and sent again under new ones, whose results
     reach the client's streams (under the client's ids) while the old attempts' are dropped.
     A request past a dead preprocess goes on; after `max_retries` re-sends a request fails."""
-    ctx = zmq.Context()
-    ends = {n: f"ipc://{tmp_path}/{n}" for n in ("pre", "results", "engine")}
-    preprocess, engine = pull(ctx, ends["pre"]), pull(ctx, ends["engine"])
-    backend = ZmqBackend([ends["pre"]], ends["results"], [ends["engine"]], max_retries=1)
-    backend.start()
-    actor_out = push(ctx, ends["results"])
-
-    async def run():
+    async def run(backend, preprocess, engine, actor_out):
         streams = {rid: backend.submit(request(rid)) for rid in ("a", "b", "c")}
         assert sorted(preprocess.recv(timeout_ms=2000).request_id for _ in range(3)) == ["a", "b", "c"]
         actor_out.send(TokenBatch("a", [5]))
@@ -131,10 +134,5 @@ def test_actor_death_resends_what_has_not_streamed(tmp_path):
         assert isinstance(await asyncio.wait_for(d.next(), 2), RequestError) and backend.retried == 3
         assert backend.in_flight == 0
 
-    try:
-        asyncio.run(asyncio.wait_for(run(), 10))
-    finally:
-        backend.close()
-        for ch in (preprocess, engine, actor_out):
-            ch.close()
-        ctx.term()
+    with wiring(tmp_path, max_retries=1) as parts:
+        asyncio.run(asyncio.wait_for(run(*parts), 10))
