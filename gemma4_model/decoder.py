@@ -16,9 +16,11 @@ from torch.nn import functional as F
 from .attention import paged_attention, write_kv
 from .batch import ForwardBatch
 from .config import LayerSpec, TextConfig
+from .kernels.fused import KVWrite, gelu_mul, head_norm_rope, ple_combine, ple_combine_torch, residual_norm
 from .kernels.paged_attention import paged_attention_triton
 from .kv_cache import PagedKVCache
-from .layers import MLP, Experts, RMSNorm, RotaryEmbedding, Router, add_sandwich_norms, apply_rope, gelu_tanh
+from .layers import (MLP, Experts, RMSNorm, RotaryEmbedding, Router, add_sandwich_norms, apply_rope, gelu_tanh,
+                     is_packed, pack_rows)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,34 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
+        self._qkv: torch.Tensor | None = None  # q|k|v rows, once packed
+
+    def packed_qkv(self) -> torch.Tensor:
+        """One weight of q|k|v rows, q_proj/k_proj/v_proj made views of it (packed again if a
+        move or a new weight tensor undid that)."""
+        projections = [p for p in (self.q_proj, self.k_proj, self.v_proj) if p is not None]
+        if not is_packed(self._qkv, projections):
+            self._qkv = pack_rows(*projections)
+        return self._qkv
+
+    def forward_kernels(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                        cache: PagedKVCache) -> torch.Tensor:
+        """`forward` on normed input `y` through the fused kernels (q, k, v in one product, their
+        norms, RoPE and the cache write in one launch, then the Triton attention)."""
+        spec = self.spec
+        group = cache.groups[spec.layer_type]
+        slot = group.slot_of(spec.kv_owner)
+        eps = self.q_norm.eps
+        if spec.owns_kv:
+            shape = (-1, spec.num_kv_heads, spec.head_dim)
+            kv = KVWrite(self.k_norm.weight, spec.num_kv_heads, spec.k_eq_v, group.k[slot].view(shape),
+                         group.v[slot].view(shape), batch.groups[spec.layer_type].write_slots)
+            q = head_norm_rope(F.linear(y, self.packed_qkv()), self.heads, spec.head_dim, self.q_norm.weight, cos, sin,
+                               eps, kv)
+        else:
+            q = head_norm_rope(self.q_proj(y), self.heads, spec.head_dim, self.q_norm.weight, cos, sin, eps)
+        out = paged_attention_triton(q, group, slot, batch, spec.layer_type, self.span_mode)
+        return self.o_proj(out.reshape(y.shape[0], -1))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         spec = self.spec
@@ -105,12 +135,37 @@ class DecoderLayer(nn.Module):
             x = x + self.post_per_layer_input_norm(self.per_layer_projection(gated))
         return x * self.layer_scalar
 
+    def forward_kernels(self, x: torch.Tensor, y: torch.Tensor, ple_input: torch.Tensor | None, cos, sin, batch,
+                        cache, next_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` through the fused kernels: x is the residual stream, y = input_layernorm(x);
+        returns the layer's output and its norm by `next_norm` (the next layer's input norm, or
+        the final norm), each norm fused with the residual add before it."""
+        eps = self.input_layernorm.eps
+        attn = self.self_attn.forward_kernels(y, cos, sin, batch, cache)
+        h, y = residual_norm(attn, x, self.post_attention_layernorm.weight, eps,
+                             next_weight=self.pre_feedforward_layernorm.weight)
+        mlp = self.mlp
+        gate_up = F.linear(y, mlp.packed_gate_up())
+        inter = mlp.gate_proj.weight.shape[0]
+        m = mlp.down_proj(gelu_mul(gate_up[:, :inter], gate_up[:, inter:]))
+        if self.moe:
+            weights, experts = self.router(h)
+            routed = self.experts(self.pre_feedforward_layernorm_2(h), weights, experts)
+            m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(routed)
+        if not self.ple:
+            return residual_norm(m, h, self.post_feedforward_layernorm.weight, eps, self.layer_scalar, next_norm)
+        x, _ = residual_norm(m, h, self.post_feedforward_layernorm.weight, eps)
+        gated = gelu_mul(self.per_layer_input_gate(x), ple_input)
+        return residual_norm(self.per_layer_projection(gated), x, self.post_per_layer_input_norm.weight, eps,
+                             self.layer_scalar, next_norm)
+
 
 class TextDecoder(nn.Module):
     """Gemma 4 text decoder; parameter names match the checkpoint's language-model tensors.
 
-    `kernels=True` runs attention through the Triton kernel (CUDA tensors, or Triton's
-    interpreter on CPU) instead of the PyTorch path.
+    `kernels=True` (`set_kernels`) runs the layers through the Triton kernels (CUDA tensors, or
+    Triton's interpreter on CPU): the fused norms, RoPE and activations of `kernels.fused` and
+    the paged attention kernel, over packed q|k|v and gate|up weights; off, the PyTorch twins.
     """
 
     def __init__(self, cfg: TextConfig, kernels: bool = False):
@@ -129,7 +184,11 @@ class TextDecoder(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def set_kernels(self, on: bool) -> None:
-        """Run attention through the Triton kernel (on) or its PyTorch twin (off)."""
+        """Run the layers through the Triton kernels (on) or their PyTorch twins (off).
+
+        The kernels' first forward packs each layer's q|k|v and gate|up weights into one tensor
+        apiece, the checkpoint-named parameters becoming views of it (`load_state_dict` writes
+        through them; a move to another device is packed again at the next forward)."""
         self.kernels = on
         for layer in self.layers:
             layer.self_attn.kernels = on
@@ -146,11 +205,9 @@ class TextDecoder(nn.Module):
         part) while `embeds` hold the spliced soft tokens (the projection part).
         """
         cfg = self.cfg
-        proj = self.per_layer_model_projection(embeds) * cfg.hidden_size**-0.5
-        proj = self.per_layer_projection_norm(proj.view(-1, cfg.num_layers, cfg.ple_dim))
-        w = self.embed_tokens_per_layer.weight
-        table = F.embedding(token_ids, w) * torch.tensor(cfg.ple_dim**0.5, dtype=w.dtype)
-        return (proj + table.view(-1, cfg.num_layers, cfg.ple_dim)) * 2.0**-0.5
+        combine = ple_combine if self.kernels else ple_combine_torch
+        return combine(self.per_layer_model_projection(embeds), token_ids, self.embed_tokens_per_layer.weight,
+                       self.per_layer_projection_norm.weight, cfg.num_layers, cfg.hidden_size, cfg.rms_norm_eps)
 
     def input_embeddings(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(token ids with media rows set to the pad id, embeddings with the soft tokens spliced in)."""
@@ -180,6 +237,8 @@ class TextDecoder(nn.Module):
         ids, x = self.input_embeddings(batch)
         ple = self.per_layer_inputs(ids, x) if self.cfg.ple_dim else None
         rope = {name: r(batch.positions, x.dtype) for name, r in self.rotary.items()}
+        if self.kernels:
+            return self._forward_kernels(x, ple, rope, batch, cache)
         first_shared = self.cfg.first_shared_layer
         for i, layer in enumerate(self.layers):
             if i == first_shared and batch.logits_rows.numel() < x.shape[0]:
@@ -192,4 +251,22 @@ class TextDecoder(nn.Module):
             cos, sin = rope[layer.spec.layer_type]
             x = layer(x, None if ple is None else ple[:, i], cos, sin, batch, cache)
         hidden = self.norm(x[batch.logits_rows])
+        return DecoderOutput(logits=self.head(hidden), hidden=hidden)
+
+    def _forward_kernels(self, x, ple, rope, batch: ForwardBatch, cache: PagedKVCache) -> DecoderOutput:
+        """The layers through the fused kernels: each layer's last norm is the next one's input
+        norm (the last layer's, the final norm)."""
+        layers, first_shared = self.layers, self.cfg.first_shared_layer
+        y, _ = residual_norm(x, None, layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
+        for i, layer in enumerate(layers):
+            if i == first_shared and batch.logits_rows.numel() < x.shape[0]:
+                rows = batch.logits_rows.unique(sorted=True)
+                x, y = x[rows], y[rows]
+                ple = None if ple is None else ple[rows]
+                rope = {name: (c[rows], s[rows]) for name, (c, s) in rope.items()}
+                batch = batch.select_rows(rows)
+            cos, sin = rope[layer.spec.layer_type]
+            next_norm = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else self.norm.weight
+            x, y = layer.forward_kernels(x, y, None if ple is None else ple[:, i], cos, sin, batch, cache, next_norm)
+        hidden = y[batch.logits_rows]
         return DecoderOutput(logits=self.head(hidden), hidden=hidden)

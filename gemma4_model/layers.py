@@ -17,6 +17,40 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm of the last dim in float32, times `weight` when given, back in x's dtype."""
+    xf = x.float()
+    out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        out = out * weight.float()
+    return out.type_as(x)
+
+
+def pack_rows(*linears: nn.Linear) -> torch.Tensor:
+    """One [sum of out features, in] weight whose row blocks the given layers' weights become views
+    of (their names and shapes unchanged): a fused projection is then one matrix product."""
+    packed = torch.cat([lin.weight.data for lin in linears])
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = packed[start:start + rows]
+        start += rows
+    return packed
+
+
+def is_packed(packed: torch.Tensor | None, linears) -> bool:
+    """Whether the linears' weights are still consecutive row views of `packed`."""
+    if packed is None:
+        return False
+    start = packed.data_ptr()
+    for lin in linears:
+        w = lin.weight
+        if w.data_ptr() != start or w.untyped_storage().data_ptr() != packed.untyped_storage().data_ptr():
+            return False
+        start += w.numel() * w.element_size()
+    return True
+
+
 class RMSNorm(nn.Module):
     """RMSNorm in float32, scaled by `weight` (not 1 + weight); `with_scale=False` has no weight."""
 
@@ -26,11 +60,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            out = out * self.weight.float()
-        return out.type_as(x)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -61,9 +91,16 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self._gate_up: torch.Tensor | None = None  # gate|up rows, once packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+    def packed_gate_up(self) -> torch.Tensor:
+        """One weight of gate|up rows, gate_proj/up_proj made views of it (see `pack_rows`)."""
+        if not is_packed(self._gate_up, (self.gate_proj, self.up_proj)):
+            self._gate_up = pack_rows(self.gate_proj, self.up_proj)
+        return self._gate_up
 
 
 class Router(nn.Module):

@@ -117,7 +117,7 @@ def test_gemma_head_dims(head_dim, heads, kv_heads):
 
 
 def test_flash_decoding_splits_equal_one_pass():
-    """1100 keys: three splits of SPLIT_KEYS, the rest of the 16 empty; a window: one split."""
+    """1100 keys over 16 splits, 3 keys over one (the rest empty); a window: fewer splits."""
     q, group, batch = make_case([Seq(1100, 1), Seq(3, 1), Seq(150, 1)], heads=2, kv_heads=1, head_dim=16, page=16)
     want = paged_attention(q, group, 0, batch, LAYER, "none")
     for splits in (1, 16):

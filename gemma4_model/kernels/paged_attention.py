@@ -34,7 +34,7 @@ SPAN_MODES = {"none": 0, "windowed": 1, "override": 2}
 NO_WINDOW = 1 << 30  # a window no sequence reaches: the causal mask alone
 _FAR = tl.constexpr(NO_WINDOW)
 _LOG2E = tl.constexpr(1.4426950408889634)
-SPLIT_KEYS = 512  # keys per flash-decoding split (a multiple of every BLOCK_N)
+SPLIT_KEYS = 64  # the fewest keys of a flash-decoding split (a multiple of every BLOCK_N)
 MAX_SPLITS = 16  # the splits of every decode-like launch on a GPU
 _SPLIT_KEYS = tl.constexpr(SPLIT_KEYS)
 
