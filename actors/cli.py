@@ -84,11 +84,14 @@ def add_scheduler_options(command: argparse.ArgumentParser) -> None:
                             "sequences as CUDA graphs (default: --max-running-requests)")
     group.add_argument("--disable-cuda-graph", action="store_const", const=0, dest="cuda_graph_max_bs",
                        help="run every step eagerly")
+    group.add_argument("--disable-overlap-schedule", action="store_const", const=True,
+                       help="wait for each decode step's tokens before launching the next (default: the "
+                            "next step is launched first, the host's work hidden under the device's)")
 
 
 def scheduler_overrides(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
     names = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
-             "cuda_graph_max_bs", "kv_cache_dtype")
+             "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule")
     return tuple((name, getattr(args, name)) for name in names if getattr(args, name) is not None)
 
 

@@ -97,7 +97,7 @@ class EngineActor:
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            idle = not self.engine.scheduler.has_work()
+            idle = not self.engine.has_work()
             waiting = self.receiver is not None and self.receiver.pending()  # a handoff's other half is due
             waiting = waiting or self.media.pending() or (self.sender is not None and self.sender.pending())
             device_wait = idle and self.receiver is not None and self.receiver.on_device and self.receiver.pending()
@@ -113,7 +113,7 @@ class EngineActor:
                 self.sender.poll()
             for request_id, code, problem in self.media.expired():
                 self.outbox.send(RequestError(request_id, code, problem))
-            if self.engine.scheduler.has_work():
+            if self.engine.has_work():
                 self.step()
             self.report_load()
             self.tracer.tick()

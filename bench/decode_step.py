@@ -31,7 +31,7 @@ from gemma4_model.kv_cache import PagedKVCache  # noqa: E402
 from gemma4_model.random_weights import random_text_decoder  # noqa: E402
 from gemma4_model.sampling import SamplingParams  # noqa: E402
 
-MODES = ("eager", "kernels", "graphs")
+MODES = ("eager", "kernels", "graphs", "overlap")
 
 
 def say(*parts) -> None:
@@ -39,14 +39,19 @@ def say(*parts) -> None:
 
 
 def time_steps(engine: Engine, steps: int, device: torch.device) -> list[float]:
+    """Wall time of each step; with overlap scheduling no synchronisation between steps (each
+    call waits for the previous step's tokens, so in steady state it lasts one device step)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    between = sync if not engine.overlap else (lambda: None)
     times = []
+    sync()
     for _ in range(steps):
-        sync()
+        between()
         t0 = time.perf_counter()
         engine.step()
-        sync()
+        between()
         times.append((time.perf_counter() - t0) * 1e3)
+    sync()
     return times
 
 
@@ -56,9 +61,9 @@ def measure(model, cfg, batch: int, mode: str, args, device: torch.device, dtype
     cache = PagedKVCache(cfg, page_size=args.page_size, num_pages=batch * pages_per_seq + 8, device=device,
                          dtype=dtype)
     engine = Engine(model, cache, SchedulerLimits(max_batch_tokens=max(8192, batch), max_running=batch,
-                                                  chunk_size=4096))
+                                                  chunk_size=4096), overlap=mode == "overlap")
     capture_s = None
-    if mode == "graphs":
+    if mode in ("graphs", "overlap"):
         t0 = time.perf_counter()
         engine.capture_decode_graphs(batch)
         capture_s = time.perf_counter() - t0
@@ -106,7 +111,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         sys.argv[1:] if argv is None else argv), "commit": args.commit, "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "dtype": str(dtype),
         "context": args.context, "copy_bandwidth_gbps": round(bandwidth, 1),
-        "timing": "wall clock of Engine.step between device synchronisations (batch build, forward, sampling)",
+        "timing": "wall clock of Engine.step between device synchronisations (batch build, forward, sampling); "
+                  "overlap: no synchronisation between steps (overlap scheduling: the host's work of a step "
+                  "runs while the device runs the next)",
         "floor": "mtp_speed.step_bytes / copy bandwidth"}
     records = []
     for name in args.models.split(","):

@@ -39,6 +39,14 @@ class GroupView:
     write_slots: torch.Tensor  # [T] flat slot (page * page_size + offset) per query token
 
 
+def on_device(values, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list (or tensor) as a tensor on `device`, copied without waiting for the device's
+    queue: `torch.tensor(values, device=cuda)` and a plain `.to` synchronise with it, where a
+    non-blocking copy of pageable memory is staged at once."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    return t.to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class ForwardBatch:
     """Flat query tokens of several sequences plus what attention needs to find their KV."""
@@ -107,21 +115,21 @@ class ForwardBatch:
                     page = table[pos // P]
                     assert page != NO_PAGE, f"sequence {c.seq_id} holds no {name} page for position {pos}"
                     slots.append(page * P + pos % P)
-            groups[name] = GroupView(table_tensor.to(device), torch.tensor(slots, dtype=torch.long, device=device))
+            groups[name] = GroupView(on_device(table_tensor, device), on_device(slots, device))
         return ForwardBatch(
-            token_ids=torch.tensor(tokens, dtype=torch.long, device=device),
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            token_ids=on_device(tokens, device),
+            positions=on_device(positions, device),
             query_starts=tuple(starts),
             kv_lens=tuple(kv_lens),
             chunk_starts=tuple(c.start for c in chunks),
             chunk_spans=tuple(
-                None if c.span_ids is None else torch.tensor(list(c.span_ids), dtype=torch.long, device=device)
+                None if c.span_ids is None else on_device(list(c.span_ids), device)
                 for c in chunks
             ),
             groups=groups,
-            logits_rows=torch.tensor(rows, dtype=torch.long, device=device),
+            logits_rows=on_device(rows, device),
             page_size=P,
-            media_rows=torch.tensor(media_rows, dtype=torch.long, device=device) if media_rows else None,
+            media_rows=on_device(media_rows, device) if media_rows else None,
             media_embeds=torch.cat([e.to(device) for e in media_embeds]) if media_embeds else None,
         )
 
@@ -175,8 +183,8 @@ class RaggedLayout:
         lens = [0 if s is None else int(s.shape[0]) for s in batch.chunk_spans]
         offsets = [0, *accumulate(lens)][:-1]
         B = batch.num_seqs
-        packed = torch.tensor([*batch.query_starts, *batch.kv_lens, *batch.chunk_starts, *offsets, *lens],
-                              dtype=torch.int32).to(device)
+        packed = on_device([*batch.query_starts, *batch.kv_lens, *batch.chunk_starts, *offsets, *lens], device,
+                           torch.int32)
         present = [s.to(device, torch.int32) for s in batch.chunk_spans if s is not None]
         spans = torch.cat(present) if present else torch.zeros(1, dtype=torch.int32, device=device)
         q = batch.query_starts
@@ -197,5 +205,5 @@ class RaggedLayout:
                 for r in range(q[b], q[b + 1], block_tokens):
                     seqs.append(b)
                     rows.append(r)
-            self._schedules[block_tokens] = torch.tensor([seqs, rows], dtype=torch.int32).to(self.kv_lens.device)
+            self._schedules[block_tokens] = on_device([seqs, rows], self.kv_lens.device, torch.int32)
         return self._schedules[block_tokens]

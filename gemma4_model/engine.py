@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .batch import ForwardBatch, SequenceChunk
+from .batch import ForwardBatch, SequenceChunk, on_device
 from .cuda_graphs import DecodeGraphs, capture_sizes
 from .decoder import DecoderOutput, TextDecoder
 from .grammar import GrammarBook, GrammarState
@@ -22,6 +22,9 @@ from .media_span import (MediaSpan, MediaTokens, bidirectional_blocks, chunk_med
                          validate_media)
 from .sampling import LOGPROBS_RAW, RowSample, Sampler, SamplingParams, SamplingRow
 from .speculative import Drafter, verify_position
+
+# An output slot whose token a launched step has not reported yet (overlap scheduling).
+PLACEHOLDER = -1
 
 # An MTP assistant drafting at q reads the sliding KV of q-1-window .. q-1: two positions more
 # than the target's own next step, which may hold one more token (a verify run).
@@ -107,6 +110,28 @@ class _Pending:
     row: int
     drafts: list[int]
     q: torch.Tensor | None  # [len(drafts), vocab] draft distributions, None: deterministic drafter
+
+
+@dataclass
+class _Launched:
+    """A decode step launched before the previous one's tokens reached the host (overlap
+    scheduling): its sequences, the output slot each token fills, and the tokens themselves on
+    the device (the next step's input) and on their way to the host."""
+
+    seqs: tuple[GenerationSequence, ...]
+    slots: tuple[int, ...]  # index into each seq.output of its placeholder
+    ends: tuple[int, ...]  # per sequence: positions computed once this step is done
+    tokens: torch.Tensor  # [B] long, on the device
+    host: torch.Tensor  # [B] long on the host (pinned on CUDA), filled by an async copy
+    event: "torch.cuda.Event | None"  # recorded after that copy (None on the CPU: already done)
+    hidden: torch.Tensor  # [B, hidden] final-norm hidden states
+
+
+def overlappable(params: SamplingParams) -> bool:
+    """Whether a request's tokens can be sampled without the host seeing its previous token:
+    no grammar (its mask follows each token), no penalties (they count the output), no logprobs
+    and no kept logits (read on the host each step)."""
+    return params.grammar is None and not params.penalised and params.logprobs is None and not params.keep_logits
 
 
 class Scheduler:
@@ -288,11 +313,11 @@ class Engine:
     def __init__(self, model: TextDecoder, cache: PagedKVCache, limits: SchedulerLimits = SchedulerLimits(),
                  seed: int | None = None, logprobs_mode: str = LOGPROBS_RAW, grammars: GrammarBook | None = None,
                  media_tokens: MediaTokens | None = None, drafter: Drafter | None = None,
-                 num_speculative_tokens: int = 4, draft_context: bool = False):
+                 num_speculative_tokens: int = 4, draft_context: bool = False, overlap: bool = False):
         """`drafter`: speculative decoding (see `speculative.py`), each decoding sequence verifying
         up to `num_speculative_tokens` drafts per step; None decodes one token per step.
         `draft_context`: keep the KV an assistant reads even without a drafter here (a prefill
-        actor whose decode actor drafts)."""
+        actor whose decode actor drafts). `overlap`: overlap scheduling, see `step`."""
         if num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
         self.model = model
@@ -310,6 +335,8 @@ class Engine:
         self.sampler = Sampler(model.cfg.eos_token_ids, seed, logprobs_mode, self.device)
         self._next_id = 0
         self.graphs: DecodeGraphs | None = None  # captured decode steps (`capture_decode_graphs`)
+        self.overlap = overlap
+        self._launched: _Launched | None = None  # a decode step whose tokens the host has not seen
 
     def capture_decode_graphs(self, max_batch: int | None = None) -> DecodeGraphs:
         """Replay plain decode steps of up to `max_batch` sequences (default: the scheduler's
@@ -369,17 +396,38 @@ class Engine:
         return state
 
     def cancel(self, seq: GenerationSequence) -> None:
-        """Drop a sequence wherever it is (waiting or running) and free its pages now."""
+        """Drop a sequence wherever it is (waiting or running) and free its pages now (a step
+        still running on the device may write them: later steps on its stream come after it)."""
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq, "cancelled")
+        while seq.output and seq.output[-1] == PLACEHOLDER:
+            seq.output.pop()
+
+    def has_work(self) -> bool:
+        """Sequences to run, or a launched step whose tokens are still to be reported."""
+        return self._launched is not None or self.scheduler.has_work()
 
     @torch.inference_mode()
     def step(self) -> list[GenerationSequence]:
         """One forward over the planned chunks; returns the sequences that got tokens: one, or
         with speculation up to k+1 (`new_tokens`, the tail of `output`); `status` says whether
-        the last of them finished it."""
+        the last of them finished it.
+
+        With `overlap`, a step of plain decodes (see `overlappable`; no drafter) is launched
+        without waiting for its tokens: the next call launches the following step, its input
+        tokens taken on the device from this one's, and only then reports this one's tokens
+        (so the host's work of one step hides under the device's work of the next). A launched
+        step's token is a PLACEHOLDER in `output` until reported; a sequence that stops on a
+        token drops the step computed after it. Anything else (new requests, prefill, a
+        sequence at its length limit, pages running short) first reports the launched step.
+        """
+        if self._launched is not None:
+            return self._step_ahead()
         plan = self.scheduler.schedule()
         if not plan.chunks:
+            return []
+        if self.overlap and self._plain_decode(plan):
+            self._launched = self._launch(plan, None)
             return []
         chunks, verifies = self._add_drafts(plan)
         batch = ForwardBatch.build(chunks, self.cache, self.device)
@@ -403,6 +451,83 @@ class Engine:
                 # KV of rejected drafts is dropped; the newest token is computed next step.
                 self.cache.truncate(seq.seq_id, seq.num_tokens - 1)
                 self.cache.commit(seq.seq_id, seq.tokens, seq.num_tokens - 1, seq.page_keys)
+        return advanced
+
+    def _plain_decode(self, plan: StepPlan) -> bool:
+        """Whether a planned step is one token for each of its sequences and may run ahead."""
+        return self.drafter is None and all(
+            sampled and len(chunk.token_ids) == 1 and seq.output and overlappable(seq.params)
+            for seq, chunk, sampled in zip(plan.seqs, plan.chunks, plan.samples))
+
+    def _can_follow(self, prev: _Launched) -> bool:
+        """Whether the next step may launch before `prev` reports: the running sequences are
+        what is left of prev's, nothing waits, none is at its length limit (its next token might
+        be its last), and each has the page its next token needs."""
+        scheduler = self.scheduler
+        live = {s.seq_id for s in prev.seqs if s.status is Status.RUNNING}
+        if scheduler.waiting or not live or {s.seq_id for s in scheduler.running} != live:
+            return False
+        for seq in scheduler.running:
+            if len(seq.output) >= seq.params.max_tokens or seq.num_tokens >= scheduler.max_model_len:
+                return False
+        return self.cache.can_extend([(s.seq_id, s.num_tokens) for s in scheduler.running])
+
+    def _step_ahead(self) -> list[GenerationSequence]:
+        prev, self._launched = self._launched, None
+        if self._can_follow(prev):
+            plan = self.scheduler.schedule()
+            assert self._plain_decode(plan) and len(plan.chunks) == len(self.scheduler.running), "a plain decode step"
+            self._launched = self._launch(plan, prev)
+        return self._report(prev)
+
+    def _launch(self, plan: StepPlan, prev: _Launched | None) -> _Launched:
+        """Run a plain decode step and sample it on the device; its tokens are not awaited."""
+        batch = ForwardBatch.build(plan.chunks, self.cache, self.device)
+        if prev is not None:  # each sequence's input is prev's token for it, still on the device
+            row = {s.seq_id: i for i, s in enumerate(prev.seqs)}
+            order = [row[s.seq_id] for s in plan.seqs]
+            tokens = prev.tokens if order == list(range(len(prev.seqs))) else prev.tokens[on_device(order, self.device)]
+            batch = replace(batch, token_ids=tokens)
+        out = self.graphs.run(batch) if self.graphs is not None else None
+        if out is None:
+            out = self.model(batch, self.cache)
+        self._count(plan, plan.chunks)
+        rows = [SamplingRow(s.params, s.prompt, s.output) for s in plan.seqs]
+        tokens = self.sampler.tokens(out.logits, rows)
+        on_cuda = tokens.is_cuda
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=on_cuda)
+        host.copy_(tokens, non_blocking=on_cuda)
+        event = None
+        if on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        slots, ends = [], []
+        for seq, chunk in zip(plan.seqs, plan.chunks):
+            seq.num_computed_tokens += 1
+            self.cache.mark_computed(seq.seq_id, chunk.start + 1)  # its pages are published once reported
+            slots.append(len(seq.output))
+            ends.append(chunk.start + 1)
+            seq.output.append(PLACEHOLDER)
+        return _Launched(plan.seqs, tuple(slots), tuple(ends), tokens, host, event, out.hidden)
+
+    def _report(self, launched: _Launched) -> list[GenerationSequence]:
+        """Wait for a launched step's tokens and record them as the plain step would have."""
+        if launched.event is not None:
+            launched.event.synchronize()
+        advanced = []
+        for r, (seq, slot, end, token) in enumerate(zip(launched.seqs, launched.slots, launched.ends,
+                                                        launched.host.tolist())):
+            if seq.status is Status.FINISHED:  # cancelled, or stopped at the token before this one
+                continue
+            seq.output[slot] = token
+            seq.new_tokens = [token]
+            seq.last_hidden = launched.hidden[r]
+            self.cache.publish(seq.seq_id, seq.tokens, end, seq.page_keys)
+            reason = self._finish_reason(seq, token, slot + 1)
+            if reason:
+                del seq.output[slot + 1:]  # a step launched after this token is void
+                self.scheduler.finish(seq, reason)
+            advanced.append(seq)
         return advanced
 
     def _add_drafts(self, plan: StepPlan) -> tuple[list[SequenceChunk], list[_Verify | None]]:
@@ -489,19 +614,21 @@ class Engine:
             else:
                 self.stats.prefill_tokens += len(chunk.token_ids)
 
-    def _finish_reason(self, seq: GenerationSequence, token: int) -> str | None:
+    def _finish_reason(self, seq: GenerationSequence, token: int, length: int | None = None) -> str | None:
+        """Why the sequence ends at `token`, its `length`-th output token (default: the last)."""
         p = seq.params
+        length = len(seq.output) if length is None else length
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.model.cfg.eos_token_ids):
             return "stop"
         if seq.grammar is not None and seq.grammar.terminated:
             return "stop"  # the grammar is complete (and needed no stop token): nothing else may follow
-        if len(seq.output) >= p.max_tokens or seq.num_tokens >= self.scheduler.max_model_len:
+        if length >= p.max_tokens or len(seq.prompt) + length >= self.scheduler.max_model_len:
             return "length"
         return None
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationSequence]:
         """Run prompts to completion together (continuous batching) and return their sequences."""
         seqs = [self.add_request(p, params) for p in prompts]
-        while self.scheduler.has_work():
+        while self.has_work():
             self.step()
         return seqs

@@ -206,9 +206,18 @@ class PagedKVCache:
 
     def commit(self, seq_id: int, token_ids: Sequence[int], num_computed: int, extra_keys: Sequence[bytes] = ()) -> None:
         """Record that KV of positions < num_computed is written; publish newly full pages."""
+        self._seqs[seq_id].num_computed = num_computed
+        self.publish(seq_id, token_ids, num_computed, extra_keys)
+
+    def mark_computed(self, seq_id: int, num_computed: int) -> None:
+        """Record that KV of positions < num_computed is (being) written, publishing nothing yet:
+        a step launched before its input token is known on the host (`publish` follows)."""
+        self._seqs[seq_id].num_computed = num_computed
+
+    def publish(self, seq_id: int, token_ids: Sequence[int], upto: int, extra_keys: Sequence[bytes] = ()) -> None:
+        """Offer the full pages below position `upto` to the prefix cache, keyed by `token_ids`."""
         seq = self._seqs[seq_id]
-        seq.num_computed = num_computed
-        full = min(num_computed, len(token_ids)) // self.page_size
+        full = min(upto, len(token_ids)) // self.page_size
         if full > len(seq.hashes):
             seq.hashes = page_hashes(token_ids[: full * self.page_size], self.page_size, extra_keys)
         for j in range(seq.num_published, full):

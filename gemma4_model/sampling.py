@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import xgrammar as xgr
 
+from .batch import on_device
+
 if TYPE_CHECKING:
     from .grammar import GrammarSpec
 
@@ -146,7 +148,8 @@ def draw_noise(rows: Sequence[SamplingRow], vocab: int, generator: torch.Generat
     noise = torch.empty(len(rows), vocab, device=device)
     unseeded = [i for i, r in enumerate(rows) if not r.params.greedy and r.params.seed is None]
     if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_(generator=generator)
+        noise[on_device(unseeded, device)] = torch.empty(len(unseeded), vocab, device=device).exponential_(
+            generator=generator)
     for i, row in enumerate(rows):
         if row.params.greedy:
             noise[i] = 1.0
@@ -317,7 +320,7 @@ def _mask_early_stops(x: torch.Tensor, rows: Sequence[SamplingRow], eos_token_id
         return x
     x = x.clone()
     row_idx, ids = zip(*pairs)
-    x[torch.tensor(row_idx, dtype=torch.long, device=x.device), torch.tensor(ids, dtype=torch.long, device=x.device)] = float("-inf")
+    x[on_device(row_idx, x.device), on_device(ids, x.device)] = float("-inf")
     return x
 
 
@@ -341,20 +344,21 @@ def sampling_probs(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.T
     n, vocab = x.shape
     device = x.device
     inf = float("-inf")
-    x = x / torch.tensor([p.temperature for p in params], device=device)[:, None]
-    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
-    if bool((min_p > 0).any()):
+    # parameters reach the device without a sync; which steps apply is decided on the host
+    x = x / on_device([p.temperature for p in params], device, torch.float32)[:, None]
+    if any(p.min_p > 0 for p in params):
+        min_p = on_device([p.min_p for p in params], device, torch.float32)[:, None]
         probs = torch.softmax(x, dim=-1)
         cut = (probs < min_p * probs.max(dim=-1, keepdim=True).values) & (min_p > 0)
         x = x.masked_fill(cut, inf)
     top_k = [min(p.top_k, vocab) if p.top_k else vocab for p in params]
     if any(k < vocab for k in top_k):
         sorted_x = torch.sort(x, dim=-1, descending=True).values
-        kth = sorted_x.gather(1, torch.tensor(top_k, device=device)[:, None] - 1)
+        kth = sorted_x.gather(1, on_device(top_k, device)[:, None] - 1)
         x = x.masked_fill(x < kth, inf)
     probs = torch.softmax(x, dim=-1)
-    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
-    if bool((top_p < 1.0).any()):
+    if any(p.top_p < 1.0 for p in params):
+        top_p = on_device([p.top_p for p in params], device, torch.float32)[:, None]
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p) & (top_p < 1.0)
         probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
@@ -380,3 +384,17 @@ class Sampler:
                  token_bitmask: torch.Tensor | None = None) -> list[RowSample]:
         noise = draw_noise(rows, logits.shape[-1], self.generator)
         return sample_batch(logits, rows, self.eos_token_ids, noise, self.logprobs_mode, token_bitmask)
+
+    def tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """`sample_batch`'s tokens as a [rows] tensor on the logits' device, queued without a host
+        sync, for rows without penalties, grammar or logprobs (`engine.overlappable`)."""
+        assert not any(r.params.penalised or r.constrained or r.params.logprobs is not None for r in rows)
+        _, x = transform_logits(logits, rows, self.eos_token_ids)
+        tokens = torch.argmax(x, dim=-1)
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if sampled:
+            noise = draw_noise(rows, logits.shape[-1], self.generator)
+            index = on_device(sampled, logits.device)
+            probs = sampling_probs(x[index], [rows[i].params for i in sampled])
+            tokens[index] = torch.argmax(probs / noise[index].to(logits.device), dim=-1)
+        return tokens

@@ -199,7 +199,8 @@ def test_draft_logits_match_transformers_generator(case, prompts):
         short = drafter.draft(cache, [0, 1, 2, 3], first, hidden, positions, 2)
         assert torch.equal(short.tokens, result.tokens[:, :2])
         alone = drafter.draft(cache, [3], first[3:], hidden[3:], positions[3:], K)
-        assert max(_rel_err(alone.logits[0, j], result.logits[3, j]) for j in range(K)) < 1e-5
+        # CPU matrix products block differently by batch size: float32 rounding, not a different draft
+        assert max(_rel_err(alone.logits[0, j], result.logits[3, j]) for j in range(K)) < 5e-5
         assert torch.equal(alone.tokens[0], result.tokens[3])
 
 

@@ -61,6 +61,9 @@ def test_scheduler_fields_their_flags_and_the_engine_they_reach():
     overrides = dict(scheduler_overrides(args))
     assert overrides == {"max_num_batched_tokens": 4096, "chunked_prefill_size": 2048, "max_running_requests": 8}
     assert dict(scheduler_overrides(ap.parse_args(["--disable-cuda-graph"]))) == {"cuda_graph_max_bs": 0}
+    off = dict(scheduler_overrides(ap.parse_args(["--disable-overlap-schedule"])))
+    assert off == {"disable_overlap_schedule": True} and not model.disable_overlap_schedule
+    assert with_model_overrides(parse_topology(BASE), off).model.disable_overlap_schedule
     assert model.cuda_graph_max_bs is None and model.attention_backend == "torch_native"
     triton = dict(scheduler_overrides(ap.parse_args(["--attention-backend", "triton", "--cuda-graph-max-bs", "32"])))
     changed = with_model_overrides(parse_topology(BASE), triton).model

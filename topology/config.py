@@ -53,6 +53,9 @@ class ModelSection:
     # CUDA graphs (SGLang's cuda_graph_max_bs; 0 turns them off, as --disable-cuda-graph);
     # None: max_running_requests
     cuda_graph_max_bs: int | None = None
+    # overlap scheduling: a decode step launches before the previous one's tokens reach the host
+    # (gemma4_model.engine.Engine.step); SGLang's disable_overlap_schedule turns it off
+    disable_overlap_schedule: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ class ApiSection:
 
 
 SCHEDULER_FIELDS = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
-                    "cuda_graph_max_bs", "kv_cache_dtype")
+                    "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule")
 KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}
 ATTENTION_BACKENDS = ("torch_native", "triton")
 API_FIELDS = {"host", "port", "node", "cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes",
@@ -237,6 +240,13 @@ def _int(table: Mapping[str, Any], where: str, name: str, default: int, lo: int,
     return value
 
 
+def _bool(table: Mapping[str, Any], where: str, name: str, default: bool) -> bool:
+    value = table.get(name, default)
+    if not isinstance(value, bool):
+        raise TopologyError(where + name, f"expected true or false, got {value!r}")
+    return value
+
+
 def _host(value: Any, where: str) -> str:
     if not isinstance(value, str) or not _HOST.match(value):
         raise TopologyError(where, f"expected a host name or IP address, got {value!r}")
@@ -265,7 +275,8 @@ def _model(t: Mapping[str, Any]) -> ModelSection:
                         _int(t, "model.", "kv_pages", 2048, 1, 1 << 24), batched, chunk,
                         _int(t, "model.", "max_running_requests", 64, 1, 1 << 16), attention_backend=backend,
                         kv_cache_dtype=kv_dtype, cuda_graph_max_bs=None if t.get("cuda_graph_max_bs") is None
-                        else _int(t, "model.", "cuda_graph_max_bs", 0, 0, 4096))
+                        else _int(t, "model.", "cuda_graph_max_bs", 0, 0, 4096),
+                        disable_overlap_schedule=_bool(t, "model.", "disable_overlap_schedule", False))
 
 
 def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:
