@@ -76,7 +76,8 @@ def add_scheduler_options(command: argparse.ArgumentParser) -> None:
     group.add_argument("--max-running-requests", "--max-num-seqs", type=int, metavar="N",
                        dest="max_running_requests", help="requests an engine runs at once (default 64)")
     group.add_argument("--attention-backend", choices=("torch_native", "triton"),
-                       help="attention in the engines: the PyTorch path (default) or the Triton kernel (CUDA)")
+                       help="the engines' layers on CUDA: the Triton kernels (default) or the PyTorch path "
+                            "(CPU engines always take the PyTorch path)")
     group.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3"),
                        help="KV cache storage: the model's dtype (auto, default) or FP8 e4m3 (twice the tokens)")
     group.add_argument("--cuda-graph-max-bs", type=int, metavar="N",
@@ -87,11 +88,14 @@ def add_scheduler_options(command: argparse.ArgumentParser) -> None:
     group.add_argument("--disable-overlap-schedule", action="store_const", const=True,
                        help="wait for each decode step's tokens before launching the next (default: the "
                             "next step is launched first, the host's work hidden under the device's)")
+    group.add_argument("--load-format", choices=("auto", "dummy"),
+                       help="auto: the checkpoint's weights (default); dummy: seeded random weights at the "
+                            "checkpoint's shape for the text decoder (speed measurements)")
 
 
 def scheduler_overrides(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
     names = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
-             "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule")
+             "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule", "load_format")
     return tuple((name, getattr(args, name)) for name in names if getattr(args, name) is not None)
 
 

@@ -136,7 +136,8 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     from gemma4_model.engine import Engine, SchedulerLimits
     from gemma4_model.grammar import GrammarBook
     from gemma4_model.kv_cache import PagedKVCache
-    from gemma4_model.loader import load_text_decoder
+    from gemma4_model.loader import checkpoint_config, load_text_decoder
+    from gemma4_model.random_weights import random_text_decoder
 
     from transfer.backend import make_receiver, make_sender
 
@@ -144,7 +145,11 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
 
     model_section = ctx.topology.model
     dtype = getattr(torch, DTYPES[model_section.dtype])
-    config, model = load_text_decoder(checkpoint_dir(ctx.topology), device=ctx.device, dtype=dtype)
+    if model_section.load_format == "dummy":  # speed runs: the checkpoint's shape, random weights
+        config = checkpoint_config(checkpoint_dir(ctx.topology))
+        model = random_text_decoder(config.text, ctx.device, dtype, seed=0)
+    else:
+        config, model = load_text_decoder(checkpoint_dir(ctx.topology), device=ctx.device, dtype=dtype)
     kv_dtype = KV_CACHE_DTYPES[model_section.kv_cache_dtype]
     cache = PagedKVCache(config.text, page_size=model_section.page_size, num_pages=model_section.kv_pages,
                          device=ctx.device, dtype=dtype if kv_dtype is None else getattr(torch, kv_dtype))

@@ -64,10 +64,15 @@ def test_scheduler_fields_their_flags_and_the_engine_they_reach():
     off = dict(scheduler_overrides(ap.parse_args(["--disable-overlap-schedule"])))
     assert off == {"disable_overlap_schedule": True} and not model.disable_overlap_schedule
     assert with_model_overrides(parse_topology(BASE), off).model.disable_overlap_schedule
-    assert model.cuda_graph_max_bs is None and model.attention_backend == "torch_native"
-    triton = dict(scheduler_overrides(ap.parse_args(["--attention-backend", "triton", "--cuda-graph-max-bs", "32"])))
-    changed = with_model_overrides(parse_topology(BASE), triton).model
-    assert (changed.attention_backend, changed.cuda_graph_max_bs) == ("triton", 32)
+    dummy = dict(scheduler_overrides(ap.parse_args(["--load-format", "dummy"])))
+    assert with_model_overrides(parse_topology(BASE), dummy).model.load_format == "dummy"
+    assert model.load_format == "auto"
+    with pytest.raises(TopologyError, match="load_format"):
+        with_model_overrides(parse_topology(BASE), {"load_format": "npz"})
+    assert model.cuda_graph_max_bs is None and model.attention_backend == "triton"
+    native = dict(scheduler_overrides(ap.parse_args(["--attention-backend", "torch_native", "--cuda-graph-max-bs", "32"])))
+    changed = with_model_overrides(parse_topology(BASE), native).model
+    assert (changed.attention_backend, changed.cuda_graph_max_bs) == ("torch_native", 32)
     changed = with_model_overrides(parse_topology(BASE), overrides).model
     assert (changed.max_num_batched_tokens, changed.chunked_prefill_size, changed.max_running_requests) == (4096, 2048, 8)
     with pytest.raises(TopologyError) as err:

@@ -43,9 +43,10 @@ class ModelSection:
     max_num_batched_tokens: int = 512
     chunked_prefill_size: int = 256
     max_running_requests: int = 64
-    # the engines' attention: "torch_native" (the PyTorch path) or "triton" (the Triton kernel, on
-    # CUDA devices; SGLang's attention_backend names)
-    attention_backend: str = "torch_native"
+    # the engines' layers: "triton" (the Triton kernels: fused norms, RoPE, activations and paged
+    # attention, on CUDA devices; CPU engines take the PyTorch path whatever this says) or
+    # "torch_native" (the PyTorch path everywhere); SGLang's attention_backend names
+    attention_backend: str = "triton"
     # the KV cache's storage: "auto" (the model's dtype) or "fp8_e4m3" (half of bf16's bytes,
     # twice the tokens; vLLM's and SGLang's kv_cache_dtype names, "fp8" too)
     kv_cache_dtype: str = "auto"
@@ -56,6 +57,9 @@ class ModelSection:
     # overlap scheduling: a decode step launches before the previous one's tokens reach the host
     # (gemma4_model.engine.Engine.step); SGLang's disable_overlap_schedule turns it off
     disable_overlap_schedule: bool = False
+    # "auto": the checkpoint's weights; "dummy": seeded random weights at the checkpoint's shape
+    # for the text decoder (speed measurements without weights; vLLM's load_format name)
+    load_format: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,8 @@ class ApiSection:
 
 
 SCHEDULER_FIELDS = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
-                    "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule")
+                    "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule", "load_format")
+LOAD_FORMATS = ("auto", "dummy")
 KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}
 ATTENTION_BACKENDS = ("torch_native", "triton")
 API_FIELDS = {"host", "port", "node", "cors_origins", "allowed_media_hosts", "request_timeout_s", "max_body_bytes",
@@ -261,9 +266,12 @@ def _model(t: Mapping[str, Any]) -> ModelSection:
     dtype = t.get("dtype", "float32")
     if dtype not in DTYPES:
         raise TopologyError("model.dtype", f"expected one of {list(DTYPES)}, got {dtype!r}")
-    backend = t.get("attention_backend", "torch_native")
+    backend = t.get("attention_backend", "triton")
     if backend not in ATTENTION_BACKENDS:
         raise TopologyError("model.attention_backend", f"expected one of {list(ATTENTION_BACKENDS)}, got {backend!r}")
+    load_format = t.get("load_format", "auto")
+    if load_format not in LOAD_FORMATS:
+        raise TopologyError("model.load_format", f"expected one of {list(LOAD_FORMATS)}, got {load_format!r}")
     kv_dtype = t.get("kv_cache_dtype", "auto")
     if kv_dtype not in KV_CACHE_DTYPES:
         raise TopologyError("model.kv_cache_dtype", f"expected one of {list(KV_CACHE_DTYPES)}, got {kv_dtype!r}")
@@ -276,7 +284,8 @@ def _model(t: Mapping[str, Any]) -> ModelSection:
                         _int(t, "model.", "max_running_requests", 64, 1, 1 << 16), attention_backend=backend,
                         kv_cache_dtype=kv_dtype, cuda_graph_max_bs=None if t.get("cuda_graph_max_bs") is None
                         else _int(t, "model.", "cuda_graph_max_bs", 0, 0, 4096),
-                        disable_overlap_schedule=_bool(t, "model.", "disable_overlap_schedule", False))
+                        disable_overlap_schedule=_bool(t, "model.", "disable_overlap_schedule", False),
+                        load_format=load_format)
 
 
 def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:

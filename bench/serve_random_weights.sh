@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Serve a real Gemma 4 shape with random weights (--load-format dummy) on one GPU and load it with
+# bench/serve_bench.py: SGLang's latency run (10 prompts at concurrency 1, about 610 in / 422 out)
+# and throughput run (1000 prompts at concurrency 100, about 512 in / 512 out), forced lengths.
+#
+#   bash bench/serve_random_weights.sh OUT_DIR [MODEL_KEY=gemma-4-E4B-it] [COMMIT]
+#
+# The checkpoint directory holds the model's config.json and the embedded model's tokenizer
+# (prompts are token ids below its 1024; outputs are random ids, their text mostly empty).
+# A text-only colocated topology: preprocess and one engine on cuda:0.
+set -euo pipefail
+out=${1:?output directory}
+key=${2:-gemma-4-E4B-it}
+commit=${3:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+mkdir -p "$out"
+ckpt=$(mktemp -d)
+cp "tests/fixtures/hf_configs/$key.json" "$ckpt/config.json"
+for f in tokenizer.json tokenizer_config.json chat_template.jinja generation_config.json; do
+  cp "default_model/checkpoint/$f" "$ckpt/"
+done
+topology="$ckpt/topology.toml"
+cat > "$topology" <<EOF
+name = "random-weights"
+
+[model]
+path = "$ckpt"
+dtype = "bfloat16"
+load_format = "dummy"
+max_num_batched_tokens = 8192
+chunked_prefill_size = 4096
+max_running_requests = 128
+kv_pages = 16384
+
+[nodes.local]
+host = "127.0.0.1"
+
+[[actors]]
+kind = "preprocess"
+
+[[actors]]
+kind = "engine"
+device = "cuda:0"
+EOF
+port=8123
+python3 -m actors.cli serve --topology "$topology" --port "$port" > "$out/server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
+for _ in $(seq 600); do
+  python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=2)" \
+    2> /dev/null && break
+  kill -0 $server 2>/dev/null || { tail -40 "$out/server.log"; exit 1; }
+  sleep 0.5
+done
+bench() {
+  python3 bench/serve_bench.py --base-url "http://127.0.0.1:$port" --disable-tqdm --meta "model_shape=$key" \
+    --meta "weights=random (--load-format dummy)" --meta "commit=$commit" "$@"
+}
+bench --label latency --num-prompts 10 --max-concurrency 1 --random-input-len 1220 --random-output-len 844 \
+  --output-file "$out/latency.json"
+bench --label throughput --num-prompts 1000 --max-concurrency 100 --random-input-len 1024 --random-output-len 1024 \
+  --output-file "$out/throughput.json"
