@@ -5,8 +5,8 @@
 #
 #   bash bench/serve_random_weights.sh OUT_DIR [MODEL_KEY=gemma-4-E4B-it] [COMMIT]
 #
-# The checkpoint directory holds the model's config.json and the embedded model's tokenizer
-# (prompts are token ids below its 1024; outputs are random ids, their text mostly empty).
+# The checkpoint directory holds the model's config.json and the embedded model's tokenizer,
+# widened to the model's vocabulary (prompts are token ids below 1024; outputs are random ids).
 # A text-only colocated topology: preprocess and one engine on cuda:0.
 set -euo pipefail
 out=${1:?output directory}
@@ -15,9 +15,19 @@ commit=${3:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 mkdir -p "$out"
 ckpt=$(mktemp -d)
 cp "tests/fixtures/hf_configs/$key.json" "$ckpt/config.json"
-for f in tokenizer.json tokenizer_config.json chat_template.jinja generation_config.json; do
-  cp "default_model/checkpoint/$f" "$ckpt/"
-done
+cp default_model/checkpoint/generation_config.json "$ckpt/"
+# the embedded tokenizer plus one added token per id it lacks, up to the model's vocabulary: every
+# random output id then has text, so the stream carries a chunk per token
+python3 - "$ckpt" <<'PY'
+import json, sys
+from transformers import AutoTokenizer
+ckpt = sys.argv[1]
+config = json.load(open(f"{ckpt}/config.json"))
+vocab = config.get("text_config", config)["vocab_size"]
+tokenizer = AutoTokenizer.from_pretrained("default_model/checkpoint")
+tokenizer.add_tokens([f"<r{i}>" for i in range(len(tokenizer), vocab)])
+tokenizer.save_pretrained(ckpt)
+PY
 topology="$ckpt/topology.toml"
 cat > "$topology" <<EOF
 name = "random-weights"

@@ -30,6 +30,9 @@ PAGE = 4
 WINDOW = 16  # the tiny targets' sliding window
 PROMPT_LENGTHS = (9, 17, 18, 40)  # below, at and past window + 1; past twice the window
 REL_TOL = 1e-4
+# drafts chain K steps, each reading the last: float32 rounding grows (1.8e-4 seen at step 3 on
+# a 2-core CPU's matrix kernels); a wrong mask or position errs by far more (see below)
+DRAFT_REL_TOL = 4e-4
 
 
 def _assistant_config(target_dir, family: str, ordered: bool, **overrides):
@@ -178,7 +181,7 @@ def case(request, targets, prompts, tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(CASES), indirect=True)
 def test_draft_logits_match_transformers_generator(case, prompts):
-    """k = 1..K steps, four prompts drafted in one batch: logits within 1e-4 relative, greedy tokens equal."""
+    """k = 1..K steps, four prompts drafted in one batch: logits within 4e-4 relative, greedy tokens equal."""
     with _tandem_prefill(case["config"], case["decoder"], prompts) as (cache, first, hidden, positions):
         drafter = case["drafter"]
         assert type(drafter.masked_embedding).__name__ == ("CentroidMask" if drafter.spec.use_ordered_embeddings
@@ -189,7 +192,7 @@ def test_draft_logits_match_transformers_generator(case, prompts):
         for b, (tokens, logits) in enumerate(case["theirs"]):
             for j in range(K):
                 err = _rel_err(result.logits[b, j], logits[j])
-                assert err < REL_TOL, (PROMPT_LENGTHS[b], j, err)
+                assert err < DRAFT_REL_TOL, (PROMPT_LENGTHS[b], j, err)
             assert result.tokens[b].tolist() == tokens.tolist(), PROMPT_LENGTHS[b]
         if drafter.spec.use_ordered_embeddings:  # masked rows hold the per-sequence floor, as the reference's
             floor = result.logits.min(dim=-1).values
@@ -218,7 +221,7 @@ def test_the_bound_fails_for_a_perturbed_weight(case, prompts):
             with torch.no_grad():
                 weight.copy_(saved)
         worst = max(_rel_err(result.logits[b, j], case["theirs"][b][1][j]) for b in range(len(prompts)) for j in range(K))
-        assert worst > REL_TOL
+        assert worst > DRAFT_REL_TOL
 
 
 @pytest.mark.parametrize("case", ["e4b"], indirect=True)
