@@ -461,11 +461,14 @@ class Engine:
 
     def _can_follow(self, prev: _Launched) -> bool:
         """Whether the next step may launch before `prev` reports: the running sequences are
-        what is left of prev's, nothing waits, none is at its length limit (its next token might
-        be its last), and each has the page its next token needs."""
+        what is left of prev's, nothing waits, the token budget takes them all, none is at its
+        length limit (its next token might be its last), and each has the page its next token
+        needs."""
         scheduler = self.scheduler
         live = {s.seq_id for s in prev.seqs if s.status is Status.RUNNING}
         if scheduler.waiting or not live or {s.seq_id for s in scheduler.running} != live:
+            return False
+        if len(live) > scheduler.limits.max_batch_tokens:  # a step would leave some out
             return False
         for seq in scheduler.running:
             if len(seq.output) >= seq.params.max_tokens or seq.num_tokens >= scheduler.max_model_len:

@@ -91,6 +91,14 @@ def test_pages_running_short_wait_for_the_step_in_flight(model):
     assert_same_run(model, requests, pages=30, limits=SchedulerLimits(max_batch_tokens=64, max_running=4, chunk_size=8))
 
 
+def test_a_token_budget_below_the_batch_waits_between_steps(model):
+    """More decoding sequences than query tokens per step: steps take turns, none runs ahead
+    of a sequence left out."""
+    ps = prompts(5)
+    requests = [(p, SamplingParams(max_tokens=9, ignore_eos=True)) for p in ps]
+    assert_same_run(model, requests, limits=SchedulerLimits(max_batch_tokens=3, max_running=5, chunk_size=3))
+
+
 def test_steps_do_run_ahead(model):
     """Between two step() calls of a decode, the host has seen one token less than was launched."""
     engine = engine_for(model, True)
