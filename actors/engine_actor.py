@@ -53,7 +53,7 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
 
 def _first_batch_counts(seq: GenerationSequence) -> dict:
     """Usage counts ride on a request's first token batch only."""
-    if len(seq.output) != max(1, len(seq.new_tokens)):
+    if seq.num_reported != max(1, len(seq.new_tokens)):
         return {}
     return {"prompt_tokens": len(seq.prompt), "cached_tokens": seq.num_cached_prompt_tokens}
 

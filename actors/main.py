@@ -162,7 +162,8 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
                              model_section.chunked_prefill_size)
     model.set_kernels(model_section.attention_backend == "triton" and model.embed_tokens.weight.is_cuda)
     engine = Engine(model, cache, limits, grammars=grammars, draft_context=ctx.topology.speculative is not None,
-                    overlap=not model_section.disable_overlap_schedule, **drafting)
+                    # a prefill actor hands each request over at its first token: nothing to overlap
+                    overlap=not model_section.disable_overlap_schedule and ctx.actor.kind != "prefill", **drafting)
     graph_bs = model_section.cuda_graph_max_bs
     graph_bs = limits.max_running if graph_bs is None else min(graph_bs, limits.max_running)
     if ctx.actor.kind != "prefill" and not drafting and graph_bs > 0 and can_capture(model) is None:

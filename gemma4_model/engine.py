@@ -72,6 +72,11 @@ class GenerationSequence:
         return self.prompt + self.output
 
     @property
+    def num_reported(self) -> int:
+        """Output tokens the host knows: `output` but a trailing PLACEHOLDER (a launched step's)."""
+        return len(self.output) - (1 if self.output and self.output[-1] == PLACEHOLDER else 0)
+
+    @property
     def num_tokens(self) -> int:
         """len(tokens), without building the list."""
         return len(self.prompt) + len(self.output)
@@ -413,20 +418,21 @@ class Engine:
         with speculation up to k+1 (`new_tokens`, the tail of `output`); `status` says whether
         the last of them finished it.
 
-        With `overlap`, a step of plain decodes (see `overlappable`; no drafter) is launched
-        without waiting for its tokens: the next call launches the following step, its input
-        tokens taken on the device from this one's, and only then reports this one's tokens
-        (so the host's work of one step hides under the device's work of the next). A launched
-        step's token is a PLACEHOLDER in `output` until reported; a sequence that stops on a
-        token drops the step computed after it. Anything else (new requests, prefill, a
-        sequence at its length limit, pages running short) first reports the launched step.
+        With `overlap`, a step whose requests are all `overlappable` (and no drafter) is launched
+        without waiting for its tokens: the next call launches the following step (decodes,
+        admissions, prefill chunks), the decode rows' input tokens taken on the device from the
+        launched step's, and only then reports the launched step's tokens (so the host's work of
+        one step hides under the device's work of the next). A launched step's token is a
+        PLACEHOLDER in `output` until reported; a sequence that stops on a token drops the step
+        computed after it. A step that might preempt, a request that is not overlappable, or a
+        sequence at its length limit first reports the launched step.
         """
         if self._launched is not None:
             return self._step_ahead()
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
-        if self.overlap and self._plain_decode(plan):
+        if self.overlap and self._runs_ahead(plan):
             self._launched = self._launch(plan, None)
             return []
         chunks, verifies = self._add_drafts(plan)
@@ -453,50 +459,67 @@ class Engine:
                 self.cache.commit(seq.seq_id, seq.tokens, seq.num_tokens - 1, seq.page_keys)
         return advanced
 
-    def _plain_decode(self, plan: StepPlan) -> bool:
-        """Whether a planned step is one token for each of its sequences and may run ahead."""
-        return self.drafter is None and all(
-            sampled and len(chunk.token_ids) == 1 and seq.output and overlappable(seq.params)
-            for seq, chunk, sampled in zip(plan.seqs, plan.chunks, plan.samples))
+    def _runs_ahead(self, plan: StepPlan) -> bool:
+        """Whether a planned step may be launched without waiting for its tokens."""
+        return self.drafter is None and all(overlappable(seq.params) and len(chunk.logits_rows) == 1
+                                            for seq, chunk in zip(plan.seqs, plan.chunks))
 
     def _can_follow(self, prev: _Launched) -> bool:
-        """Whether the next step may launch before `prev` reports: the running sequences are
-        what is left of prev's, nothing waits, the token budget takes them all, none is at its
-        length limit (its next token might be its last), and each has the page its next token
-        needs."""
+        """Whether the next step may launch before `prev` reports: every request overlappable,
+        no sequence whose unreported token may be its last (length limit), no bidirectional span
+        left to prefill, and the pages every running sequence may take this step free (so
+        nothing is preempted while a token is unreported)."""
         scheduler = self.scheduler
-        live = {s.seq_id for s in prev.seqs if s.status is Status.RUNNING}
-        if scheduler.waiting or not live or {s.seq_id for s in scheduler.running} != live:
+        if self.drafter is not None or not all(overlappable(s.params) for s in scheduler.waiting):
             return False
-        if len(live) > scheduler.limits.max_batch_tokens:  # a step would leave some out
-            return False
+        needs = []
         for seq in scheduler.running:
-            if len(seq.output) >= seq.params.max_tokens or seq.num_tokens >= scheduler.max_model_len:
+            if not overlappable(seq.params):
                 return False
-        return self.cache.can_extend([(s.seq_id, s.num_tokens) for s in scheduler.running])
+            computed = self.cache.num_computed(seq.seq_id)
+            if seq.output and seq.output[-1] == PLACEHOLDER and (
+                    len(seq.output) >= seq.params.max_tokens or seq.num_tokens >= scheduler.max_model_len):
+                return False
+            if seq.blocks and computed < len(seq.prompt):
+                return False  # a whole span may take more than chunk_size positions
+            needs.append((seq.seq_id, min(seq.num_tokens, computed + scheduler.limits.chunk_size)))
+        return self.cache.can_extend(needs)
 
     def _step_ahead(self) -> list[GenerationSequence]:
         prev, self._launched = self._launched, None
         if self._can_follow(prev):
             plan = self.scheduler.schedule()
-            assert self._plain_decode(plan) and len(plan.chunks) == len(self.scheduler.running), "a plain decode step"
-            self._launched = self._launch(plan, prev)
+            if plan.chunks:
+                assert self._runs_ahead(plan)
+                self._launched = self._launch(plan, prev)
         return self._report(prev)
 
     def _launch(self, plan: StepPlan, prev: _Launched | None) -> _Launched:
-        """Run a plain decode step and sample it on the device; its tokens are not awaited."""
+        """Run a step and sample it on the device; its tokens are not awaited. A decode row
+        whose input is still a PLACEHOLDER takes prev's token for its sequence on the device."""
         batch = ForwardBatch.build(plan.chunks, self.cache, self.device)
-        if prev is not None:  # each sequence's input is prev's token for it, still on the device
-            row = {s.seq_id: i for i, s in enumerate(prev.seqs)}
-            order = [row[s.seq_id] for s in plan.seqs]
-            tokens = prev.tokens if order == list(range(len(prev.seqs))) else prev.tokens[on_device(order, self.device)]
+        unknown = [(i, seq) for i, (seq, chunk) in enumerate(zip(plan.seqs, plan.chunks))
+                   if chunk.token_ids[-1] == PLACEHOLDER]
+        if unknown:
+            assert prev is not None and all(len(plan.chunks[i].token_ids) == 1 for i, _ in unknown)
+            row = {s.seq_id: r for r, s in enumerate(prev.seqs)}
+            rows = [batch.query_starts[i] for i, _ in unknown]
+            taken = [row[seq.seq_id] for _, seq in unknown]
+            if rows == list(range(len(prev.seqs))) == taken and len(rows) == batch.token_ids.shape[0]:
+                tokens = prev.tokens  # a plain decode step of the same sequences
+            else:
+                tokens = batch.token_ids.index_copy(0, on_device(rows, self.device),
+                                                    prev.tokens[on_device(taken, self.device)])
             batch = replace(batch, token_ids=tokens)
         out = self.graphs.run(batch) if self.graphs is not None else None
         if out is None:
             out = self.model(batch, self.cache)
         self._count(plan, plan.chunks)
-        rows = [SamplingRow(s.params, s.prompt, s.output) for s in plan.seqs]
-        tokens = self.sampler.tokens(out.logits, rows)
+        sampled = [i for i, s in enumerate(plan.samples) if s]
+        seqs = tuple(plan.seqs[i] for i in sampled)
+        rows = [SamplingRow(s.params, s.prompt, s.output) for s in seqs]
+        logits = out.logits if len(sampled) == len(plan.chunks) else out.logits[on_device(sampled, self.device)]
+        tokens = self.sampler.tokens(logits, rows) if seqs else out.logits.new_empty(0, dtype=torch.long)
         on_cuda = tokens.is_cuda
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=on_cuda)
         host.copy_(tokens, non_blocking=on_cuda)
@@ -505,13 +528,18 @@ class Engine:
             event = torch.cuda.Event()
             event.record()
         slots, ends = [], []
-        for seq, chunk in zip(plan.seqs, plan.chunks):
-            seq.num_computed_tokens += 1
-            self.cache.mark_computed(seq.seq_id, chunk.start + 1)  # its pages are published once reported
+        for seq, chunk, sample in zip(plan.seqs, plan.chunks, plan.samples):
+            end = chunk.start + len(chunk.token_ids)
+            seq.num_computed_tokens += len(chunk.token_ids)
+            if not sample:  # a prefill chunk short of the prompt's end: its tokens are all known
+                self.cache.commit(seq.seq_id, seq.tokens, end, seq.page_keys)
+                continue
+            self.cache.mark_computed(seq.seq_id, end)  # its pages are published once reported
             slots.append(len(seq.output))
-            ends.append(chunk.start + 1)
+            ends.append(end)
             seq.output.append(PLACEHOLDER)
-        return _Launched(plan.seqs, tuple(slots), tuple(ends), tokens, host, event, out.hidden)
+        hidden = out.hidden if len(sampled) == len(plan.chunks) else out.hidden[on_device(sampled, self.device)]
+        return _Launched(seqs, tuple(slots), tuple(ends), tokens, host, event, hidden)
 
     def _report(self, launched: _Launched) -> list[GenerationSequence]:
         """Wait for a launched step's tokens and record them as the plain step would have."""

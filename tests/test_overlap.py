@@ -100,18 +100,31 @@ def test_a_token_budget_below_the_batch_waits_between_steps(model):
 
 
 def test_steps_do_run_ahead(model):
-    """Between two step() calls of a decode, the host has seen one token less than was launched."""
+    """Between two step() calls the host has seen one step's tokens less than was launched:
+    prefill, decodes, and decodes beside a newcomer's prefill alike."""
     engine = engine_for(model, True)
     seq = engine.add_request(prompts(1)[0], SamplingParams(max_tokens=8, ignore_eos=True))
-    assert engine.step() == [seq] and seq.output[-1] != PLACEHOLDER  # the prefill step waits
-    assert engine.step() == [] and seq.output[-1] == PLACEHOLDER  # the first decode runs ahead
-    for _ in range(3):
+    assert engine.step() == [] and seq.output == [PLACEHOLDER]  # the prefill runs ahead too
+    assert engine.step() == [seq] and seq.output[-1] == PLACEHOLDER and PLACEHOLDER not in seq.output[:-1]
+    assert seq.num_reported == 1 == len(seq.output) - 1  # what the actor's first token batch counts
+    for _ in range(2):
         assert engine.step() == [seq]
         assert seq.output[-1] == PLACEHOLDER and PLACEHOLDER not in seq.output[:-1]
         assert seq.new_tokens == [seq.output[-2]]
+    late = engine.add_request(prompts(2)[1], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert engine.step() == [seq] and engine._launched is not None  # launched with late's prefill in it
+    assert late.output == [PLACEHOLDER]
     while engine.has_work():
         engine.step()
-    assert len(seq.output) == 8 and seq.finish_reason == "length"
+    assert len(seq.output) == 8 and seq.finish_reason == "length" and len(late.output) == 3
+
+
+def test_long_prompts_prefill_in_chunks_while_others_decode(model):
+    ps = prompts(4, length=30)
+    requests = [(p, SamplingParams(max_tokens=10, ignore_eos=True)) for p in ps[:2]]
+    arrivals = [(3, ps[2], SamplingParams(max_tokens=7, ignore_eos=True)),
+                (5, ps[3], SamplingParams(max_tokens=12, temperature=0.6, seed=9))]
+    assert_same_run(model, requests, arrivals, limits=SchedulerLimits(max_batch_tokens=16, max_running=4, chunk_size=8))
 
 
 @pytest.mark.parametrize("which", ["grammar", "logprobs", "penalty"])
@@ -164,7 +177,9 @@ def test_gpu_overlapped_graph_steps_match_and_never_wait_for_the_device(tiny_che
         engine.capture_decode_graphs()
         seqs = [engine.add_request(p, sp) for p, sp in zip(ps, params)]
         while engine.has_work():
-            steady = engine._launched is not None and engine._can_follow(engine._launched)
+            scheduler = engine.scheduler  # steady: decodes only (a prefill's row selection reads the host)
+            steady = (engine._launched is not None and engine._can_follow(engine._launched) and not scheduler.waiting
+                      and all(engine.cache.num_computed(q.seq_id) == q.num_tokens - 1 for q in scheduler.running))
             if steady:
                 torch.cuda.set_sync_debug_mode("error")
             try:
