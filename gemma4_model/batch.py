@@ -62,6 +62,7 @@ class ForwardBatch:
     page_size: int
     media_rows: torch.Tensor | None = None  # [M] rows of T whose embedding is a soft token
     media_embeds: torch.Tensor | None = None  # [M, hidden] those soft tokens, in row order
+    host_logits_rows: tuple[int, ...] | None = None  # logits_rows on the host (None: read them back)
 
     @property
     def num_seqs(self) -> int:
@@ -131,27 +132,40 @@ class ForwardBatch:
             page_size=P,
             media_rows=on_device(media_rows, device) if media_rows else None,
             media_embeds=torch.cat([e.to(device) for e in media_embeds]) if media_embeds else None,
+            host_logits_rows=tuple(rows),
         )
 
-    def select_rows(self, rows: torch.Tensor) -> "ForwardBatch":
+    def rows_with_logits(self) -> tuple[torch.Tensor, list[int]]:
+        """The distinct logits rows, sorted, on the device and on the host (without a device sync
+        when the batch knows them on the host)."""
+        if self.host_logits_rows is None:
+            rows = self.logits_rows.unique(sorted=True)
+            return rows, rows.tolist()
+        keep = sorted(set(self.host_logits_rows))
+        return on_device(keep, self.logits_rows.device), keep
+
+    def select_rows(self, rows: torch.Tensor, host_rows: Sequence[int] | None = None) -> "ForwardBatch":
         """The same batch restricted to some query rows (sorted), e.g. only rows that need logits.
 
         KV-shared layers write nothing, so after the last KV-owning layer only the rows whose
         outputs are wanted have to go on; the rest of each sequence stays visible through the cache.
         """
-        row_list = rows.tolist()
+        row_list = list(host_rows) if host_rows is not None else rows.tolist()
         starts = [0]
         for b in range(self.num_seqs):
             lo, hi = self.query_starts[b], self.query_starts[b + 1]
             starts.append(starts[-1] + sum(1 for r in row_list if lo <= r < hi))
         remap = {r: i for i, r in enumerate(row_list)}
+        logits = self.host_logits_rows if self.host_logits_rows is not None else self.logits_rows.tolist()
+        kept = [remap[r] for r in logits]
         return replace(
             self,
             token_ids=self.token_ids[rows],
             positions=self.positions[rows],
             query_starts=tuple(starts),
             groups={n: replace(g, write_slots=g.write_slots[rows]) for n, g in self.groups.items()},
-            logits_rows=torch.tensor([remap[r] for r in self.logits_rows.tolist()], dtype=torch.long, device=rows.device),
+            logits_rows=on_device(kept, rows.device),
+            host_logits_rows=tuple(kept),
             media_rows=None,  # spliced at the input already
             media_embeds=None,
         )

@@ -243,11 +243,11 @@ class TextDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             if i == first_shared and batch.logits_rows.numel() < x.shape[0]:
                 # KV-shared layers write no KV: only rows whose outputs are wanted go on.
-                rows = batch.logits_rows.unique(sorted=True)
+                rows, host_rows = batch.rows_with_logits()
                 x = x[rows]
                 ple = None if ple is None else ple[rows]
                 rope = {name: (c[rows], s[rows]) for name, (c, s) in rope.items()}
-                batch = batch.select_rows(rows)
+                batch = batch.select_rows(rows, host_rows)
             cos, sin = rope[layer.spec.layer_type]
             x = layer(x, None if ple is None else ple[:, i], cos, sin, batch, cache)
         hidden = self.norm(x[batch.logits_rows])
@@ -260,11 +260,11 @@ class TextDecoder(nn.Module):
         y, _ = residual_norm(x, None, layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
         for i, layer in enumerate(layers):
             if i == first_shared and batch.logits_rows.numel() < x.shape[0]:
-                rows = batch.logits_rows.unique(sorted=True)
+                rows, host_rows = batch.rows_with_logits()
                 x, y = x[rows], y[rows]
                 ple = None if ple is None else ple[rows]
                 rope = {name: (c[rows], s[rows]) for name, (c, s) in rope.items()}
-                batch = batch.select_rows(rows)
+                batch = batch.select_rows(rows, host_rows)
             cos, sin = rope[layer.spec.layer_type]
             next_norm = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else self.norm.weight
             x, y = layer.forward_kernels(x, y, None if ple is None else ple[:, i], cos, sin, batch, cache, next_norm)
