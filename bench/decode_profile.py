@@ -22,28 +22,12 @@ from typing import Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_step import prefilled_engine  # noqa: E402
 from mtp_speed import model_configs  # noqa: E402
 
 from gemma4_model.batch import ForwardBatch  # noqa: E402
-from gemma4_model.engine import Engine, SchedulerLimits  # noqa: E402
-from gemma4_model.kv_cache import PagedKVCache  # noqa: E402
+from gemma4_model.engine import Engine  # noqa: E402
 from gemma4_model.random_weights import random_text_decoder  # noqa: E402
-from gemma4_model.sampling import SamplingParams  # noqa: E402
-
-
-def prefilled_engine(model, cfg, batch: int, context: int, steps: int, page_size: int, device, dtype) -> Engine:
-    pages = batch * -(-(context + steps + 64) // page_size) + 8
-    cache = PagedKVCache(cfg, page_size=page_size, num_pages=pages, device=device, dtype=dtype)
-    engine = Engine(model, cache, SchedulerLimits(max_batch_tokens=max(8192, batch), max_running=batch, chunk_size=4096))
-    g = torch.Generator().manual_seed(batch)
-    media = set(cfg.media_token_ids.values())
-    params = SamplingParams(max_tokens=steps + 64, ignore_eos=True)
-    for _ in range(batch):
-        prompt = torch.randint(3, cfg.vocab_size, (context,), generator=g).tolist()
-        engine.add_request([3 if t in media else t for t in prompt], params)
-    while any(not s.output for s in engine.scheduler.running + engine.scheduler.waiting):
-        engine.step()
-    return engine
 
 
 def kernel_table(engine: Engine, steps: int) -> dict:
@@ -119,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(0), "model": args.model, "config": source, "context": args.context,
         "records": []}
     for batch in (int(b) for b in args.batches.split(",")):
-        engine = prefilled_engine(model, cfg, batch, args.context, 200, args.page_size, device, dtype)
+        engine, _ = prefilled_engine(model, cfg, batch, args.context, 200, args.page_size, device, dtype)
         record = {"batch": batch, "eager_kernels": kernel_table(engine, args.steps)}
         engine.capture_decode_graphs(batch)
         record["graphs"] = replay_times(engine, 20)

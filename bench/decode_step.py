@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anchors import MODEL_KEYS, SGLANG_H200, SOURCE  # noqa: E402
 from mtp_speed import Clock, copy_bandwidth, model_configs, step_bytes  # noqa: E402
 
 from gemma4_model.engine import Engine, SchedulerLimits  # noqa: E402
@@ -55,26 +56,35 @@ def time_steps(engine: Engine, steps: int, device: torch.device) -> list[float]:
     return times
 
 
-def measure(model, cfg, batch: int, mode: str, args, device: torch.device, dtype: torch.dtype) -> dict:
-    model.set_kernels(mode != "eager")
-    pages_per_seq = -(-(args.context + args.steps + 8) // args.page_size)
-    cache = PagedKVCache(cfg, page_size=args.page_size, num_pages=batch * pages_per_seq + 8, device=device,
-                         dtype=dtype)
+def prefilled_engine(model, cfg, batch: int, context: int, max_new: int, page_size: int, device: torch.device,
+                     dtype: torch.dtype, overlap: bool = False, graphs: bool = False) -> tuple[Engine, float | None]:
+    """An engine over a fresh cache holding `batch` random `context`-token prompts, prefilled (each
+    has its first token and may take `max_new` in all); with `graphs`, decode graphs captured
+    first. Returns it and the capture's seconds (None without graphs)."""
+    pages_per_seq = -(-(context + max_new + 8) // page_size)
+    cache = PagedKVCache(cfg, page_size=page_size, num_pages=batch * pages_per_seq + 8, device=device, dtype=dtype)
     engine = Engine(model, cache, SchedulerLimits(max_batch_tokens=max(8192, batch), max_running=batch,
-                                                  chunk_size=4096), overlap=mode == "overlap")
+                                                  chunk_size=4096), overlap=overlap)
     capture_s = None
-    if mode in ("graphs", "overlap"):
+    if graphs:
         t0 = time.perf_counter()
         engine.capture_decode_graphs(batch)
         capture_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(batch)
-    params = SamplingParams(max_tokens=args.steps + args.warmup + 4, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_new, ignore_eos=True)
     media = set(cfg.media_token_ids.values())
     for _ in range(batch):  # random text: no media placeholder ids
-        prompt = torch.randint(3, cfg.vocab_size, (args.context,), generator=g).tolist()
+        prompt = torch.randint(3, cfg.vocab_size, (context,), generator=g).tolist()
         engine.add_request([3 if t in media else t for t in prompt], params)
     while any(not s.output for s in engine.scheduler.running + engine.scheduler.waiting):
         engine.step()  # prefill
+    return engine, capture_s
+
+
+def measure(model, cfg, batch: int, mode: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    model.set_kernels(mode != "eager")
+    engine, capture_s = prefilled_engine(model, cfg, batch, args.context, args.steps + args.warmup + 4, args.page_size,
+                                         device, dtype, overlap=mode == "overlap", graphs=mode in ("graphs", "overlap"))
     time_steps(engine, args.warmup, device)
     times = time_steps(engine, args.steps, device)
     replays = engine.graphs.replays if engine.graphs is not None else 0
@@ -82,7 +92,7 @@ def measure(model, cfg, batch: int, mode: str, args, device: torch.device, dtype
         engine.graphs.close()
     for seq in list(engine.scheduler.running):
         engine.cancel(seq)
-    del engine, cache
+    del engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"median_ms": statistics.median(times), "p90_ms": sorted(times)[int(0.9 * (len(times) - 1))],
@@ -114,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "timing": "wall clock of Engine.step between device synchronisations (batch build, forward, sampling); "
                   "overlap: no synchronisation between steps (overlap scheduling: the host's work of a step "
                   "runs while the device runs the next)",
-        "floor": "mtp_speed.step_bytes / copy bandwidth"}
+        "floor": "mtp_speed.step_bytes / copy bandwidth", "anchor": SOURCE + ": TPOT at concurrency 1, set "
+        "beside batch-1 steps (the engine alone: the api hop is not in these figures)"}
     records = []
     for name in args.models.split(","):
         target, _, source = model_configs(name, args.smoke)
@@ -132,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 if "median_ms" in result:
                     record["over_floor"] = round(result["median_ms"] / floor_ms, 2)
                     record["output_tok_per_s"] = round(batch * 1e3 / result["median_ms"], 1)
+                    if batch == 1 and name in MODEL_KEYS:  # a step at batch 1 is the TPOT at concurrency 1
+                        record["sglang_tpot_ms"] = SGLANG_H200[MODEL_KEYS[name]][0]
+                        record["tpot_speedup_vs_sglang"] = round(record["sglang_tpot_ms"] / result["median_ms"], 3)
                 records.append(record)
                 say(f"{name} batch {batch} {mode}: " + (f"{result['median_ms']:.2f} ms/step (floor {floor_ms:.2f})"
                                                          if "median_ms" in result else result["error"]))

@@ -69,3 +69,4 @@ bench --label latency --num-prompts 10 --max-concurrency 1 --random-input-len 12
   --output-file "$out/latency.json"
 bench --label throughput --num-prompts 1000 --max-concurrency 100 --random-input-len 1024 --random-output-len 1024 \
   --output-file "$out/throughput.json"
+python3 bench/anchors.py "$out/latency.json" "$out/throughput.json"  # SGLang's figures beside ours

@@ -224,3 +224,17 @@ def test_sweep_writes_every_point_and_the_plots(tmp_path):
         png = tmp_path / f"sweep_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert Image.open(png).size[0] > 300
+
+
+def test_anchor_block_sets_results_beside_sglang():
+    from tests.bench_scripts import load_bench
+
+    anchors = load_bench("anchors")
+    result = {"meta": {"model_shape": "gemma-4-E4B-it"}, "points": [
+        {"max_concurrency": 1, "tpot_ms": {"mean": 2.82}, "ttft_ms": {"mean": 105.6}, "output_throughput": 300.0},
+        {"max_concurrency": 100, "tpot_ms": {"mean": 9.0}, "ttft_ms": {"mean": 200.0}, "output_throughput": 14006.0},
+        {"max_concurrency": 8, "tpot_ms": {"mean": 3.0}, "ttft_ms": {"mean": 80.0}, "output_throughput": 2000.0}]}
+    block = anchors.serve_anchor(result)
+    one, hundred = block["points"]  # no published figure at concurrency 8
+    assert (one["tpot_speedup"], one["ttft_speedup"]) == (2.0, 0.5)
+    assert hundred["throughput_ratio"] == 2.0 and hundred["sglang_output_tok_per_s"] == 7003
