@@ -232,14 +232,21 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_id
     n, vocab = logits.shape
     assert n == len(rows), "one sampling row per logits row"
     raw, penalised = transform_logits(logits, rows, eos_token_ids, token_bitmask)
-    tokens = torch.argmax(penalised, dim=-1)
+    return with_logprobs(raw, penalised, rows, choose_tokens(penalised, rows, noise).tolist(), logprobs_mode)
+
+
+def choose_tokens(x: torch.Tensor, rows: Sequence[SamplingRow], noise: torch.Tensor | None) -> torch.Tensor:
+    """Step 4-5 on transformed logits [rows, vocab]: argmax for greedy rows, the noise race over
+    `sampling_probs` for the others; a [rows] tensor on x's device, queued without a host sync."""
+    tokens = torch.argmax(x, dim=-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
         if noise is None:
             raise ValueError("rows that sample need noise")
-        probs = sampling_probs(penalised[sampled], [rows[i].params for i in sampled])
-        tokens[sampled] = torch.argmax(probs / noise[sampled].to(logits.device), dim=-1)
-    return with_logprobs(raw, penalised, rows, tokens.tolist(), logprobs_mode)
+        index = on_device(sampled, x.device)
+        probs = sampling_probs(x[index], [rows[i].params for i in sampled])
+        tokens[index] = torch.argmax(probs / noise.to(x.device)[index], dim=-1)
+    return tokens
 
 
 def transform_logits(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Sequence[int],
@@ -390,11 +397,4 @@ class Sampler:
         sync, for rows without penalties, grammar or logprobs (`engine.overlappable`)."""
         assert not any(r.params.penalised or r.constrained or r.params.logprobs is not None for r in rows)
         _, x = transform_logits(logits, rows, self.eos_token_ids)
-        tokens = torch.argmax(x, dim=-1)
-        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if sampled:
-            noise = draw_noise(rows, logits.shape[-1], self.generator)
-            index = on_device(sampled, logits.device)
-            probs = sampling_probs(x[index], [rows[i].params for i in sampled])
-            tokens[index] = torch.argmax(probs / noise[index].to(logits.device), dim=-1)
-        return tokens
+        return choose_tokens(x, rows, draw_noise(rows, logits.shape[-1], self.generator))
