@@ -242,16 +242,19 @@ class TextDecoder(nn.Module):
         first_shared = self.cfg.first_shared_layer
         for i, layer in enumerate(self.layers):
             if i == first_shared and batch.logits_rows.numel() < x.shape[0]:
-                # KV-shared layers write no KV: only rows whose outputs are wanted go on.
-                rows, host_rows = batch.rows_with_logits()
-                x = x[rows]
-                ple = None if ple is None else ple[rows]
-                rope = {name: (c[rows], s[rows]) for name, (c, s) in rope.items()}
-                batch = batch.select_rows(rows, host_rows)
+                batch, rope, x, ple = self._rows_going_on(batch, rope, x, ple)
             cos, sin = rope[layer.spec.layer_type]
             x = layer(x, None if ple is None else ple[:, i], cos, sin, batch, cache)
         hidden = self.norm(x[batch.logits_rows])
         return DecoderOutput(logits=self.head(hidden), hidden=hidden)
+
+    @staticmethod
+    def _rows_going_on(batch: ForwardBatch, rope: dict, *tensors: torch.Tensor | None) -> tuple:
+        """KV-shared layers write no KV: only rows whose outputs are wanted go on. The batch, the
+        RoPE tables and each given row tensor (None stays None) narrowed to those rows."""
+        rows, host_rows = batch.rows_with_logits()
+        rope = {name: (c[rows], s[rows]) for name, (c, s) in rope.items()}
+        return batch.select_rows(rows, host_rows), rope, *(None if t is None else t[rows] for t in tensors)
 
     def _forward_kernels(self, x, ple, rope, batch: ForwardBatch, cache: PagedKVCache) -> DecoderOutput:
         """The layers through the fused kernels: each layer's last norm is the next one's input
@@ -260,11 +263,7 @@ class TextDecoder(nn.Module):
         y, _ = residual_norm(x, None, layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
         for i, layer in enumerate(layers):
             if i == first_shared and batch.logits_rows.numel() < x.shape[0]:
-                rows, host_rows = batch.rows_with_logits()
-                x, y = x[rows], y[rows]
-                ple = None if ple is None else ple[rows]
-                rope = {name: (c[rows], s[rows]) for name, (c, s) in rope.items()}
-                batch = batch.select_rows(rows, host_rows)
+                batch, rope, x, y, ple = self._rows_going_on(batch, rope, x, y, ple)
             cos, sin = rope[layer.spec.layer_type]
             next_norm = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else self.norm.weight
             x, y = layer.forward_kernels(x, y, None if ple is None else ple[:, i], cos, sin, batch, cache, next_norm)
