@@ -57,12 +57,14 @@ def time_steps(engine: Engine, steps: int, device: torch.device) -> list[float]:
 
 
 def prefilled_engine(model, cfg, batch: int, context: int, max_new: int, page_size: int, device: torch.device,
-                     dtype: torch.dtype, overlap: bool = False, graphs: bool = False) -> tuple[Engine, float | None]:
+                     dtype: torch.dtype, overlap: bool = False, graphs: bool = False,
+                     extra_pages: int = 0) -> tuple[Engine, float | None]:
     """An engine over a fresh cache holding `batch` random `context`-token prompts, prefilled (each
     has its first token and may take `max_new` in all); with `graphs`, decode graphs captured
-    first. Returns it and the capture's seconds (None without graphs)."""
+    first; `extra_pages` free for later arrivals. Returns it and the capture's seconds (None without graphs)."""
     pages_per_seq = -(-(context + max_new + 8) // page_size)
-    cache = PagedKVCache(cfg, page_size=page_size, num_pages=batch * pages_per_seq + 8, device=device, dtype=dtype)
+    cache = PagedKVCache(cfg, page_size=page_size, num_pages=batch * pages_per_seq + 8 + extra_pages, device=device,
+                         dtype=dtype)
     engine = Engine(model, cache, SchedulerLimits(max_batch_tokens=max(8192, batch), max_running=batch,
                                                   chunk_size=4096), overlap=overlap)
     capture_s = None

@@ -8,6 +8,9 @@
 # The checkpoint directory holds the model's config.json and the embedded model's tokenizer,
 # widened to the model's vocabulary (prompts are token ids below 1024; outputs are random ids).
 # A text-only colocated topology: preprocess and one engine on cuda:0.
+# Profiling (both optional): TRACE=1 serves with --trace-dir OUT_DIR/trace (per-stage spans);
+# PYSPY_S=N samples every actor process with py-spy for N seconds from 20 s into the throughput run
+# (collapsed stacks in OUT_DIR/pyspy-<actor>.txt; needs py-spy on the PATH).
 set -euo pipefail
 out=${1:?output directory}
 key=${2:-gemma-4-E4B-it}
@@ -52,7 +55,9 @@ kind = "engine"
 device = "cuda:0"
 EOF
 port=8123
-python3 -m actors.cli serve --topology "$topology" --port "$port" > "$out/server.log" 2>&1 &
+trace=()
+[ -n "${TRACE:-}" ] && trace=(--trace-dir "$out/trace")
+python3 -m actors.cli serve --topology "$topology" --port "$port" "${trace[@]}" > "$out/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 600); do
@@ -67,6 +72,15 @@ bench() {
 }
 bench --label latency --num-prompts 10 --max-concurrency 1 --random-input-len 1220 --random-output-len 844 \
   --output-file "$out/latency.json"
+if [ -n "${PYSPY_S:-}" ]; then
+  ( sleep 20
+    for actor in api preprocess engine; do
+      pid=$(pgrep -f -- "actors.main .*--actor $actor " | head -1) || continue
+      py-spy record --format raw --rate 250 --duration "$PYSPY_S" --pid "$pid" --output "$out/pyspy-$actor.txt" \
+        > /dev/null 2>&1 &
+    done
+    wait ) &
+fi
 bench --label throughput --num-prompts 1000 --max-concurrency 100 --random-input-len 1024 --random-output-len 1024 \
   --output-file "$out/throughput.json"
 python3 bench/anchors.py "$out/latency.json" "$out/throughput.json"  # SGLang's figures beside ours

@@ -294,3 +294,32 @@ def test_gpu_decode_timing_against_the_twin(batch_size):
         twin = _cuda_ms(lambda: paged_attention(q, group, 0, batch, LAYER), reps=3)
         assert_bf16_close(paged_attention_triton(q, group, 0, batch, LAYER), twin_fp32(q, group, batch, "none"))
         print(f"\nE4B {layer} decode, batch {batch_size}, 4k context: kernel {kernel:.3f} ms, twin {twin:.3f} ms")
+
+
+def _compiled(kernel) -> int:
+    """How many variants of a Triton kernel have been compiled in this process, on any device."""
+    return sum(len(binder[0]) for binder in kernel.device_caches.values())
+
+
+@pytest.mark.gpu
+def test_gpu_batches_of_any_size_reuse_the_compiled_kernels():
+    """A server's batches vary in rows, programs and page-table width at every step; none of these
+    may compile a new variant (each compile stalls the engine for about a second)."""
+    from gemma4_model.kernels import paged_attention as module
+
+    kv_heads, head_dim, window = E4B["sliding"]
+
+    def run(seqs):
+        q, group, batch = make_case(seqs, heads=8, kv_heads=kv_heads, head_dim=head_dim, page=16, window=window,
+                                    dtype=torch.bfloat16, device="cuda")
+        paged_attention_triton(q, group, 0, batch, LAYER)
+
+    kernels = (module._paged_attention_kernel, module._merge_splits_kernel)
+    for tile, shapes in (("decode", [[Seq(37 * i + 3, 1) for i in range(n)] for n in (1, 2, 15, 16, 17, 33)]),
+                         ("prefill", [[Seq(0, 100)], [Seq(16, 64)], [Seq(300, 65), Seq(5, 1)],
+                                      [Seq(1, 16), Seq(2, 16), Seq(4000, 16), Seq(9, 33)]])):
+        run(shapes[0])
+        before = [_compiled(k) for k in kernels]
+        for seqs in shapes[1:]:
+            run(seqs)
+        assert [_compiled(k) for k in kernels] == before, f"{tile} batches compiled new variants"

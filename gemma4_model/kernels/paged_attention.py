@@ -46,7 +46,9 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
-@triton.jit
+# Batch-dependent integers are not specialised (Triton would compile a variant for each of "1",
+# "a multiple of 16" and "other" of each): one compiled kernel serves every batch of a shape.
+@triton.jit(do_not_specialize=["num_programs", "num_rows", "stride_table"])
 def _paged_attention_kernel(
     q_ptr, out_ptr, k_ptr, v_ptr, tables_ptr, positions_ptr, schedule_ptr,
     query_starts_ptr, kv_lens_ptr, chunk_starts_ptr, span_offsets_ptr, span_lens_ptr, spans_ptr,
@@ -154,7 +156,7 @@ def _paged_attention_kernel(
             tl.store(lse_ptr + cell, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_rows, num_heads, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
