@@ -47,8 +47,12 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 # Batch-dependent integers are not specialised (Triton would compile a variant for each of "1",
-# "a multiple of 16" and "other" of each): one compiled kernel serves every batch of a shape.
-@triton.jit(do_not_specialize=["num_programs", "num_rows", "stride_table"])
+# "a multiple of 16" and "other" of each), nor the alignment of the batch's metadata (views into one
+# packed tensor, at offsets that follow the batch size): one compiled kernel serves every batch.
+@triton.jit(do_not_specialize=["num_programs", "num_rows", "stride_table"],
+            do_not_specialize_on_alignment=["tables_ptr", "positions_ptr", "schedule_ptr", "query_starts_ptr",
+                                            "kv_lens_ptr", "chunk_starts_ptr", "span_offsets_ptr", "span_lens_ptr",
+                                            "spans_ptr"])
 def _paged_attention_kernel(
     q_ptr, out_ptr, k_ptr, v_ptr, tables_ptr, positions_ptr, schedule_ptr,
     query_starts_ptr, kv_lens_ptr, chunk_starts_ptr, span_offsets_ptr, span_lens_ptr, spans_ptr,
