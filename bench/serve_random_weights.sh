@@ -7,10 +7,12 @@
 #
 # The checkpoint directory holds the model's config.json and the embedded model's tokenizer,
 # widened to the model's vocabulary (prompts are token ids below 1024; outputs are random ids).
-# A text-only colocated topology: preprocess and one engine on cuda:0.
+# A text-only topology on cuda:0: preprocess and one engine, or with SPLIT=1 a prefill and a decode
+# process sharing the GPU (KV pages over CUDA IPC).
 # Profiling (both optional): TRACE=1 serves with --trace-dir OUT_DIR/trace (per-stage spans);
 # PYSPY_S=N samples every actor process with py-spy for N seconds from 20 s into the throughput run
-# (collapsed stacks in OUT_DIR/pyspy-<actor>.txt; needs py-spy on the PATH).
+# (collapsed stacks in OUT_DIR/pyspy-<actor>.txt; needs py-spy on the PATH). RUNS="latency" or
+# RUNS="throughput" runs one of the two.
 set -euo pipefail
 out=${1:?output directory}
 key=${2:-gemma-4-E4B-it}
@@ -50,10 +52,12 @@ host = "127.0.0.1"
 [[actors]]
 kind = "preprocess"
 
-[[actors]]
-kind = "engine"
-device = "cuda:0"
 EOF
+if [ "${SPLIT:-}" = 1 ]; then  # prefill and decode in two processes on the one GPU, KV pages over CUDA IPC
+  printf '\n[[actors]]\nkind = "prefill"\ndevice = "cuda:0"\n\n[[actors]]\nkind = "decode"\ndevice = "cuda:0"\n\n[transfer]\nbackend = "cuda_ipc"\n' >> "$topology"
+else
+  printf '\n[[actors]]\nkind = "engine"\ndevice = "cuda:0"\n' >> "$topology"
+fi
 port=8123
 trace=()
 [ -n "${TRACE:-}" ] && trace=(--trace-dir "$out/trace")
@@ -68,19 +72,25 @@ for _ in $(seq 600); do
 done
 bench() {
   python3 bench/serve_bench.py --base-url "http://127.0.0.1:$port" --disable-tqdm --meta "model_shape=$key" \
-    --meta "weights=random (--load-format dummy)" --meta "commit=$commit" "$@"
+    --meta "weights=random (--load-format dummy)" --meta "commit=$commit" \
+    --meta "topology=$([ "${SPLIT:-}" = 1 ] && echo split || echo colocated)" "$@"
 }
-bench --label latency --num-prompts 10 --max-concurrency 1 --random-input-len 1220 --random-output-len 844 \
-  --output-file "$out/latency.json"
-if [ -n "${PYSPY_S:-}" ]; then
-  ( sleep 20
-    for actor in api preprocess engine; do
-      pid=$(pgrep -f -- "actors.main .*--actor $actor " | head -1) || continue
-      py-spy record --format raw --rate 250 --duration "$PYSPY_S" --pid "$pid" --output "$out/pyspy-$actor.txt" \
-        > /dev/null 2>&1 &
-    done
-    wait ) &
+runs=" ${RUNS:-latency throughput} "
+if [[ $runs == *" latency "* ]]; then
+  bench --label latency --num-prompts 10 --max-concurrency 1 --random-input-len 1220 --random-output-len 844 \
+    --output-file "$out/latency.json"
 fi
-bench --label throughput --num-prompts 1000 --max-concurrency 100 --random-input-len 1024 --random-output-len 1024 \
-  --output-file "$out/throughput.json"
-python3 bench/anchors.py "$out/latency.json" "$out/throughput.json"  # SGLang's figures beside ours
+if [[ $runs == *" throughput "* ]]; then
+  if [ -n "${PYSPY_S:-}" ]; then
+    ( sleep 20
+      for actor in api preprocess engine prefill decode; do
+        pid=$(pgrep -f -- "actors.main .*--actor $actor " | head -1) || continue
+        py-spy record --format raw --rate 250 --duration "$PYSPY_S" --pid "$pid" --output "$out/pyspy-$actor.txt" \
+          > /dev/null 2>&1 &
+      done
+      wait ) &
+  fi
+  bench --label throughput --num-prompts 1000 --max-concurrency 100 --random-input-len 1024 --random-output-len 1024 \
+    --output-file "$out/throughput.json"
+fi
+python3 bench/anchors.py $(ls "$out"/{latency,throughput}.json 2> /dev/null)  # SGLang's figures beside ours
