@@ -166,8 +166,11 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
                     overlap=not model_section.disable_overlap_schedule and ctx.actor.kind != "prefill", **drafting)
     graph_bs = model_section.cuda_graph_max_bs
     graph_bs = limits.max_running if graph_bs is None else min(graph_bs, limits.max_running)
-    if ctx.actor.kind != "prefill" and not drafting and graph_bs > 0 and can_capture(model) is None:
-        engine.capture_decode_graphs(graph_bs)
+    if not drafting and graph_bs > 0 and can_capture(model) is None:
+        if ctx.actor.kind != "prefill":
+            engine.capture_decode_graphs(graph_bs)
+        if ctx.actor.kind != "decode":  # prompt chunks (a decode actor's only come after a preemption)
+            engine.capture_chunk_graphs()
     inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor], drop_malformed=True)
     outbox = push(zctx, ctx.wiring.results)
     role, backend = ctx.actor.kind, ctx.topology.transfer

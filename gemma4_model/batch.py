@@ -213,11 +213,28 @@ class RaggedLayout:
         """[2, programs] int32: (sequence, first row) of each block of up to `block_tokens` query
         rows; each sequence's rows split into blocks, in sequence order. Cached per block size."""
         if block_tokens not in self._schedules:
-            q = self.host_query_starts
-            seqs, rows = [], []
-            for b in range(len(q) - 1):
-                for r in range(q[b], q[b + 1], block_tokens):
-                    seqs.append(b)
-                    rows.append(r)
-            self._schedules[block_tokens] = on_device([seqs, rows], self.kv_lens.device, torch.int32)
+            self._schedules[block_tokens] = on_device(list(schedule_entries(self.host_query_starts, block_tokens)),
+                                                      self.kv_lens.device, torch.int32)
         return self._schedules[block_tokens]
+
+    def fix_schedules(self) -> dict[int, torch.Tensor]:
+        """Replace the schedules built so far by buffers as wide as any batch of at most this
+        layout's rows and sequences needs (a block per `block_tokens` rows plus one per sequence),
+        for a captured forward, whose launches keep their grid; the caller fills them. Returns
+        them by block size."""
+        rows, seqs = self.host_query_starts[-1], len(self.host_query_starts) - 1
+        for block in self._schedules:
+            width = -(-rows // block) + seqs
+            self._schedules[block] = torch.zeros((2, width), dtype=torch.int32, device=self.kv_lens.device)
+        return dict(self._schedules)
+
+
+def schedule_entries(query_starts: Sequence[int], block_tokens: int) -> tuple[list[int], list[int]]:
+    """(sequences, first rows) of the blocks of up to `block_tokens` query rows of a ragged batch
+    with these row offsets, in sequence order."""
+    seqs, rows = [], []
+    for b in range(len(query_starts) - 1):
+        for r in range(query_starts[b], query_starts[b + 1], block_tokens):
+            seqs.append(b)
+            rows.append(r)
+    return seqs, rows

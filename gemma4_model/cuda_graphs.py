@@ -1,4 +1,5 @@
-"""Decode steps as replayed CUDA graphs: one captured decoder forward per padded batch size.
+"""Steps as replayed CUDA graphs: decode steps per padded batch size (`DecodeGraphs`), steps
+with prompt chunks per padded row count (`ChunkGraphs`).
 
 A decode step (every sequence one query token: no prefill chunk, verify run or media) runs the
 same kernels whatever its sequences' lengths, so its forward is captured once per batch size in
@@ -8,6 +9,15 @@ next captured size. Padding rows are position 0 with a KV length of 1, reading a
 page per layer group that `DecodeGraphs` reserves from the pool for them (so it never holds any
 sequence's KV). The outputs (logits and final-norm hidden states) are copied out of the graph's
 buffers, which the next replay overwrites.
+
+A step with prompt chunks (a prefill, alone or beside decodes) launches some hundred kernels per
+layer group eagerly, which costs the host tens of milliseconds whatever its size. `ChunkGraphs`
+captures `TextDecoder.final_hidden` (every row through every layer, no lm_head) over a fixed
+number of rows and of sequences (`ChunkInputs`): the step's rows come first, a padding sequence
+owns the rest (position 0, KV length 1, the scratch page), sequences past the step's hold no
+rows, and the attention kernels' schedules have a fixed width whose unused programs find no
+rows. The lm_head then runs outside the graph on the rows that want logits. Prompts with media
+(soft tokens, bidirectional spans) run eagerly.
 
 Needs the decoder's Triton attention (`TextDecoder.set_kernels(True)`): the PyTorch twin reads
 batch lengths on the host, which a graph cannot. Mixture-of-experts layers loop over the
@@ -23,15 +33,17 @@ from typing import Sequence
 
 import torch
 
-from .batch import ForwardBatch, GroupView
+from .batch import ForwardBatch, GroupView, on_device, schedule_entries
 from .decoder import DecoderOutput, TextDecoder
 from .kv_cache import NO_PAGE, PagedKVCache
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+DEFAULT_TOKEN_SIZES = (128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
 def capture_sizes(max_batch: int, sizes: Sequence[int] = DEFAULT_BATCH_SIZES) -> tuple[int, ...]:
-    """The batch sizes to capture for decode batches of up to `max_batch` sequences."""
+    """The batch sizes to capture for decode batches of up to `max_batch` sequences (or the row
+    counts for steps of up to that many rows, given `DEFAULT_TOKEN_SIZES`)."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
     chosen = [s for s in sizes if s < max_batch]
@@ -164,3 +176,138 @@ class DecodeGraphs:
         self.replays += 1
         return DecoderOutput(logits=g.out.logits[:b].clone(), hidden=g.out.hidden[:b].clone())
 
+
+
+class ChunkInputs:
+    """The fixed input batch of a forward over `rows` query rows of at most `max_seqs` sequences,
+    and the copy of a step's batch into it (see the module doc: padding sequence last).
+
+    Its attention schedules exist once a first forward has built them; `fix_schedules` then
+    widens them to fixed buffers, which `load` fills."""
+
+    def __init__(self, cache: PagedKVCache, rows: int, max_seqs: int, max_pages: int, scratch: dict[str, int],
+                 device: torch.device):
+        self.rows, self.max_seqs, self.max_pages, self.scratch = rows, max_seqs, max_pages, scratch
+        self.page, self.device = cache.page_size, device
+        seqs = max_seqs + 1  # the padding sequence last
+        groups = {}
+        for name in cache.groups:
+            tables = torch.full((seqs, max_pages), NO_PAGE, dtype=torch.long, device=device)
+            tables[-1, 0] = scratch[name]
+            groups[name] = GroupView(tables, torch.full((rows,), scratch[name] * self.page, dtype=torch.long,
+                                                        device=device))
+        self.batch = ForwardBatch(
+            token_ids=torch.zeros(rows, dtype=torch.long, device=device),
+            positions=torch.zeros(rows, dtype=torch.long, device=device),
+            query_starts=(0,) * seqs + (rows,),  # every row the padding sequence's: prompt-chunk tiles
+            kv_lens=(1,) * seqs, chunk_starts=(0,) * seqs, chunk_spans=(None,) * seqs,
+            groups=groups, logits_rows=torch.zeros(1, dtype=torch.long, device=device), page_size=self.page,
+        )
+        self.schedules: dict[int, torch.Tensor] = {}
+
+    def fix_schedules(self) -> None:
+        self.schedules = self.batch.layout.fix_schedules()
+        self._load_layout(self.batch.query_starts, self.batch.kv_lens, self.batch.chunk_starts)
+
+    def fits(self, batch: ForwardBatch) -> bool:
+        return (batch.token_ids.shape[0] <= self.rows and batch.num_seqs <= self.max_seqs
+                and batch.media_rows is None and all(s is None for s in batch.chunk_spans)
+                and all(g.page_tables.shape[1] <= self.max_pages for g in batch.groups.values()))
+
+    def load(self, batch: ForwardBatch) -> None:
+        """Copy `batch` (which `fits`) in: its rows first, the rest the padding sequence's."""
+        fixed, b, T = self.batch, batch.num_seqs, batch.token_ids.shape[0]
+        fixed.token_ids[:T].copy_(batch.token_ids)
+        fixed.token_ids[T:].zero_()
+        fixed.positions[:T].copy_(batch.positions)
+        fixed.positions[T:].zero_()
+        for name, view in batch.groups.items():
+            group, width = fixed.groups[name], view.page_tables.shape[1]
+            group.write_slots[:T].copy_(view.write_slots)
+            group.write_slots[T:].fill_(self.scratch[name] * self.page)
+            group.page_tables[:b, :width].copy_(view.page_tables)
+            group.page_tables[:b, width:].fill_(NO_PAGE)
+            group.page_tables[b:-1].fill_(NO_PAGE)
+        idle = self.max_seqs - b
+        self._load_layout((*batch.query_starts, *(T,) * idle, self.rows), (*batch.kv_lens, *(1,) * (idle + 1)),
+                          (*batch.chunk_starts, *(0,) * (idle + 1)))
+
+    def _load_layout(self, starts: Sequence[int], kv_lens: Sequence[int], chunk_starts: Sequence[int]) -> None:
+        """The row offsets, KV lengths, chunk starts and schedules, in one host-to-device copy."""
+        layout, seqs = self.batch.layout, self.max_seqs + 1
+        values = [*starts, *kv_lens, *chunk_starts]
+        for block, buf in self.schedules.items():
+            entries, rows = schedule_entries(starts, block)
+            idle = buf.shape[1] - len(entries)  # programs that find no rows: the padding sequence's end
+            values += [*entries, *(seqs - 1,) * idle, *rows, *(self.rows,) * idle]
+        packed = on_device(values, self.device, torch.int32)
+        layout.query_starts.copy_(packed[: seqs + 1])
+        layout.kv_lens.copy_(packed[seqs + 1 : 2 * seqs + 1])
+        layout.chunk_starts.copy_(packed[2 * seqs + 1 : 3 * seqs + 1])
+        at = 3 * seqs + 1
+        for buf in self.schedules.values():
+            buf.copy_(packed[at : at + buf.numel()].view(2, -1))
+            at += buf.numel()
+
+
+@dataclass
+class _ChunkGraph:
+    rows: int
+    graph: torch.cuda.CUDAGraph
+    inputs: ChunkInputs
+    hidden: torch.Tensor  # [rows, hidden] the fixed output buffer
+
+
+class ChunkGraphs:
+    """Captured forwards of steps with prompt chunks, one per row count in `sizes`, for steps of
+    at most `max_seqs` sequences."""
+
+    def __init__(self, model: TextDecoder, cache: PagedKVCache, sizes: Sequence[int], max_seqs: int,
+                 max_model_len: int):
+        problem = can_capture(model)
+        if problem is not None:
+            raise ValueError(f"cannot capture prompt-chunk graphs: {problem}")
+        self.model, self.cache, self.max_seqs = model, cache, max_seqs
+        self.sizes = tuple(sorted(set(sizes)))
+        self.device = next(model.parameters()).device
+        self.max_pages = -(-max_model_len // cache.page_size)
+        self.scratch = {name: group.pool.allocate() for name, group in cache.groups.items()}
+        self.replays = 0
+        self._graphs: dict[int, _ChunkGraph] = {}
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):  # largest first: the smaller ones reuse its memory pool
+            self._graphs[size] = self._capture(size, pool)
+
+    def close(self) -> None:
+        """Drop the graphs and give the scratch pages back."""
+        self._graphs.clear()
+        for name, page in self.scratch.items():
+            self.cache.groups[name].pool.release_all([page])
+        self.scratch = {}
+
+    @torch.inference_mode()
+    def _capture(self, rows: int, pool) -> _ChunkGraph:
+        inputs = ChunkInputs(self.cache, rows, self.max_seqs, self.max_pages, self.scratch, self.device)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.model.final_hidden(inputs.batch, self.cache)  # builds the schedules; Triton compiles
+            inputs.fix_schedules()
+            self.model.final_hidden(inputs.batch, self.cache)  # cuBLAS picks its kernels
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            hidden = self.model.final_hidden(inputs.batch, self.cache)
+        return _ChunkGraph(rows, graph, inputs, hidden)
+
+    def run(self, batch: ForwardBatch) -> DecoderOutput | None:
+        """Replay the graph of the fewest rows that hold the batch; None when none fits (media,
+        more rows than the largest size or more sequences than `max_seqs`)."""
+        g = next((g for size, g in sorted(self._graphs.items()) if g.inputs.fits(batch)), None)
+        if g is None:
+            return None
+        g.inputs.load(batch)
+        g.graph.replay()
+        self.replays += 1
+        hidden = g.hidden[batch.logits_rows]
+        return DecoderOutput(logits=self.model.head(hidden), hidden=hidden)

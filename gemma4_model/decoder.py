@@ -234,11 +234,11 @@ class TextDecoder(nn.Module):
 
         The batch's media rows (multimodal soft tokens) replace those rows' token embeddings.
         """
-        ids, x = self.input_embeddings(batch)
-        ple = self.per_layer_inputs(ids, x) if self.cfg.ple_dim else None
-        rope = {name: r(batch.positions, x.dtype) for name, r in self.rotary.items()}
+        x, ple, rope = self._inputs(batch)
         if self.kernels:
-            return self._forward_kernels(x, ple, rope, batch, cache)
+            y, batch = self._forward_kernels(x, ple, rope, batch, cache)
+            hidden = y[batch.logits_rows]
+            return DecoderOutput(logits=self.head(hidden), hidden=hidden)
         first_shared = self.cfg.first_shared_layer
         for i, layer in enumerate(self.layers):
             if i == first_shared and batch.logits_rows.numel() < x.shape[0]:
@@ -248,6 +248,20 @@ class TextDecoder(nn.Module):
         hidden = self.norm(x[batch.logits_rows])
         return DecoderOutput(logits=self.head(hidden), hidden=hidden)
 
+    def final_hidden(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
+        """The final-norm hidden state of every row of the batch [T, hidden], through the kernels
+        and with every row through every layer (fixed shapes: what a captured graph runs; the
+        lm_head is left to the caller, for the rows it wants)."""
+        assert self.kernels, "final_hidden runs the Triton kernels"
+        x, ple, rope = self._inputs(batch)
+        return self._forward_kernels(x, ple, rope, batch, cache, narrow=False)[0]
+
+    def _inputs(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """The embeddings, the per-layer inputs (None without PLE) and the RoPE tables per layer type."""
+        ids, x = self.input_embeddings(batch)
+        ple = self.per_layer_inputs(ids, x) if self.cfg.ple_dim else None
+        return x, ple, {name: r(batch.positions, x.dtype) for name, r in self.rotary.items()}
+
     @staticmethod
     def _rows_going_on(batch: ForwardBatch, rope: dict, *tensors: torch.Tensor | None) -> tuple:
         """KV-shared layers write no KV: only rows whose outputs are wanted go on. The batch, the
@@ -256,16 +270,17 @@ class TextDecoder(nn.Module):
         rope = {name: (c[rows], s[rows]) for name, (c, s) in rope.items()}
         return batch.select_rows(rows, host_rows), rope, *(None if t is None else t[rows] for t in tensors)
 
-    def _forward_kernels(self, x, ple, rope, batch: ForwardBatch, cache: PagedKVCache) -> DecoderOutput:
+    def _forward_kernels(self, x, ple, rope, batch: ForwardBatch, cache: PagedKVCache,
+                         narrow: bool = True) -> tuple[torch.Tensor, ForwardBatch]:
         """The layers through the fused kernels: each layer's last norm is the next one's input
-        norm (the last layer's, the final norm)."""
+        norm (the last layer's, the final norm). The final-norm hidden states and the batch they
+        belong to (with `narrow`, only the rows with logits go past the last KV-owning layer)."""
         layers, first_shared = self.layers, self.cfg.first_shared_layer
         y, _ = residual_norm(x, None, layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
         for i, layer in enumerate(layers):
-            if i == first_shared and batch.logits_rows.numel() < x.shape[0]:
+            if narrow and i == first_shared and batch.logits_rows.numel() < x.shape[0]:
                 batch, rope, x, y, ple = self._rows_going_on(batch, rope, x, y, ple)
             cos, sin = rope[layer.spec.layer_type]
             next_norm = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else self.norm.weight
             x, y = layer.forward_kernels(x, y, None if ple is None else ple[:, i], cos, sin, batch, cache, next_norm)
-        hidden = y[batch.logits_rows]
-        return DecoderOutput(logits=self.head(hidden), hidden=hidden)
+        return y, batch

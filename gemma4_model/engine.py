@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .batch import ForwardBatch, SequenceChunk, on_device
-from .cuda_graphs import DecodeGraphs, capture_sizes
+from .cuda_graphs import DEFAULT_TOKEN_SIZES, ChunkGraphs, DecodeGraphs, capture_sizes
 from .decoder import DecoderOutput, TextDecoder
 from .grammar import GrammarBook, GrammarState
 from .kv_cache import PagedKVCache, RequestTooLargeError
@@ -340,6 +340,7 @@ class Engine:
         self.sampler = Sampler(model.cfg.eos_token_ids, seed, logprobs_mode, self.device)
         self._next_id = 0
         self.graphs: DecodeGraphs | None = None  # captured decode steps (`capture_decode_graphs`)
+        self.chunk_graphs: ChunkGraphs | None = None  # captured prompt-chunk steps (`capture_chunk_graphs`)
         self.overlap = overlap
         self._launched: _Launched | None = None  # a decode step whose tokens the host has not seen
 
@@ -352,6 +353,25 @@ class Engine:
         sizes = capture_sizes(max_batch or self.scheduler.limits.max_running)
         self.graphs = DecodeGraphs(self.model, self.cache, sizes, self.scheduler.max_model_len)
         return self.graphs
+
+    def capture_chunk_graphs(self, max_rows: int | None = None) -> ChunkGraphs:
+        """Replay steps with prompt chunks (prefills, alone or beside decodes) of up to `max_rows`
+        query rows (default: the scheduler's token budget) and `max_running` sequences as CUDA
+        graphs, padded to the next captured row count; media prompts run eagerly."""
+        if self.chunk_graphs is not None:
+            self.chunk_graphs.close()
+        limits = self.scheduler.limits
+        sizes = capture_sizes(max_rows or limits.max_batch_tokens, DEFAULT_TOKEN_SIZES)
+        self.chunk_graphs = ChunkGraphs(self.model, self.cache, sizes, limits.max_running, self.scheduler.max_model_len)
+        return self.chunk_graphs
+
+    def _forward(self, batch: ForwardBatch) -> DecoderOutput:
+        """The batch's forward: a captured graph's replay where one holds it, else eager."""
+        for graphs in (self.graphs, self.chunk_graphs):
+            out = graphs.run(batch) if graphs is not None else None
+            if out is not None:
+                return out
+        return self.model(batch, self.cache)
 
     def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None,
                     media: Sequence[MediaSpan] = ()) -> GenerationSequence:
@@ -437,9 +457,7 @@ class Engine:
             return []
         chunks, verifies = self._add_drafts(plan)
         batch = ForwardBatch.build(chunks, self.cache, self.device)
-        out = self.graphs.run(batch) if self.graphs is not None else None
-        if out is None:
-            out = self.model(batch, self.cache)
+        out = self._forward(batch)
         self._count(plan, chunks)
         pending, row = [], 0
         for i, (seq, chunk, sampled) in enumerate(zip(plan.seqs, chunks, plan.samples)):
@@ -511,9 +529,7 @@ class Engine:
                 tokens = batch.token_ids.index_copy(0, on_device(rows, self.device),
                                                     prev.tokens[on_device(taken, self.device)])
             batch = replace(batch, token_ids=tokens)
-        out = self.graphs.run(batch) if self.graphs is not None else None
-        if out is None:
-            out = self.model(batch, self.cache)
+        out = self._forward(batch)
         self._count(plan, plan.chunks)
         sampled = [i for i, s in enumerate(plan.samples) if s]
         seqs = tuple(plan.seqs[i] for i in sampled)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma4_model.cuda_graphs import DEFAULT_BATCH_SIZES, can_capture, capture_sizes
+from gemma4_model.cuda_graphs import DEFAULT_BATCH_SIZES, ChunkInputs, can_capture, capture_sizes
 from gemma4_model.engine import Engine, SchedulerLimits
 from gemma4_model.kv_cache import PagedKVCache
 from gemma4_model.loader import load_text_decoder
@@ -35,30 +35,82 @@ def prompts():
     return [torch.randint(3, 250, (n,), generator=g).tolist() for n in (37, 9, 23, 61, 5)]
 
 
+def greedy_outputs(path, decode_graphs: bool, chunk_graphs: bool) -> tuple[list[list[int]], Engine]:
+    """Five sequences of different lengths (prompt chunks of 16 beside decodes; decode batches
+    padded to the captured 8), finishing at different steps (the batch shrinks through 4, 2, 1),
+    greedy, float32, on the GPU."""
+    config, model = load_text_decoder(path, device="cuda", dtype=torch.float32)
+    model.set_kernels(True)
+    cache = PagedKVCache(config.text, page_size=4, num_pages=160, device="cuda", dtype=torch.float32)
+    engine = Engine(model, cache, SchedulerLimits(max_batch_tokens=64, max_running=8, chunk_size=16))
+    if decode_graphs:
+        engine.capture_decode_graphs()
+    if chunk_graphs:
+        engine.capture_chunk_graphs()
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (24, 7, 16, 30, 3)]
+    seqs = [engine.add_request(p, sp) for p, sp in zip(prompts(), params)]
+    while engine.scheduler.has_work():
+        engine.step()
+    return [s.output for s in seqs], engine
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["e4b", "31b"])
 def test_graph_replays_give_the_eager_tokens(tiny_checkpoint, variant):
-    """Five sequences of different lengths (padded to the captured 8), finishing at different
-    steps (the batch shrinks through 4, 2, 1), greedy, float32: the same tokens with and without
-    graphs, and the graphs were used."""
+    """The same tokens with and without decode graphs, and the graphs were used."""
     path = tiny_checkpoint(variant)
-    outputs, engines = {}, {}
-    for graphs in (False, True):
-        config, model = load_text_decoder(path, device="cuda", dtype=torch.float32)
-        model.set_kernels(True)
-        cache = PagedKVCache(config.text, page_size=4, num_pages=160, device="cuda", dtype=torch.float32)
-        engine = Engine(model, cache, SchedulerLimits(max_batch_tokens=64, max_running=8, chunk_size=16))
-        if graphs:
-            engine.capture_decode_graphs()
-        params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (24, 7, 16, 30, 3)]
-        seqs = [engine.add_request(p, sp) for p, sp in zip(prompts(), params)]
-        while engine.scheduler.has_work():
-            engine.step()
-        outputs[graphs], engines[graphs] = [s.output for s in seqs], engine
-    assert outputs[True] == outputs[False]
-    graphs = engines[True].graphs
-    assert graphs.sizes == (1, 2, 4, 8) and graphs.replays > 20
-    cache = engines[True].cache
-    assert all(n == 1 for n in cache.pages_in_use().values())  # the scratch page of each group
-    graphs.close()
-    assert not any(cache.pages_in_use().values())
+    want, _ = greedy_outputs(path, False, False)
+    got, engine = greedy_outputs(path, True, False)
+    assert got == want
+    assert engine.graphs.sizes == (1, 2, 4, 8) and engine.graphs.replays > 20
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["e4b", "31b"])
+def test_chunk_graph_replays_give_the_eager_tokens(tiny_checkpoint, variant):
+    """Every step replayed (prompt-chunk steps padded to 64 rows and 8 sequences): the eager tokens."""
+    path = tiny_checkpoint(variant)
+    want, _ = greedy_outputs(path, False, False)
+    got, engine = greedy_outputs(path, True, True)
+    assert got == want
+    assert engine.chunk_graphs.sizes == (64,) and engine.chunk_graphs.replays >= 5
+
+
+def test_chunk_inputs_give_the_eager_rows(tiny_checkpoint):
+    """Steps with prompt chunks (first chunks filling the token budget, then later chunks over
+    cached prefixes beside a decode) copied into one set of fixed inputs (every row taken, then
+    padding rows; idle sequences) give the eager forward's final hidden states at their logits
+    rows (CPU: the kernels in Triton's interpreter; the same code fills a captured graph's inputs)."""
+    config, model = load_text_decoder(tiny_checkpoint("e4b"), device="cpu", dtype=torch.float32)
+    cache = PagedKVCache(config.text, page_size=4, num_pages=120, device="cpu", dtype=torch.float32)
+    engine = Engine(model, cache, SchedulerLimits(max_batch_tokens=40, max_running=4, chunk_size=24))
+    scratch = {name: group.pool.allocate() for name, group in cache.groups.items()}
+    max_pages = -(-engine.scheduler.max_model_len // cache.page_size)
+    inputs = ChunkInputs(cache, 40, 6, max_pages, scratch, torch.device("cpu"))
+    model.set_kernels(True)
+    model.final_hidden(inputs.batch, cache)
+    inputs.fix_schedules()
+    model.set_kernels(False)
+    checked = []
+    eager = engine._forward
+
+    def forward_and_check(batch):
+        out = eager(batch)  # the PyTorch twin
+        if batch.token_ids.shape[0] > batch.num_seqs and len(checked) < 2:  # a prompt chunk in the step
+            assert inputs.fits(batch)
+            inputs.load(batch)
+            model.set_kernels(True)
+            hidden = model.final_hidden(inputs.batch, cache)
+            model.set_kernels(False)
+            torch.testing.assert_close(hidden[batch.logits_rows], out.hidden, atol=1e-4, rtol=1e-4)
+            checked.append((batch.token_ids.shape[0], batch.num_seqs))
+        return out
+
+    engine._forward = forward_and_check
+    for prompt, n in zip(prompts()[:3], (2, 3, 2)):
+        engine.add_request(prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+    while engine.scheduler.has_work():
+        engine.step()
+    for name, page in scratch.items():
+        cache.groups[name].pool.release_all([page])
+    assert checked[0] == (40, 3) and checked[1][0] < 40 and checked[1][1] > 1, checked
