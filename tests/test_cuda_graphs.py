@@ -63,6 +63,7 @@ def test_graph_replays_give_the_eager_tokens(tiny_checkpoint, variant):
     got, engine = greedy_outputs(path, True, False)
     assert got == want
     assert engine.graphs.sizes == (1, 2, 4, 8) and engine.graphs.replays > 20
+    close_graphs(engine, 1)
 
 
 @pytest.mark.gpu
@@ -74,6 +75,16 @@ def test_chunk_graph_replays_give_the_eager_tokens(tiny_checkpoint, variant):
     got, engine = greedy_outputs(path, True, True)
     assert got == want
     assert engine.chunk_graphs.sizes == (64,) and engine.chunk_graphs.replays >= 5
+    close_graphs(engine, 2)
+
+
+def close_graphs(engine: Engine, captures: int) -> None:
+    """Each capture held a scratch page per group until closed."""
+    assert all(n == captures for n in engine.cache.pages_in_use().values())
+    for graphs in (engine.graphs, engine.chunk_graphs):
+        if graphs is not None:
+            graphs.close()
+    assert not any(engine.cache.pages_in_use().values())
 
 
 def test_chunk_inputs_give_the_eager_rows(tiny_checkpoint):
