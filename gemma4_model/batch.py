@@ -108,15 +108,14 @@ class ForwardBatch:
         for name in cache.groups:
             tables = [cache.page_table(c.seq_id, name) for c in chunks]
             width = max(1, max(len(t) for t in tables))
-            table_tensor = torch.full((len(chunks), width), NO_PAGE, dtype=torch.long)
             slots = []
-            for b, (c, table) in enumerate(zip(chunks, tables)):
-                table_tensor[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+            for c, table in zip(chunks, tables):
                 for pos in range(c.start, c.start + len(c.token_ids)):
                     page = table[pos // P]
                     assert page != NO_PAGE, f"sequence {c.seq_id} holds no {name} page for position {pos}"
                     slots.append(page * P + pos % P)
-            groups[name] = GroupView(on_device(table_tensor, device), on_device(slots, device))
+            padded = [table + [NO_PAGE] * (width - len(table)) for table in tables]  # one tensor, not one per row
+            groups[name] = GroupView(on_device(padded, device), on_device(slots, device))
         return ForwardBatch(
             token_ids=on_device(tokens, device),
             positions=on_device(positions, device),

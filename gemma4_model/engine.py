@@ -6,6 +6,7 @@ The actors wrap these pieces; the demo and the parity tests drive them directly.
 
 from __future__ import annotations
 
+from collections import abc
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Sequence
@@ -72,6 +73,11 @@ class GenerationSequence:
         return self.prompt + self.output
 
     @property
+    def token_view(self) -> "TokenView":
+        """`tokens` as a read-only view: length and slices without building the list."""
+        return TokenView(self)
+
+    @property
     def num_reported(self) -> int:
         """Output tokens the host knows: `output` but a trailing PLACEHOLDER (a launched step's)."""
         return len(self.output) - (1 if self.output and self.output[-1] == PLACEHOLDER else 0)
@@ -87,6 +93,28 @@ class GenerationSequence:
         if start >= p:
             return self.output[start - p:end - p]
         return self.prompt[start:end] + self.output[:max(0, end - p)]
+
+
+class TokenView(abc.Sequence):
+    """A sequence's prompt + output, read in place (the cache hashes only a growing sequence's
+    new pages: building the whole list each step would cost more than that)."""
+
+    __slots__ = ("_seq",)
+
+    def __init__(self, seq: GenerationSequence):
+        self._seq = seq
+
+    def __len__(self) -> int:
+        return self._seq.num_tokens
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            return self._seq.token_slice(start, stop) if step == 1 else self._seq.tokens[index]
+        prompt = self._seq.prompt
+        if index < 0:
+            index += len(self)
+        return prompt[index] if index < len(prompt) else self._seq.output[index - len(prompt)]
 
 
 @dataclass(frozen=True)
@@ -464,7 +492,7 @@ class Engine:
             end = chunk.start + len(chunk.token_ids)
             seq.num_computed_tokens += len(chunk.token_ids)
             if verifies[i] is None:  # a verify run commits once its drafts are judged
-                self.cache.commit(seq.seq_id, seq.tokens, end, seq.page_keys)
+                self.cache.commit(seq.seq_id, seq.token_view, end, seq.page_keys)
             if sampled:
                 drafts, q = verifies[i] or ([], None)
                 pending.append(_Pending(seq, row, drafts, q))
@@ -474,7 +502,7 @@ class Engine:
             if verify is not None and seq.status is Status.RUNNING:
                 # KV of rejected drafts is dropped; the newest token is computed next step.
                 self.cache.truncate(seq.seq_id, seq.num_tokens - 1)
-                self.cache.commit(seq.seq_id, seq.tokens, seq.num_tokens - 1, seq.page_keys)
+                self.cache.commit(seq.seq_id, seq.token_view, seq.num_tokens - 1, seq.page_keys)
         return advanced
 
     def _runs_ahead(self, plan: StepPlan) -> bool:
@@ -548,7 +576,7 @@ class Engine:
             end = chunk.start + len(chunk.token_ids)
             seq.num_computed_tokens += len(chunk.token_ids)
             if not sample:  # a prefill chunk short of the prompt's end: its tokens are all known
-                self.cache.commit(seq.seq_id, seq.tokens, end, seq.page_keys)
+                self.cache.commit(seq.seq_id, seq.token_view, end, seq.page_keys)
                 continue
             self.cache.mark_computed(seq.seq_id, end)  # its pages are published once reported
             slots.append(len(seq.output))
@@ -569,7 +597,7 @@ class Engine:
             seq.output[slot] = token
             seq.new_tokens = [token]
             seq.last_hidden = launched.hidden[r]
-            self.cache.publish(seq.seq_id, seq.tokens, end, seq.page_keys)
+            self.cache.publish(seq.seq_id, seq.token_view, end, seq.page_keys)
             reason = self._finish_reason(seq, token, slot + 1)
             if reason:
                 del seq.output[slot + 1:]  # a step launched after this token is void

@@ -219,7 +219,7 @@ class PagedKVCache:
         seq = self._seqs[seq_id]
         full = min(upto, len(token_ids)) // self.page_size
         if full > len(seq.hashes):
-            seq.hashes = page_hashes(token_ids[: full * self.page_size], self.page_size, extra_keys)
+            seq.hashes = page_hashes(token_ids, self.page_size, extra_keys, known=seq.hashes, num_pages=full)
         for j in range(seq.num_published, full):
             for name, table in seq.tables.items():
                 if table[j] != NO_PAGE:
@@ -237,6 +237,7 @@ class PagedKVCache:
                     self.groups[name].pool.release(page)
         seq.num_computed = min(seq.num_computed, num_tokens)
         seq.num_published = min(seq.num_published, num_tokens // self.page_size)
+        del seq.hashes[num_tokens // self.page_size:]  # pages past it may hold other tokens next
 
     def free_sequence(self, seq_id: int) -> None:
         """Release every page of a finished, cancelled or preempted sequence."""

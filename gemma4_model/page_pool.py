@@ -9,6 +9,7 @@ allocation needs the space.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict, deque
 from typing import Iterable, Sequence
 
@@ -17,18 +18,23 @@ class KVCacheFullError(RuntimeError):
     """No free or evictable page is left in a pool."""
 
 
-def page_hashes(token_ids: Sequence[int], page_size: int, extra_keys: Sequence[bytes] = ()) -> list[bytes]:
-    """Chain hashes of every full page of `token_ids`.
+def page_hashes(token_ids: Sequence[int], page_size: int, extra_keys: Sequence[bytes] = (),
+                known: Sequence[bytes] = (), num_pages: int | None = None) -> list[bytes]:
+    """Chain hashes of the full pages of `token_ids` (the first `num_pages`, default all).
 
     Page j's hash covers all tokens up to its end, so equal hashes mean equal prefixes.
     `extra_keys[j]`, when given, is mixed into page j (e.g. the content hash of an image whose
-    placeholder tokens fall in it, since equal token ids do not mean equal images).
+    placeholder tokens fall in it, since equal token ids do not mean equal images). `known` are
+    the first pages' hashes, computed before: only the pages after them are hashed (a growing
+    sequence hashes each page once).
     """
-    hashes = []
-    prev = b""
-    for j in range(len(token_ids) // page_size):
+    pages = len(token_ids) // page_size if num_pages is None else min(num_pages, len(token_ids) // page_size)
+    hashes = list(known[:pages])
+    prev = hashes[-1] if hashes else b""
+    page_format = struct.Struct(f"<{page_size}i")  # each id as 4 little-endian bytes, signed
+    for j in range(len(hashes), pages):
         h = hashlib.blake2b(prev, digest_size=16)
-        h.update(b"".join(int(t).to_bytes(4, "little", signed=True) for t in token_ids[j * page_size:(j + 1) * page_size]))
+        h.update(page_format.pack(*token_ids[j * page_size:(j + 1) * page_size]))
         if j < len(extra_keys):
             h.update(extra_keys[j])
         prev = h.digest()

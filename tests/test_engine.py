@@ -5,7 +5,7 @@ import torch
 
 from gemma4_model.config import FULL, SLIDING, parse_config
 from gemma4_model.decoder import TextDecoder
-from gemma4_model.engine import Engine, SchedulerLimits, Status
+from gemma4_model.engine import Engine, GenerationSequence, SchedulerLimits, Status
 from gemma4_model.kv_cache import PagedKVCache, RequestTooLargeError
 from gemma4_model.sampling import SamplingParams
 
@@ -103,3 +103,14 @@ def test_token_slice_and_count_equal_the_token_list():
     for start in range(8):
         for end in range(start, 9):
             assert seq.token_slice(start, end) == seq.tokens[start:end], (start, end)
+
+
+def test_token_view_reads_prompt_and_output_in_place():
+    seq = GenerationSequence(0, [1, 2, 3, 4, 5], SamplingParams())
+    seq.output += [6, 7]
+    view = seq.token_view
+    assert len(view) == 7 and list(view) == seq.tokens == [1, 2, 3, 4, 5, 6, 7]
+    assert view[3:6] == [4, 5, 6] and view[5:] == [6, 7] and view[::3] == [1, 4, 7]
+    assert view[0] == 1 and view[5] == 6 and view[-1] == 7
+    seq.output.append(8)  # a view, not a copy
+    assert len(view) == 8 and view[-1] == 8

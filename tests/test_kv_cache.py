@@ -44,6 +44,21 @@ def test_page_hashes_chain_and_extra_keys():
     assert page_hashes([9, 9, 9, 9, 1, 2, 3, 4], 4)[1] != page_hashes([0, 0, 0, 0, 1, 2, 3, 4], 4)[1]
 
 
+def test_page_hashes_continue_from_known_pages():
+    """A growing sequence hashes only its new pages, to the same chain; `num_pages` stops early;
+    a page's bytes are its ids as signed 4-byte little-endian integers."""
+    import hashlib
+
+    tokens = list(range(-3, 40))
+    whole = page_hashes(tokens, 4)
+    assert page_hashes(tokens, 4, known=whole[:3]) == whole
+    assert page_hashes(tokens, 4, num_pages=5) == whole[:5]
+    assert page_hashes(tokens, 4, known=whole, num_pages=2) == whole[:2]
+    first = hashlib.blake2b(b"", digest_size=16)
+    first.update(b"".join(t.to_bytes(4, "little", signed=True) for t in tokens[:4]))
+    assert whole[0] == first.digest()
+
+
 def test_sliding_group_holds_at_most_a_window():
     cfg = text_config(window=8)
     cache = PagedKVCache(cfg, page_size=4, num_pages=32)
