@@ -2,7 +2,8 @@
 the baseline), `prefill` and `decode`.
 
 It pulls jobs and `CancelRequest`s, runs continuous batching (requests join and leave the
-running batch at any step), and pushes new tokens as `TokenBatch`es. In the `prefill` role a
+running batch at any step), and pushes each step's new tokens as one `StepTokens` (a `TokenBatch`
+per request that asked for logprobs). In the `prefill` role a
 request leaves after its first token: the pages decode needs go out as a `KVHandoff`, and the
 first token goes straight to the api (time to first token does not wait for the handoff). In
 the `decode` role requests arrive as `KVHandoff`s. A request that can never fit, or is
@@ -29,7 +30,7 @@ from transfer.kv_pages import KVPayload, PayloadError, check_payload, import_pag
 from .handoff import handoff_hidden, handoff_message, hidden_of
 from .media_wait import MediaWaiter, handoff_media, spans_from_handoff
 from .messages import (ActorStats, CancelRequest, EncodeResult, KVHandoff, PrefillJob, RequestError, SamplingSpec,
-                       TokenBatch, encode)
+                       StepTokens, TokenBatch, encode)
 from .tracing import Tracer
 from .transport import Channel
 
@@ -258,17 +259,24 @@ class EngineActor:
         if before is not None:
             drafts = (counts.drafted_tokens, counts.accepted_tokens, counts.verify_runs)
             self._trace_step(before, start, time.time_ns(), [b - a for a, b in zip(drafts_before, drafts)])
+        plain = []  # batches without logprobs: one message for the step
         for seq in advanced:
             done = seq.status is Status.FINISHED
             if self.role == "prefill" and not done:
                 self.hand_over(seq)
                 continue
             # every token the step emitted (several when drafts were accepted)
-            self.outbox.send(TokenBatch(seq.request_id, list(seq.new_tokens), seq.finish_reason if done else None,
-                                        **_first_batch_counts(seq), **_logprob_fields(seq, len(seq.new_tokens))))
+            batch = TokenBatch(seq.request_id, list(seq.new_tokens), seq.finish_reason if done else None,
+                               **_first_batch_counts(seq), **_logprob_fields(seq, len(seq.new_tokens)))
+            if batch.logprobs is None:
+                plain.append(batch)
+            else:
+                self.outbox.send(batch)
             if done:
                 self.requests.pop(seq.request_id, None)
                 self.specs.pop(seq.request_id, None)
+        if plain:
+            self.outbox.send(StepTokens.of(plain))
 
     def hand_over(self, seq: GenerationSequence) -> None:
         """First token to the api, the needed pages to decode; this actor's pages are then free."""

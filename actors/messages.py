@@ -240,6 +240,50 @@ class TokenBatch:
 
 
 @message
+class StepTokens:
+    """engine / decode -> api: one step's new tokens for each request it advanced that asked for
+    no logprobs, in one message (those that did get a `TokenBatch` each). At a hundred running
+    requests, a message per request per step cost the engine and the api more than the step."""
+
+    request_ids: list[str]
+    counts: list[int]  # each request's new tokens
+    token_ids: list[int]  # all of them, request after request
+    finish_reasons: list[str | None]
+    prompt_tokens: list[int | None]  # as `TokenBatch`: set on a request's first batch
+    cached_tokens: list[int | None]
+
+    def __post_init__(self):
+        n = len(self.request_ids)
+        if not len(self.counts) == len(self.finish_reasons) == len(self.prompt_tokens) == len(self.cached_tokens) == n:
+            raise MessageError("StepTokens: its per-request lists differ in length")
+        if any(c < 1 for c in self.counts) or sum(self.counts) != len(self.token_ids):
+            raise MessageError("StepTokens: counts must be positive and add up to the tokens")
+
+    @classmethod
+    def of(cls, batches: Sequence[TokenBatch]) -> "StepTokens":
+        """Batches without logprobs, one per request, as one message."""
+        assert all(b.logprobs is None and b.top_ids is None for b in batches), "logprobs travel as TokenBatch"
+        return cls([b.request_id for b in batches], [len(b.token_ids) for b in batches],
+                   [t for b in batches for t in b.token_ids], [b.finish_reason for b in batches],
+                   [b.prompt_tokens for b in batches], [b.cached_tokens for b in batches])
+
+    def batches(self) -> list[TokenBatch]:
+        """One `TokenBatch` per request, in order."""
+        out, at = [], 0
+        for rid, n, reason, prompt, cached in zip(self.request_ids, self.counts, self.finish_reasons,
+                                                  self.prompt_tokens, self.cached_tokens):
+            out.append(TokenBatch(rid, self.token_ids[at : at + n], reason, prompt, cached))
+            at += n
+        return out
+
+
+def per_request(msg: Any) -> list[Any]:
+    """The per-request results a message of the results socket carries: a `StepTokens`' batches,
+    any other message itself."""
+    return msg.batches() if isinstance(msg, StepTokens) else [msg]
+
+
+@message
 class RequestError:
     """any actor -> api: the request ended with an error the client must see."""
 

@@ -28,7 +28,7 @@ from typing import Sequence
 import zmq
 
 from actors.messages import (ActorStats, CancelRequest, GenerateRequest, MessageError, RequestError, TokenBatch,
-                             decode, encode)
+                             decode, encode, per_request)
 from actors.security import secure_socket
 from actors.transport import MAX_MESSAGE_BYTES
 
@@ -49,10 +49,7 @@ class RequestStream:
 
     def deliver(self, msg: TokenBatch | RequestError) -> None:
         """From any thread."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, msg)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
+        deliver_all([(self, msg)])
 
     async def next(self, timeout_s: float | None = None) -> TokenBatch | RequestError:
         if timeout_s is None:
@@ -70,6 +67,24 @@ class RequestStream:
         if self.done:
             raise StopAsyncIteration
         return await self.next()
+
+
+def deliver_all(deliveries: list[tuple[RequestStream, TokenBatch | RequestError]]) -> None:
+    """Queue each message on its stream, from any thread: one wake-up of each event loop for
+    all of them (a step's tokens for a hundred requests arrive together)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for stream, msg in deliveries:
+        by_loop.setdefault(stream.loop, []).append((stream.queue, msg))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, TokenBatch | RequestError]]) -> None:
+    for queue, msg in items:
+        queue.put_nowait(msg)
 
 
 class ZmqBackend:
@@ -285,23 +300,26 @@ class ZmqBackend:
                 except MessageError as exc:
                     log.warning("dropped a malformed result message: %s", exc)
                     continue
-                self._route(msg)
+                if isinstance(msg, ActorStats):
+                    with self._lock:
+                        self._stats[(msg.actor, msg.replica)] = msg
+                    continue
+                with self._lock:
+                    deliveries = [d for item in per_request(msg) if (d := self._route(item)) is not None]
+                deliver_all(deliveries)
 
-    def _route(self, msg) -> None:
-        if isinstance(msg, ActorStats):
-            with self._lock:
-                self._stats[(msg.actor, msg.replica)] = msg
-            return
+    def _route(self, msg) -> tuple[RequestStream, TokenBatch | RequestError] | None:
+        """The stream a request's result goes to (under the lock), or None: results of cancelled
+        or failed requests are dropped."""
         if not isinstance(msg, (TokenBatch, RequestError)):
             log.warning("unexpected %s on the results socket", type(msg).__name__)
-            return
-        with self._lock:
-            client = self._client_of.get(msg.request_id)  # None: a cancelled, failed or superseded attempt
-            final = isinstance(msg, RequestError) or msg.finish_reason is not None
-            stream = None if client is None else self._streams.pop(client, None) if final else self._streams.get(client)
-            if stream is not None:
-                self._streamed.add(client)
-                if final:
-                    self._forget(client)
-        if stream is not None:  # results of cancelled or failed requests are dropped
-            stream.deliver(msg if msg.request_id == client else dataclasses.replace(msg, request_id=client))
+            return None
+        client = self._client_of.get(msg.request_id)  # None: a cancelled, failed or superseded attempt
+        final = isinstance(msg, RequestError) or msg.finish_reason is not None
+        stream = None if client is None else self._streams.pop(client, None) if final else self._streams.get(client)
+        if stream is None:
+            return None
+        self._streamed.add(client)
+        if final:
+            self._forget(client)
+        return stream, msg if msg.request_id == client else dataclasses.replace(msg, request_id=client)

@@ -7,7 +7,8 @@ import contextlib
 import pytest
 import zmq
 
-from actors.messages import ActorStats, CancelRequest, GenerateRequest, RequestError, SamplingSpec, TokenBatch
+from actors.messages import (ActorStats, CancelRequest, GenerateRequest, RequestError, SamplingSpec, StepTokens,
+                             TokenBatch)
 from actors.transport import pull, push
 from api.backend import ZmqBackend
 from api.errors import ApiError
@@ -57,6 +58,26 @@ def test_routes_results_and_stats(wired):
 
     asyncio.run(asyncio.wait_for(run(), 5))
     assert backend.actor_stats() == [ActorStats("engine", 0, 1, 2, 3, 4, 5, 6)]
+
+
+def test_one_step_message_reaches_every_stream(tmp_path):
+    """A StepTokens carries a step's tokens for several requests: each stream gets its own, in
+    order, finishing where its reason is set; a request it names that is not running is dropped."""
+    with wiring(tmp_path) as (backend, preprocess, _, actor_out):
+        async def run():
+            streams = {rid: backend.submit(request(rid)) for rid in ("a", "b", "c")}
+            for _ in streams:
+                preprocess.recv(timeout_ms=2000)
+            actor_out.send(StepTokens(["a", "b", "gone", "c"], [1, 1, 1, 2], [5, 7, 0, 9, 10], [None, "stop", None, None],
+                                      [3, 4, None, 5], [0, 0, None, 2]))
+            actor_out.send(StepTokens(["a", "c"], [1, 1], [6, 11], ["length", "length"], [None, None], [None, None]))
+            got = {rid: [m async for m in s] for rid, s in streams.items()}
+            assert {rid: [m.token_ids for m in ms] for rid, ms in got.items()} == {
+                "a": [[5], [6]], "b": [[7]], "c": [[9, 10], [11]]}
+            assert [m.finish_reason for m in got["c"]] == [None, "length"] and got["c"][0].cached_tokens == 2
+            assert backend.in_flight == 0
+
+        asyncio.run(asyncio.wait_for(run(), 5))
 
 
 def test_bound_cancel_and_fail_all(wired):

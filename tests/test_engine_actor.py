@@ -9,7 +9,8 @@ import torch
 import zmq
 
 from actors.engine_actor import EngineActor
-from actors.messages import ActorStats, CancelRequest, PrefillJob, RequestError, SamplingSpec, TokenBatch
+from actors.messages import (ActorStats, CancelRequest, PrefillJob, RequestError, SamplingSpec, StepTokens, TokenBatch,
+                             per_request)
 from actors.transport import pull, push
 from gemma4_model.engine import Engine
 from gemma4_model.kv_cache import PagedKVCache
@@ -43,9 +44,10 @@ def collect(channel, until_done: set[str], timeout_ms=20_000) -> dict[str, list]
         assert msg is not None, f"no answer for {until_done}"
         if isinstance(msg, ActorStats):  # load figures for /metrics, interleaved with the tokens
             continue
-        got.setdefault(msg.request_id, []).append(msg)
-        if isinstance(msg, RequestError) or msg.finish_reason is not None:
-            until_done.discard(msg.request_id)
+        for item in per_request(msg):  # a step's tokens travel as one StepTokens
+            got.setdefault(item.request_id, []).append(item)
+            if isinstance(item, RequestError) or item.finish_reason is not None:
+                until_done.discard(item.request_id)
     return got
 
 
@@ -72,7 +74,7 @@ def test_cancel_frees_pages_and_oversize_is_refused(actor):
     first = client_out.recv(timeout_ms=20_000)
     while isinstance(first, ActorStats):
         first = client_out.recv(timeout_ms=20_000)
-    assert isinstance(first, TokenBatch) and first.request_id == "long"
+    assert isinstance(first, StepTokens) and first.request_ids == ["long"]
     client_in.send(CancelRequest("long"))
     client_in.send(job("huge", 400, max_tokens=8))
     client_in.send(job("ok", 12, max_tokens=3))

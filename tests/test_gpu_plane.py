@@ -24,7 +24,7 @@ import torch
 import zmq
 
 from actors.handoff import handoff_message
-from actors.messages import CancelRequest, KVRelease, PrefillJob, SamplingSpec, TokenBatch
+from actors.messages import ActorStats, CancelRequest, KVRelease, PrefillJob, SamplingSpec, TokenBatch, per_request
 from actors.transport import pull, push
 from gemma4_model.config import FULL, SLIDING
 from gemma4_model.engine import Engine, SchedulerLimits
@@ -239,11 +239,12 @@ class Actors:
             dead = {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
             assert not dead and time.monotonic() < deadline, f"waiting for {waiting}, exited {dead}\n{self.log()}"
             msg = self.api.recv(timeout_ms=500)
-            if msg is None or not hasattr(msg, "request_id"):  # nothing yet, or load figures
+            if msg is None or isinstance(msg, ActorStats):  # nothing yet, or load figures
                 continue
-            got.setdefault(msg.request_id, []).append(msg)
-            if not isinstance(msg, TokenBatch) or msg.finish_reason is not None:
-                waiting.discard(msg.request_id)
+            for item in per_request(msg):  # a step's tokens travel as one StepTokens
+                got.setdefault(item.request_id, []).append(item)
+                if not isinstance(item, TokenBatch) or item.finish_reason is not None:
+                    waiting.discard(item.request_id)
         return got
 
     def stop(self) -> dict[str, int]:
@@ -288,8 +289,9 @@ def run_pair(tmp_path, checkpoint, backend, process_group, devices, colocated_de
         got = actors.collect({j.request_id for j in jobs})
         time.sleep(1.0)  # whatever decode would still say about the cancelled request
         while (msg := actors.api.recv(timeout_ms=100)) is not None:
-            if hasattr(msg, "request_id"):  # not the actors' load figures
-                got.setdefault(msg.request_id, []).append(msg)
+            if not isinstance(msg, ActorStats):  # not the actors' load figures
+                for item in per_request(msg):
+                    got.setdefault(item.request_id, []).append(item)
     finally:
         codes = actors.stop()
     log = actors.log()

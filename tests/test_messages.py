@@ -11,9 +11,11 @@ from actors.messages import (
     MessageError,
     PrefillJob,
     SamplingSpec,
+    StepTokens,
     TokenBatch,
     decode,
     encode,
+    per_request,
 )
 
 
@@ -44,6 +46,27 @@ def test_every_message_type_round_trips_defaults():
             "ActorReady", "SamplingSpec"} <= set(MESSAGE_TYPES)
     for msg in (GenerateRequest("a", "[]", SamplingSpec()), TokenBatch("a", [1, 2], "stop")):
         assert decode(encode(msg)) == msg
+
+
+def test_step_tokens_round_trip_and_split_into_batches():
+    batches = [TokenBatch("a", [1, 2], None, 7, 0), TokenBatch("b", [3], "stop")]
+    step = decode(encode(StepTokens.of(batches)))
+    assert step.counts == [2, 1] and step.token_ids == [1, 2, 3]
+    assert per_request(step) == batches and per_request(batches[1]) == [batches[1]]
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({"counts": [1, 2]}, "differ in length"),
+    ({"counts": [0]}, "positive"),
+    ({"token_ids": [1, 2]}, "add up"),
+    ({"finish_reasons": [5]}, "does not match"),
+])
+def test_malformed_step_tokens_are_refused(fields, problem):
+    base = {"request_ids": ["a"], "counts": [1], "token_ids": [4], "finish_reasons": [None], "prompt_tokens": [None],
+            "cached_tokens": [None]}
+    frames = [msgpack.packb({"type": "StepTokens", "fields": {**base, **fields}, "arrays": []})]
+    with pytest.raises(MessageError, match=problem):
+        decode(frames)
 
 
 def _header(**over):

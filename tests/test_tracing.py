@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from actors.cli import main as tandem
 from actors.engine_actor import EngineActor
-from actors.messages import GenerateRequest, PrefillJob, SamplingSpec, TokenBatch
+from actors.messages import GenerateRequest, PrefillJob, SamplingSpec, TokenBatch, per_request
 from actors.preprocess import Preprocessor, PreprocessActor
 from actors.tracing import Span, Tracer, chrome_trace, format_breakdown, merge_chrome_trace, read_spans, stage_breakdown
 from actors.transport import pull, push
@@ -145,8 +145,7 @@ def test_a_disaggregated_run_traces_every_actor_and_every_stage(default_model, t
         done, deadline = set(), time.monotonic() + 30
         while len(done) < 3 and time.monotonic() < deadline:
             msg = api.recv(timeout_ms=1000)
-            if isinstance(msg, TokenBatch) and msg.finish_reason is not None:
-                done.add(msg.request_id)
+            done |= {m.request_id for m in per_request(msg) if isinstance(m, TokenBatch) and m.finish_reason}
         assert done == {"q0", "q1", "q2"}
     finally:
         stop.set()
@@ -206,7 +205,7 @@ def test_a_colocated_engine_traces_prefill_and_decode_steps(tiny_checkpoint, tmp
         while finished < 2:
             msg = api.recv(timeout_ms=20_000)
             assert msg is not None
-            finished += isinstance(msg, TokenBatch) and msg.finish_reason is not None
+            finished += sum(isinstance(m, TokenBatch) and m.finish_reason is not None for m in per_request(msg))
     finally:
         stop.set()
         thread.join(timeout=10)
