@@ -20,10 +20,9 @@ rows. The lm_head then runs outside the graph on the rows that want logits. Prom
 (soft tokens, bidirectional spans) run eagerly.
 
 Needs the decoder's Triton attention (`TextDecoder.set_kernels(True)`): the PyTorch twin reads
-batch lengths on the host, which a graph cannot. Mixture-of-experts layers loop over the
-experts a step routes to on the host, so MoE models run eagerly until their grouped kernel
-lands. `DecodeGraphs.run` answers None for a batch it cannot replay; the engine then runs the
-forward eagerly.
+batch lengths on the host, which a graph cannot (with the kernels, mixture-of-experts layers
+run as grouped matrix products over device-side routing, `kernels.moe`). `DecodeGraphs.run`
+answers None for a batch it cannot replay; the engine then runs the forward eagerly.
 """
 
 from __future__ import annotations
@@ -54,8 +53,6 @@ def can_capture(model: TextDecoder) -> str | None:
     """Why this model's forward cannot be captured, or None."""
     if not model.kernels:
         return "the PyTorch attention reads batch lengths on the host (turn the kernels on)"
-    if model.cfg.moe is not None:
-        return "the MoE layers pick their experts on the host"
     if not next(model.parameters()).is_cuda:
         return "CUDA graphs need a CUDA device"
     return None
