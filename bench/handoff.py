@@ -548,7 +548,7 @@ def engine_worker(args, stop: threading.Event | None = None) -> int:
 def one_request(api, inbox, request_id: str, token_ids: np.ndarray, timeout_s: float,
                 procs: dict[str, subprocess.Popen]) -> dict:
     """Send one PrefillJob; the times (ms from the send) of its first and finishing TokenBatch."""
-    from actors.messages import PrefillJob, RequestError, SamplingSpec, TokenBatch
+    from actors.messages import PrefillJob, RequestError, SamplingSpec, TokenBatch, per_request
 
     t0 = time.perf_counter()
     inbox.send(PrefillJob(request_id, token_ids, SamplingSpec(max_tokens=2, ignore_eos=True)))
@@ -559,18 +559,19 @@ def one_request(api, inbox, request_id: str, token_ids: np.ndarray, timeout_s: f
         dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
         if dead or time.perf_counter() > deadline:
             raise RuntimeError(f"request {request_id}: no answer (exited {dead})")
-        msg = api.recv(timeout_ms=200)
-        if msg is None or getattr(msg, "request_id", None) != request_id:
-            continue
+        received = api.recv(timeout_ms=200)
         now = time.perf_counter()
-        if isinstance(msg, RequestError):
-            raise RuntimeError(f"request {request_id} failed: {msg.code} {msg.message}")
-        if isinstance(msg, TokenBatch):
-            tokens += list(msg.token_ids)
-            if first is None:
-                first = now
-            if msg.finish_reason is not None:
-                done = now
+        for msg in per_request(received):  # a decode step's tokens travel as one StepTokens
+            if getattr(msg, "request_id", None) != request_id:
+                continue
+            if isinstance(msg, RequestError):
+                raise RuntimeError(f"request {request_id} failed: {msg.code} {msg.message}")
+            if isinstance(msg, TokenBatch):
+                tokens += list(msg.token_ids)
+                if first is None:
+                    first = now
+                if msg.finish_reason is not None:
+                    done = now
     return {"ttft_ms": (first - t0) * 1e3, "second_token_ms": (done - t0) * 1e3, "tokens": tokens}
 
 
