@@ -90,7 +90,7 @@ def add_scheduler_options(command: argparse.ArgumentParser) -> None:
                             "next step is launched first, the host's work hidden under the device's)")
     group.add_argument("--load-format", choices=("auto", "dummy"),
                        help="auto: the checkpoint's weights (default); dummy: seeded random weights at the "
-                            "checkpoint's shape for the text decoder (speed measurements)")
+                            "checkpoint's shape for the text decoder and the encoders (speed measurements)")
 
 
 def scheduler_overrides(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:

@@ -113,16 +113,20 @@ def run_encoder(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, tra
     import torch
 
     from gemma4_model.audio import load_audio_encoder
+    from gemma4_model.random_weights import random_media_encoder
     from gemma4_model.vision import load_image_encoder
 
     from .encoder_actor import EncoderActor, make_batch_encoder
 
     dtype = getattr(torch, DTYPES[ctx.topology.model.dtype])
-    load = load_image_encoder if ctx.actor.kind == "vision_encoder" else load_audio_encoder
-    encoder = load(checkpoint_dir(ctx.topology), device=ctx.device, dtype=dtype)
+    kind = "vision" if ctx.actor.kind == "vision_encoder" else "audio"
+    if ctx.topology.model.load_format == "dummy":  # speed runs: the checkpoint's shape, random weights
+        encoder = random_media_encoder(checkpoint_dir(ctx.topology), kind, ctx.device, dtype)
+    else:
+        load = load_image_encoder if kind == "vision" else load_audio_encoder
+        encoder = load(checkpoint_dir(ctx.topology), device=ctx.device, dtype=dtype)
     if encoder is None:
-        raise SystemExit(f"{ctx.actor.name}: the checkpoint has no "
-                         f"{'vision' if ctx.actor.kind == 'vision_encoder' else 'audio'} section to encode with")
+        raise SystemExit(f"{ctx.actor.name}: the checkpoint has no {kind} section to encode with")
     inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor], drop_malformed=True)
     replies = [push(zctx, endpoint) for endpoint in ctx.wiring.of_kind(engine_kind(ctx.topology))]
     announce_ready(zctx, ctx)

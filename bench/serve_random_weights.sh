@@ -7,12 +7,13 @@
 #
 # The checkpoint directory holds the model's config.json and the embedded model's tokenizer,
 # widened to the model's vocabulary (prompts are token ids below 1024; outputs are random ids).
-# A text-only topology on cuda:0: preprocess and one engine, or with SPLIT=1 a prefill and a decode
-# process sharing the GPU (KV pages over CUDA IPC).
+# A topology on cuda:0: preprocess and one engine, or with SPLIT=1 a prefill and a decode process
+# sharing the GPU (KV pages over CUDA IPC).
 # Profiling (both optional): TRACE=1 serves with --trace-dir OUT_DIR/trace (per-stage spans);
 # PYSPY_S=N samples every actor process with py-spy for N seconds from 20 s into the throughput run
-# (collapsed stacks in OUT_DIR/pyspy-<actor>.txt; needs py-spy on the PATH). RUNS="latency" or
-# RUNS="throughput" runs one of the two.
+# (collapsed stacks in OUT_DIR/pyspy-<actor>.txt; needs py-spy on the PATH). RUNS picks among
+# "latency", "throughput" (the default: both) and "image" (SGLang's image run at concurrency 1: two
+# 720p images and 128 text tokens per request, 1024 out; adds a vision encoder on cuda:0).
 set -euo pipefail
 out=${1:?output directory}
 key=${2:-gemma-4-E4B-it}
@@ -21,15 +22,30 @@ mkdir -p "$out"
 ckpt=$(mktemp -d)
 cp "tests/fixtures/hf_configs/$key.json" "$ckpt/config.json"
 cp default_model/checkpoint/generation_config.json "$ckpt/"
+cp default_model/checkpoint/chat_template.jinja "$ckpt/"
 # the embedded tokenizer plus one added token per id it lacks, up to the model's vocabulary: every
-# random output id then has text, so the stream carries a chunk per token
+# random output id then has text, so the stream carries a chunk per token. The config's media token
+# ids become the embedded tokenizer's, and its processor gives the model's soft tokens per image.
 python3 - "$ckpt" <<'PY'
 import json, sys
 from transformers import AutoTokenizer
-ckpt = sys.argv[1]
+ckpt, embedded = sys.argv[1], "default_model/checkpoint"
 config = json.load(open(f"{ckpt}/config.json"))
+ids = json.load(open(f"{embedded}/config.json"))
+ids["eoa_token_id"] = ids["eoa_token_index"]
+for key in ("image_token_id", "boi_token_id", "eoi_token_id", "audio_token_id", "boa_token_id", "eoa_token_id",
+            "eoa_token_index", "video_token_id"):
+    if key in config:
+        config[key] = ids[key]
+json.dump(config, open(f"{ckpt}/config.json", "w"), indent=1)
+processor = json.load(open(f"{embedded}/processor_config.json"))
+soft = config.get("vision_soft_tokens_per_image")
+if soft:
+    processor["image_seq_length"] = processor["image_processor"]["image_seq_length"] = soft
+    processor["image_processor"]["max_soft_tokens"] = soft
+json.dump(processor, open(f"{ckpt}/processor_config.json", "w"), indent=1)
 vocab = config.get("text_config", config)["vocab_size"]
-tokenizer = AutoTokenizer.from_pretrained("default_model/checkpoint")
+tokenizer = AutoTokenizer.from_pretrained(embedded)
 tokenizer.add_tokens([f"<r{i}>" for i in range(len(tokenizer), vocab)])
 tokenizer.save_pretrained(ckpt)
 PY
@@ -53,6 +69,10 @@ host = "127.0.0.1"
 kind = "preprocess"
 
 EOF
+runs=" ${RUNS:-latency throughput} "
+if [[ $runs == *" image "* ]]; then  # the image run: a vision encoder (random weights too) on the GPU
+  printf '\n[[actors]]\nkind = "vision_encoder"\ndevice = "cuda:0"\n' >> "$topology"
+fi
 if [ "${SPLIT:-}" = 1 ]; then  # prefill and decode in two processes on the one GPU, KV pages over CUDA IPC
   printf '\n[[actors]]\nkind = "prefill"\ndevice = "cuda:0"\n\n[[actors]]\nkind = "decode"\ndevice = "cuda:0"\n\n[transfer]\nbackend = "cuda_ipc"\n' >> "$topology"
 else
@@ -75,7 +95,6 @@ bench() {
     --meta "weights=random (--load-format dummy)" --meta "commit=$commit" \
     --meta "topology=$([ "${SPLIT:-}" = 1 ] && echo split || echo colocated)" "$@"
 }
-runs=" ${RUNS:-latency throughput} "
 if [[ $runs == *" latency "* ]]; then
   bench --label latency --num-prompts 10 --max-concurrency 1 --random-input-len 1220 --random-output-len 844 \
     --output-file "$out/latency.json"
@@ -93,4 +112,8 @@ if [[ $runs == *" throughput "* ]]; then
   bench --label throughput --num-prompts 1000 --max-concurrency 100 --random-input-len 1024 --random-output-len 1024 \
     --output-file "$out/throughput.json"
 fi
-python3 bench/anchors.py $(ls "$out"/{latency,throughput}.json 2> /dev/null)  # SGLang's figures beside ours
+if [[ $runs == *" image "* ]]; then  # SGLang's image run at concurrency 1: two 720p images, 128 text tokens
+  bench --label image --dataset-name image --num-prompts 10 --max-concurrency 1 --image-count 2 \
+    --image-resolution 720p --random-input-len 128 --random-output-len 1024 --output-file "$out/image.json"
+fi
+python3 bench/anchors.py $(ls "$out"/{latency,throughput,image}.json 2> /dev/null)  # SGLang's figures beside ours

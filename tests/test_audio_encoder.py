@@ -33,6 +33,7 @@ from gemma4_model.audio import (
 )
 from gemma4_model.config import ConfigError, load_config, parse_config
 from gemma4_model.random_checkpoint import load_reference, save_tiny_checkpoint
+from gemma4_model.random_weights import random_media_encoder
 from gemma4_model.weights import MissingTensorError
 
 TOLERANCE = 1e-4  # max |ours - ref| / max |ref|
@@ -189,6 +190,20 @@ def _config_only(case_path: Path, tmp_path: Path, edit) -> Path:
 def test_no_audio_section_gives_none(case: Case, tmp_path):
     path = _config_only(case.path, tmp_path, lambda raw: raw.update(audio_config=None))
     assert load_audio_encoder(path) is None
+
+
+def test_random_weights_at_the_checkpoints_shape(case: Case, tmp_path):
+    """`--load-format dummy`'s encoder: the loaded encoder's tensors by name and shape, and as many
+    finite soft tokens per clip; None without an audio section."""
+    random = random_media_encoder(case.path, "audio", "cpu", torch.float32, seed=1)
+    assert type(random) is type(case.encoder)
+    assert ({k: tuple(v.shape) for k, v in random.state_dict().items()}
+            == {k: tuple(v.shape) for k, v in case.encoder.state_dict().items()})
+    features, mask = case.features(clips())
+    got, want = random.encode(features, mask), case.encoder.encode(features, mask)
+    assert [len(t) for t in got] == [len(t) for t in want] and all(t.isfinite().all() for t in got)
+    path = _config_only(case.path, tmp_path, lambda raw: raw.update(audio_config=None))
+    assert random_media_encoder(path, "audio", "cpu", torch.float32) is None
 
 
 def test_bad_audio_field_names_it(tmp_path):

@@ -230,7 +230,7 @@ def test_anchor_block_sets_results_beside_sglang():
     from tests.bench_scripts import load_bench
 
     anchors = load_bench("anchors")
-    result = {"meta": {"model_shape": "gemma-4-E4B-it"}, "points": [
+    result = {"meta": {"model_shape": "gemma-4-E4B-it"}, "workload": {"dataset": "random"}, "points": [
         {"max_concurrency": 1, "tpot_ms": {"mean": 2.82}, "ttft_ms": {"mean": 105.6}, "output_throughput": 300.0},
         {"max_concurrency": 100, "tpot_ms": {"mean": 9.0}, "ttft_ms": {"mean": 200.0}, "output_throughput": 14006.0},
         {"max_concurrency": 8, "tpot_ms": {"mean": 3.0}, "ttft_ms": {"mean": 80.0}, "output_throughput": 2000.0}]}
@@ -238,3 +238,7 @@ def test_anchor_block_sets_results_beside_sglang():
     one, hundred = block["points"]  # no published figure at concurrency 8
     assert (one["tpot_speedup"], one["ttft_speedup"]) == (2.0, 0.5)
     assert hundred["throughput_ratio"] == 2.0 and hundred["sglang_output_tok_per_s"] == 7003
+    result["workload"]["dataset"] = "image"  # SGLang's image run: its TTFT and throughput
+    one, hundred = anchors.serve_anchor(result)["points"]
+    assert (one["sglang_ttft_ms"], one["ttft_speedup"]) == (110.2, round(110.2 / 105.6, 3))
+    assert hundred["sglang_output_tok_per_s"] == 4687

@@ -27,6 +27,7 @@ from gemma4_model.vision import (
     load_image_encoder,
     parse_vision_config,
 )
+from gemma4_model.random_weights import random_media_encoder
 from gemma4_model.weights import MissingTensorError, TensorShapeError
 
 TOLERANCE = 1e-4  # max abs diff / max abs reference
@@ -224,3 +225,18 @@ def test_published_vision_configs_parse():
         assert vcfg.patch_dim == (6912 if unified else 768)
 
 
+
+
+@pytest.mark.parametrize("name", ["e2b", "12b_unified"])
+def test_random_weights_at_the_checkpoints_shape(family, name):
+    """`--load-format dummy`'s encoder: the loaded encoder's tensors by name and shape, seeded,
+    and it encodes images to as many finite soft tokens."""
+    path, encoder, _ = family(name)
+    random = random_media_encoder(path, "vision", "cpu", torch.float32, seed=3)
+    want = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in random.state_dict().items()} == want
+    again = random_media_encoder(path, "vision", "cpu", torch.float32, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(random.state_dict().values(), again.state_dict().values()))
+    pixel_values, position_ids, soft_tokens = process(encoder, random_images(IMAGE_SIZES[:2], seed=2))
+    out = random.encode(pixel_values, position_ids)
+    assert [t.shape[0] for t in out] == soft_tokens and all(t.isfinite().all() for t in out)

@@ -58,7 +58,7 @@ class ModelSection:
     # (gemma4_model.engine.Engine.step); SGLang's disable_overlap_schedule turns it off
     disable_overlap_schedule: bool = False
     # "auto": the checkpoint's weights; "dummy": seeded random weights at the checkpoint's shape
-    # for the text decoder (speed measurements without weights; vLLM's load_format name)
+    # for the text decoder and the encoders (speed measurements without weights; vLLM's name)
     load_format: str = "auto"
 
 
