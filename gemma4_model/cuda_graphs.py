@@ -16,8 +16,10 @@ captures `TextDecoder.final_hidden` (every row through every layer, no lm_head) 
 number of rows and of sequences (`ChunkInputs`): the step's rows come first, a padding sequence
 owns the rest (position 0, KV length 1, the scratch page), sequences past the step's hold no
 rows, and the attention kernels' schedules have a fixed width whose unused programs find no
-rows. The lm_head then runs outside the graph on the rows that want logits. Prompts with media
-(soft tokens, bidirectional spans) run eagerly.
+rows. Soft tokens are spliced from a fixed buffer of a row's worth each (unused entries land on a
+sink row of the padding sequence) and bidirectional spans live in a fixed span buffer, so
+multimodal prompts replay too. The lm_head then runs outside the graph on the rows that want
+logits.
 
 Needs the decoder's Triton attention (`TextDecoder.set_kernels(True)`): the PyTorch twin reads
 batch lengths on the host, which a graph cannot (with the kernels, mixture-of-experts layers
@@ -28,6 +30,7 @@ answers None for a batch it cannot replay; the engine then runs the forward eage
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Sequence
 
 import torch
@@ -176,39 +179,49 @@ class DecodeGraphs:
 
 
 class ChunkInputs:
-    """The fixed input batch of a forward over `rows` query rows of at most `max_seqs` sequences,
-    and the copy of a step's batch into it (see the module doc: padding sequence last).
+    """The fixed input batch of a forward over up to `rows` query rows of at most `max_seqs`
+    sequences, soft tokens and bidirectional spans included, and the copy of a step's batch into
+    it (see the module doc: padding sequence last).
 
-    Its attention schedules exist once a first forward has built them; `fix_schedules` then
-    widens them to fixed buffers, which `load` fills."""
+    One row more than `rows` always belongs to the padding sequence: the unused entries of the
+    fixed media-row list point at it (all `rows` of them are spliced at every replay). The
+    attention schedules exist once a first forward has built them; `fix_schedules` then widens
+    them to fixed buffers, which `load` fills."""
 
     def __init__(self, cache: PagedKVCache, rows: int, max_seqs: int, max_pages: int, scratch: dict[str, int],
-                 device: torch.device):
+                 device: torch.device, hidden: int, dtype: torch.dtype, media: bool = True):
+        """`media`: soft tokens can be spliced (the model has a pad id for their rows' token ids)."""
         self.rows, self.max_seqs, self.max_pages, self.scratch = rows, max_seqs, max_pages, scratch
+        self.media = media
         self.page, self.device = cache.page_size, device
-        seqs = max_seqs + 1  # the padding sequence last
+        seqs, total = max_seqs + 1, rows + 1  # the padding sequence last, and its sink row
         groups = {}
         for name in cache.groups:
             tables = torch.full((seqs, max_pages), NO_PAGE, dtype=torch.long, device=device)
             tables[-1, 0] = scratch[name]
-            groups[name] = GroupView(tables, torch.full((rows,), scratch[name] * self.page, dtype=torch.long,
+            groups[name] = GroupView(tables, torch.full((total,), scratch[name] * self.page, dtype=torch.long,
                                                         device=device))
         self.batch = ForwardBatch(
-            token_ids=torch.zeros(rows, dtype=torch.long, device=device),
-            positions=torch.zeros(rows, dtype=torch.long, device=device),
-            query_starts=(0,) * seqs + (rows,),  # every row the padding sequence's: prompt-chunk tiles
-            kv_lens=(1,) * seqs, chunk_starts=(0,) * seqs, chunk_spans=(None,) * seqs,
+            token_ids=torch.zeros(total, dtype=torch.long, device=device),
+            positions=torch.zeros(total, dtype=torch.long, device=device),
+            query_starts=(0,) * seqs + (total,),  # every row the padding sequence's: prompt-chunk tiles
+            kv_lens=(1,) * seqs, chunk_starts=(0,) * seqs,
+            # the padding sequence's span ids size the layout's span buffer: a span id per row
+            chunk_spans=(None,) * max_seqs + (torch.zeros(total, dtype=torch.int32, device=device),),
             groups=groups, logits_rows=torch.zeros(1, dtype=torch.long, device=device), page_size=self.page,
+            media_rows=torch.full((rows,), rows, dtype=torch.long, device=device) if media else None,
+            media_embeds=torch.zeros((rows, hidden), dtype=dtype, device=device) if media else None,
         )
         self.schedules: dict[int, torch.Tensor] = {}
 
     def fix_schedules(self) -> None:
         self.schedules = self.batch.layout.fix_schedules()
-        self._load_layout(self.batch.query_starts, self.batch.kv_lens, self.batch.chunk_starts)
+        seqs = self.max_seqs + 1
+        self._load_layout(self.batch.query_starts, (1,) * seqs, (0,) * seqs, (0,) * seqs)
 
     def fits(self, batch: ForwardBatch) -> bool:
         return (batch.token_ids.shape[0] <= self.rows and batch.num_seqs <= self.max_seqs
-                and batch.media_rows is None and all(s is None for s in batch.chunk_spans)
+                and (self.media or batch.media_rows is None)
                 and all(g.page_tables.shape[1] <= self.max_pages for g in batch.groups.values()))
 
     def load(self, batch: ForwardBatch) -> None:
@@ -225,25 +238,37 @@ class ChunkInputs:
             group.page_tables[:b, :width].copy_(view.page_tables)
             group.page_tables[:b, width:].fill_(NO_PAGE)
             group.page_tables[b:-1].fill_(NO_PAGE)
+        if self.media:
+            media = 0 if batch.media_rows is None else batch.media_rows.numel()
+            if media:
+                fixed.media_rows[:media].copy_(batch.media_rows)
+                fixed.media_embeds[:media].copy_(batch.media_embeds)
+            fixed.media_rows[media:].fill_(self.rows)  # the sink row
+        span_lens = [0 if s is None else s.numel() for s in batch.chunk_spans]
+        at = 0
+        for spans in batch.chunk_spans:
+            if spans is not None:
+                fixed.layout.spans[at : at + spans.numel()].copy_(spans)
+                at += spans.numel()
         idle = self.max_seqs - b
-        self._load_layout((*batch.query_starts, *(T,) * idle, self.rows), (*batch.kv_lens, *(1,) * (idle + 1)),
-                          (*batch.chunk_starts, *(0,) * (idle + 1)))
+        self._load_layout((*batch.query_starts, *(T,) * idle, self.rows + 1), (*batch.kv_lens, *(1,) * (idle + 1)),
+                          (*batch.chunk_starts, *(0,) * (idle + 1)), (*span_lens, *(0,) * (idle + 1)))
 
-    def _load_layout(self, starts: Sequence[int], kv_lens: Sequence[int], chunk_starts: Sequence[int]) -> None:
-        """The row offsets, KV lengths, chunk starts and schedules, in one host-to-device copy."""
+    def _load_layout(self, starts: Sequence[int], kv_lens: Sequence[int], chunk_starts: Sequence[int],
+                     span_lens: Sequence[int]) -> None:
+        """The row offsets, KV lengths, chunk starts, span offsets and lengths, and schedules, in
+        one host-to-device copy."""
         layout, seqs = self.batch.layout, self.max_seqs + 1
-        values = [*starts, *kv_lens, *chunk_starts]
+        values = [*starts, *kv_lens, *chunk_starts, 0, *accumulate(span_lens[:-1]), *span_lens]
         for block, buf in self.schedules.items():
             entries, rows = schedule_entries(starts, block)
             idle = buf.shape[1] - len(entries)  # programs that find no rows: the padding sequence's end
-            values += [*entries, *(seqs - 1,) * idle, *rows, *(self.rows,) * idle]
+            values += [*entries, *(seqs - 1,) * idle, *rows, *(self.rows + 1,) * idle]
         packed = on_device(values, self.device, torch.int32)
-        layout.query_starts.copy_(packed[: seqs + 1])
-        layout.kv_lens.copy_(packed[seqs + 1 : 2 * seqs + 1])
-        layout.chunk_starts.copy_(packed[2 * seqs + 1 : 3 * seqs + 1])
-        at = 3 * seqs + 1
-        for buf in self.schedules.values():
-            buf.copy_(packed[at : at + buf.numel()].view(2, -1))
+        at = 0
+        for buf in (layout.query_starts, layout.kv_lens, layout.chunk_starts, layout.span_offsets, layout.span_lens,
+                    *self.schedules.values()):
+            buf.copy_(packed[at : at + buf.numel()].view(buf.shape))
             at += buf.numel()
 
 
@@ -284,7 +309,9 @@ class ChunkGraphs:
 
     @torch.inference_mode()
     def _capture(self, rows: int, pool) -> _ChunkGraph:
-        inputs = ChunkInputs(self.cache, rows, self.max_seqs, self.max_pages, self.scratch, self.device)
+        weight = self.model.embed_tokens.weight
+        inputs = ChunkInputs(self.cache, rows, self.max_seqs, self.max_pages, self.scratch, self.device,
+                             weight.shape[1], weight.dtype, media=self.model.cfg.pad_token_id is not None)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -298,8 +325,9 @@ class ChunkGraphs:
         return _ChunkGraph(rows, graph, inputs, hidden)
 
     def run(self, batch: ForwardBatch) -> DecoderOutput | None:
-        """Replay the graph of the fewest rows that hold the batch; None when none fits (media,
-        more rows than the largest size or more sequences than `max_seqs`)."""
+        """Replay the graph of the fewest rows that hold the batch; None when none fits (more
+        rows than the largest size, more sequences than `max_seqs`, or soft tokens for a model
+        without a pad id)."""
         g = next((g for size, g in sorted(self._graphs.items()) if g.inputs.fits(batch)), None)
         if g is None:
             return None

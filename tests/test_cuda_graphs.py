@@ -9,6 +9,7 @@ from gemma4_model.cuda_graphs import DEFAULT_BATCH_SIZES, ChunkInputs, can_captu
 from gemma4_model.engine import Engine, SchedulerLimits
 from gemma4_model.kv_cache import PagedKVCache
 from gemma4_model.loader import load_text_decoder
+from gemma4_model.media_span import MediaSpan, MediaTokens
 from gemma4_model.sampling import SamplingParams
 
 
@@ -78,6 +79,33 @@ def test_chunk_graph_replays_give_the_eager_tokens(tiny_checkpoint, variant):
     close_graphs(engine, 2)
 
 
+@pytest.mark.gpu
+def test_chunk_graphs_replay_image_prompts(tiny_checkpoint):
+    """An image prompt (bidirectional over its soft tokens) beside text prompts, float32: the same
+    greedy tokens eager and with both kinds of graphs, the image's prompt chunk replayed."""
+    path = tiny_checkpoint("e4b", use_bidirectional_attention="vision")
+    outputs = []
+    for graphs in (False, True):
+        config, model = load_text_decoder(path, device="cuda", dtype=torch.float32)
+        model.set_kernels(True)
+        cache = PagedKVCache(config.text, page_size=4, num_pages=160, device="cuda", dtype=torch.float32)
+        engine = Engine(model, cache, SchedulerLimits(max_batch_tokens=64, max_running=8, chunk_size=32))
+        if graphs:
+            engine.capture_decode_graphs()
+            engine.capture_chunk_graphs()
+        image = MediaTokens.from_special_tokens(config.special_tokens).image
+        soft = torch.randn((12, config.text.hidden_size), generator=torch.Generator().manual_seed(1)).cuda()
+        seqs = [engine.add_request([5, 6, 7] + [image] * 12 + [9, 10], SamplingParams(max_tokens=12, ignore_eos=True),
+                                   media=[MediaSpan(3, soft, "image", b"img")])]
+        seqs += [engine.add_request(p, SamplingParams(max_tokens=8, ignore_eos=True)) for p in prompts()[:3]]
+        while engine.scheduler.has_work():
+            engine.step()
+        outputs.append([s.output for s in seqs])
+    assert outputs[0] == outputs[1]
+    assert engine.chunk_graphs.replays >= 2
+    close_graphs(engine, 2)
+
+
 def close_graphs(engine: Engine, captures: int) -> None:
     """Each capture held a scratch page per group until closed."""
     assert all(n == captures for n in engine.cache.pages_in_use().values())
@@ -88,16 +116,19 @@ def close_graphs(engine: Engine, captures: int) -> None:
 
 
 def test_chunk_inputs_give_the_eager_rows(tiny_checkpoint):
-    """Steps with prompt chunks (first chunks filling the token budget, then later chunks over
-    cached prefixes beside a decode) copied into one set of fixed inputs (every row taken, then
-    padding rows; idle sequences) give the eager forward's final hidden states at their logits
-    rows (CPU: the kernels in Triton's interpreter; the same code fills a captured graph's inputs)."""
-    config, model = load_text_decoder(tiny_checkpoint("e4b"), device="cpu", dtype=torch.float32)
+    """Steps with prompt chunks (an image prompt with bidirectional attention over its soft tokens
+    and a text prompt's first chunk filling the token budget; then a later chunk over a cached
+    prefix, a new prompt and a decode) copied into one set of fixed inputs (every row taken, then
+    padding rows; idle sequences; the unused soft-token entries on the sink row) give the eager
+    forward's final hidden states at their logits rows (CPU: the kernels in Triton's interpreter;
+    the same code fills a captured graph's inputs)."""
+    config, model = load_text_decoder(tiny_checkpoint("e4b", use_bidirectional_attention="vision"), device="cpu",
+                                      dtype=torch.float32)
     cache = PagedKVCache(config.text, page_size=4, num_pages=120, device="cpu", dtype=torch.float32)
     engine = Engine(model, cache, SchedulerLimits(max_batch_tokens=40, max_running=4, chunk_size=24))
     scratch = {name: group.pool.allocate() for name, group in cache.groups.items()}
     max_pages = -(-engine.scheduler.max_model_len // cache.page_size)
-    inputs = ChunkInputs(cache, 40, 6, max_pages, scratch, torch.device("cpu"))
+    inputs = ChunkInputs(cache, 40, 6, max_pages, scratch, torch.device("cpu"), config.text.hidden_size, torch.float32)
     model.set_kernels(True)
     model.final_hidden(inputs.batch, cache)
     inputs.fix_schedules()
@@ -114,14 +145,18 @@ def test_chunk_inputs_give_the_eager_rows(tiny_checkpoint):
             hidden = model.final_hidden(inputs.batch, cache)
             model.set_kernels(False)
             torch.testing.assert_close(hidden[batch.logits_rows], out.hidden, atol=1e-4, rtol=1e-4)
-            checked.append((batch.token_ids.shape[0], batch.num_seqs))
+            checked.append((batch.token_ids.shape[0], batch.num_seqs, batch.media_rows is not None))
         return out
 
     engine._forward = forward_and_check
-    for prompt, n in zip(prompts()[:3], (2, 3, 2)):
-        engine.add_request(prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+    image = MediaTokens.from_special_tokens(config.special_tokens).image
+    soft = torch.randn((8, config.text.hidden_size), generator=torch.Generator().manual_seed(0))
+    engine.add_request([5, 6, 7, 8] + [image] * 8 + [9, 10, 11, 12], SamplingParams(max_tokens=2, ignore_eos=True),
+                       media=[MediaSpan(4, soft, "image", b"img")])
+    for prompt in prompts()[:2]:
+        engine.add_request(prompt, SamplingParams(max_tokens=2, ignore_eos=True))
     while engine.scheduler.has_work():
         engine.step()
     for name, page in scratch.items():
         cache.groups[name].pool.release_all([page])
-    assert checked[0] == (40, 3) and checked[1][0] < 40 and checked[1][1] > 1, checked
+    assert checked == [(40, 2, True), (23, 3, False)], checked
