@@ -12,8 +12,9 @@ buffers, which the next replay overwrites.
 
 A step with prompt chunks (a prefill, alone or beside decodes) launches some hundred kernels per
 layer group eagerly, which costs the host tens of milliseconds whatever its size. `ChunkGraphs`
-captures `TextDecoder.final_hidden` (every row through every layer, no lm_head) over a fixed
-number of rows and of sequences (`ChunkInputs`): the step's rows come first, a padding sequence
+captures `TextDecoder.final_hidden` (no lm_head) over a fixed number of rows and of sequences
+(`ChunkInputs`); past the last KV-owning layer one row per sequence goes on (its row with
+logits, or its last; a fixed narrowed batch whose layout never changes): the step's rows come first, a padding sequence
 owns the rest (position 0, KV length 1, the scratch page), sequences past the step's hold no
 rows, and the attention kernels' schedules have a fixed width whose unused programs find no
 rows. Soft tokens are spliced from a fixed buffer of a row's worth each (unused entries land on a
@@ -29,13 +30,14 @@ answers None for a batch it cannot replay; the engine then runs the forward eage
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Sequence
 
 import torch
 
-from .batch import ForwardBatch, GroupView, on_device, schedule_entries
+from .batch import ForwardBatch, GroupView, RaggedLayout, on_device, schedule_entries
 from .decoder import DecoderOutput, TextDecoder
 from .kv_cache import NO_PAGE, PagedKVCache
 
@@ -178,6 +180,11 @@ class DecodeGraphs:
 
 
 
+def logits_seqs(batch: ForwardBatch) -> list[int]:
+    """The sequence of each of the batch's logits rows (known on the host)."""
+    return [bisect_right(batch.query_starts, row) - 1 for row in batch.host_logits_rows]
+
+
 class ChunkInputs:
     """The fixed input batch of a forward over up to `rows` query rows of at most `max_seqs`
     sequences, soft tokens and bidirectional spans included, and the copy of a step's batch into
@@ -189,8 +196,9 @@ class ChunkInputs:
     them to fixed buffers, which `load` fills."""
 
     def __init__(self, cache: PagedKVCache, rows: int, max_seqs: int, max_pages: int, scratch: dict[str, int],
-                 device: torch.device, hidden: int, dtype: torch.dtype, media: bool = True):
-        """`media`: soft tokens can be spliced (the model has a pad id for their rows' token ids)."""
+                 device: torch.device, hidden: int, dtype: torch.dtype, media: bool = True, narrow: bool = False):
+        """`media`: soft tokens can be spliced (the model has a pad id for their rows' token ids);
+        `narrow`: past the last KV-owning layer one row per sequence goes on (`narrowed`)."""
         self.rows, self.max_seqs, self.max_pages, self.scratch = rows, max_seqs, max_pages, scratch
         self.media = media
         self.page, self.device = cache.page_size, device
@@ -213,13 +221,40 @@ class ChunkInputs:
             media_embeds=torch.zeros((rows, hidden), dtype=dtype, device=device) if media else None,
         )
         self.schedules: dict[int, torch.Tensor] = {}
+        self.narrowed = self._narrowed_batch(seqs) if narrow else None
+
+    def _narrowed_batch(self, seqs: int) -> tuple[torch.Tensor, ForwardBatch]:
+        """(rows, batch of those rows) for the KV-shared layers: each sequence's row with logits
+        (its last row when it wants none; the sink row for the idle and padding sequences), one
+        per sequence, so its layout (decode tiles) never changes; lengths and spans are the full
+        batch's tensors, positions a buffer `load` fills."""
+        full, device = self.batch, self.device
+        going_on = torch.full((seqs,), self.rows, dtype=torch.long, device=device)
+        one_each = tuple(range(seqs + 1))
+        batch = ForwardBatch(
+            token_ids=torch.zeros(seqs, dtype=torch.long, device=device),
+            positions=torch.zeros(seqs, dtype=torch.long, device=device),
+            query_starts=one_each, kv_lens=(1,) * seqs, chunk_starts=(0,) * seqs, chunk_spans=full.chunk_spans,
+            groups={name: GroupView(g.page_tables, torch.zeros(seqs, dtype=torch.long, device=device))
+                    for name, g in full.groups.items()},
+            logits_rows=torch.arange(seqs, device=device), page_size=self.page,
+        )
+        layout = full.layout
+        batch.__dict__["layout"] = RaggedLayout(  # sharing the full batch's length and span buffers
+            query_starts=torch.arange(seqs + 1, dtype=torch.int32, device=device), kv_lens=layout.kv_lens,
+            chunk_starts=layout.chunk_starts, span_offsets=layout.span_offsets, span_lens=layout.span_lens,
+            spans=layout.spans, max_query_len=1, host_query_starts=one_each)
+        return going_on, batch
 
     def fix_schedules(self) -> None:
         self.schedules = self.batch.layout.fix_schedules()
         seqs = self.max_seqs + 1
-        self._load_layout(self.batch.query_starts, (1,) * seqs, (0,) * seqs, (0,) * seqs)
+        self._load_layout(self.batch.query_starts, (1,) * seqs, (0,) * seqs, (0,) * seqs, (self.rows,) * seqs)
 
     def fits(self, batch: ForwardBatch) -> bool:
+        if self.narrowed is not None and (batch.host_logits_rows is None or len(set(logits_seqs(batch)))
+                                          != len(batch.host_logits_rows)):
+            return False  # narrowing keeps one row per sequence (not a verify run's)
         return (batch.token_ids.shape[0] <= self.rows and batch.num_seqs <= self.max_seqs
                 and (self.media or batch.media_rows is None)
                 and all(g.page_tables.shape[1] <= self.max_pages for g in batch.groups.values()))
@@ -251,15 +286,26 @@ class ChunkInputs:
                 fixed.layout.spans[at : at + spans.numel()].copy_(spans)
                 at += spans.numel()
         idle = self.max_seqs - b
+        going_on = [batch.query_starts[i + 1] - 1 for i in range(b)]  # a sequence's last row, or
+        if self.narrowed is not None:
+            for seq, row in zip(logits_seqs(batch), batch.host_logits_rows):
+                going_on[seq] = row  # its row with logits
         self._load_layout((*batch.query_starts, *(T,) * idle, self.rows + 1), (*batch.kv_lens, *(1,) * (idle + 1)),
-                          (*batch.chunk_starts, *(0,) * (idle + 1)), (*span_lens, *(0,) * (idle + 1)))
+                          (*batch.chunk_starts, *(0,) * (idle + 1)), (*span_lens, *(0,) * (idle + 1)),
+                          (*going_on, *(self.rows,) * (idle + 1)))
+        if self.narrowed is not None:
+            rows, narrowed = self.narrowed
+            narrowed.positions.copy_(fixed.positions[rows])
 
     def _load_layout(self, starts: Sequence[int], kv_lens: Sequence[int], chunk_starts: Sequence[int],
-                     span_lens: Sequence[int]) -> None:
-        """The row offsets, KV lengths, chunk starts, span offsets and lengths, and schedules, in
-        one host-to-device copy."""
+                     span_lens: Sequence[int], going_on: Sequence[int]) -> None:
+        """The row offsets, KV lengths, chunk starts, span offsets and lengths, the rows going on
+        past the KV-owning layers (when narrowing) and the schedules, in one host-to-device copy."""
         layout, seqs = self.batch.layout, self.max_seqs + 1
         values = [*starts, *kv_lens, *chunk_starts, 0, *accumulate(span_lens[:-1]), *span_lens]
+        narrowed = () if self.narrowed is None else (self.narrowed[0],)
+        if narrowed:
+            values += going_on
         for block, buf in self.schedules.items():
             entries, rows = schedule_entries(starts, block)
             idle = buf.shape[1] - len(entries)  # programs that find no rows: the padding sequence's end
@@ -267,7 +313,7 @@ class ChunkInputs:
         packed = on_device(values, self.device, torch.int32)
         at = 0
         for buf in (layout.query_starts, layout.kv_lens, layout.chunk_starts, layout.span_offsets, layout.span_lens,
-                    *self.schedules.values()):
+                    *narrowed, *self.schedules.values()):
             buf.copy_(packed[at : at + buf.numel()].view(buf.shape))
             at += buf.numel()
 
@@ -277,7 +323,7 @@ class _ChunkGraph:
     rows: int
     graph: torch.cuda.CUDAGraph
     inputs: ChunkInputs
-    hidden: torch.Tensor  # [rows, hidden] the fixed output buffer
+    hidden: torch.Tensor  # the fixed output buffer: [rows + 1, hidden], or a row per sequence when narrowed
 
 
 class ChunkGraphs:
@@ -309,19 +355,20 @@ class ChunkGraphs:
 
     @torch.inference_mode()
     def _capture(self, rows: int, pool) -> _ChunkGraph:
-        weight = self.model.embed_tokens.weight
+        weight, cfg = self.model.embed_tokens.weight, self.model.cfg
         inputs = ChunkInputs(self.cache, rows, self.max_seqs, self.max_pages, self.scratch, self.device,
-                             weight.shape[1], weight.dtype, media=self.model.cfg.pad_token_id is not None)
+                             weight.shape[1], weight.dtype, media=cfg.pad_token_id is not None,
+                             narrow=cfg.first_shared_layer < cfg.num_layers)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self.model.final_hidden(inputs.batch, self.cache)  # builds the schedules; Triton compiles
+            self.model.final_hidden(inputs.batch, self.cache, inputs.narrowed)  # builds the schedules; Triton compiles
             inputs.fix_schedules()
-            self.model.final_hidden(inputs.batch, self.cache)  # cuBLAS picks its kernels
+            self.model.final_hidden(inputs.batch, self.cache, inputs.narrowed)  # cuBLAS picks its kernels
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            hidden = self.model.final_hidden(inputs.batch, self.cache)
+            hidden = self.model.final_hidden(inputs.batch, self.cache, inputs.narrowed)
         return _ChunkGraph(rows, graph, inputs, hidden)
 
     def run(self, batch: ForwardBatch) -> DecoderOutput | None:
@@ -334,5 +381,6 @@ class ChunkGraphs:
         g.inputs.load(batch)
         g.graph.replay()
         self.replays += 1
-        hidden = g.hidden[batch.logits_rows]
+        # narrowed: the output has a row per sequence
+        hidden = g.hidden[batch.logits_rows if g.inputs.narrowed is None else on_device(logits_seqs(batch), self.device)]
         return DecoderOutput(logits=self.model.head(hidden), hidden=hidden)

@@ -250,13 +250,15 @@ class TextDecoder(nn.Module):
         hidden = self.norm(x[batch.logits_rows])
         return DecoderOutput(logits=self.head(hidden), hidden=hidden)
 
-    def final_hidden(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
-        """The final-norm hidden state of every row of the batch [T, hidden], through the kernels
-        and with every row through every layer (fixed shapes: what a captured graph runs; the
-        lm_head is left to the caller, for the rows it wants)."""
+    def final_hidden(self, batch: ForwardBatch, cache: PagedKVCache,
+                     narrowed: tuple[torch.Tensor, ForwardBatch] | None = None) -> torch.Tensor:
+        """Final-norm hidden states through the kernels with fixed shapes (what a captured graph
+        runs; the lm_head is left to the caller, for the rows it wants): of every row of the batch
+        [T, hidden], or with `narrowed` = (rows, the batch of those rows) only those rows go past
+        the last KV-owning layer [len(rows), hidden]."""
         assert self.kernels, "final_hidden runs the Triton kernels"
         x, ple, rope = self._inputs(batch)
-        return self._forward_kernels(x, ple, rope, batch, cache, narrow=False)[0]
+        return self._forward_kernels(x, ple, rope, batch, cache, narrow=narrowed or False)[0]
 
     def _inputs(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """The embeddings, the per-layer inputs (None without PLE) and the RoPE tables per layer type."""
@@ -265,23 +267,30 @@ class TextDecoder(nn.Module):
         return x, ple, {name: r(batch.positions, x.dtype) for name, r in self.rotary.items()}
 
     @staticmethod
-    def _rows_going_on(batch: ForwardBatch, rope: dict, *tensors: torch.Tensor | None) -> tuple:
+    def _rows_going_on(batch: ForwardBatch, rope: dict, *tensors: torch.Tensor | None,
+                       narrowed: tuple[torch.Tensor, ForwardBatch] | None = None) -> tuple:
         """KV-shared layers write no KV: only rows whose outputs are wanted go on. The batch, the
-        RoPE tables and each given row tensor (None stays None) narrowed to those rows."""
-        rows, host_rows = batch.rows_with_logits()
+        RoPE tables and each given row tensor (None stays None) narrowed to those rows (the rows
+        with logits, or `narrowed`'s rows and batch)."""
+        if narrowed is None:
+            rows, host_rows = batch.rows_with_logits()
+            narrowed = rows, batch.select_rows(rows, host_rows)
+        rows, batch = narrowed
         rope = {name: (c[rows], s[rows]) for name, (c, s) in rope.items()}
-        return batch.select_rows(rows, host_rows), rope, *(None if t is None else t[rows] for t in tensors)
+        return batch, rope, *(None if t is None else t[rows] for t in tensors)
 
     def _forward_kernels(self, x, ple, rope, batch: ForwardBatch, cache: PagedKVCache,
-                         narrow: bool = True) -> tuple[torch.Tensor, ForwardBatch]:
+                         narrow: bool | tuple[torch.Tensor, ForwardBatch] = True) -> tuple[torch.Tensor, ForwardBatch]:
         """The layers through the fused kernels: each layer's last norm is the next one's input
         norm (the last layer's, the final norm). The final-norm hidden states and the batch they
-        belong to (with `narrow`, only the rows with logits go past the last KV-owning layer)."""
+        belong to (with `narrow`, only the rows with logits, or the given (rows, batch), go past
+        the last KV-owning layer)."""
         layers, first_shared = self.layers, self.cfg.first_shared_layer
+        given = narrow if isinstance(narrow, tuple) else None
         y, _ = residual_norm(x, None, layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
         for i, layer in enumerate(layers):
-            if narrow and i == first_shared and batch.logits_rows.numel() < x.shape[0]:
-                batch, rope, x, y, ple = self._rows_going_on(batch, rope, x, y, ple)
+            if i == first_shared and (given is not None or narrow and batch.logits_rows.numel() < x.shape[0]):
+                batch, rope, x, y, ple = self._rows_going_on(batch, rope, x, y, ple, narrowed=given)
             cos, sin = rope[layer.spec.layer_type]
             next_norm = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else self.norm.weight
             x, y = layer.forward_kernels(x, y, None if ple is None else ple[:, i], cos, sin, batch, cache, next_norm)

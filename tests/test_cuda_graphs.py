@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma4_model.cuda_graphs import DEFAULT_BATCH_SIZES, ChunkInputs, can_capture, capture_sizes
+from gemma4_model.cuda_graphs import DEFAULT_BATCH_SIZES, ChunkInputs, can_capture, capture_sizes, logits_seqs
 from gemma4_model.engine import Engine, SchedulerLimits
 from gemma4_model.kv_cache import PagedKVCache
 from gemma4_model.loader import load_text_decoder
@@ -119,18 +119,20 @@ def test_chunk_inputs_give_the_eager_rows(tiny_checkpoint):
     """Steps with prompt chunks (an image prompt with bidirectional attention over its soft tokens
     and a text prompt's first chunk filling the token budget; then a later chunk over a cached
     prefix, a new prompt and a decode) copied into one set of fixed inputs (every row taken, then
-    padding rows; idle sequences; the unused soft-token entries on the sink row) give the eager
-    forward's final hidden states at their logits rows (CPU: the kernels in Triton's interpreter;
-    the same code fills a captured graph's inputs)."""
+    padding rows; idle sequences; the unused soft-token entries on the sink row; one row per
+    sequence past the KV-owning layers) give the eager forward's final hidden states at their
+    logits rows (CPU: the kernels in Triton's interpreter; the same code fills a captured graph's
+    inputs)."""
     config, model = load_text_decoder(tiny_checkpoint("e4b", use_bidirectional_attention="vision"), device="cpu",
                                       dtype=torch.float32)
     cache = PagedKVCache(config.text, page_size=4, num_pages=120, device="cpu", dtype=torch.float32)
     engine = Engine(model, cache, SchedulerLimits(max_batch_tokens=40, max_running=4, chunk_size=24))
     scratch = {name: group.pool.allocate() for name, group in cache.groups.items()}
     max_pages = -(-engine.scheduler.max_model_len // cache.page_size)
-    inputs = ChunkInputs(cache, 40, 6, max_pages, scratch, torch.device("cpu"), config.text.hidden_size, torch.float32)
+    inputs = ChunkInputs(cache, 40, 6, max_pages, scratch, torch.device("cpu"), config.text.hidden_size, torch.float32,
+                         narrow=True)  # one row per sequence through the KV-shared layers
     model.set_kernels(True)
-    model.final_hidden(inputs.batch, cache)
+    model.final_hidden(inputs.batch, cache, inputs.narrowed)
     inputs.fix_schedules()
     model.set_kernels(False)
     checked = []
@@ -142,9 +144,10 @@ def test_chunk_inputs_give_the_eager_rows(tiny_checkpoint):
             assert inputs.fits(batch)
             inputs.load(batch)
             model.set_kernels(True)
-            hidden = model.final_hidden(inputs.batch, cache)
+            hidden = model.final_hidden(inputs.batch, cache, inputs.narrowed)
             model.set_kernels(False)
-            torch.testing.assert_close(hidden[batch.logits_rows], out.hidden, atol=1e-4, rtol=1e-4)
+            assert hidden.shape[0] == 7  # a row per sequence: the step's, then the idle and padding ones
+            torch.testing.assert_close(hidden[logits_seqs(batch)], out.hidden, atol=1e-4, rtol=1e-4)
             checked.append((batch.token_ids.shape[0], batch.num_seqs, batch.media_rows is not None))
         return out
 
