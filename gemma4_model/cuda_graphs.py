@@ -206,7 +206,7 @@ class ChunkInputs:
         groups = {}
         for name in cache.groups:
             tables = torch.full((seqs, max_pages), NO_PAGE, dtype=torch.long, device=device)
-            tables[-1, 0] = scratch[name]
+            tables[:, 0] = scratch[name]  # the padding sequence's KV; the idle ones' when narrowed
             groups[name] = GroupView(tables, torch.full((total,), scratch[name] * self.page, dtype=torch.long,
                                                         device=device))
         self.batch = ForwardBatch(
@@ -272,7 +272,8 @@ class ChunkInputs:
             group.write_slots[T:].fill_(self.scratch[name] * self.page)
             group.page_tables[:b, :width].copy_(view.page_tables)
             group.page_tables[:b, width:].fill_(NO_PAGE)
-            group.page_tables[b:-1].fill_(NO_PAGE)
+            group.page_tables[b:].fill_(NO_PAGE)
+            group.page_tables[b:, 0].fill_(self.scratch[name])  # a narrowed idle row reads its key 0 there
         if self.media:
             media = 0 if batch.media_rows is None else batch.media_rows.numel()
             if media:

@@ -143,6 +143,8 @@ def test_chunk_inputs_give_the_eager_rows(tiny_checkpoint):
         if batch.token_ids.shape[0] > batch.num_seqs and len(checked) < 2:  # a prompt chunk in the step
             assert inputs.fits(batch)
             inputs.load(batch)
+            for name, scratch_page in scratch.items():  # a narrowed idle or padding row's key 0 is on a page
+                assert (inputs.batch.groups[name].page_tables[batch.num_seqs:, 0] == scratch_page).all()
             model.set_kernels(True)
             hidden = model.final_hidden(inputs.batch, cache, inputs.narrowed)
             model.set_kernels(False)
