@@ -259,7 +259,7 @@ class EngineActor:
         if before is not None:
             drafts = (counts.drafted_tokens, counts.accepted_tokens, counts.verify_runs)
             self._trace_step(before, start, time.time_ns(), [b - a for a, b in zip(drafts_before, drafts)])
-        plain = []  # batches without logprobs: one message for the step
+        plain = []  # batches of tokens without logprobs: one message for the step
         for seq in advanced:
             done = seq.status is Status.FINISHED
             if self.role == "prefill" and not done:
@@ -268,7 +268,7 @@ class EngineActor:
             # every token the step emitted (several when drafts were accepted)
             batch = TokenBatch(seq.request_id, list(seq.new_tokens), seq.finish_reason if done else None,
                                **_first_batch_counts(seq), **_logprob_fields(seq, len(seq.new_tokens)))
-            if batch.logprobs is None:
+            if batch.logprobs is None and batch.token_ids:
                 plain.append(batch)
             else:
                 self.outbox.send(batch)

@@ -179,7 +179,6 @@ class DecodeGraphs:
         return DecoderOutput(logits=g.out.logits[:b].clone(), hidden=g.out.hidden[:b].clone())
 
 
-
 def logits_seqs(batch: ForwardBatch) -> list[int]:
     """The sequence of each of the batch's logits rows (known on the host)."""
     return [bisect_right(batch.query_starts, row) - 1 for row in batch.host_logits_rows]
@@ -287,10 +286,10 @@ class ChunkInputs:
                 fixed.layout.spans[at : at + spans.numel()].copy_(spans)
                 at += spans.numel()
         idle = self.max_seqs - b
-        going_on = [batch.query_starts[i + 1] - 1 for i in range(b)]  # a sequence's last row, or
+        going_on = [batch.query_starts[i + 1] - 1 for i in range(b)]  # each sequence's row with logits, else its last
         if self.narrowed is not None:
             for seq, row in zip(logits_seqs(batch), batch.host_logits_rows):
-                going_on[seq] = row  # its row with logits
+                going_on[seq] = row
         self._load_layout((*batch.query_starts, *(T,) * idle, self.rows + 1), (*batch.kv_lens, *(1,) * (idle + 1)),
                           (*batch.chunk_starts, *(0,) * (idle + 1)), (*span_lens, *(0,) * (idle + 1)),
                           (*going_on, *(self.rows,) * (idle + 1)))

@@ -385,7 +385,8 @@ class Engine:
     def capture_chunk_graphs(self, max_rows: int | None = None) -> ChunkGraphs:
         """Replay steps with prompt chunks (prefills, alone or beside decodes) of up to `max_rows`
         query rows (default: the scheduler's token budget) and `max_running` sequences as CUDA
-        graphs, padded to the next captured row count; media prompts run eagerly."""
+        graphs, padded to the next captured row count (multimodal prompts too; verify runs of
+        several logits rows per sequence stay eager on models with KV-shared layers)."""
         if self.chunk_graphs is not None:
             self.chunk_graphs.close()
         limits = self.scheduler.limits
