@@ -93,7 +93,8 @@ done
 bench() {
   python3 bench/serve_bench.py --base-url "http://127.0.0.1:$port" --disable-tqdm --meta "model_shape=$key" \
     --meta "weights=random (--load-format dummy)" --meta "commit=$commit" \
-    --meta "topology=$([ "${SPLIT:-}" = 1 ] && echo split || echo colocated)" "$@"
+    --meta "topology=$([ "${SPLIT:-}" = 1 ] && echo split || echo colocated)" \
+    --meta "traces=$([ -n "${TRACE:-}" ] && echo on || echo off)" "$@"
 }
 if [[ $runs == *" latency "* ]]; then
   bench --label latency --num-prompts 10 --max-concurrency 1 --random-input-len 1220 --random-output-len 844 \
