@@ -49,6 +49,7 @@ class SequenceKV:
     num_computed: int = 0  # positions whose KV is in the cache
     num_published: int = 0  # full pages indexed for prefix reuse
     hashes: list[bytes] = field(default_factory=list)
+    slid: dict[str, int] = field(default_factory=dict)  # per sliding group: pages below it are released
 
 
 class PagedKVCache:
@@ -199,10 +200,12 @@ class PagedKVCache:
             if window is None:
                 continue
             first_visible = next_position - window + 1
-            for j in range(min(len(table), max(0, first_visible) // self.page_size)):
+            below = min(len(table), max(0, first_visible) // self.page_size)
+            for j in range(seq.slid.get(name, 0), below):  # only pages the window left since the last slide
                 if table[j] != NO_PAGE:
                     self.groups[name].pool.release(table[j])
                     table[j] = NO_PAGE
+            seq.slid[name] = max(seq.slid.get(name, 0), below)
 
     def commit(self, seq_id: int, token_ids: Sequence[int], num_computed: int, extra_keys: Sequence[bytes] = ()) -> None:
         """Record that KV of positions < num_computed is written; publish newly full pages."""
@@ -235,6 +238,8 @@ class PagedKVCache:
                 page = table.pop()
                 if page != NO_PAGE:
                     self.groups[name].pool.release(page)
+            if name in seq.slid:
+                seq.slid[name] = min(seq.slid[name], len(table))
         seq.num_computed = min(seq.num_computed, num_tokens)
         seq.num_published = min(seq.num_published, num_tokens // self.page_size)
         del seq.hashes[num_tokens // self.page_size:]  # pages past it may hold other tokens next

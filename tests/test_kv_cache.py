@@ -74,6 +74,23 @@ def test_sliding_group_holds_at_most_a_window():
     assert cache.pages_in_use() == {SLIDING: 0, FULL: 0}
 
 
+def test_slide_after_a_truncation_below_the_window_releases_the_new_pages():
+    """Slides resume where the last one stopped; a truncation below that point rewinds it, so
+    pages appended there again are released when the window leaves them."""
+    cfg = text_config(window=8)
+    cache = PagedKVCache(cfg, page_size=4, num_pages=32)
+    cache.add_sequence(0, list(range(1, 41)))
+    cache.extend(0, 40)
+    cache.slide(0, 40)
+    assert cache.pages_in_use()[SLIDING] == 2  # the pages below (40 - 8 + 1) // 4 = 8 are gone
+    cache.truncate(0, 4)
+    cache.extend(0, 40)
+    cache.slide(0, 40)
+    assert cache.page_table(0, SLIDING)[:8] == [NO_PAGE] * 8 and cache.pages_in_use()[SLIDING] == 2
+    cache.free_sequence(0)
+    assert cache.pages_in_use() == {SLIDING: 0, FULL: 0}
+
+
 def test_kv_shared_layers_own_no_storage():
     cfg = text_config(layers=8, shared=3)
     cache = PagedKVCache(cfg, page_size=4, num_pages=4)
