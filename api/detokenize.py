@@ -21,12 +21,17 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        # A fast tokenizer's Rust decoder is what `decode` calls without the clean-up; called
+        # directly, twice per streamed chunk, it skips transformers' per-call argument handling.
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.prefix_offset = 0  # start of the window decoded for context
         self.read_offset = 0  # ids before this are already emitted as text
 
     def _decode(self, ids: list[int]) -> str:
+        if self.backend is not None:
+            return self.backend.decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
 

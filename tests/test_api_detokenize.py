@@ -37,12 +37,21 @@ def test_incremental_text_equals_full_decode(tokenizer, text, step):
     assert not any("\ufffd" in p for p in pieces)
 
 
-def test_random_id_sequences_match_full_decode(tokenizer):
+class DecodeOnly:
+    """A tokenizer with `decode` and no Rust backend to call directly."""
+
+    def __init__(self, tokenizer):
+        self.decode = tokenizer.decode
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["rust-decoder", "decode"])
+def test_random_id_sequences_match_full_decode(tokenizer, direct):
     rng = random.Random(0)
     vocab = len(tokenizer)
     for _ in range(30):
         ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
-        detok = IncrementalDetokenizer(tokenizer)
+        detok = IncrementalDetokenizer(tokenizer if direct else DecodeOnly(tokenizer))
+        assert (detok.backend is not None) == direct
         text = "".join(detok.add([i]) for i in ids) + detok.flush()
         assert text == tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
