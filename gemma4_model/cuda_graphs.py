@@ -41,7 +41,9 @@ from .batch import ForwardBatch, GroupView, RaggedLayout, on_device, schedule_en
 from .decoder import DecoderOutput, TextDecoder
 from .kv_cache import NO_PAGE, PagedKVCache
 
-DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+# steps of 8-16 up to 128: a running batch near 100 pads to 104-112, not 128 (each size keeps its
+# own logits buffer, so not every size)
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 DEFAULT_TOKEN_SIZES = (128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
