@@ -15,6 +15,7 @@
 # "latency", "throughput" (the default: both) and "image" (SGLang's image run at concurrency 1: two
 # 720p images and 128 text tokens per request, 1024 out; adds a vision encoder on cuda:0).
 set -euo pipefail
+server_command="SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} bash $0 $*"
 out=${1:?output directory}
 key=${2:-gemma-4-E4B-it}
 commit=${3:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -94,7 +95,9 @@ bench() {
   python3 bench/serve_bench.py --base-url "http://127.0.0.1:$port" --disable-tqdm --meta "model_shape=$key" \
     --meta "weights=random (--load-format dummy)" --meta "commit=$commit" \
     --meta "topology=$([ "${SPLIT:-}" = 1 ] && echo split || echo colocated)" \
-    --meta "traces=$([ -n "${TRACE:-}" ] && echo on || echo off)" "$@"
+    --meta "traces=$([ -n "${TRACE:-}" ] && echo on || echo off)" \
+    --meta "device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null | head -1)" \
+    --meta "server_command=${server_command}" "$@"
 }
 if [[ $runs == *" latency "* ]]; then
   bench --label latency --num-prompts 10 --max-concurrency 1 --random-input-len 1220 --random-output-len 844 \

@@ -73,25 +73,33 @@ class _Graph:
     out: DecoderOutput  # the fixed output buffers
 
 
-class DecodeGraphs:
-    """Captured decode forwards of `model` over `cache`, one per size in `sizes`."""
+class _CapturedSteps:
+    """What both kinds of captured steps share: a scratch page per group that only padding rows
+    touch, one capture per size (largest first, the smaller ones reusing its memory pool) and
+    `close`. A subclass sets what its captures need, then calls `_capture_all`."""
+
+    kind = ""
 
     def __init__(self, model: TextDecoder, cache: PagedKVCache, sizes: Sequence[int], max_model_len: int):
         problem = can_capture(model)
         if problem is not None:
-            raise ValueError(f"cannot capture decode graphs: {problem}")
+            raise ValueError(f"cannot capture {self.kind} graphs: {problem}")
         self.model, self.cache = model, cache
         self.sizes = tuple(sorted(set(sizes)))
         self.device = next(model.parameters()).device
         self.max_pages = -(-max_model_len // cache.page_size)
         self.max_model_len = max_model_len
-        # a page per group that only padding rows touch
         self.scratch = {name: group.pool.allocate() for name, group in cache.groups.items()}
         self.replays = 0
-        self._graphs: dict[int, _Graph] = {}
+        self._graphs: dict = {}
+
+    def _capture_all(self) -> None:
         pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):  # largest first: the smaller ones reuse its memory pool
+        for size in reversed(self.sizes):
             self._graphs[size] = self._capture(size, pool)
+
+    def _capture(self, size: int, pool):
+        raise NotImplementedError
 
     def close(self) -> None:
         """Drop the graphs and give the scratch pages back."""
@@ -99,6 +107,16 @@ class DecodeGraphs:
         for name, page in self.scratch.items():
             self.cache.groups[name].pool.release_all([page])
         self.scratch = {}
+
+
+class DecodeGraphs(_CapturedSteps):
+    """Captured decode forwards of `model` over `cache`, one per size in `sizes`."""
+
+    kind = "decode"
+
+    def __init__(self, model: TextDecoder, cache: PagedKVCache, sizes: Sequence[int], max_model_len: int):
+        super().__init__(model, cache, sizes, max_model_len)
+        self._capture_all()
 
     def _static_batch(self, size: int) -> ForwardBatch:
         device, page = self.device, self.cache.page_size
@@ -328,32 +346,17 @@ class _ChunkGraph:
     hidden: torch.Tensor  # the fixed output buffer: [rows + 1, hidden], or a row per sequence when narrowed
 
 
-class ChunkGraphs:
+class ChunkGraphs(_CapturedSteps):
     """Captured forwards of steps with prompt chunks, one per row count in `sizes`, for steps of
     at most `max_seqs` sequences."""
 
+    kind = "prompt-chunk"
+
     def __init__(self, model: TextDecoder, cache: PagedKVCache, sizes: Sequence[int], max_seqs: int,
                  max_model_len: int):
-        problem = can_capture(model)
-        if problem is not None:
-            raise ValueError(f"cannot capture prompt-chunk graphs: {problem}")
-        self.model, self.cache, self.max_seqs = model, cache, max_seqs
-        self.sizes = tuple(sorted(set(sizes)))
-        self.device = next(model.parameters()).device
-        self.max_pages = -(-max_model_len // cache.page_size)
-        self.scratch = {name: group.pool.allocate() for name, group in cache.groups.items()}
-        self.replays = 0
-        self._graphs: dict[int, _ChunkGraph] = {}
-        pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):  # largest first: the smaller ones reuse its memory pool
-            self._graphs[size] = self._capture(size, pool)
-
-    def close(self) -> None:
-        """Drop the graphs and give the scratch pages back."""
-        self._graphs.clear()
-        for name, page in self.scratch.items():
-            self.cache.groups[name].pool.release_all([page])
-        self.scratch = {}
+        super().__init__(model, cache, sizes, max_model_len)
+        self.max_seqs = max_seqs
+        self._capture_all()
 
     @torch.inference_mode()
     def _capture(self, rows: int, pool) -> _ChunkGraph:

@@ -49,17 +49,22 @@ def align_pairs(experts: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 
 
 @triton.jit
+def _block_rows(block_experts_ptr, slot_pairs_ptr, BLOCK_M: tl.constexpr):
+    """This program's block: its expert (-1: unused), its slots, their pairs and which are used."""
+    block = tl.program_id(0)
+    slots = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(slot_pairs_ptr + slots)
+    return tl.load(block_experts_ptr + block), slots, pairs, pairs >= 0
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, out_ptr, slot_pairs_ptr, block_experts_ptr, top_k, hidden, inter,
                     stride_x, stride_we, stride_wn, stride_o,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    block = tl.program_id(0)
-    expert = tl.load(block_experts_ptr + block)
+    expert, slots, pairs, used = _block_rows(block_experts_ptr, slot_pairs_ptr, BLOCK_M)
     if expert < 0:
         return
     dt = out_ptr.dtype.element_ty
-    slots = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(slot_pairs_ptr + slots)
-    used = pairs >= 0
     tokens = tl.where(used, pairs // top_k, 0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter
@@ -86,14 +91,10 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, slot_pairs_ptr, block_experts_ptr, to
 def _down_kernel(act_ptr, w_ptr, out_ptr, weights_ptr, slot_pairs_ptr, block_experts_ptr, hidden, inter,
                  stride_a, stride_we, stride_wn, stride_o,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    block = tl.program_id(0)
-    expert = tl.load(block_experts_ptr + block)
+    expert, slots, pairs, used = _block_rows(block_experts_ptr, slot_pairs_ptr, BLOCK_M)
     if expert < 0:
         return
     dt = out_ptr.dtype.element_ty
-    slots = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(slot_pairs_ptr + slots)
-    used = pairs >= 0
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
     offs_k = tl.arange(0, BLOCK_K)
