@@ -278,8 +278,9 @@ class ChunkInputs:
                 and (self.media or batch.media_rows is None)
                 and all(g.page_tables.shape[1] <= self.max_pages for g in batch.groups.values()))
 
-    def load(self, batch: ForwardBatch) -> None:
-        """Copy `batch` (which `fits`) in: its rows first, the rest the padding sequence's."""
+    def load(self, batch: ForwardBatch) -> list[int] | None:
+        """Copy `batch` (which `fits`) in: its rows first, the rest the padding sequence's. When
+        narrowing, returns the sequence of each logits row (its row in the narrowed output)."""
         fixed, b, T = self.batch, batch.num_seqs, batch.token_ids.shape[0]
         fixed.token_ids[:T].copy_(batch.token_ids)
         fixed.token_ids[T:].zero_()
@@ -307,15 +308,16 @@ class ChunkInputs:
                 at += spans.numel()
         idle = self.max_seqs - b
         going_on = [batch.query_starts[i + 1] - 1 for i in range(b)]  # each sequence's row with logits, else its last
-        if self.narrowed is not None:
-            for seq, row in zip(logits_seqs(batch), batch.host_logits_rows):
-                going_on[seq] = row
+        seqs = None if self.narrowed is None else logits_seqs(batch)
+        for seq, row in zip(seqs or (), batch.host_logits_rows or ()):
+            going_on[seq] = row
         self._load_layout((*batch.query_starts, *(T,) * idle, self.rows + 1), (*batch.kv_lens, *(1,) * (idle + 1)),
                           (*batch.chunk_starts, *(0,) * (idle + 1)), (*span_lens, *(0,) * (idle + 1)),
                           (*going_on, *(self.rows,) * (idle + 1)))
         if self.narrowed is not None:
             rows, narrowed = self.narrowed
             narrowed.positions.copy_(fixed.positions[rows])
+        return seqs
 
     def _load_layout(self, starts: Sequence[int], kv_lens: Sequence[int], chunk_starts: Sequence[int],
                      span_lens: Sequence[int], going_on: Sequence[int]) -> None:
@@ -380,12 +382,13 @@ class ChunkGraphs(_CapturedSteps):
         """Replay the graph of the fewest rows that hold the batch; None when none fits (more
         rows than the largest size, more sequences than `max_seqs`, or soft tokens for a model
         without a pad id)."""
-        g = next((g for size, g in sorted(self._graphs.items()) if g.inputs.fits(batch)), None)
-        if g is None:
+        size = next((s for s in self.sizes if s >= batch.token_ids.shape[0]), None)
+        g = None if size is None else self._graphs[size]
+        if g is None or not g.inputs.fits(batch):
             return None
-        g.inputs.load(batch)
+        seqs = g.inputs.load(batch)
         g.graph.replay()
         self.replays += 1
         # narrowed: the output has a row per sequence
-        hidden = g.hidden[batch.logits_rows if g.inputs.narrowed is None else on_device(logits_seqs(batch), self.device)]
+        hidden = g.hidden[batch.logits_rows if seqs is None else on_device(seqs, self.device)]
         return DecoderOutput(logits=self.model.head(hidden), hidden=hidden)
