@@ -17,7 +17,7 @@ from .attention import paged_attention, write_kv
 from .batch import ForwardBatch
 from .config import LayerSpec, TextConfig
 from .kernels.fused import KVWrite, gelu_mul, head_norm_rope, ple_combine, ple_combine_torch, residual_norm
-from .kernels.moe import moe_experts
+from .kernels.moe import moe_combine, moe_expert_rows, moe_route
 from .kernels.paged_attention import paged_attention_triton
 from .kv_cache import PagedKVCache
 from .layers import (MLP, Experts, RMSNorm, RotaryEmbedding, Router, add_sandwich_norms, apply_rope, gelu_tanh,
@@ -149,11 +149,11 @@ class DecoderLayer(nn.Module):
         gate_up = F.linear(y, mlp.packed_gate_up())
         inter = mlp.gate_proj.weight.shape[0]
         m = mlp.down_proj(gelu_mul(gate_up[:, :inter], gate_up[:, inter:]))
-        if self.moe:  # the routed experts as two grouped matrix products, no host read: capturable
-            weights, experts = self.router(h)
-            routed = moe_experts(self.pre_feedforward_layernorm_2(h), weights, experts, self.experts.gate_up_proj,
-                                 self.experts.down_proj)
-            m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(routed)
+        if self.moe:  # routing, two grouped matrix products and the combination; no host read: capturable
+            expert_in, weights, experts = moe_route(h, self.router, self.pre_feedforward_layernorm_2)
+            rows = moe_expert_rows(expert_in, weights, experts, self.experts.gate_up_proj, self.experts.down_proj)
+            m = moe_combine(m, rows, self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight,
+                            eps)
         if not self.ple:
             return residual_norm(m, h, self.post_feedforward_layernorm.weight, eps, self.layer_scalar, next_norm)
         x, _ = residual_norm(m, h, self.post_feedforward_layernorm.weight, eps)

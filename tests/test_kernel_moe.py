@@ -1,4 +1,6 @@
-"""The grouped-GEMM experts (`kernels.moe`) against their twin, `layers.Experts.forward`."""
+"""The MoE block's kernels (`kernels.moe`) against their twins: `layers.Router.forward` and the
+experts' input norm (`moe_route`), `align_pairs_torch`, `layers.Experts.forward` and the block's
+post-feed-forward norms (`moe_combine`)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,9 @@ import pytest
 import torch
 
 from gemma4_model.config import MoESpec
-from gemma4_model.kernels.moe import align_pairs, moe_experts
-from gemma4_model.layers import Experts, Router
+from gemma4_model.kernels.moe import (align_pairs, align_pairs_torch, moe_combine, moe_combine_torch, moe_expert_rows,
+                                      moe_experts, moe_route, moe_route_torch)
+from gemma4_model.layers import Experts, RMSNorm, Router
 
 
 def routed(tokens: int, hidden: int, spec: MoESpec, dtype=torch.float32, device="cpu", seed=0):
@@ -28,10 +31,11 @@ def routed(tokens: int, hidden: int, spec: MoESpec, dtype=torch.float32, device=
     return experts, x, weights, chosen
 
 
+@pytest.mark.parametrize("align", [align_pairs_torch, align_pairs])
 @pytest.mark.parametrize("tokens,block_m", [(1, 16), (13, 4), (40, 16)])
-def test_pairs_are_sorted_by_expert_in_whole_blocks(tokens, block_m):
+def test_pairs_are_sorted_by_expert_in_whole_blocks(align, tokens, block_m):
     chosen = torch.randint(0, 6, (tokens, 3), generator=torch.Generator().manual_seed(tokens))
-    slot_pairs, block_experts = align_pairs(chosen, 6, block_m)
+    slot_pairs, block_experts = align(chosen, 6, block_m)
     assert slot_pairs.numel() % block_m == 0 and slot_pairs.numel() // block_m == block_experts.numel()
     used = slot_pairs[slot_pairs >= 0].long()
     assert sorted(used.tolist()) == list(range(tokens * 3))  # every pair once
@@ -46,6 +50,49 @@ def test_pairs_are_sorted_by_expert_in_whole_blocks(tokens, block_m):
         assert pairs.tolist() == sorted(pairs.tolist()) and (block >= 0).tolist() == sorted((block >= 0).tolist(),
                                                                                                reverse=True)
     assert sorted(e for e in block_experts.tolist() if e >= 0) == block_experts[block_experts >= 0].tolist()
+
+
+@pytest.mark.parametrize("tokens,experts,block_m,skew", [(1, 6, 16, False), (13, 6, 4, False), (70, 5, 4, True),
+                                                         (200, 128, 16, False), (3, 128, 64, True)])
+def test_the_align_kernel_gives_its_twin_exactly(tokens, experts, block_m, skew):
+    """Counts that cross the kernel's 128-pair chunks, experts left unused, all pairs on one expert."""
+    g = torch.Generator().manual_seed(tokens)
+    chosen = torch.randint(0, experts, (tokens, 3), generator=g)
+    if skew:
+        chosen[:, 0] = experts - 1
+    for got, want in zip(align_pairs(chosen.to(torch.int32), experts, block_m), align_pairs_torch(chosen, experts, block_m)):
+        assert got.dtype == want.dtype == torch.int32
+        assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_the_route_kernels_match_the_router_and_norm(tokens):
+    spec = MoESpec(num_experts=12, top_k=3, intermediate_size=8)
+    _, x, _, _ = routed(tokens, 40, spec, seed=tokens)
+    g = torch.Generator().manual_seed(99)
+    router = Router(40, spec, 1e-6)
+    norm = RMSNorm(40, 1e-6)
+    with torch.no_grad():
+        for t in (router.proj.weight, router.scale, router.per_expert_scale, norm.weight):
+            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+        got = moe_route(x, router, norm)
+        want = moe_route_torch(x, router, norm)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+    assert got[2].dtype == torch.int32 and got[2].tolist() == want[2].tolist()
+
+
+def test_combine_sums_the_rows_and_adds_both_norms():
+    g = torch.Generator().manual_seed(5)
+    mlp, rows = torch.randn(4, 24, generator=g), torch.randn(4, 3, 24, generator=g)
+    w1, w2 = torch.rand(24, generator=g), torch.rand(24, generator=g)
+    want = moe_combine_torch(mlp, rows, w1, w2, 1e-6)
+    torch.testing.assert_close(moe_combine(mlp, rows, w1, w2, 1e-6), want, atol=1e-5, rtol=1e-5)
+    rows_total = rows.sum(dim=1)
+    assert torch.allclose(want, mlp * torch.rsqrt(mlp.pow(2).mean(-1, keepdim=True) + 1e-6) * w1
+                          + rows_total * torch.rsqrt(rows_total.pow(2).mean(-1, keepdim=True) + 1e-6) * w2, atol=1e-5)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        moe_combine(mlp, rows.transpose(0, 1), w1, w2, 1e-6)
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 23])
@@ -66,6 +113,8 @@ def test_no_tokens_and_a_clear_error_off_the_kernel_path(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):
         moe_experts(x, weights, chosen, experts.gate_up_proj, experts.down_proj)
+    with pytest.raises(ValueError, match="CUDA"):
+        align_pairs(chosen, 4, 16)
 
 
 A4B = MoESpec(num_experts=128, top_k=8, intermediate_size=704)

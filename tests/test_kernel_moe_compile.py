@@ -1,4 +1,4 @@
-"""The MoE kernels compile for Hopper (sm_90) on a machine without a GPU: Triton's own ptxas
+"""The MoE kernels (grouped products, alignment, routing, combination) compile for Hopper (sm_90) on a machine without a GPU: Triton's own ptxas
 builds the binaries, so type and lowering errors show in CI before a device run. (A subprocess:
 the test session runs Triton's interpreter, whose kernels cannot be compiled.)"""
 
@@ -35,6 +35,26 @@ for name, (fn, types) in kernels.items():
                            constexprs={"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 64, "IEEE": False})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         built[f"{name}-{block_m}"] = [len(compiled.asm["cubin"]), "mma" in compiled.asm["ptx"]]
+small = {  # one row / one program each: no tensor cores
+    "align": (moe._align_kernel, {"experts_ptr": "*i32", "slot_pairs_ptr": "*i32", "block_experts_ptr": "*i32",
+                                  "num_pairs": "i32", "num_experts": "i32", "num_slots": "i32"},
+              {"BLOCK_M": 16, "E_BLOCK": 128, "BLOCK": 128}),
+    "norms": (moe._moe_norms_kernel, {"h_ptr": "*bf16", "scale_ptr": "*bf16", "w_ptr": "*bf16",
+                                      "router_in_ptr": "*bf16", "expert_in_ptr": "*bf16", "n_cols": "i32",
+                                      "eps": "fp32", "root": "fp32", "stride_h": "i32", "stride_r": "i32",
+                                      "stride_e": "i32"}, {"BLOCK": 4096}),
+    "route": (moe._route_kernel, {"logits_ptr": "*bf16", "expert_scale_ptr": "*bf16", "weights_ptr": "*fp32",
+                                  "experts_ptr": "*i32", "num_experts": "i32", "stride_l": "i32"},
+              {"TOP_K": 8, "E_BLOCK": 128, "K_BLOCK": 8}),
+    "combine": (moe._combine_kernel, {"mlp_ptr": "*bf16", "rows_ptr": "*bf16", "w1_ptr": "*bf16", "w2_ptr": "*bf16",
+                                      "out_ptr": "*bf16", "n_cols": "i32", "eps": "fp32", "stride_m": "i32",
+                                      "stride_o": "i32"}, {"TOP_K": 8, "BLOCK": 4096}),
+}
+for name, (fn, types, constexprs) in small.items():
+    types = {**types, **{k: "constexpr" for k in constexprs}}
+    source = ASTSource(fn=fn, signature={arg: types[arg] for arg in fn.arg_names}, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    built[name] = [len(compiled.asm["cubin"]), True]
 print(json.dumps(built))
 """
 
@@ -50,5 +70,5 @@ def test_moe_kernels_compile_for_sm90():
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-3000:]
     built = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(built) == {"gate_up-16", "gate_up-64", "down-16", "down-64"}
+    assert set(built) == {"gate_up-16", "gate_up-64", "down-16", "down-64", "align", "norms", "route", "combine"}
     assert all(size > 1000 and mma for size, mma in built.values()), built  # tensor-core binaries

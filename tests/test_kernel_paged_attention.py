@@ -202,8 +202,17 @@ def decoders_agree(raw, device, prompt_lens, chunk):
         torch.testing.assert_close(torch.stack(got.step_logits), torch.stack(want.step_logits), atol=1e-4, rtol=1e-4)
 
 
+MOE = dict(enable_moe_block=True, num_experts=6, top_k_experts=2, moe_intermediate_size=16,
+           hidden_size_per_layer_input=0, num_kv_shared_layers=0)
+
+
 def test_text_decoder_with_kernels_matches_without():
     decoders_agree(TINY, "cpu", (11, 5), chunk=8)  # the 11-token prompt takes two chunks
+
+
+def test_moe_decoder_with_kernels_matches_without():
+    """The MoE block's route, align, grouped products and combine kernels in the whole decoder."""
+    decoders_agree(dict(TINY, **MOE), "cpu", (11, 5), chunk=8)
 
 
 @pytest.mark.gpu
@@ -212,6 +221,7 @@ def test_gpu_text_decoder_with_kernels_matches_without():
     raw = dict(TINY, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=256,
                global_head_dim=512, sliding_window=16)
     decoders_agree(raw, "cuda", (45, 7, 30), chunk=16)
+    decoders_agree(dict(raw, **MOE), "cuda", (45, 7, 30), chunk=16)
 
 
 # --- GPU, real Gemma 4 shapes in bf16 --------------------------------------------------------------

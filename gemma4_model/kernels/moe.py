@@ -1,36 +1,136 @@
-"""The routed experts of a mixture-of-experts layer as two grouped matrix products; the twin is
-`layers.Experts.forward` (expert by expert, its rows picked on the host).
+"""The mixture-of-experts block of a decoder layer in a few launches; the twins are
+`layers.Router.forward`, `layers.Experts.forward` (expert by expert, its rows picked on the host)
+and the block's RMSNorms.
 
-Each (token, choice) pair of the router's top-k goes to its expert. `align_pairs` sorts the
-pairs by expert on the device and pads each expert's run to whole blocks of `block_m` rows:
-at most pairs + experts * (block_m - 1) slots, so for a given token count the grids are fixed
-and nothing is read back to the host (a captured graph replays them whatever the routing;
-blocks past the used ones exit at once). `_gate_up_kernel` multiplies a block's token rows by
-its expert's gate and up rows and writes gelu_tanh(gate) * up per slot; `_down_kernel`
-multiplies that by the expert's down projection, scales by the pair's routing weight and
-writes the pair's row; a token's k rows are then summed (no atomics: deterministic).
+At decode batch sizes the block is launch-bound: in plain PyTorch the router, the norms, the
+pair alignment and the sum of the k rows are about fifty small kernels a layer. Here it is:
 
-Rounding follows the twin: the products, the activation and the weighted rows round to the
-activation dtype where its PyTorch ops return it; the k rows are summed in float32 once (the
-twin adds them one expert at a time in the activation dtype, so bf16 results differ by a few
-units in the last place).
+- `moe_route`: one kernel for the router's scaled RMSNorm and the experts' input norm of the
+  residual stream, the router's matrix product (cuBLAS), one kernel for the float32 softmax,
+  top-k and renormalised, per-expert-scaled routing weights;
+- `align_pairs`: one kernel sorts each (token, choice) pair to its expert in token order and
+  pads each expert's run to whole blocks of `block_m` rows: at most pairs + experts *
+  (block_m - 1) slots, so for a given token count the grids are fixed and nothing is read back
+  to the host (a captured graph replays them whatever the routing; blocks past the used ones
+  exit at once); `align_pairs_torch` is its twin;
+- `_gate_up_kernel` multiplies a block's token rows by its expert's gate and up rows and writes
+  gelu_tanh(gate) * up per slot; `_down_kernel` multiplies that by the expert's down projection,
+  scales by the pair's routing weight and writes the pair's row (no atomics: deterministic);
+- `moe_combine`: one kernel sums a token's k rows and adds the two post-feed-forward norms
+  (of the dense MLP's output and of the routed sum).
+
+Tile sizes come from `moe_tiles` (by the number of pairs), measured on the device by
+`bench/moe_sweep.py`.
+
+Rounding follows the twins: the products, the activation and the weighted rows round to the
+activation dtype where their PyTorch ops return it; the k rows are summed in float32 once (the
+expert-by-expert twin adds them one expert at a time in the activation dtype, so bf16 results
+differ by a few units in the last place).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+from torch.nn import functional as F
 
+from ..layers import rms_norm
 from .fused import _round, _tanh, _use_kernel
 from .paged_attention import _dot
 
 
-def align_pairs(experts: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slot_pairs [slots] int32: the pair (token * k + choice) in each slot, -1 for padding;
-    block_experts [slots / block_m] int32: each block's expert, -1 past the used blocks), every
-    expert's pairs in token order in whole blocks. Device ops only, no host read."""
-    flat = experts.reshape(-1)
+def _check_kernel_path(t: torch.Tensor, what: str) -> None:
+    if not _use_kernel(t):
+        raise ValueError(f"{what} needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+
+
+# ---- routing: the two norms, the router's product, softmax / top-k -------------------------
+
+
+@triton.jit
+def _moe_norms_kernel(h_ptr, scale_ptr, w_ptr, router_in_ptr, expert_in_ptr, n_cols, eps, root,
+                      stride_h, stride_r, stride_e, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n_cols
+    dt = router_in_ptr.dtype.element_ty
+    x = tl.load(h_ptr + row * stride_h + offs, mask=ok, other=0.0).to(tl.float32)
+    n = x * tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    r = _round(_round(n, dt) * tl.load(scale_ptr + offs, mask=ok, other=0.0).to(tl.float32), dt)
+    tl.store(router_in_ptr + row * stride_r + offs, (r * root).to(dt), mask=ok)
+    e = n * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(expert_in_ptr + row * stride_e + offs, e.to(dt), mask=ok)
+
+
+@triton.jit
+def _route_kernel(logits_ptr, expert_scale_ptr, weights_ptr, experts_ptr, num_experts, stride_l,
+                  TOP_K: tl.constexpr, E_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, E_BLOCK)
+    ok = offs < num_experts
+    logits = tl.load(logits_ptr + row * stride_l + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    e = tl.exp(logits - tl.max(logits, axis=0))
+    probs = tl.where(ok, e / tl.sum(e, axis=0), -1.0)
+    ks = tl.arange(0, K_BLOCK)
+    top_p = tl.zeros([K_BLOCK], dtype=tl.float32)
+    top_i = tl.zeros([K_BLOCK], dtype=tl.int32)
+    for i in tl.static_range(TOP_K):  # the largest first, the lowest index among equals
+        best = tl.max(probs, axis=0)
+        idx = tl.min(tl.where(probs == best, offs, E_BLOCK), axis=0)
+        top_p = tl.where(ks == i, best, top_p)
+        top_i = tl.where(ks == i, idx, top_i)
+        probs = tl.where(offs == idx, -1.0, probs)
+    k_ok = ks < TOP_K
+    weights = top_p / tl.sum(tl.where(k_ok, top_p, 0.0), axis=0)
+    weights = weights * tl.load(expert_scale_ptr + top_i, mask=k_ok, other=0.0).to(tl.float32)
+    tl.store(weights_ptr + row * TOP_K + ks, weights, mask=k_ok)
+    tl.store(experts_ptr + row * TOP_K + ks, top_i, mask=k_ok)
+
+
+def moe_route_torch(h: torch.Tensor, router, expert_norm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The twin: (expert_norm(h), routing weights [T, k] float32, experts [T, k])."""
+    weights, experts = router(h)
+    return expert_norm(h), weights, experts
+
+
+def moe_route(h: torch.Tensor, router, expert_norm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`moe_route_torch` in three launches (norms, router product, softmax / top-k); experts int32.
+    `router` is a `layers.Router`, `expert_norm` the block's `pre_feedforward_layernorm_2`."""
+    if not _use_kernel(h):
+        return moe_route_torch(h, router, expert_norm)
+    T, n_cols = h.shape
+    if h.stride(1) != 1 or router.norm.eps != expert_norm.eps:
+        raise ValueError("moe_route takes a row-major [T, H] input and norms of one epsilon")
+    router_in, expert_in = torch.empty_like(h), torch.empty_like(h)
+    num_experts, top_k = router.proj.weight.shape[0], router.top_k
+    weights = torch.empty((T, top_k), dtype=torch.float32, device=h.device)
+    experts = torch.empty((T, top_k), dtype=torch.int32, device=h.device)
+    if T == 0:
+        return expert_in, weights, experts
+    block = triton.next_power_of_2(n_cols)
+    _moe_norms_kernel[(T,)](h, router.scale, expert_norm.weight, router_in, expert_in, n_cols, expert_norm.eps,
+                            router.root, h.stride(0), router_in.stride(0), expert_in.stride(0), BLOCK=block,
+                            num_warps=8 if block >= 2048 else 4)
+    logits = F.linear(router_in, router.proj.weight)
+    _route_kernel[(T,)](logits, router.per_expert_scale, weights, experts, num_experts, logits.stride(0),
+                        TOP_K=top_k, E_BLOCK=triton.next_power_of_2(num_experts),
+                        K_BLOCK=triton.next_power_of_2(top_k), num_warps=4)
+    return expert_in, weights, experts
+
+
+# ---- pairs sorted by expert, in whole blocks ----------------------------------------------
+
+
+def _num_slots(pairs: int, num_experts: int, block_m: int) -> int:
+    return triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
+
+
+def align_pairs_torch(experts: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The twin of `align_pairs`, in PyTorch ops (a dozen launches)."""
+    flat = experts.reshape(-1).long()
     pairs, device = flat.numel(), flat.device
     order = torch.sort(flat, stable=True).indices
     counts = torch.zeros(num_experts, dtype=torch.long, device=device).scatter_add_(0, flat, torch.ones_like(flat))
@@ -39,13 +139,95 @@ def align_pairs(experts: torch.Tensor, num_experts: int, block_m: int) -> tuple[
     start = torch.cumsum(counts, 0) - counts
     sorted_experts = flat[order]
     slots = padded_end[sorted_experts] - padded[sorted_experts] + torch.arange(pairs, device=device) - start[sorted_experts]
-    num_slots = triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
+    num_slots = _num_slots(pairs, num_experts, block_m)
     slot_pairs = torch.full((num_slots,), -1, dtype=torch.int32, device=device)
     slot_pairs[slots] = order.to(torch.int32)
     block_starts = torch.arange(0, num_slots, block_m, device=device)
     block_experts = torch.searchsorted(padded_end, block_starts, right=True)
     block_experts = torch.where(block_experts < num_experts, block_experts, -1).to(torch.int32)
     return slot_pairs, block_experts
+
+
+@triton.jit(do_not_specialize=["num_pairs", "num_slots"])
+def _align_kernel(experts_ptr, slot_pairs_ptr, block_experts_ptr, num_pairs, num_experts, num_slots,
+                  BLOCK_M: tl.constexpr, E_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """Program e: every expert's count (each program counts all: no second launch), then expert
+    e's pairs in token order at its run's start, its padding and its blocks' expert; the last
+    program also marks the unused tail."""
+    e = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK)
+    counts = tl.zeros([E_BLOCK], dtype=tl.int32)
+    for s in range(0, num_pairs, BLOCK):
+        ok = s + lanes < num_pairs
+        counts += tl.histogram(tl.load(experts_ptr + s + lanes, mask=ok, other=0).to(tl.int32), E_BLOCK, mask=ok)
+    offs_e = tl.arange(0, E_BLOCK)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    start = tl.sum(tl.where(offs_e < e, padded, 0), axis=0)
+    mine = tl.sum(tl.where(offs_e == e, counts, 0), axis=0)
+    mine_padded = tl.sum(tl.where(offs_e == e, padded, 0), axis=0)
+    base = start
+    for s in range(0, num_pairs, BLOCK):
+        ok = s + lanes < num_pairs
+        hit = ((tl.load(experts_ptr + s + lanes, mask=ok, other=-1).to(tl.int32) == e) & ok).to(tl.int32)
+        rank = tl.cumsum(hit, axis=0) - hit
+        tl.store(slot_pairs_ptr + base + rank, s + lanes, mask=hit > 0)
+        base += tl.sum(hit, axis=0)
+    for p in range(mine, mine_padded, BLOCK):  # this run's padding
+        tl.store(slot_pairs_ptr + start + p + lanes, tl.full([BLOCK], -1, tl.int32), mask=p + lanes < mine_padded)
+    for b in range(start // BLOCK_M, (start + mine_padded) // BLOCK_M, BLOCK):
+        tl.store(block_experts_ptr + b + lanes, tl.full([BLOCK], 0, tl.int32) + e,
+                 mask=b + lanes < (start + mine_padded) // BLOCK_M)
+    if e == num_experts - 1:
+        end = start + mine_padded
+        for p in range(end, num_slots, BLOCK):
+            tl.store(slot_pairs_ptr + p + lanes, tl.full([BLOCK], -1, tl.int32), mask=p + lanes < num_slots)
+        for b in range(end // BLOCK_M, num_slots // BLOCK_M, BLOCK):
+            tl.store(block_experts_ptr + b + lanes, tl.full([BLOCK], -1, tl.int32), mask=b + lanes < num_slots // BLOCK_M)
+
+
+def align_pairs(experts: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot_pairs [slots] int32: the pair (token * k + choice) in each slot, -1 for padding;
+    block_experts [slots / block_m] int32: each block's expert, -1 past the used blocks), every
+    expert's pairs in token order in whole blocks. One launch, no host read."""
+    _check_kernel_path(experts, "align_pairs")
+    flat = experts.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    num_slots = _num_slots(flat.numel(), num_experts, block_m)
+    slot_pairs = torch.empty((num_slots,), dtype=torch.int32, device=flat.device)
+    block_experts = torch.empty((num_slots // block_m,), dtype=torch.int32, device=flat.device)
+    _align_kernel[(num_experts,)](flat, slot_pairs, block_experts, flat.numel(), num_experts, num_slots,
+                                 BLOCK_M=block_m, E_BLOCK=triton.next_power_of_2(num_experts), BLOCK=128,
+                                 num_warps=4)
+    return slot_pairs, block_experts
+
+
+# ---- the grouped products ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelTiles:
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class MoeTiles:
+    """Rows per block (shared by both products: the alignment's granularity) and each product's tiles."""
+    block_m: int
+    gate_up: KernelTiles
+    down: KernelTiles
+
+
+def moe_tiles(pairs: int, ieee: bool = False) -> MoeTiles:
+    """The tiles for a step of `pairs` (token, choice) pairs."""
+    if ieee:  # float32 (the interpreter's tests): small tiles
+        return MoeTiles(16, KernelTiles(32, 32), KernelTiles(32, 32))
+    if pairs <= 1024:  # decode batches: few pairs per expert
+        return MoeTiles(16, KernelTiles(64, 64), KernelTiles(64, 64))
+    return MoeTiles(64, KernelTiles(64, 64), KernelTiles(64, 64))
 
 
 @triton.jit
@@ -113,33 +295,85 @@ def _down_kernel(act_ptr, w_ptr, out_ptr, weights_ptr, slot_pairs_ptr, block_exp
              mask=used[:, None] & n_ok[None, :])
 
 
-def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up: torch.Tensor,
-                down: torch.Tensor) -> torch.Tensor:
-    """x [T, H], routing weights [T, k] (float32) and experts [T, k] -> [T, H] in x's dtype:
-    sum over choices of weight * down_e(gelu_tanh(gate_e x) * up_e x), with gate_up [E, 2I, H]
+def moe_expert_rows(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
+    """x [T, H], routing weights [T, k] (float32) and experts [T, k] -> each pair's weighted row
+    [T, k, H] in x's dtype: weight * down_e(gelu_tanh(gate_e x) * up_e x), with gate_up [E, 2I, H]
     (gate rows first) and down [E, H, I]."""
-    if not _use_kernel(x):
-        raise ValueError("moe_experts needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+    _check_kernel_path(x, "moe_experts")
     T, hidden = x.shape
     num_experts, two_inter, _ = gate_up.shape
     inter, top_k = two_inter // 2, experts.shape[1]
     assert gate_up.shape[2] == hidden and down.shape == (num_experts, hidden, inter)
     assert x.stride(1) == 1 and gate_up.stride(2) == 1 and down.stride(2) == 1
+    rows = torch.empty((T, top_k, hidden), dtype=x.dtype, device=x.device)
     if T == 0:
-        return torch.zeros_like(x)
-    block_m = 16 if T * top_k <= 1024 else 64  # decode batches: few pairs per expert
-    slot_pairs, block_experts = align_pairs(experts, num_experts, block_m)
+        return rows
     ieee = x.dtype == torch.float32
-    block_k = 32 if ieee else 64
-    block_n = 32 if ieee else 64
+    tiles = tiles or moe_tiles(T * top_k, ieee)
+    slot_pairs, block_experts = align_pairs(experts, num_experts, tiles.block_m)
     act = torch.empty((slot_pairs.numel(), inter), dtype=x.dtype, device=x.device)
-    grid = (block_experts.numel(), triton.cdiv(inter, block_n))
-    _gate_up_kernel[grid](x, gate_up, act, slot_pairs, block_experts, top_k, hidden, inter,
-                          x.stride(0), gate_up.stride(0), gate_up.stride(1), act.stride(0),
-                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, num_warps=4)
-    rows = torch.empty((T * top_k, hidden), dtype=x.dtype, device=x.device)
-    grid = (block_experts.numel(), triton.cdiv(hidden, block_n))
-    _down_kernel[grid](act, down, rows, weights.reshape(-1).contiguous(), slot_pairs, block_experts, hidden, inter,
-                       act.stride(0), down.stride(0), down.stride(1), rows.stride(0),
-                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, num_warps=4)
-    return rows.view(T, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    t = tiles.gate_up
+    _gate_up_kernel[(block_experts.numel(), triton.cdiv(inter, t.block_n))](
+        x, gate_up, act, slot_pairs, block_experts, top_k, hidden, inter,
+        x.stride(0), gate_up.stride(0), gate_up.stride(1), act.stride(0),
+        BLOCK_M=tiles.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, IEEE=ieee, num_warps=t.num_warps,
+        num_stages=t.num_stages)
+    flat = rows.view(T * top_k, hidden)
+    t = tiles.down
+    _down_kernel[(block_experts.numel(), triton.cdiv(hidden, t.block_n))](
+        act, down, flat, weights.reshape(-1).contiguous(), slot_pairs, block_experts, hidden, inter,
+        act.stride(0), down.stride(0), down.stride(1), flat.stride(0),
+        BLOCK_M=tiles.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, IEEE=ieee, num_warps=t.num_warps,
+        num_stages=t.num_stages)
+    return rows
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
+    """`moe_expert_rows` summed over a token's choices in float32 -> [T, H] in x's dtype (the
+    twin of `layers.Experts.forward`)."""
+    return moe_expert_rows(x, weights, experts, gate_up, down, tiles).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+# ---- the block's output: sum of the k rows and the two post-feed-forward norms -----------------
+
+
+@triton.jit
+def _combine_kernel(mlp_ptr, rows_ptr, w1_ptr, w2_ptr, out_ptr, n_cols, eps, stride_m, stride_o,
+                    TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n_cols
+    dt = out_ptr.dtype.element_ty
+    routed = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(TOP_K):
+        routed += tl.load(rows_ptr + (row * TOP_K + i) * n_cols + offs, mask=ok, other=0.0).to(tl.float32)
+    routed = _round(routed, dt)
+    m = tl.load(mlp_ptr + row * stride_m + offs, mask=ok, other=0.0).to(tl.float32)
+    m = m * tl.rsqrt(tl.sum(m * m, axis=0) / n_cols + eps) * tl.load(w1_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    r = routed * tl.rsqrt(tl.sum(routed * routed, axis=0) / n_cols + eps)
+    r = r * tl.load(w2_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (_round(m, dt) + _round(r, dt)).to(dt), mask=ok)
+
+
+def moe_combine_torch(mlp: torch.Tensor, rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """The twin: rms_norm(mlp, w1) + rms_norm(sum over k of rows [T, k, H] in float32, w2)."""
+    routed = rows.sum(dim=1, dtype=torch.float32).to(mlp.dtype)
+    return rms_norm(mlp, w1, eps) + rms_norm(routed, w2, eps)
+
+
+def moe_combine(mlp: torch.Tensor, rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, eps: float) -> torch.Tensor:
+    """`moe_combine_torch` in one launch on the kernel path."""
+    if not _use_kernel(mlp):
+        return moe_combine_torch(mlp, rows, w1, w2, eps)
+    T, n_cols = mlp.shape
+    if mlp.stride(1) != 1 or rows.shape[::2] != (T, n_cols) or not rows.is_contiguous():
+        raise ValueError("moe_combine takes mlp [T, H] and contiguous rows [T, k, H]")
+    out = torch.empty_like(mlp)
+    if T:
+        block = triton.next_power_of_2(n_cols)
+        _combine_kernel[(T,)](mlp, rows, w1, w2, out, n_cols, eps, mlp.stride(0), out.stride(0),
+                              TOP_K=rows.shape[1], BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return out
