@@ -171,10 +171,14 @@ def _padded(arrays: Sequence[np.ndarray], fill: float) -> np.ndarray:
 def make_batch_encoder(encoder, device: str, dtype) -> BatchEncoder:
     """Jobs -> embeddings through one of `gemma4_model`'s media encoders, one forward per kind:
     images padded to the most patches (padding patches at position (-1, -1)), videos as their
-    frames, audio clips padded to the longest (mask False)."""
+    frames, audio clips padded to the longest (mask False). On a CUDA device an image encoder
+    replays its tower from CUDA graphs."""
     import torch
 
     from .handoff import to_numpy
+
+    if str(device).startswith("cuda") and hasattr(encoder, "enable_graphs"):
+        encoder.enable_graphs()  # the vision tower replays CUDA graphs (gemma4_model.vision_graphs)
 
     def tensor(a: np.ndarray, dt=None) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dt)

@@ -34,6 +34,13 @@ def kernel_candidates(quick: bool) -> list[KernelTiles]:
     return [KernelTiles(n, k, w, s) for n, k, w, s in itertools.product(ns, ks, warps, stages)]
 
 
+def fits(t: MoeTiles, smem_bytes: int = 200 << 10) -> bool:
+    """Whether both kernels' pipelined tiles fit in shared memory (gate|up loads two weight tiles)."""
+    def need(k: KernelTiles, weight_tiles: int) -> int:
+        return k.num_stages * (t.block_m * k.block_k + weight_tiles * k.block_k * k.block_n) * 2
+    return need(t.gate_up, 2) <= smem_bytes and need(t.down, 1) <= smem_bytes
+
+
 def block_ms(pairs: int) -> tuple[int, ...]:
     if pairs <= 256:
         return (16,)
@@ -53,10 +60,15 @@ def tensors(tokens: int, seed: int = 0):
 
 def _compile(tiles: list[MoeTiles]) -> int:
     args = tensors(1)
+    built = 0
     for t in tiles:
-        moe_expert_rows(*args, tiles=t)
+        try:
+            moe_expert_rows(*args, tiles=t)
+            built += 1
+        except Exception:  # noqa: BLE001 - a candidate that does not build is left out when timed
+            pass
     torch.cuda.synchronize()
-    return len(tiles)
+    return built
 
 
 def precompile(all_tiles: list[MoeTiles], jobs: int) -> float:
@@ -96,7 +108,14 @@ def sweep_tokens(tokens: int, cands: list[KernelTiles]) -> dict:
     reps = 20 if tokens <= 256 else 3
 
     def timed(t: MoeTiles) -> float:
-        return graph_time_us(lambda: moe_expert_rows(x, weights, experts, gate_up, down, tiles=t), reps=reps, rounds=3)
+        if not fits(t):
+            return float("inf")
+        try:
+            return graph_time_us(lambda: moe_expert_rows(x, weights, experts, gate_up, down, tiles=t), reps=reps,
+                                 rounds=3)
+        except Exception:  # noqa: BLE001 - out of resources: not a candidate
+            torch.cuda.synchronize()
+            return float("inf")
 
     default = moe_tiles(tokens * TOP_K)
     results = {"default": (default, timed(default))}
@@ -157,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     every = sorted({MoeTiles(bm, c, KernelTiles(64, 64)) for t in token_counts for bm in block_ms(t * TOP_K)
                     for c in cands} | {MoeTiles(bm, KernelTiles(64, 64), c) for t in token_counts
                                       for bm in block_ms(t * TOP_K) for c in cands}, key=repr)
+    every = [t for t in every if fits(t)]
     compile_s = precompile(every, args.jobs) if args.jobs > 1 else 0.0
     records = []
     with torch.no_grad():

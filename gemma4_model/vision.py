@@ -313,6 +313,7 @@ class VisionTower(nn.Module):
         if cfg.standardize:
             self.register_buffer("std_bias", torch.zeros(cfg.hidden_size))
             self.register_buffer("std_scale", torch.ones(cfg.hidden_size))
+        self.graphs = None  # a vision_graphs.TowerGraphs once `ImageEncoder.enable_graphs` is called
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [N, L, 2, head_dim/2]: head_dim/4 frequencies per axis, each used twice (rotate-half)."""
@@ -352,14 +353,27 @@ class VisionTower(nn.Module):
         pooled = pooled.view(n, slots_per_image, hidden).to(h.dtype).float() * hidden**0.5
         return pooled, counts.view(n, slots_per_image) > 0
 
-    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> list[torch.Tensor]:
-        """Per image, its pooled (and standardised) soft tokens [n_soft_i, hidden] in the model dtype."""
-        dtype = self.patch_embedder.input_proj.weight.dtype
+    def transformer(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Patch embedding and the encoder layers: h [N, L, hidden] (no host reads: capturable)."""
         padding = _padding_mask(position_ids)
         h = self.patch_embedder(pixel_values, position_ids)
         cos, sin = self._rope(position_ids, h.dtype)
         for layer in self.encoder.layers:
             h = layer(h, cos, sin, ~padding)
+        return h
+
+    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Per image, its pooled (and standardised) soft tokens [n_soft_i, hidden] in the model dtype.
+        With `graphs` set (`vision_graphs.TowerGraphs`) on a CUDA input, the transformer replays a
+        CUDA graph of the input's bucketed shape."""
+        dtype = self.patch_embedder.input_proj.weight.dtype
+        images = pixel_values.shape[0]
+        if self.graphs is not None and pixel_values.is_cuda:
+            pixel_values, position_ids = self.graphs.bucketed(pixel_values, position_ids)
+            h = self.graphs(pixel_values, position_ids)
+        else:
+            h = self.transformer(pixel_values, position_ids)
+        padding = _padding_mask(position_ids)
         pooled, slot_ok = self._pool(h, position_ids, padding)
         if self.cfg.standardize:  # in float32: the bias subtraction cancels large values
             pooled = (pooled - self.std_bias.float()) * self.std_scale.float()
@@ -367,7 +381,7 @@ class VisionTower(nn.Module):
         k2 = self.cfg.pooling_kernel_size**2
         valid_patches = (~padding).sum(dim=-1).tolist()
         out = []
-        for i, ok in enumerate(slot_ok):
+        for i, ok in enumerate(slot_ok[:images]):
             tokens = pooled[i][ok]
             if tokens.shape[0] != valid_patches[i] // k2:
                 raise ValueError(f"image {i}: {valid_patches[i]} patches do not form {tokens.shape[0]} k x k blocks")
@@ -400,6 +414,15 @@ class ImageEncoder(_ImageEncoderBase):
         self.cfg = cfg
         self.vision_tower = VisionTower(cfg)
         self.embed_vision = SoftTokenProjection(cfg.soft_token_dim, cfg.text_hidden_size, cfg.rms_norm_eps)
+
+    def enable_graphs(self, max_graphs: int = 8) -> None:
+        """Replay the tower's transformer as CUDA graphs on CUDA inputs (one per bucketed shape,
+        captured on first use): an eager pass is ~2,000 small launches, far more host time than
+        GPU time at a few images."""
+        from .vision_graphs import TowerGraphs
+
+        self.vision_tower.graphs = TowerGraphs(self.vision_tower.transformer, self.cfg.pooling_kernel_size,
+                                               max_graphs)
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> list[torch.Tensor]:

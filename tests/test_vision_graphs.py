@@ -1,0 +1,70 @@
+"""The vision tower's CUDA graphs (`gemma4_model.vision_graphs`): bucketed inputs give the same
+soft tokens (on the CPU, eagerly), and replayed graphs give the eager pass's (on the device)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+from gemma4_model.vision import load_image_encoder
+from gemma4_model.vision_graphs import TowerGraphs
+
+
+def inputs(encoder, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    cfg = encoder.cfg
+    batch = Gemma4ImageProcessorPil(patch_size=cfg.patch_size, pooling_kernel_size=cfg.pooling_kernel_size,
+                                    max_soft_tokens=70)(images, return_tensors="pt")
+    return batch["pixel_values"], batch["image_position_ids"]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_checkpoint):
+    return load_image_encoder(tiny_checkpoint("e2b"))
+
+
+def test_buckets_round_images_to_powers_of_two_and_patches_to_pooled_blocks():
+    graphs = TowerGraphs(lambda p, q: p, pooling_kernel_size=3)
+    assert graphs.bucketed_shape(1, 630) == (1, 720)
+    assert graphs.bucketed_shape(3, 576) == (4, 576)
+    assert graphs.bucketed_shape(5, 577) == (8, 720)
+    with pytest.raises(ValueError, match="max_graphs"):
+        TowerGraphs(lambda p, q: p, 3, max_graphs=0)
+
+
+def test_bucketed_inputs_give_the_same_soft_tokens(encoder):
+    pixels, positions = inputs(encoder, [(100, 160), (64, 64), (40, 200)])
+    graphs = TowerGraphs(encoder.vision_tower.transformer, encoder.cfg.pooling_kernel_size)
+    padded_pixels, padded_positions = graphs.bucketed(pixels, positions)
+    assert pixels.shape[1] == 630 and padded_pixels.shape[:2] == (4, 720) and (padded_positions[:3, pixels.shape[1]:] == -1).all()
+    assert torch.equal(padded_pixels[3, :pixels.shape[1]], pixels[0])  # the extra image: the first again
+    want = encoder.encode(pixels, positions)
+    got = encoder.encode(padded_pixels, padded_positions)[:3]
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_replayed_tower_matches_the_eager_pass(encoder):
+    eager = encoder.to("cuda")
+    cases = [[(100, 160)], [(100, 160), (64, 64), (40, 200)], [(300, 90)], [(100, 160)]]
+    want = []
+    for sizes in cases:
+        pixels, positions = inputs(eager, sizes, seed=len(sizes))
+        want.append(eager.encode(pixels.cuda(), positions.cuda()))
+    eager.enable_graphs(max_graphs=2)
+    graphs = eager.vision_tower.graphs
+    for sizes, expected in zip(cases, want):
+        pixels, positions = inputs(eager, sizes, seed=len(sizes))
+        got = eager.encode(pixels.cuda(), positions.cuda())
+        assert len(got) == len(expected)
+        for g, w in zip(got, expected):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    # (1, 720) captured, (4, 720) captured, then (1, 720) replayed twice (the processor pads every
+    # image to 630 patches)
+    assert graphs.captures == 2 and len(graphs._graphs) == 2
+    eager.vision_tower.graphs = None
