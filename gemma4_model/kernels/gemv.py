@@ -1,0 +1,300 @@
+"""The matrix products of a decode step at small batch (1 to 16 rows), streamed for bandwidth.
+
+At M <= 16 rows a product x @ w.T reads each weight byte once and does a few flops with it, so
+its floor is the weight's bytes over memory bandwidth; cuBLAS reaches 2 to 3.4 TB/s of an
+H200's ~4.8 there. `small_m_linear` gives each program BLOCK_N output columns (weight rows) and
+streams its [BLOCK_N, K] weight slab in BLOCK_K chunks with the x rows; with SPLIT_K > 1 the K
+range is cut into that many block-aligned pieces, each program writes float32 partial sums to a
+workspace [splits, M, N] and a second small kernel adds them in a fixed order and rounds
+(deterministic: no atomics). `small_m_gate_up_gelu` does the MLP's packed gate|up product the
+same way, each program taking matching gate and up column blocks, with gelu_tanh(gate) * up in
+its epilogue (the [M, 2I] product never goes to memory).
+
+Each chunk is multiplied with `tl.dot`, the x rows padded to 16 (the padding rows re-read row
+M-1, from L1, and are never stored; ragged column blocks likewise re-read the last weight row,
+so the loads need no masks but at a ragged end of K). Why not element-wise products and
+`tl.sum`: M is a run-time argument (one compiled kernel serves every batch of 1..16 rows, as a
+server's decode batches change size at every step), so an element-wise kernel would have to work
+on 16 padded rows too, and at the lm_head (262144 x 2560) that is 21 GFLOP on the CUDA cores,
+about 0.3 ms at their float32 rate, more than the ~0.28 ms that streaming its 1.3 GB weight
+takes; on the tensor cores the padding costs nothing. `tl.dot` also has Triton stage the weight
+chunks through shared memory with 16-byte asynchronous copies `num_stages` deep, which keeps
+enough bytes in flight. Float32 inputs (the interpreter's tests) multiply in IEEE float32.
+
+Rounding follows `torch.nn.functional.linear`: float32 accumulation and one rounding to the
+activation dtype at the end (split partial sums are float32 too). The gate|up epilogue follows
+its twin `gelu_mul_torch(F.linear(x, w)[:, :I], F.linear(x, w)[:, I:])`: both products rounded to
+the dtype, the activation rounded, the product rounded.
+
+Batch-dependent integers (the row count) are not specialised, so no batch size compiles a new
+variant (the main kernel takes the split count at run time too; only the small reduction is
+compiled per split count), and nothing is read back to the host: a captured CUDA graph replays
+the launches.
+Tiles (`GemvTiles`) come from `DEFAULT_TILES`, keyed by kernel and the weight's (rows, K) rounded
+up to powers of two, and `heuristic_tiles` for shapes outside it; bench/gemv_sweep.py measures
+them on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .fused import _round, _tanh, _use_kernel, gelu_mul_torch
+from .paged_attention import _dot
+
+MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
+_ROWS = tl.constexpr(MAX_ROWS)
+TARGET_SMS = 132  # the H200's multiprocessors, which `heuristic_tiles` aims to fill
+
+
+@dataclass(frozen=True)
+class GemvTiles:
+    """One launch configuration: output columns per program, K per loop step, programs per column
+    block along K (1: no split), warps per program and the depth of the load pipeline."""
+
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_n", "block_k", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"GemvTiles.{name} must be a power of two, got {value}")
+        if self.block_n < 8 or self.block_k < 16:
+            raise ValueError(f"GemvTiles needs block_n >= 8 and block_k >= 16, got {self}")
+        if self.split_k < 1 or self.num_stages < 1:
+            raise ValueError(f"GemvTiles needs split_k >= 1 and num_stages >= 1, got {self}")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def tiles_bucket(rows: int, k: int) -> tuple[int, int]:
+    """The `DEFAULT_TILES` key of a weight [rows, K] (rows: the packed 2I rows for gate|up)."""
+    return _pow2(rows), _pow2(k)
+
+
+# Keyed by (kernel, *tiles_bucket(weight rows, K)) for bf16 weights: "linear" for `small_m_linear`,
+# "gate_up" for `small_m_gate_up_gelu` (rows = 2I). Guesses for the buckets of the E4B and 26B-A4B
+# decode shapes (the shapes in each bucket in the comments); bench/gemv_sweep.py's
+# "suggested_table" gives measured ones.
+DEFAULT_TILES: dict[tuple[str, int, int], GemvTiles] = {
+    ("linear", 128, 4096): GemvTiles(16, 256, 4),  # 26B router 128 x 2816
+    ("linear", 256, 4096): GemvTiles(16, 256, 4),  # E4B per-layer-input gate 256 x 2560
+    ("linear", 2048, 4096): GemvTiles(16, 256, 2),  # E4B q of a KV-sharing sliding layer 2048 x 2560
+    ("linear", 4096, 256): GemvTiles(16, 256, 1),  # E4B per-layer projection 2560 x 256
+    ("linear", 4096, 2048): GemvTiles(16, 256, 2),  # E4B sliding o_proj 2560 x 2048
+    ("linear", 4096, 4096): GemvTiles(16, 256, 2),  # qkv 3072/4096 x 2560, E4B full o_proj, 26B o_proj/down
+    ("linear", 4096, 16384): GemvTiles(16, 256, 2),  # E4B down 2560 x 10240
+    ("linear", 4096, 8192): GemvTiles(16, 256, 2),  # 26B full o_proj 2816 x 8192
+    ("linear", 8192, 4096): GemvTiles(16, 256, 1),  # E4B full qkv 6144 x 2560, 26B qkv 8192, gate_up 4224
+    ("linear", 16384, 4096): GemvTiles(32, 256, 1),  # 26B full qkv 9216 x 2816, E4B PLE model proj 10752
+    ("linear", 32768, 4096): GemvTiles(32, 256, 1),  # E4B gate_up 20480 x 2560
+    ("linear", 262144, 4096): GemvTiles(64, 256, 1),  # lm_head 262144 x 2560 / 2816
+    ("gate_up", 8192, 4096): GemvTiles(16, 256, 2),  # 26B gate_up 4224 x 2816 (I = 2112)
+    ("gate_up", 32768, 4096): GemvTiles(32, 256, 1),  # E4B gate_up 20480 x 2560 (I = 10240)
+}
+
+
+def heuristic_tiles(kind: str, rows: int, k: int, element_size: int = 2) -> GemvTiles:
+    """Tiles for a shape outside `DEFAULT_TILES`: the widest column block that still gives two
+    programs per multiprocessor, then K splits until it does (each split at least two chunks)."""
+    block_k = 512 // element_size  # 512-byte rows per chunk
+    out_cols = rows // 2 if kind == "gate_up" else rows
+    block_n = 16
+    for candidate in (64, 32):
+        if triton.cdiv(out_cols, candidate) >= 2 * TARGET_SMS:
+            block_n = candidate
+            break
+    programs, split = triton.cdiv(out_cols, block_n), 1
+    while programs * split < 2 * TARGET_SMS and split < 8 and k >= 4 * block_k * split:
+        split *= 2
+    return GemvTiles(block_n, block_k, split, num_warps=4, num_stages=3)
+
+
+def default_tiles(kind: str, rows: int, k: int, dtype: torch.dtype = torch.bfloat16) -> GemvTiles:
+    """The tiles `tiles=None` picks for a weight [rows, K] of `dtype`."""
+    if kind not in ("linear", "gate_up"):
+        raise ValueError(f"unknown kernel {kind!r}: 'linear' or 'gate_up'")
+    element_size = torch.empty((), dtype=dtype).element_size()
+    if element_size == 2:
+        hit = DEFAULT_TILES.get((kind, *tiles_bucket(rows, k)))
+        if hit is not None:
+            return hit
+    return heuristic_tiles(kind, rows, k, element_size)
+
+
+# ---- kernels ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gelu_times(gate, up, dt: tl.constexpr):
+    """gelu_tanh(gate) * up as the twin rounds it: products, activation and result in `dt`."""
+    gate, up = _round(gate, dt), _round(up, dt)
+    act = _round(0.5 * gate * (1.0 + _tanh(0.7978845608028654 * (gate + 0.044715 * gate * gate * gate))), dt)
+    return act * up  # sqrt(2 / pi) above; the caller rounds at the store
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offset, stride_x, stride_w, stride_o,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
+                 EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+    """Program (column block, split): out[:M, block] (or its float32 partial sums over the split's
+    K range) = x[:M, range] @ w[block, range].T. N: output columns; with GATE_UP the up rows start
+    at weight row N (`up_offset` elements on) and the output is gelu_tanh(gate) * up."""
+    split = tl.program_id(1)
+    rows = tl.arange(0, _ROWS)
+    row_ok = rows < M
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    # padding rows and columns re-read the last real one (cached, never stored): no load masks
+    x_rows = tl.minimum(rows, M - 1).to(tl.int64)
+    w_rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    x_ptrs = x_ptr + x_rows[:, None] * stride_x + (k_lo + offs_k)[None, :]
+    w_ptrs = w_ptr + w_rows[:, None] * stride_w + (k_lo + offs_k)[None, :]
+    acc = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+            if GATE_UP:
+                w_up = tl.load(w_ptrs + up_offset)
+        else:
+            k_ok = (k0 + offs_k)[None, :] < K  # splits start on whole chunks: only K's end is ragged
+            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok, other=0.0)
+            if GATE_UP:
+                w_up = tl.load(w_ptrs + up_offset, mask=k_ok, other=0.0)
+        acc += _dot(x, tl.trans(w), IEEE)
+        if GATE_UP:
+            acc_up += _dot(x, tl.trans(w_up), IEEE)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    out_ok = row_ok[:, None] & n_ok[None, :]
+    if PARTIAL:  # float32 partial sums [splits, M, N (2N with GATE_UP)], added by _split_reduce_kernel
+        width = 2 * N if GATE_UP else N
+        cells = part_ptr + (split * M + rows).to(tl.int64)[:, None] * width + offs_n[None, :]
+        tl.store(cells, acc, mask=out_ok)
+        if GATE_UP:
+            tl.store(cells + N, acc_up, mask=out_ok)
+    else:
+        dt = out_ptr.dtype.element_ty
+        if GATE_UP:
+            acc = _gelu_times(acc, acc_up, dt)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_o + offs_n[None, :], acc.to(dt), mask=out_ok)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _split_reduce_kernel(part_ptr, out_ptr, M, N, stride_o, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                         GATE_UP: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, column block): the splits' partial sums added in split order, rounded once
+    (and with GATE_UP, gelu_tanh(gate) * up)."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    splits = tl.arange(0, SPLITS_PAD)
+    width = 2 * N if GATE_UP else N
+    cells = part_ptr + (splits * M + row).to(tl.int64)[:, None] * width + offs[None, :]
+    mask = (splits < SPLITS)[:, None] & ok[None, :]
+    acc = tl.sum(tl.load(cells, mask=mask, other=0.0), axis=0)
+    dt = out_ptr.dtype.element_ty
+    if GATE_UP:
+        acc = _gelu_times(acc, tl.sum(tl.load(cells + N, mask=mask, other=0.0), axis=0), dt)
+    tl.store(out_ptr + row.to(tl.int64) * stride_o + offs, acc.to(dt), mask=ok)
+
+
+# ---- the twins and the public functions --------------------------------------------------------------
+
+
+def small_m_linear_torch(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The twin: x @ w.T (`F.linear`)."""
+    return F.linear(x, w)
+
+
+def small_m_gate_up_gelu_torch(x: torch.Tensor, w_packed: torch.Tensor) -> torch.Tensor:
+    """The twin: gelu_tanh(x @ gate.T) * (x @ up.T), gate and up the halves of w_packed's rows."""
+    gate_up = F.linear(x, w_packed)
+    inter = w_packed.shape[0] // 2
+    return gelu_mul_torch(gate_up[:, :inter], gate_up[:, inter:])
+
+
+def _check(name: str, x: torch.Tensor, w: torch.Tensor) -> None:
+    if not _use_kernel(x):
+        raise ValueError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"{name} takes x [M, K] and a weight [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.shape[0] > MAX_ROWS:
+        raise ValueError(f"{name} takes at most {MAX_ROWS} rows, got {x.shape[0]}: use F.linear")
+    if x.dtype != w.dtype or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"{name} takes x and weight of one dtype (bf16, fp16 or float32), got {x.dtype} and {w.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"{name} takes x and weight on one device, got {x.device} and {w.device}")
+    if x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError(f"{name} takes x and weight with unit column stride")
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, tiles: GemvTiles, gate_up: bool) -> None:
+    M, K = x.shape
+    block_k = tiles.block_k
+    chunks = triton.cdiv(K, block_k)
+    k_per_split = triton.cdiv(chunks, min(tiles.split_k, chunks)) * block_k
+    splits = triton.cdiv(K, k_per_split)  # no split without K
+    width = 2 * n_out if gate_up else n_out
+    part = torch.empty((splits, M, width), dtype=torch.float32, device=x.device) if splits > 1 else out
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _gemv_kernel[(triton.cdiv(n_out, tiles.block_n), splits)](
+            x, w, out, part, M, n_out, K, k_per_split, n_out * w.stride(0), x.stride(0), w.stride(0), out.stride(0),
+            BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1, EVEN_K=K % block_k == 0,
+            IEEE=x.dtype == torch.float32, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        if splits > 1:
+            block = min(1024, _pow2(n_out))
+            _split_reduce_kernel[(M, triton.cdiv(n_out, block))](
+                part, out, M, n_out, out.stride(0), SPLITS=splits, SPLITS_PAD=_pow2(splits), GATE_UP=gate_up,
+                BLOCK=block, num_warps=4)
+
+
+def small_m_linear(x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles | None = None) -> torch.Tensor:
+    """x [M, K] @ w.T for a weight w [N, K] (an nn.Linear's), M <= 16: [M, N] in x's dtype, as
+    `small_m_linear_torch`. `tiles` defaults to `default_tiles("linear", N, K, dtype)`."""
+    _check("small_m_linear", x, w)
+    M, K = x.shape
+    N = w.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    _launch(x, w, out, N, tiles or default_tiles("linear", N, K, x.dtype), gate_up=False)
+    return out
+
+
+def small_m_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor, tiles: GemvTiles | None = None) -> torch.Tensor:
+    """gelu_tanh(x @ gate.T) * (x @ up.T) [M, I] in x's dtype for w_packed [2I, K] (gate rows, then
+    up rows), M <= 16, as `small_m_gate_up_gelu_torch`; gate and up in one pass over the weight.
+    `tiles` defaults to `default_tiles("gate_up", 2I, K, dtype)`."""
+    _check("small_m_gate_up_gelu", x, w_packed)
+    if w_packed.shape[0] % 2:
+        raise ValueError(f"small_m_gate_up_gelu takes gate and up rows packed [2I, K], got {w_packed.shape[0]} rows")
+    M, K = x.shape
+    inter = w_packed.shape[0] // 2
+    out = torch.empty((M, inter), dtype=x.dtype, device=x.device)
+    if M == 0 or inter == 0:
+        return out
+    if K == 0:
+        return out.zero_()  # gelu(0) * 0
+    _launch(x, w_packed, out, inter, tiles or default_tiles("gate_up", 2 * inter, K, x.dtype), gate_up=True)
+    return out

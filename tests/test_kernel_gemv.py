@@ -1,0 +1,282 @@
+"""The small-M matrix-product kernels (`kernels.gemv`) against their twins: in Triton's interpreter
+on CPU (float32, small ragged shapes, split and unsplit K), on the device in the `gpu` tests
+(bf16 at the E4B and 26B-A4B decode shapes, a captured graph's replays, one compiled variant for
+every batch size); and a CPU smoke test of bench/gemv_sweep.py's shapes and tile pruning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.bench_scripts import load_bench
+from gemma4_model.kernels import gemv
+from gemma4_model.kernels.gemv import (
+    DEFAULT_TILES, GemvTiles, default_tiles, heuristic_tiles, small_m_gate_up_gelu, small_m_gate_up_gelu_torch,
+    small_m_linear, small_m_linear_torch, tiles_bucket,
+)
+from gemma4_model.layers import MLP
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(shape, generator=g, device=device) * scale).to(dtype)
+
+
+def case(m, n, k, dtype=torch.float32, device="cpu", seed=0):
+    """x [m, k] and a weight [n, k] scaled so that the products are about unit size."""
+    return rand(m, k, dtype=dtype, device=device, seed=seed), rand(n, k, dtype=dtype, device=device, seed=seed + 1,
+                                                                 scale=k**-0.5)
+
+
+# N not a multiple of block_n, K not a multiple of block_k (or of the split), splits of 1, 2, 3
+INTERPRETED = [
+    (40, 72, GemvTiles(16, 32, 1)),
+    (40, 72, GemvTiles(8, 16, 3)),  # 5 chunks in splits of 2, 2 and 1, the last ragged
+    (33, 64, GemvTiles(16, 32, 2)),  # K whole chunks, split in two
+    (24, 48, None),  # the defaults (the heuristic, for float32)
+]
+
+
+@pytest.mark.parametrize("n,k,tiles", INTERPRETED)
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_linear_matches_the_twin(m, n, k, tiles):
+    x, w = case(m, n, k, seed=m)
+    got = small_m_linear(x, w, tiles)
+    assert got.shape == (m, n) and got.dtype == x.dtype
+    torch.testing.assert_close(got, small_m_linear_torch(x, w), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,k,tiles", INTERPRETED)
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_gate_up_gelu_matches_the_twin(m, n, k, tiles):
+    x, w = case(m, 2 * n, k, seed=m)
+    got = small_m_gate_up_gelu(x, w, tiles)
+    assert got.shape == (m, n) and got.dtype == x.dtype
+    torch.testing.assert_close(got, small_m_gate_up_gelu_torch(x, w), atol=1e-5, rtol=1e-5)
+
+
+def test_the_gate_up_twin_is_the_mlp():
+    """The twin on the MLP's packed weight, then down_proj, is MLP.forward; and so is the kernel."""
+    mlp = MLP(24, 20)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(rand(*p.shape, seed=p.numel(), scale=p.shape[1]**-0.5))
+    x = rand(3, 24, seed=9)
+    with torch.no_grad():
+        want = mlp(x)
+        packed = mlp.packed_gate_up()
+        torch.testing.assert_close(mlp.down_proj(small_m_gate_up_gelu_torch(x, packed)), want)
+        torch.testing.assert_close(mlp.down_proj(small_m_gate_up_gelu(x, packed, GemvTiles(8, 16, 2))), want,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_strided_rows_and_weight_views():
+    """x rows with a longer stride (a slice of a wider buffer) and a weight that is a row block of
+    a packed one (as q_proj's weight is of the packed qkv)."""
+    wide = rand(4, 80, seed=3)
+    x = wide[:, :56]
+    packed = rand(50, 56, seed=4, scale=56**-0.5)
+    w = packed[10:37]
+    assert x.stride(0) == 80 and w.storage_offset() == 10 * 56
+    torch.testing.assert_close(small_m_linear(x, w, GemvTiles(8, 16, 2)), small_m_linear_torch(x, w),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_splits_agree_and_repeat_exactly():
+    x, w = case(6, 40, 136)
+    outs = [small_m_linear(x, w, GemvTiles(16, 16, s)) for s in (1, 2, 4, 9)]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(small_m_linear(x, w, GemvTiles(16, 16, 4)), outs[2])  # deterministic
+
+
+def test_no_rows_no_k_and_clear_errors(monkeypatch):
+    x, w = case(3, 24, 32)
+    assert small_m_linear(x[:0], w).shape == (0, 24)
+    assert small_m_gate_up_gelu(x[:0], w).shape == (0, 12)
+    assert torch.equal(small_m_linear(x[:, :0], w[:, :0]), torch.zeros(3, 24))
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        small_m_linear(rand(17, 32), w)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        small_m_gate_up_gelu(rand(17, 32), w)
+    with pytest.raises(ValueError, match="one dtype"):
+        small_m_linear(x, w.double())
+    with pytest.raises(ValueError, match=r"x \[M, K\]"):
+        small_m_linear(x, w[:, :16])
+    with pytest.raises(ValueError, match="unit column stride"):
+        small_m_linear(x, w.t().contiguous().t())
+    with pytest.raises(ValueError, match="packed"):
+        small_m_gate_up_gelu(x, w[:23])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        small_m_linear(x, w)
+    with pytest.raises(ValueError, match="CUDA"):
+        small_m_gate_up_gelu(x, w)
+
+
+def test_tiles_validation_and_defaults():
+    for bad in (dict(block_n=12, block_k=64), dict(block_n=4, block_k=64), dict(block_n=16, block_k=8),
+                dict(block_n=16, block_k=64, split_k=0), dict(block_n=16, block_k=64, num_warps=3)):
+        with pytest.raises(ValueError, match="GemvTiles"):
+            GemvTiles(**bad)
+    for (kind, rows, k), tiles in DEFAULT_TILES.items():
+        assert kind in ("linear", "gate_up") and tiles_bucket(rows, k) == (rows, k)
+        assert default_tiles(kind, rows, k) is tiles
+    assert default_tiles("linear", 262144, 2560) == DEFAULT_TILES[("linear", 262144, 4096)]
+    assert default_tiles("gate_up", 20480, 2560) == DEFAULT_TILES[("gate_up", 32768, 4096)]
+    assert default_tiles("linear", 100, 100) == heuristic_tiles("linear", 100, 100)
+    assert default_tiles("linear", 262144, 2560, torch.float32) == heuristic_tiles("linear", 262144, 2560, 4)
+    lm_head = heuristic_tiles("linear", 262144, 2560)
+    assert lm_head.block_n == 64 and lm_head.split_k == 1
+    small = heuristic_tiles("linear", 256, 2560)  # few columns: K split to fill the chip
+    assert small.block_n == 16 and small.split_k == 4
+    with pytest.raises(ValueError, match="unknown kernel"):
+        default_tiles("down", 8, 8)
+
+
+def _compiled(kernel) -> set:
+    """The keys of the variants of a Triton kernel compiled in this process, on any device."""
+    return {key for binder in kernel.device_caches.values() for key in binder[0]}
+
+
+# ---- bench/gemv_sweep.py, without a device --------------------------------------------------------------
+
+
+def test_sweep_shapes_and_pruned_tiles():
+    sweep = load_bench("gemv_sweep")
+    shapes = {(s.model, s.name): s for s in sweep.model_shapes(["e4b", "26b_a4b"])}
+    want = {("e4b", "qkv_sliding"): (3072, 2560, 20), ("e4b", "q_sliding_kv_shared"): (2048, 2560, 15),
+            ("e4b", "qkv_full"): (6144, 2560, 4), ("e4b", "o_proj_full"): (2560, 4096, 7),
+            ("e4b", "mlp_gate_up"): (20480, 2560, 42), ("e4b", "mlp_down"): (2560, 10240, 42),
+            ("e4b", "ple_gate"): (256, 2560, 42), ("e4b", "ple_projection"): (2560, 256, 42),
+            ("e4b", "ple_model_projection"): (10752, 2560, 1), ("e4b", "lm_head"): (262144, 2560, 1),
+            ("26b_a4b", "qkv_sliding"): (8192, 2816, 25), ("26b_a4b", "qkv_full"): (9216, 2816, 5),
+            ("26b_a4b", "mlp_gate_up"): (4224, 2816, 30), ("26b_a4b", "mlp_down"): (2816, 2112, 30),
+            ("26b_a4b", "router"): (128, 2816, 30), ("26b_a4b", "lm_head"): (262144, 2816, 1)}
+    for key, (rows, k, per_step) in want.items():
+        s = shapes[key]
+        assert (s.rows, s.k, s.per_step) == (rows, k, per_step), key
+    assert sum(s.per_step for s in shapes.values() if s.model == "e4b" and s.name.startswith("o_proj")) == 42
+    assert shapes[("e4b", "mlp_gate_up")].kernels == ("linear", "gate_up")
+    total = {False: 0, True: 0}
+    for s in shapes.values():
+        for kind in s.kernels:
+            for quick in (False, True):
+                tiles = sweep.candidate_tiles(kind, s.rows, s.k, quick)
+                assert tiles, (s, kind, quick)
+                total[quick] += len(tiles)
+                for t in tiles:
+                    assert sweep.effective_splits(s.k, t) == t.split_k
+                    assert sweep.parse_tiles_name(sweep.tiles_name(t)) == t
+    assert total[True] < 300 and total[False] < 1300, total  # the sweep's time budget
+
+
+def test_sweep_summaries():
+    sweep = load_bench("gemv_sweep")
+
+    def record(shape, kind, m, cublas, times, per_step=2, gate_up=False):
+        names = {n: us for n, us in times.items()}
+        best = min((us, n) for n, us in names.items() if n != "default")
+        return {"model": "e4b", "shape": shape, "kernel": kind, "packed_gate_up": gate_up, "m": m,
+                "per_step": per_step, "bucket": [4096, 4096], "cublas_us": cublas, "times_us": names,
+                "best": {"us": best[0], "name": best[1]}}
+
+    a, b = "n16_k256_s2_w4_st3", "n32_k128_s1_w4_st2"
+    records = [record("o_proj", "linear", 1, 10.0, {a: 6.0, b: 7.0, "default": 6.5}),
+               record("o_proj", "linear", 4, 12.0, {a: 9.0, b: 7.0}),
+               record("mlp_gate_up", "linear", 1, 30.0, {a: 20.0}, gate_up=True),
+               record("mlp_gate_up", "gate_up", 1, 40.0, {a: 25.0}, gate_up=True)]
+    totals = sweep.step_totals(records)
+    assert totals["e4b"]["1"] == {"cublas_us": 100.0, "kernels_us": 62.0, "faster_of_both_us": 62.0}
+    table = {(row["kernel"], row["name"]) for row in sweep.suggested_table(records)}
+    assert table == {("linear", a), ("gate_up", a)}  # a: 2*(6+9+20) = 70 beats b, timed on fewer shapes
+    literal = sweep.table_literal(sweep.suggested_table(records[:2]))
+    assert literal.strip().startswith("('linear', 4096, 4096): GemvTiles(32, 128, 1, 4, 2)")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a device")
+def test_sweep_needs_a_device(tmp_path):
+    with pytest.raises(SystemExit, match="CUDA"):
+        load_bench("gemv_sweep").main(["--out", str(tmp_path / "out.json"), "--quick"])
+
+
+# ---- on the device ------------------------------------------------------------------------------------------
+
+E4B_26B = [(6144, 2560), (2560, 10240), (256, 2560), (2560, 256), (128, 2816), (2816, 8192), (262144, 2560)]
+
+
+def assert_bf16_close(got, want32, want_bf16=None):
+    assert got.dtype == torch.bfloat16
+    rel = ((got.float() - want32).norm() / want32.norm()).item()
+    assert rel < 1e-2, rel
+    if want_bf16 is not None:  # cuBLAS in bf16: the same sums but for their order
+        assert ((got.float() - want_bf16.float()).norm() / want_bf16.float().norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", E4B_26B)
+def test_gpu_linear_at_real_shapes_against_the_float32_twin(n, k):
+    x, w = case(16, n, k, dtype=torch.bfloat16, device="cuda", seed=n)
+    w32 = w.float()
+    for m in (1, 3, 8, 16):
+        for tiles in (None, GemvTiles(16, 256, 4), GemvTiles(32, 128, 1, num_stages=4)):
+            got = small_m_linear(x[:m], w, tiles)
+            assert_bf16_close(got, small_m_linear_torch(x[:m].float(), w32), small_m_linear_torch(x[:m], w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,k", [(20480, 2560), (4224, 2816)])
+def test_gpu_gate_up_at_real_shapes_against_the_float32_twin(rows, k):
+    x, w = case(16, rows, k, dtype=torch.bfloat16, device="cuda", seed=rows)
+    w32 = w.float()
+    for m in (1, 5, 16):
+        for tiles in (None, GemvTiles(16, 256, 2), GemvTiles(32, 256, 1, num_warps=8)):
+            got = small_m_gate_up_gelu(x[:m], w, tiles)
+            assert_bf16_close(got, small_m_gate_up_gelu_torch(x[:m].float(), w32),
+                              small_m_gate_up_gelu_torch(x[:m], w))
+
+
+@pytest.mark.gpu
+def test_gpu_replayed_in_a_graph():
+    """Both kernels, split and unsplit, captured for 4 rows; new x at each replay gives the eager
+    result exactly (the same kernels, deterministic sums)."""
+    x = torch.zeros((4, 2560), dtype=torch.bfloat16, device="cuda")
+    _, w = case(4, 2560, 2560, dtype=torch.bfloat16, device="cuda", seed=1)
+    _, packed = case(4, 2048, 2560, dtype=torch.bfloat16, device="cuda", seed=2)
+    calls = [lambda: small_m_linear(x, w, GemvTiles(16, 256, 4)), lambda: small_m_linear(x, w, GemvTiles(32, 256, 1)),
+             lambda: small_m_gate_up_gelu(x, packed, GemvTiles(16, 256, 2)), lambda: small_m_gate_up_gelu(x, packed)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # compile first
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [call() for call in calls]
+    for seed in (5, 6):
+        x.copy_(rand(4, 2560, dtype=torch.bfloat16, device="cuda", seed=seed))
+        graph.replay()
+        for out, call in zip(outs, calls):
+            assert torch.equal(out, call())
+
+
+@pytest.mark.gpu
+def test_gpu_batches_of_any_size_reuse_the_compiled_kernels():
+    """Every row count 1..16 runs the variants compiled for the first (each compile stalls a
+    server's engine for about a second)."""
+    kernels = (gemv._gemv_kernel, gemv._split_reduce_kernel)
+    x, w = case(16, 2560, 2048, dtype=torch.bfloat16, device="cuda")
+    _, packed = case(16, 4224, 2816, dtype=torch.bfloat16, device="cuda")
+    x2 = rand(16, 2816, dtype=torch.bfloat16, device="cuda")
+
+    def run(m):
+        small_m_linear(x[:m], w, GemvTiles(16, 256, 2))
+        small_m_linear(x[:m], w, GemvTiles(16, 256, 1))
+        small_m_gate_up_gelu(x2[:m], packed, GemvTiles(16, 256, 2))
+
+    run(1)
+    before = [_compiled(k) for k in kernels]
+    for m in range(2, 17):
+        run(m)
+    assert [_compiled(k) for k in kernels] == before
