@@ -4,7 +4,10 @@ Each image, audio clip or video of a request becomes a `ProcessedMedia`: the arr
 family's encoder takes, the exact text the Gemma 4 processor substitutes for the item in the
 prompt, and a content hash (prefix-cache key). The numeric work (resize, rescale, patchify, mel
 features) is `transformers`' own image processor and feature extractor, configured from the
-checkpoint's `processor_config.json`; this module only decodes, bounds and lays out.
+checkpoint's `processor_config.json`; this module only decodes, bounds and lays out. For images
+converted to RGB (every Gemma 4 config) the processor's steps are replayed without its copies
+(`MediaProcessor._rgb_patches`): its size rule, the same PIL resize, its rescale / normalize as a
+per-value table; the tests hold the result bit-identical to the processor's.
 
 torchvision is not a dependency (its PyPI wheels pin one torch build and do not load with the
 CPU one), so the two processors that need it are replaced by their PIL twin:
@@ -32,7 +35,6 @@ import math
 import time
 import urllib.error
 import urllib.request
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -44,6 +46,9 @@ SUPPORTED_BUDGETS = (70, 140, 280, 560, 1120)
 AUDIO_RATE = 16_000
 # Pillow formats accepted (not EPS/PS, which Pillow renders through Ghostscript, nor exotic ones).
 IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP", "TIFF")
+# The image processor's settings `_rgb_patches` follows (the processor's own, or a video's overrides).
+_IMAGE_SETTINGS = ("do_convert_rgb", "do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize",
+                   "image_mean", "image_std", "patch_size", "pooling_kernel_size")
 _NOT_AN_IMAGE = "bytes are not an image (PNG, JPEG, GIF, WebP, BMP or TIFF)"
 _GEMMA4_TOKENS = {"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
                   "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>",
@@ -110,7 +115,7 @@ def _content_hash(kind: str, budget: int | None, text: str, arrays: Mapping[str,
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(f"|{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
+        h.update(a)  # its buffer: the bytes `tobytes()` would copy out
     return h.hexdigest()
 
 
@@ -224,13 +229,15 @@ def decode_image(data: bytes, limits: MediaLimits, param: str = "image") -> Imag
         raise MediaError(param, f"image is {width}x{height} pixels; at most {limits.max_image_pixels} pixels")
     if width < 1 or height < 1:
         raise MediaError(param, f"image is {width}x{height} pixels; it must not be empty")
+    # PIL warns past MAX_IMAGE_PIXELS (and raises past twice that); refused here from the header, as
+    # a warnings filter would be process-wide state, which images decoded side by side would race on.
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+        raise MediaError(param, f"image is {width}x{height} pixels, past PIL's decompression-bomb limit")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # only the formats this Pillow registers (Pillow 13 has no separate MPO plugin: naming it is a KeyError)
-            image = Image.open(io.BytesIO(data), formats=[f for f in IMAGE_FORMATS if f in Image.OPEN])
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # only the formats this Pillow registers (Pillow 13 has no separate MPO plugin: naming it is a KeyError)
+        image = Image.open(io.BytesIO(data), formats=[f for f in IMAGE_FORMATS if f in Image.OPEN])
+        image.load()
+    except Image.DecompressionBombError:
         raise MediaError(param, f"image is {width}x{height} pixels, past PIL's decompression-bomb limit") from None
     except Image.UnidentifiedImageError:
         raise MediaError(param, _NOT_AN_IMAGE) from None
@@ -300,21 +307,68 @@ class MediaProcessor:
 
     def _patches(self, pil: Image.Image, budget: int, param: str, **kwargs: Any) -> tuple[np.ndarray, np.ndarray, int]:
         """Real (unpadded) patches, their (x, y) positions and the soft-token count of one image."""
+        cfg = {name: kwargs.get(name, getattr(self.images, name)) for name in _IMAGE_SETTINGS}
+        p, k = int(cfg["patch_size"]), int(cfg["pooling_kernel_size"])
         try:
-            out = self.images([pil], max_soft_tokens=budget, return_tensors="np", **kwargs)
+            patches, pos = (self._rgb_patches(pil, budget, cfg) if cfg["do_convert_rgb"]
+                            else self._processor_patches(pil, budget, kwargs))
         except ValueError as exc:  # e.g. an aspect ratio no patch grid of this budget can hold
             raise MediaError(param, f"image of {pil.width}x{pil.height} pixels cannot be patchified: {exc}") from None
-        n = int(out["num_soft_tokens_per_image"][0])
-        pos = out["image_position_ids"][0]
-        real = int((pos[:, 0] >= 0).sum())
-        patches = out["pixel_values"][0][:real].astype(np.float32)
-        pos = pos[:real].astype(np.int32)
+        n = len(patches) // (k * k)
         if self.unified:
-            k = int(kwargs.get("pooling_kernel_size", self.images.pooling_kernel_size))
-            p = int(kwargs.get("patch_size", self.images.patch_size))
             grid_w, grid_h = int(pos[:, 0].max()) + 1, int(pos[:, 1].max()) + 1
             patches, pos = merge_patches(patches, pos, p, k, grid_w, grid_h)
         return np.ascontiguousarray(patches), np.ascontiguousarray(pos, dtype=np.int32), n
+
+    def _rgb_patches(self, pil: Image.Image, budget: int, cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """`Gemma4ImageProcessorPil`'s steps for an image it converts to RGB, without its copies.
+
+        The processor turns the decoded image into an array and back into a PIL image before
+        resizing it, rescales through a float64 copy, and pads to the budget (padding dropped
+        again here). This resizes the decoded image itself by the same PIL call at the same size
+        (transformers' own size rule), and since rescale and normalize map each 8-bit value of a
+        channel on its own, applies them as a 256-entry table made by the processor's own
+        `rescale` / `normalize`: the same float32 values bit for bit, in one pass.
+        """
+        from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ratio_preserving_size
+
+        if "A" in pil.getbands() or pil.info.get("transparency") is not None:  # as transformers' convert_to_rgb
+            white = Image.new("RGBA", pil.size, (255, 255, 255, 255))
+            pil = Image.alpha_composite(white, pil.convert("RGBA")).convert("RGB")
+        elif pil.mode != "RGB":
+            pil = pil.convert("RGB")
+        p, k = int(cfg["patch_size"]), int(cfg["pooling_kernel_size"])
+        if cfg["do_resize"]:
+            height, width = get_aspect_ratio_preserving_size(pil.height, pil.width, p, budget * k * k, k)
+            if (height, width) != (pil.height, pil.width):
+                pil = pil.resize((width, height), resample=cfg["resample"])
+        grid_h, grid_w = pil.height // p, pil.width // p
+        # (patch row, patch column, y, x, channel): patches row-major, each HWC, as `convert_image_to_patches`
+        blocks = np.asarray(pil).reshape(grid_h, p, grid_w, p, 3).transpose(0, 2, 1, 3, 4)
+        table = self._value_table(cfg)
+        if (table == table[0]).all():  # one table for all channels (no per-channel normalize): one gather
+            patches = np.take(table[0], blocks)
+        else:
+            patches = np.stack([np.take(table[c], blocks[..., c]) for c in range(3)], axis=-1)
+        xs, ys = np.meshgrid(np.arange(grid_w, dtype=np.int32), np.arange(grid_h, dtype=np.int32))
+        return patches.reshape(grid_h * grid_w, -1), np.stack([xs, ys], axis=-1).reshape(-1, 2)
+
+    def _value_table(self, cfg: Mapping[str, Any]) -> np.ndarray:
+        """float32 [3, 256]: each 8-bit value of each channel after the processor's rescale and normalize."""
+        values = np.tile(np.arange(256, dtype=np.uint8), (3, 1, 1))  # a 3 x 1 x 256 (CHW) image of every value
+        if cfg["do_rescale"]:
+            values = self.images.rescale(values, cfg["rescale_factor"])
+        if cfg["do_normalize"]:
+            values = self.images.normalize(values, cfg["image_mean"], cfg["image_std"])
+        return np.asarray(values[:, 0], dtype=np.float32)
+
+    def _processor_patches(self, pil: Image.Image, budget: int,
+                           kwargs: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Through transformers' processor itself: an image kept in its own mode (no RGB conversion)."""
+        out = self.images([pil], max_soft_tokens=budget, return_tensors="np", **kwargs)
+        pos = out["image_position_ids"][0]
+        real = int((pos[:, 0] >= 0).sum())
+        return out["pixel_values"][0][:real].astype(np.float32), pos[:real].astype(np.int32)
 
     def _image_text(self, n: int, token: str) -> str:
         return f"{self.tokens['boi_token']}{token * n}{self.tokens['eoi_token']}"

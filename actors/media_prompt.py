@@ -9,10 +9,15 @@ one placeholder token each. After the template, each placeholder becomes the ite
 expansion (begin marker, its soft-token placeholders, end marker, as the Gemma 4 processor
 writes it), and once tokenized every run of soft-token placeholders is located: the spans an
 item's embeddings will fill at prefill.
+
+A request's items are loaded and processed side by side on a small thread pool: JPEG/PNG
+decoding, PIL resizing, numpy and hashing release the GIL, so two images cost about one.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -47,18 +52,29 @@ class Placeholders:
 
 
 class MediaPrompt:
-    """Loads and processes a chat's media, then expands and locates its placeholders."""
+    """Loads and processes a chat's media, then expands and locates its placeholders.
 
-    def __init__(self, processor: MediaProcessor, fetch: FetchPolicy, tokens: Placeholders):
+    Owns the pool its items are processed on (`workers` threads, by default one per core up to
+    8, the default image limit of a prompt); `close` shuts it down."""
+
+    def __init__(self, processor: MediaProcessor, fetch: FetchPolicy, tokens: Placeholders, workers: int | None = None):
         self.processor = processor
         self.fetch = fetch
         self.tokens = tokens
         self.max_bytes = processor.limits.max_item_bytes
+        self.pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1), thread_name_prefix="media")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     def collect(self, messages: list, mm_kwargs: Mapping[str, Any] | None) -> tuple[list, list[ProcessedMedia]]:
-        """The messages with media parts made template-ready, and the items in prompt order."""
+        """The messages with media parts made template-ready, and the items in prompt order.
+
+        Every part is counted before any is loaded (a prompt over a limit costs no decoding);
+        then all are loaded and processed at once, and the error of the first failing item in
+        prompt order is raised, as one by one would, once no work of this request still runs."""
         budget = (mm_kwargs or {}).get("max_soft_tokens")  # None: the server's default
-        items: list[ProcessedMedia] = []
+        jobs: list[tuple[str, dict, str]] = []  # (kind, part, param) in prompt order
         out = []
         for i, message in enumerate(messages):
             content = message.get("content") if isinstance(message, dict) else None
@@ -73,18 +89,27 @@ class MediaPrompt:
                     parts.append(part)
                     continue
                 param = f"messages.{i}.content.{j}"
-                self._check_count(kind, items, param)
-                items.append(self._process(kind, self._load(part, param), budget, param))
+                self._check_count(kind, [job[0] for job in jobs], param)
+                jobs.append((kind, part, param))
                 parts.append({"type": kind})
             out.append({**message, "content": parts})
-        return out, items
+        futures = [self.pool.submit(self._item, kind, part, budget, param) for kind, part, param in jobs]
+        try:
+            return out, [f.result() for f in futures]  # in prompt order: the first failure is the error
+        finally:
+            for f in futures:  # after a failure, the items not started are dropped and the running ones awaited
+                f.cancel()
+            wait(futures)
 
-    def _check_count(self, kind: str, items: Sequence[ProcessedMedia], param: str) -> None:
-        """Before the item is decoded: a prompt over the limit costs no decoding."""
+    def _check_count(self, kind: str, earlier: Sequence[str], param: str) -> None:
+        """`earlier`: the kinds of the prompt's media parts before this one."""
         if kind not in self.tokens.ids:
             raise MediaError(param, f"this model takes no {kind} input")
-        counts = {k: sum(item.kind == k for item in items) + (k == kind) for k in ("image", "audio", "video")}
+        counts = {k: earlier.count(k) + (k == kind) for k in ("image", "audio", "video")}
         self.processor.limits.check_counts(counts["image"], counts["audio"], counts["video"], param=param)
+
+    def _item(self, kind: str, part: dict, budget: int | None, param: str) -> ProcessedMedia:
+        return self._process(kind, self._load(part, param), budget, param)
 
     def _load(self, part: dict, param: str) -> bytes:
         value = part.get(part["type"])

@@ -49,6 +49,11 @@ class Preprocessor:
         self.stop_token_ids = list(stop_token_ids)
         self.media = media
 
+    def close(self) -> None:
+        """Shuts down the media pool (if any); the preprocessor takes no request after this."""
+        if self.media is not None:
+            self.media.close()
+
     def prefill_job(self, request: GenerateRequest) -> PrefillJob:
         return self.prepare(request).job
 
@@ -163,7 +168,8 @@ class PreprocessActor:
 
     `downstream` is one channel per engine (or prefill) replica, taken in turn; a request's
     media items go to `encoders[kind]` replicas chosen by content hash (a repeat meets the
-    replica that cached it), each told which engine replica waits for it."""
+    replica that cached it), each told which engine replica waits for it. The actor owns its
+    preprocessor: when `run` ends, the preprocessor is closed (its media threads stop)."""
 
     def __init__(self, preprocessor: Preprocessor, inbox: Channel, downstream: Channel | Sequence[Channel],
                  errors: Channel, tracer: Tracer | None = None,
@@ -177,24 +183,30 @@ class PreprocessActor:
         self.encoders = {kind: list(chans) for kind, chans in (encoders or {}).items() if chans}
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            msg = self.inbox.recv(timeout_ms=50)
-            self.tracer.tick()
-            if msg is None:
-                continue
-            if not isinstance(msg, GenerateRequest):
-                raise TypeError(f"preprocess got an unexpected {type(msg).__name__}")
-            try:
-                with self.tracer.span("tokenize", msg.request_id) as attrs:
-                    prepared = self.preprocessor.prepare(msg)
-                    attrs["tokens"] = len(prepared.job.token_ids)
-                    if prepared.media:
-                        attrs["media"] = len(prepared.media)
-                self.dispatch(prepared)
-            except MediaError as exc:
-                self.errors.send(RequestError(msg.request_id, 400, exc.message, param=exc.param))
-            except ValueError as exc:
-                self.errors.send(RequestError(msg.request_id, 400, str(exc)))
+        try:
+            while not stop.is_set():
+                msg = self.inbox.recv(timeout_ms=50)
+                self.tracer.tick()
+                if msg is None:
+                    continue
+                if not isinstance(msg, GenerateRequest):
+                    raise TypeError(f"preprocess got an unexpected {type(msg).__name__}")
+                self.handle(msg)
+        finally:
+            self.preprocessor.close()
+
+    def handle(self, msg: GenerateRequest) -> None:
+        try:
+            with self.tracer.span("tokenize", msg.request_id) as attrs:
+                prepared = self.preprocessor.prepare(msg)
+                attrs["tokens"] = len(prepared.job.token_ids)
+                if prepared.media:
+                    attrs["media"] = len(prepared.media)
+            self.dispatch(prepared)
+        except MediaError as exc:
+            self.errors.send(RequestError(msg.request_id, 400, exc.message, param=exc.param))
+        except ValueError as exc:
+            self.errors.send(RequestError(msg.request_id, 400, str(exc)))
 
     def dispatch(self, prepared: Prepared) -> None:
         for item in prepared.media:  # all or nothing: no job leaves for a request that fails here

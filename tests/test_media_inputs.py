@@ -8,6 +8,7 @@ reference is constructed with no video processor; every other line of it is tran
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import io
 import json
@@ -22,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors.media_inputs import (MediaError, MediaLimits, MediaProcessor, fetch_url, merge_patches, parse_data_uri,
-                                 sample_frame_indices)
+from actors.media_inputs import (_IMAGE_SETTINGS, MediaError, MediaLimits, MediaProcessor, fetch_url, merge_patches,
+                                 parse_data_uri, sample_frame_indices)
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "default_model" / "checkpoint"
 BUDGETS = (70, 140, 280, 560, 1120)
@@ -96,7 +97,10 @@ def _photo(h: int, w: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
     image = Image.fromarray(rgb)
     if mode == "RGBA":
         image.putalpha(Image.fromarray((xx * 255 // w).astype(np.uint8)))
-    return image.convert(mode)
+    image = image.convert(mode)
+    if mode == "P":
+        image.info["transparency"] = 0  # a palette entry drawn as transparent: composited on white
+    return image
 
 
 def _wav(wave: np.ndarray, rate: int, fmt: str = "WAV") -> bytes:
@@ -114,7 +118,10 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 @pytest.mark.parametrize("fmt,mode,size", [("PNG", "RGB", (100, 150)), ("JPEG", "RGB", (333, 217)),
-                                           ("PNG", "RGBA", (64, 300)), ("PNG", "L", (480, 640))])
+                                           ("PNG", "RGBA", (64, 300)), ("PNG", "L", (480, 640)),
+                                           ("JPEG", "RGB", (720, 1280)), ("GIF", "P", (90, 140)),
+                                           ("PNG", "LA", (50, 70)), ("JPEG", "CMYK", (120, 90)),
+                                           ("PNG", "RGB", (384, 384)), ("PNG", "RGB", (20, 2000))])
 def test_image_matches_gemma4_processor(gemma4, fmt, mode, size):
     ours, ref = gemma4
     data = _encode(_photo(*size, mode=mode), fmt)
@@ -137,6 +144,21 @@ def test_image_matches_gemma4_processor(gemma4, fmt, mode, size):
             + [ref.tokenizer.convert_tokens_to_ids("<image|>")]
 
 
+def test_patches_follow_the_processor_settings(gemma4):
+    """The direct patch path against transformers' processor itself, for settings the Gemma 4 config
+    leaves at rest: per-channel normalize, no rescale, another resample filter, a video's patch size."""
+    ours, _ = gemma4
+    pil = _photo(170, 230)
+    for overrides in ({}, {"do_normalize": True, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.45]},
+                      {"do_rescale": False}, {"resample": Image.Resampling.BILINEAR}, {"patch_size": 8}):
+        cfg = {name: overrides.get(name, getattr(ours.images, name)) for name in _IMAGE_SETTINGS}
+        for budget in (70, 280):
+            got, want = ours._rgb_patches(pil, budget, cfg), ours._processor_patches(pil, budget, overrides)
+            assert got[0].dtype == want[0].dtype == np.float32
+            np.testing.assert_array_equal(got[0].view(np.uint32), want[0].view(np.uint32))  # bit for bit
+            np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_image_default_budget_and_hash(gemma4):
     ours, _ = gemma4
     data = _encode(_photo(120, 90), "PNG")
@@ -149,6 +171,12 @@ def test_image_default_budget_and_hash(gemma4):
     assert ours.image(_encode(_photo(120, 90, seed=1), "PNG"), 280).content_hash != a.content_hash
     with pytest.raises(ValueError):
         a.pixel_values[0, 0] = 1.0  # arrays are read-only
+    # The key is this function of the content (a prefix-cache key: it must not drift between versions).
+    h = hashlib.sha256(f"image|280|{a.placeholder_text}".encode())
+    for name in ("pixel_values", "position_ids"):
+        arr = getattr(a, name)
+        h.update(f"|{name}|{arr.dtype.str}|{arr.shape}|".encode() + arr.tobytes())
+    assert a.content_hash == h.hexdigest()
 
 
 def test_unified_image_counts_and_merge(unified):
@@ -233,6 +261,9 @@ def test_image_errors(gemma4):
     with pytest.raises(MediaError, match="vision token budget 99 is not one of") as err:
         MediaProcessor(CHECKPOINT, MediaLimits(), default_image_budget=99)
     assert err.value.param == "default_image_budget"
+    roomy = MediaProcessor(CHECKPOINT, MediaLimits(max_image_pixels=10**9))
+    with pytest.raises(MediaError, match="image is 10000x10000 pixels, past PIL's decompression-bomb limit"):
+        roomy.image(_png_header(10000, 10000))
     small = MediaProcessor(CHECKPOINT, MediaLimits(max_image_pixels=4000, max_item_bytes=10_000))
     with pytest.raises(MediaError, match="image is 64x64 pixels; at most 4000 pixels"):
         small.image(png)
