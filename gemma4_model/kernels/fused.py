@@ -49,6 +49,12 @@ def _tanh(x):
     return 1.0 - 2.0 / (e + 1.0)  # saturates to +-1 without overflow trouble
 
 
+@triton.jit
+def _gelu_tanh(x):
+    """gelu with the tanh approximation (float32 in, float32 out; the caller rounds)."""
+    return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))  # sqrt(2 / pi)
+
+
 # ---- residual + RMSNorm (+ layer scalar) (+ the next RMSNorm) --------------------------------
 
 
@@ -222,7 +228,7 @@ def _gelu_mul_kernel(a_ptr, b_ptr, out_ptr, n_cols, stride_a, stride_b, stride_o
     dt = out_ptr.dtype.element_ty
     a = tl.load(a_ptr + row * stride_a + offs, mask=ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + row * stride_b + offs, mask=ok, other=0.0).to(tl.float32)
-    g = _round(0.5 * a * (1.0 + _tanh(0.7978845608028654 * (a + 0.044715 * a * a * a))), dt)  # sqrt(2 / pi)
+    g = _round(_gelu_tanh(a), dt)
     tl.store(out_ptr + row * stride_o + offs, (g * b).to(dt), mask=ok)
 
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .fused import _round, _tanh, _use_kernel, gelu_mul_torch
+from .fused import _gelu_tanh, _round, _use_kernel, gelu_mul_torch
 from .paged_attention import _dot
 
 MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
@@ -141,7 +141,7 @@ def default_tiles(kind: str, rows: int, k: int, dtype: torch.dtype = torch.bfloa
 def _gelu_times(gate, up, dt: tl.constexpr):
     """gelu_tanh(gate) * up as the twin rounds it: products, activation and result in `dt`."""
     gate, up = _round(gate, dt), _round(up, dt)
-    act = _round(0.5 * gate * (1.0 + _tanh(0.7978845608028654 * (gate + 0.044715 * gate * gate * gate))), dt)
+    act = _round(_gelu_tanh(gate), dt)
     return act * up  # sqrt(2 / pi) above; the caller rounds at the store
 
 

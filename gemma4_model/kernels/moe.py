@@ -38,7 +38,7 @@ import triton.language as tl
 from torch.nn import functional as F
 
 from ..layers import rms_norm
-from .fused import _round, _tanh, _use_kernel
+from .fused import _gelu_tanh, _round, _use_kernel
 from .paged_attention import _dot
 
 
@@ -273,7 +273,7 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, slot_pairs_ptr, block_experts_ptr, to
         gate += _dot(a, wg, IEEE)
         up += _dot(a, wu, IEEE)
     gate, up = _round(gate, dt), _round(up, dt)
-    act = _round(0.5 * gate * (1.0 + _tanh(0.7978845608028654 * (gate + 0.044715 * gate * gate * gate))), dt)
+    act = _round(_gelu_tanh(gate), dt)
     tl.store(out_ptr + slots.to(tl.int64)[:, None] * stride_o + offs_n[None, :], (act * up).to(dt),
              mask=used[:, None] & n_ok[None, :])
 
