@@ -123,8 +123,12 @@ def test_chunk_inputs_give_the_eager_rows(tiny_checkpoint):
     sequence past the KV-owning layers) give the eager forward's final hidden states at their
     logits rows (CPU: the kernels in Triton's interpreter; the same code fills a captured graph's
     inputs)."""
-    config, model = load_text_decoder(tiny_checkpoint("e4b", use_bidirectional_attention="vision"), device="cpu",
-                                      dtype=torch.float32)
+    # four layers (a sliding and a full owner, then one KV-shared layer of each): Triton's
+    # interpreter runs every program of every launch in turn, and the twelve-layer tiny E4B takes
+    # three times as long for nothing more
+    layers = dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2)
+    config, model = load_text_decoder(tiny_checkpoint("e4b", use_bidirectional_attention="vision", **layers),
+                                      device="cpu", dtype=torch.float32)
     cache = PagedKVCache(config.text, page_size=4, num_pages=120, device="cpu", dtype=torch.float32)
     engine = Engine(model, cache, SchedulerLimits(max_batch_tokens=40, max_running=4, chunk_size=24))
     scratch = {name: group.pool.allocate() for name, group in cache.groups.items()}
