@@ -2,7 +2,9 @@
 
 Preprocess sends each media item of a request as an `EncodeJob` to one encoder replica (chosen
 by the item's content hash, so repeats meet the replica that cached them) and names the engine
-replica that will prefill the request. The encoder drains every job that has arrived, answers
+replica that will prefill the request. The encoder drains every job that has arrived (waiting
+a little for the rest of a request's jobs to this replica, which it counts, so that a request's
+images share one forward), answers
 repeats from a byte-bounded LRU cache of outputs keyed by content hash (the same image twice is
 encoded once, also within one batch), encodes the rest in one batched forward, and sends one
 `EncodeResult` per job to the engine replica named in it. A job that cannot be encoded gets an
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Callable, Sequence
 
 import numpy as np
@@ -62,7 +64,8 @@ class EncoderActor:
     """Owns one media encoder; fed by its inbox, answers the engine replicas."""
 
     def __init__(self, kind: str, encode_batch: BatchEncoder, inbox: Channel, replies: Sequence[Channel],
-                 tracer: Tracer | None = None, cache_bytes: int = 256 << 20, max_batch: int = 16):
+                 tracer: Tracer | None = None, cache_bytes: int = 256 << 20, max_batch: int = 16,
+                 sibling_wait_s: float = 0.05):
         if kind not in KINDS:
             raise ValueError(f"encoder kind must be one of {sorted(KINDS)}, got {kind!r}")
         self.kind = kind
@@ -72,22 +75,37 @@ class EncoderActor:
         self.tracer = tracer or Tracer(kind, None)
         self.cache = EncoderCache(cache_bytes)
         self.max_batch = max_batch
+        self.sibling_wait_s = sibling_wait_s
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            msg = self.inbox.recv(timeout_ms=50)
-            batch: list[EncodeJob] = []
-            while msg is not None:  # everything that has arrived, up to one batch
-                if isinstance(msg, CancelRequest):
-                    batch = [job for job in batch if job.request_id != msg.request_id]
-                elif isinstance(msg, EncodeJob):
-                    batch.append(msg)
-                else:
-                    raise TypeError(f"{self.kind} got an unexpected {type(msg).__name__}")
-                msg = self.inbox.recv(timeout_ms=0) if len(batch) < self.max_batch else None
+            batch = self.gather(self.inbox.recv(timeout_ms=50))
             if batch:
                 self.process(batch)
             self.tracer.tick()
+
+    def gather(self, msg: object) -> list[EncodeJob]:
+        """`msg` and everything that has arrived after it, up to one batch; while a request in it
+        still misses some of its jobs (`EncodeJob.siblings`: preprocess sends them back to back),
+        up to `sibling_wait_s` more for them, so a request's items share one forward."""
+        batch: list[EncodeJob] = []
+        deadline = None
+        while msg is not None:
+            if isinstance(msg, CancelRequest):
+                batch = [job for job in batch if job.request_id != msg.request_id]
+            elif isinstance(msg, EncodeJob):
+                batch.append(msg)
+            else:
+                raise TypeError(f"{self.kind} got an unexpected {type(msg).__name__}")
+            if len(batch) >= self.max_batch:
+                break
+            msg = self.inbox.recv(timeout_ms=0)
+            if msg is None and _missing_siblings(batch):
+                deadline = deadline or time.monotonic() + self.sibling_wait_s
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms > 0:
+                    msg = self.inbox.recv(timeout_ms=left_ms)
+        return batch
 
     def process(self, jobs: Sequence[EncodeJob]) -> None:
         """Answer every job: from the cache, or by encoding each distinct new content once."""
@@ -155,6 +173,12 @@ class EncoderActor:
             return  # nobody to tell; preprocess never sends such a job
         embeddings, dtype = entry if entry is not None else (None, "float32")
         self.replies[job.reply_to].send(EncodeResult(job.request_id, job.media_index, embeddings, dtype, cached, error))
+
+
+def _missing_siblings(batch: Sequence[EncodeJob]) -> bool:
+    """Whether some request in the batch has fewer of its jobs here than it sent this replica."""
+    present = Counter(job.request_id for job in batch)
+    return any(present[job.request_id] < job.siblings for job in batch)
 
 
 def _padded(arrays: Sequence[np.ndarray], fill: float) -> np.ndarray:

@@ -125,6 +125,7 @@ class EncodeJob:
     position_ids: np.ndarray | None = None  # int32 [frames, patches, 2]; (-1, -1) marks padding patches
     features: np.ndarray | None = None  # audio: float32 [frames, features]
     feature_mask: np.ndarray | None = None  # audio: bool [frames], True where valid
+    siblings: int = 1  # jobs of this request sent to this encoder replica (this one included): encoded together
 
 
 @message

@@ -133,15 +133,15 @@ def _has_media(messages: list) -> bool:
                for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list) for part in m["content"])
 
 
-def encode_job(request_id: str, index: int, item: ProcessedMedia, reply_to: int) -> EncodeJob:
-    """One processed media item as the encoder's job."""
+def encode_job(request_id: str, index: int, item: ProcessedMedia, reply_to: int, siblings: int = 1) -> EncodeJob:
+    """One processed media item as the encoder's job (`siblings`: the request's jobs for that replica)."""
     if item.kind == "audio":
         return EncodeJob(request_id, index, item.kind, item.content_hash, reply_to,
-                         features=item.features, feature_mask=item.feature_mask)
+                         features=item.features, feature_mask=item.feature_mask, siblings=siblings)
     frames = item.kind == "video"  # an image is one frame
     return EncodeJob(request_id, index, item.kind, item.content_hash, reply_to,
                      pixel_values=item.pixel_values if frames else item.pixel_values[None],
-                     position_ids=item.position_ids if frames else item.position_ids[None])
+                     position_ids=item.position_ids if frames else item.position_ids[None], siblings=siblings)
 
 
 def _with_parsed_arguments(message):
@@ -214,8 +214,11 @@ class PreprocessActor:
                 raise ValueError(f"{item.kind} input is not supported by this server: its topology has no "
                                  f"{ENCODER_OF[item.kind].replace('_', ' ')}")
         replica = next(self.turn)
-        for index, item in enumerate(prepared.media):
+        chosen = []
+        for item in prepared.media:
             encoders = self.encoders[ENCODER_OF[item.kind]]
-            chosen = encoders[zlib.crc32(item.content_hash.encode()) % len(encoders)]
-            chosen.send(encode_job(prepared.job.request_id, index, item, replica))
+            chosen.append(encoders[zlib.crc32(item.content_hash.encode()) % len(encoders)])
+        for index, (item, channel) in enumerate(zip(prepared.media, chosen)):
+            siblings = sum(c is channel for c in chosen)  # the encoder waits for them all, then encodes them together
+            channel.send(encode_job(prepared.job.request_id, index, item, replica, siblings))
         self.downstream[replica].send(prepared.job)

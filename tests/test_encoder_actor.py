@@ -2,6 +2,7 @@
 and the prefill side's wait for encoder results (either arrival order, failures, timeouts, the
 spans handed on to decode), with a stand-in encoder so only the actors' logic is under test."""
 
+import dataclasses
 import threading
 import time
 
@@ -175,3 +176,50 @@ def test_waiter_ends_requests_whose_media_failed_mismatched_or_timed_out():
     time.sleep(0.1)
     assert [(rid, code) for rid, code, _ in waiter.expired()] == [("slow", 504)]
     assert not waiter.pending() and not waiter.early
+
+
+class TimedInbox:
+    """An inbox whose messages become available at given times after it is made (recv honours
+    its timeout as a socket does)."""
+
+    def __init__(self, timed: list[tuple[float, object]]):
+        self.t0 = time.monotonic()
+        self.timed = sorted(timed, key=lambda pair: pair[0])
+
+    def recv(self, timeout_ms: int):
+        end = time.monotonic() + timeout_ms / 1000
+        while True:
+            now = time.monotonic() - self.t0
+            if self.timed and self.timed[0][0] <= now:
+                return self.timed.pop(0)[1]
+            if time.monotonic() >= end:
+                return None
+            time.sleep(0.001)
+
+
+def sibling(rid, index, siblings=2):
+    return dataclasses.replace(image_job(rid, f"{rid}-{index}", float(index), index=index), siblings=siblings)
+
+
+def gather_from(timed, wait_s=0.5):
+    inbox = TimedInbox(timed)
+    actor = EncoderActor("vision_encoder", CountingEncoder(), inbox, [], sibling_wait_s=wait_s)
+    return actor.gather(inbox.recv(timeout_ms=1000)), inbox
+
+
+def test_a_requests_jobs_arriving_apart_share_one_batch():
+    batch, inbox = gather_from([(0.0, sibling("r1", 0)), (0.05, sibling("r1", 1))])
+    assert [(j.request_id, j.media_index) for j in batch] == [("r1", 0), ("r1", 1)]
+    # a job of a request with all its jobs here does not wait for later arrivals
+    batch, inbox = gather_from([(0.0, sibling("r2", 0, siblings=1)), (0.2, sibling("r3", 0, siblings=1))])
+    assert [j.request_id for j in batch] == ["r2"] and inbox.timed
+
+
+def test_a_missing_sibling_is_waited_for_at_most_sibling_wait_s():
+    start = time.monotonic()
+    batch, inbox = gather_from([(0.0, sibling("r1", 0)), (2.0, sibling("r1", 1))], wait_s=0.1)
+    waited = time.monotonic() - start
+    assert [j.media_index for j in batch] == [0] and 0.09 <= waited < 1.0
+    # a cancel while waiting drops the request's jobs
+    batch, _ = gather_from([(0.0, sibling("r1", 0)), (0.02, CancelRequest("r1")), (0.02, sibling("r4", 0, 1))])
+    assert [j.request_id for j in batch] == ["r4"]

@@ -85,3 +85,37 @@ def test_actor_forwards_jobs_and_reports_errors_over_sockets(pre):
         for ch in (inbox, down, errs, client, jobs, errors):
             ch.close()
         ctx.term()
+
+
+def test_dispatch_tells_each_encoder_replica_how_many_of_a_requests_jobs_it_gets():
+    """Media items go to encoder replicas by content hash; each job carries the count of its
+    request's jobs sent to that replica, which the encoder waits for to batch them."""
+    import zlib
+
+    import numpy as np
+
+    from actors.media_inputs import ProcessedMedia
+    from actors.messages import PrefillJob, SamplingSpec
+    from actors.preprocess import Prepared, PreprocessActor
+
+    class Sink:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, msg):
+            self.sent.append(msg)
+
+    def image(key):
+        return ProcessedMedia("image", key, 4, "<img>", pixel_values=np.zeros((4, 6), np.float32),
+                              position_ids=np.zeros((4, 2), np.int32))
+
+    keys = [f"key-{i}" for i in range(40)]
+    on_0 = [k for k in keys if zlib.crc32(k.encode()) % 2 == 0][:3]
+    on_1 = [k for k in keys if zlib.crc32(k.encode()) % 2 == 1][:1]
+    replicas, engine = [Sink(), Sink()], Sink()
+    actor = PreprocessActor(None, None, [engine], Sink(), encoders={"vision_encoder": replicas})
+    job = PrefillJob("r1", np.arange(5, dtype=np.int32), SamplingSpec())
+    actor.dispatch(Prepared(job, [image(on_0[0]), image(on_1[0]), image(on_0[1]), image(on_0[2])]))
+    assert [(j.media_index, j.siblings) for j in replicas[0].sent] == [(0, 3), (2, 3), (3, 3)]
+    assert [(j.media_index, j.siblings) for j in replicas[1].sent] == [(1, 1)]
+    assert engine.sent == [job]
