@@ -17,6 +17,7 @@ from .attention import paged_attention, write_kv
 from .batch import ForwardBatch
 from .config import LayerSpec, TextConfig
 from .kernels.fused import KVWrite, gelu_mul, head_norm_rope, ple_combine, ple_combine_torch, residual_norm
+from .kernels.ple_tail import PleTail
 from .kernels.moe import moe_combine, moe_expert_rows, moe_route
 from .kernels.paged_attention import paged_attention_triton
 from .kv_cache import PagedKVCache
@@ -122,6 +123,7 @@ class DecoderLayer(nn.Module):
             self.per_layer_input_gate = nn.Linear(h, cfg.ple_dim, bias=False)
             self.per_layer_projection = nn.Linear(cfg.ple_dim, h, bias=False)
             self.post_per_layer_input_norm = RMSNorm(h, eps)
+            self.ple_tail = PleTail()  # the fused tail's row counters (decode batch sizes)
 
     def forward(self, x, ple_input, cos, sin, batch, cache):
         h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, batch, cache))
@@ -156,6 +158,10 @@ class DecoderLayer(nn.Module):
                             eps)
         if not self.ple:
             return residual_norm(m, h, self.post_feedforward_layernorm.weight, eps, self.layer_scalar, next_norm)
+        if PleTail.fits(m):  # decode batch sizes: the post-feed-forward norm to the next norm in two launches
+            return self.ple_tail(m, h, self.post_feedforward_layernorm.weight, self.per_layer_input_gate.weight,
+                                 ple_input, self.per_layer_projection.weight, self.post_per_layer_input_norm.weight,
+                                 eps, self.layer_scalar, next_norm)
         x, _ = residual_norm(m, h, self.post_feedforward_layernorm.weight, eps)
         gated = gelu_mul(self.per_layer_input_gate(x), ple_input)
         return residual_norm(self.per_layer_projection(gated), x, self.post_per_layer_input_norm.weight, eps,
