@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections import Counter, OrderedDict
 from typing import Callable, Sequence
 
@@ -184,12 +185,14 @@ def _missing_siblings(batch: Sequence[EncodeJob]) -> bool:
 def _padded(arrays: Sequence[np.ndarray], fill: float) -> np.ndarray:
     """Stack [frames, n, ...] arrays along frames, padding axis 1 to the longest with `fill`."""
     longest = max(a.shape[1] for a in arrays)
-    out = []
-    for a in arrays:
-        pad = [(0, 0)] * a.ndim
-        pad[1] = (0, longest - a.shape[1])
-        out.append(np.pad(a, pad, constant_values=fill))
-    return np.concatenate(out)
+    if len(arrays) == 1 and arrays[0].shape[1] == longest:
+        return arrays[0]  # nothing to pad or stack: no copy (a 720p image's pixels are ~7 MB)
+    out = np.full((sum(a.shape[0] for a in arrays), longest, *arrays[0].shape[2:]), fill, dtype=arrays[0].dtype)
+    row = 0
+    for a in arrays:  # one copy of each array into its place
+        out[row:row + a.shape[0], :a.shape[1]] = a
+        row += a.shape[0]
+    return out
 
 
 def make_batch_encoder(encoder, device: str, dtype) -> BatchEncoder:
@@ -205,7 +208,13 @@ def make_batch_encoder(encoder, device: str, dtype) -> BatchEncoder:
         encoder.enable_graphs()  # the vision tower replays CUDA graphs (gemma4_model.vision_graphs)
 
     def tensor(a: np.ndarray, dt=None) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dt)
+        a = np.ascontiguousarray(a)
+        if a.flags.writeable:
+            return torch.from_numpy(a).to(device=device, dtype=dt)
+        with warnings.catch_warnings():  # a read-only message frame: only read here, by the copy below
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(a)
+        return t.to(device=device, dtype=dt, copy=True)
 
     @torch.inference_mode()
     def encode(jobs: Sequence[EncodeJob]) -> list[Embeddings]:

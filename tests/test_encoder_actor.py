@@ -223,3 +223,16 @@ def test_a_missing_sibling_is_waited_for_at_most_sibling_wait_s():
     # a cancel while waiting drops the request's jobs
     batch, _ = gather_from([(0.0, sibling("r1", 0)), (0.02, CancelRequest("r1")), (0.02, sibling("r4", 0, 1))])
     assert [j.request_id for j in batch] == ["r4"]
+
+
+def test_padded_stacks_along_frames_and_pads_patches_with_the_fill():
+    from actors.encoder_actor import _padded
+
+    a = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
+    b = np.ones((1, 5, 2), np.float32)
+    got = _padded([a, b], -1.0)
+    assert got.shape == (3, 5, 2) and got.dtype == np.float32
+    assert np.array_equal(got[:2, :3], a) and np.all(got[:2, 3:] == -1.0) and np.array_equal(got[2], b[0])
+    assert _padded([a], 0.0) is a  # alone and full length: passed through, not copied
+    masks = _padded([np.ones((1, 2), bool), np.ones((1, 4), bool)], False)
+    assert masks.tolist() == [[True, True, False, False], [True, True, True, True]]
