@@ -35,6 +35,7 @@ import math
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -265,14 +266,57 @@ def _load_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-class MediaProcessor:
-    """The family's image processor and feature extractor, loaded from a checkpoint directory."""
+STRIP_MIN_PIXELS = 512 * 512  # images smaller than this resize in one call: strips would cost more than they save
 
-    def __init__(self, checkpoint_dir: str | Path, limits: MediaLimits, default_image_budget: int | None = None):
+
+def _bands(length: int, parts: int) -> list[tuple[int, int]]:
+    edges = [length * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def resize_in_strips(pil: Image.Image, size: tuple[int, int], resample: int, pool: Executor | None,
+                     strips: int) -> Image.Image:
+    """`pil.resize(size, resample=resample)` bit for bit, its passes cut into `strips` bands run on `pool`.
+
+    Pillow resizes in two separable passes, horizontal then vertical, through an 8-bit image
+    between them; each output row of the first pass depends on its input row alone, each output
+    column of the second on its input column alone, and the filter coefficients on the sizes
+    alone. So the first pass over bands of rows and the second over bands of columns, each a
+    resize of one dimension only, put side by side, are the same pixels; a resize releases the GIL.
+    """
+    width, height = size
+    if pool is None or strips < 2 or pil.mode != "RGB" or pil.width * pil.height < STRIP_MIN_PIXELS:
+        return pil.resize(size, resample=resample)
+
+    def rows(band: tuple[int, int]) -> np.ndarray:  # the horizontal pass over input rows [a, b)
+        return np.asarray(pil.crop((0, band[0], pil.width, band[1])).resize((width, band[1] - band[0]),
+                                                                          resample=resample))
+
+    mid = pil if width == pil.width else Image.fromarray(np.concatenate(list(pool.map(rows, _bands(pil.height, strips)))))
+    if height == mid.height:
+        return mid
+
+    def columns(band: tuple[int, int]) -> np.ndarray:  # the vertical pass over columns [a, b)
+        return np.asarray(mid.crop((band[0], 0, band[1], mid.height)).resize((band[1] - band[0], height),
+                                                                           resample=resample))
+
+    return Image.fromarray(np.concatenate(list(pool.map(columns, _bands(width, strips))), axis=1))
+
+
+class MediaProcessor:
+    """The family's image processor and feature extractor, loaded from a checkpoint directory.
+
+    With `resize_threads` > 1 it owns a pool on which an image's resize runs in that many strips
+    (`resize_in_strips`); `close` shuts it down."""
+
+    def __init__(self, checkpoint_dir: str | Path, limits: MediaLimits, default_image_budget: int | None = None,
+                 resize_threads: int = 0):
         from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
         root = Path(checkpoint_dir)
         self.limits = limits
+        self.resize_strips = resize_threads
+        self.resize_pool = ThreadPoolExecutor(resize_threads, thread_name_prefix="resize") if resize_threads > 1 else None
         model_type = str(_load_json(root / "config.json").get("model_type", "gemma4"))
         self.unified = model_type.startswith("gemma4_unified")
         cfg = _load_json(root / "processor_config.json")
@@ -298,6 +342,10 @@ class MediaProcessor:
         self.default_image_budget = self.check_budget(
             default_image_budget if default_image_budget is not None else int(self.images.max_soft_tokens),
             "default_image_budget")
+
+    def close(self) -> None:
+        if self.resize_pool is not None:
+            self.resize_pool.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
     def check_budget(budget: int, param: str = "budget") -> int:
@@ -341,7 +389,7 @@ class MediaProcessor:
         if cfg["do_resize"]:
             height, width = get_aspect_ratio_preserving_size(pil.height, pil.width, p, budget * k * k, k)
             if (height, width) != (pil.height, pil.width):
-                pil = pil.resize((width, height), resample=cfg["resample"])
+                pil = resize_in_strips(pil, (width, height), cfg["resample"], self.resize_pool, self.resize_strips)
         grid_h, grid_w = pil.height // p, pil.width // p
         # (patch row, patch column, y, x, channel): patches row-major, each HWC, as `convert_image_to_patches`
         blocks = np.asarray(pil).reshape(grid_h, p, grid_w, p, 3).transpose(0, 2, 1, 3, 4)

@@ -66,6 +66,7 @@ class MediaPrompt:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.processor.close()
 
     def collect(self, messages: list, mm_kwargs: Mapping[str, Any] | None) -> tuple[list, list[ProcessedMedia]]:
         """The messages with media parts made template-ready, and the items in prompt order.

@@ -159,6 +159,39 @@ def test_patches_follow_the_processor_settings(gemma4):
             np.testing.assert_array_equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("resample", [Image.BICUBIC, Image.BILINEAR, Image.LANCZOS])
+def test_resize_in_strips_is_pillows_resize_bit_for_bit(resample):
+    """Both passes cut into bands (up, down, one dimension only, ragged band counts) give the
+    very pixels of one resize call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from actors.media_inputs import resize_in_strips
+
+    rng = np.random.default_rng(3)
+    with ThreadPoolExecutor(3) as pool:
+        for (h, w), (out_w, out_h), strips in [((720, 1280), (960, 672), 4), ((1080, 1920), (1344, 768), 3),
+                                               ((600, 800), (1000, 750), 5), ((700, 900), (900, 448), 4),
+                                               ((640, 1024), (512, 640), 7), ((513, 777), (777, 300), 2)]:
+            image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            got = resize_in_strips(image, (out_w, out_h), resample, pool, strips)
+            assert got.size == (out_w, out_h)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(image.resize((out_w, out_h), resample=resample)))
+
+
+def test_resize_threads_give_the_same_patches_and_hash(gemma4):
+    ours, _ = gemma4
+    threaded = MediaProcessor(CHECKPOINT, MediaLimits(), resize_threads=4)
+    try:
+        data = _encode(_photo(720, 1280), "JPEG")
+        for budget in (70, 280, 1120):
+            a, b = ours.image(data, budget), threaded.image(data, budget)
+            assert a.content_hash == b.content_hash
+            np.testing.assert_array_equal(a.pixel_values.view(np.uint32), b.pixel_values.view(np.uint32))
+    finally:
+        threaded.close()
+    assert threaded.resize_pool._shutdown
+
+
 def test_image_default_budget_and_hash(gemma4):
     ours, _ = gemma4
     data = _encode(_photo(120, 90), "PNG")
