@@ -167,15 +167,16 @@ class PleTail:
         block_g = min(max(2, TILE // block_k), triton.next_power_of_2(ple_dim))
         block_pk = triton.next_power_of_2(ple_dim)
         block_n = min(max(2, TILE // block_pk), triton.next_power_of_2(hidden))
+        warps = 8 if block_k >= 2048 else 4  # rows of the hidden width in registers: a few values a thread
         with torch.cuda.device(m.device) if m.is_cuda else contextlib.nullcontext():
             _ple_gate_kernel[(M, triton.cdiv(ple_dim, block_g))](
                 m, h, ff_norm, gate_w, ple_input, x, gated, hidden, ple_dim, eps,
                 m.stride(0), h.stride(0), gate_w.stride(0), ple_input.stride(0), x.stride(0), gated.stride(0),
-                BLOCK_K=block_k, BLOCK_G=block_g, num_warps=4)
+                BLOCK_K=block_k, BLOCK_G=block_g, num_warps=warps)
             _ple_project_kernel[(M, triton.cdiv(hidden, block_n))](
                 gated, proj_w, x, ple_norm, scalar if scalar is not None else x,
                 next_weight if next_weight is not None else x, p, out, y, self.counter(m.device),
                 hidden, ple_dim, eps, gated.stride(0), proj_w.stride(0), x.stride(0), out.stride(0), y.stride(0),
                 HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None,
-                BLOCK_K=block_pk, BLOCK_N=block_n, BLOCK_ROW=block_k, num_warps=4 if block_k < 2048 else 8)
+                BLOCK_K=block_pk, BLOCK_N=block_n, BLOCK_ROW=block_k, num_warps=warps)
         return out, (y if next_weight is not None else None)
