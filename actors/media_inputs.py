@@ -90,8 +90,12 @@ class MediaLimits:
 class ProcessedMedia:
     """One media item ready for its encoder.
 
-    image: `pixel_values` float32 [P, D], `position_ids` int32 [P, 2] (x, y), real patches only
+    image: `pixel_values` [P, D], `position_ids` int32 [P, 2] (x, y), real patches only
     (transformers pads to budget * k^2 rows with position -1; the encoder pads if it batches).
+    An RGB image's `pixel_values` are its 8-bit values (uint8, a quarter of the float bytes to
+    hash and send) and `pixel_table` float32 [3, 256] the processor's value of each 8-bit value
+    of each channel (patches are HWC: a value's channel is its column mod 3); `float_pixels()`
+    gives the float32 values. Otherwise (the processor's own path) they are float32 values.
     video: the same per sampled frame, stacked: [F, P, D] and [F, P, 2]; `timestamps` in seconds.
     audio: `features` float32 [T, F] and `feature_mask` bool [T], as the feature extractor gives.
     `arrays` holds the same arrays by name (read-only), ready for a message's array frames.
@@ -104,11 +108,24 @@ class ProcessedMedia:
     budget: int | None = None
     pixel_values: np.ndarray | None = None
     position_ids: np.ndarray | None = None
+    pixel_table: np.ndarray | None = None
     features: np.ndarray | None = None
     feature_mask: np.ndarray | None = None
     frame_indices: tuple[int, ...] = ()
     timestamps: tuple[float, ...] = ()
     arrays: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def float_pixels(self) -> np.ndarray | None:
+        """The pixel values as float32, what the processor gives (looked up when they are 8-bit)."""
+        if self.pixel_table is None or self.pixel_values is None:
+            return self.pixel_values
+        return pixel_lookup(self.pixel_values, self.pixel_table)
+
+
+def pixel_lookup(codes: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """uint8 [..., D] HWC patch values -> float32 through `table` [3, 256] (a value's channel: its column mod 3)."""
+    channel = (np.arange(codes.shape[-1]) % 3) * 256
+    return table.reshape(-1)[codes.astype(np.intp) + channel]
 
 
 def _content_hash(kind: str, budget: int | None, text: str, arrays: Mapping[str, np.ndarray]) -> str:
@@ -353,30 +370,37 @@ class MediaProcessor:
             raise MediaError(param, f"vision token budget {budget!r} is not one of {list(SUPPORTED_BUDGETS)}")
         return budget
 
-    def _patches(self, pil: Image.Image, budget: int, param: str, **kwargs: Any) -> tuple[np.ndarray, np.ndarray, int]:
-        """Real (unpadded) patches, their (x, y) positions and the soft-token count of one image."""
+    def _patches(self, pil: Image.Image, budget: int, param: str,
+                 **kwargs: Any) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+        """Real (unpadded) patches, their (x, y) positions, the soft-token count of one image and
+        the value table of 8-bit patches (None: the patches are float32 values)."""
         cfg = {name: kwargs.get(name, getattr(self.images, name)) for name in _IMAGE_SETTINGS}
         p, k = int(cfg["patch_size"]), int(cfg["pooling_kernel_size"])
         try:
-            patches, pos = (self._rgb_patches(pil, budget, cfg) if cfg["do_convert_rgb"]
-                            else self._processor_patches(pil, budget, kwargs))
+            if cfg["do_convert_rgb"]:
+                patches, pos = self._rgb_patches(pil, budget, cfg)
+                table = self._value_table(cfg)
+            else:
+                (patches, pos), table = self._processor_patches(pil, budget, kwargs), None
         except ValueError as exc:  # e.g. an aspect ratio no patch grid of this budget can hold
             raise MediaError(param, f"image of {pil.width}x{pil.height} pixels cannot be patchified: {exc}") from None
         n = len(patches) // (k * k)
         if self.unified:
             grid_w, grid_h = int(pos[:, 0].max()) + 1, int(pos[:, 1].max()) + 1
             patches, pos = merge_patches(patches, pos, p, k, grid_w, grid_h)
-        return np.ascontiguousarray(patches), np.ascontiguousarray(pos, dtype=np.int32), n
+        return np.ascontiguousarray(patches), np.ascontiguousarray(pos, dtype=np.int32), n, table
 
     def _rgb_patches(self, pil: Image.Image, budget: int, cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """`Gemma4ImageProcessorPil`'s steps for an image it converts to RGB, without its copies.
+        """`Gemma4ImageProcessorPil`'s steps for an image it converts to RGB, without its copies,
+        up to its 8-bit values: uint8 patches and their positions.
 
         The processor turns the decoded image into an array and back into a PIL image before
         resizing it, rescales through a float64 copy, and pads to the budget (padding dropped
         again here). This resizes the decoded image itself by the same PIL call at the same size
-        (transformers' own size rule), and since rescale and normalize map each 8-bit value of a
-        channel on its own, applies them as a 256-entry table made by the processor's own
-        `rescale` / `normalize`: the same float32 values bit for bit, in one pass.
+        (transformers' own size rule) and keeps its 8-bit values: since rescale and normalize map
+        each 8-bit value of a channel on its own, `_value_table` (made by the processor's own
+        `rescale` / `normalize`) gives the same float32 values bit for bit, looked up where
+        they are needed (the encoder's device).
         """
         from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ratio_preserving_size
 
@@ -385,21 +409,17 @@ class MediaProcessor:
             pil = Image.alpha_composite(white, pil.convert("RGBA")).convert("RGB")
         elif pil.mode != "RGB":
             pil = pil.convert("RGB")
-        p, k = int(cfg["patch_size"]), int(cfg["pooling_kernel_size"])
+        p = int(cfg["patch_size"])
         if cfg["do_resize"]:
+            k = int(cfg["pooling_kernel_size"])
             height, width = get_aspect_ratio_preserving_size(pil.height, pil.width, p, budget * k * k, k)
             if (height, width) != (pil.height, pil.width):
                 pil = resize_in_strips(pil, (width, height), cfg["resample"], self.resize_pool, self.resize_strips)
         grid_h, grid_w = pil.height // p, pil.width // p
         # (patch row, patch column, y, x, channel): patches row-major, each HWC, as `convert_image_to_patches`
         blocks = np.asarray(pil).reshape(grid_h, p, grid_w, p, 3).transpose(0, 2, 1, 3, 4)
-        table = self._value_table(cfg)
-        if (table == table[0]).all():  # one table for all channels (no per-channel normalize): one gather
-            patches = np.take(table[0], blocks)
-        else:
-            patches = np.stack([np.take(table[c], blocks[..., c]) for c in range(3)], axis=-1)
         xs, ys = np.meshgrid(np.arange(grid_w, dtype=np.int32), np.arange(grid_h, dtype=np.int32))
-        return patches.reshape(grid_h * grid_w, -1), np.stack([xs, ys], axis=-1).reshape(-1, 2)
+        return blocks.reshape(grid_h * grid_w, -1), np.stack([xs, ys], axis=-1).reshape(-1, 2)
 
     def _value_table(self, cfg: Mapping[str, Any]) -> np.ndarray:
         """float32 [3, 256]: each 8-bit value of each channel after the processor's rescale and normalize."""
@@ -425,9 +445,9 @@ class MediaProcessor:
         """Encoded image bytes -> patches at `budget` soft tokens (None: the server default)."""
         budget = self.default_image_budget if budget is None else self.check_budget(budget, param)
         pil = decode_image(data, self.limits, param)
-        pixel_values, position_ids, n = self._patches(pil, budget, param)
+        pixel_values, position_ids, n, table = self._patches(pil, budget, param)
         return _media("image", budget, n, self._image_text(n, self.tokens["image_token"]),
-                      pixel_values=pixel_values, position_ids=position_ids)
+                      pixel_values=pixel_values, position_ids=position_ids, pixel_table=table)
 
     def audio(self, data: bytes, param: str = "audio") -> ProcessedMedia:
         """Encoded audio (wav, flac, ogg, mp3: whatever libsndfile reads) -> 16 kHz mono features."""
@@ -453,7 +473,7 @@ class MediaProcessor:
         text = " ".join(f"{int(t // 60):02d}:{int(t % 60):02d} {body}" for t in timestamps)
         return _media("video", budget, per_frame * len(frames), text,
                       pixel_values=np.stack([d[0] for d in done]), position_ids=np.stack([d[1] for d in done]),
-                      frame_indices=tuple(indices), timestamps=timestamps)
+                      pixel_table=done[0][3], frame_indices=tuple(indices), timestamps=timestamps)
 
 
 def audio_soft_tokens(mask: np.ndarray) -> int:

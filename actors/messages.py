@@ -121,8 +121,10 @@ class EncodeJob:
     kind: str  # "image", "video" or "audio"
     content_key: str
     reply_to: int
-    pixel_values: np.ndarray | None = None  # float32 [frames, patches, patch_dim] (an image is one frame)
+    pixel_values: np.ndarray | None = None  # [frames, patches, patch_dim] (an image is one frame): float32 values,
+    # or uint8 8-bit values whose float is `pixel_table`[column % 3, value] (patches are HWC)
     position_ids: np.ndarray | None = None  # int32 [frames, patches, 2]; (-1, -1) marks padding patches
+    pixel_table: np.ndarray | None = None  # float32 [3, 256], with uint8 pixel_values
     features: np.ndarray | None = None  # audio: float32 [frames, features]
     feature_mask: np.ndarray | None = None  # audio: bool [frames], True where valid
     siblings: int = 1  # jobs of this request sent to this encoder replica (this one included): encoded together

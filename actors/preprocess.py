@@ -141,7 +141,8 @@ def encode_job(request_id: str, index: int, item: ProcessedMedia, reply_to: int,
     frames = item.kind == "video"  # an image is one frame
     return EncodeJob(request_id, index, item.kind, item.content_hash, reply_to,
                      pixel_values=item.pixel_values if frames else item.pixel_values[None],
-                     position_ids=item.position_ids if frames else item.position_ids[None], siblings=siblings)
+                     position_ids=item.position_ids if frames else item.position_ids[None],
+                     pixel_table=item.pixel_table, siblings=siblings)
 
 
 def _with_parsed_arguments(message):

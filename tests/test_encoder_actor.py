@@ -236,3 +236,56 @@ def test_padded_stacks_along_frames_and_pads_patches_with_the_fill():
     assert _padded([a], 0.0) is a  # alone and full length: passed through, not copied
     masks = _padded([np.ones((1, 2), bool), np.ones((1, 4), bool)], False)
     assert masks.tolist() == [[True, True, False, False], [True, True, True, True]]
+
+
+class RecordingTower:
+    """A media encoder that keeps the pixels it was given and returns each frame's row sums."""
+
+    def encode(self, pixels, positions):
+        self.pixels, self.positions = pixels, positions
+        return list(pixels.sum(-1, keepdim=True))
+
+    def encode_video(self, pixels, positions, frames_per_video):
+        self.pixels, self.positions = pixels, positions
+        return list(pixels.sum(-1, keepdim=True).split(frames_per_video))
+
+
+def test_eight_bit_pixels_are_looked_up_in_their_jobs_tables_on_the_device():
+    """uint8 patches with per-job tables give the very float pixels (zero padding included) that
+    the float32 jobs of the same values give; a mixed batch too; bad tables are refused."""
+    from actors.encoder_actor import make_batch_encoder
+    from actors.media_inputs import pixel_lookup
+
+    rng = np.random.default_rng(0)
+
+    def job(i, patches, frames=1, eight_bit=True, kind="image"):
+        codes = rng.integers(0, 256, (frames, patches, 12), dtype=np.uint8)
+        table = rng.standard_normal((3, 256)).astype(np.float32)
+        pos = np.zeros((frames, patches, 2), np.int32)  # all real patches
+        if eight_bit:
+            return EncodeJob("r", i, kind, f"k{i}", 0, pixel_values=codes, position_ids=pos, pixel_table=table)
+        return EncodeJob("r", i, kind, f"k{i}", 0, pixel_values=pixel_lookup(codes, table), position_ids=pos)
+
+    tower = RecordingTower()
+    encode = make_batch_encoder(tower, "cpu", torch.float32)
+    for kind, frames in (("image", 1), ("video", 2)):
+        jobs = [job(0, 5, frames, kind=kind), job(1, 3, frames, kind=kind), job(2, 4, frames, kind=kind)]
+        floats = [dataclasses.replace(j, pixel_values=pixel_lookup(j.pixel_values, j.pixel_table), pixel_table=None)
+                  for j in jobs]
+        got = encode(jobs)
+        got_pixels = tower.pixels.clone()
+        want = encode(floats)
+        assert got_pixels.shape == (3 * frames, 5, 12) and got_pixels.dtype == torch.float32
+        torch.testing.assert_close(got_pixels, tower.pixels, rtol=0, atol=0)
+        assert (got_pixels[frames:2 * frames, 3:] == 0).all()  # padding patches are zeros, as float jobs pad
+        for (a, _), (b, _) in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+        encode([jobs[0], floats[1]])  # one job of each kind of pixels
+        padded = torch.nn.functional.pad(torch.from_numpy(floats[1].pixel_values), (0, 0, 0, 2))
+        want_pixels = torch.cat([torch.from_numpy(floats[0].pixel_values), padded])
+        assert want_pixels.shape == (2 * frames, 5, 12)
+        torch.testing.assert_close(tower.pixels, want_pixels, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="need a pixel_table"):
+        encode([dataclasses.replace(job(0, 2), pixel_table=None)])
+    with pytest.raises(ValueError, match=r"\[3, 256\]"):
+        encode([dataclasses.replace(job(0, 2), pixel_table=np.zeros((3, 255), np.float32))])

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from actors.media_inputs import (_IMAGE_SETTINGS, MediaError, MediaLimits, MediaProcessor, fetch_url, merge_patches,
-                                 parse_data_uri, sample_frame_indices)
+                                 parse_data_uri, pixel_lookup, sample_frame_indices)
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "default_model" / "checkpoint"
 BUDGETS = (70, 140, 280, 560, 1120)
@@ -131,9 +131,11 @@ def test_image_matches_gemma4_processor(gemma4, fmt, mode, size):
                    return_tensors="np")
         pv, pos = want["pixel_values"][0], want["image_position_ids"][0]
         real = got.pixel_values.shape[0]
-        assert got.pixel_values.dtype == np.float32 and got.position_ids.dtype == np.int32
-        assert got.pixel_values.shape[1] == 16 * 16 * 3  # RGBA / grayscale converted to RGB
-        np.testing.assert_array_equal(got.pixel_values, pv[:real])
+        # RGB (RGBA / grayscale converted): the 8-bit values and their table, a quarter of the bytes
+        assert got.pixel_values.dtype == np.uint8 and got.pixel_table.shape == (3, 256)
+        assert got.float_pixels().dtype == np.float32 and got.position_ids.dtype == np.int32
+        assert got.pixel_values.shape[1] == 16 * 16 * 3
+        np.testing.assert_array_equal(got.float_pixels(), pv[:real])
         np.testing.assert_array_equal(got.position_ids, pos[:real])
         assert (pos[real:] == -1).all() and (pv[real:] == 0).all()  # only the padding was left out
         assert got.num_soft_tokens == real // 9 <= budget
@@ -154,8 +156,9 @@ def test_patches_follow_the_processor_settings(gemma4):
         cfg = {name: overrides.get(name, getattr(ours.images, name)) for name in _IMAGE_SETTINGS}
         for budget in (70, 280):
             got, want = ours._rgb_patches(pil, budget, cfg), ours._processor_patches(pil, budget, overrides)
-            assert got[0].dtype == want[0].dtype == np.float32
-            np.testing.assert_array_equal(got[0].view(np.uint32), want[0].view(np.uint32))  # bit for bit
+            assert got[0].dtype == np.uint8 and want[0].dtype == np.float32
+            values = pixel_lookup(got[0], ours._value_table(cfg))
+            np.testing.assert_array_equal(values.view(np.uint32), want[0].view(np.uint32))  # bit for bit
             np.testing.assert_array_equal(got[1], want[1])
 
 
@@ -186,7 +189,7 @@ def test_resize_threads_give_the_same_patches_and_hash(gemma4):
         for budget in (70, 280, 1120):
             a, b = ours.image(data, budget), threaded.image(data, budget)
             assert a.content_hash == b.content_hash
-            np.testing.assert_array_equal(a.pixel_values.view(np.uint32), b.pixel_values.view(np.uint32))
+            np.testing.assert_array_equal(a.pixel_values, b.pixel_values)
     finally:
         threaded.close()
     assert threaded.resize_pool._shutdown
@@ -203,10 +206,11 @@ def test_image_default_budget_and_hash(gemma4):
     assert ours.image(data, 560).content_hash != a.content_hash
     assert ours.image(_encode(_photo(120, 90, seed=1), "PNG"), 280).content_hash != a.content_hash
     with pytest.raises(ValueError):
-        a.pixel_values[0, 0] = 1.0  # arrays are read-only
-    # The key is this function of the content (a prefix-cache key: it must not drift between versions).
+        a.pixel_values[0, 0] = 1  # arrays are read-only
+    # The key is this function of the content (a prefix-cache key: it must not drift between versions):
+    # the 8-bit values with their table give the float values exactly.
     h = hashlib.sha256(f"image|280|{a.placeholder_text}".encode())
-    for name in ("pixel_values", "position_ids"):
+    for name in ("pixel_table", "pixel_values", "position_ids"):
         arr = getattr(a, name)
         h.update(f"|{name}|{arr.dtype.str}|{arr.shape}|".encode() + arr.tobytes())
     assert a.content_hash == h.hexdigest()
@@ -221,8 +225,8 @@ def test_unified_image_counts_and_merge(unified):
     assert got.pixel_values.shape[1] == 48 * 48 * 3
     flat = MediaProcessor(CHECKPOINT, MediaLimits()).image(data, 280)  # 16-px patches, same resize
     torch_merge = _unified_patches_merge()
-    k_ref, pos_ref = torch_merge(_t(flat.pixel_values)[None], _t(flat.position_ids).long()[None], got.num_soft_tokens)
-    np.testing.assert_array_equal(got.pixel_values, k_ref[0].numpy())
+    k_ref, pos_ref = torch_merge(_t(flat.float_pixels())[None], _t(flat.position_ids).long()[None], got.num_soft_tokens)
+    np.testing.assert_array_equal(got.float_pixels(), k_ref[0].numpy())
     np.testing.assert_array_equal(got.position_ids, pos_ref[0].numpy())
     assert _ids(ref.tokenizer, got.placeholder_text).count(ref.image_token_id) == got.num_soft_tokens
 
@@ -427,7 +431,7 @@ def test_video_frames_timestamps_and_layout(gemma4):
     assert got.placeholder_text.split(" ")[:4] == ["00:00", body, "00:00", body]
     assert got.placeholder_text.endswith("00:09 " + body)  # frame 96 at 9.6 s
     # brightness of the sampled frames follows the frame index (i * 5 gray levels)
-    assert abs(float(got.pixel_values[5].mean()) * 255 - indices[5] * 5) < 3
+    assert abs(float(got.float_pixels()[5].mean()) * 255 - indices[5] * 5) < 3
     short = ours.video(_video(frames=12, fps=24), budget=140)
     assert short.frame_indices == tuple(range(12))
     video_id = ref.tokenizer.convert_tokens_to_ids("<|video|>")
