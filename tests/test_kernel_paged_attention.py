@@ -11,7 +11,7 @@ import torch
 
 from gemma4_model.attention import paged_attention
 from gemma4_model.batch import ForwardBatch, GroupView
-from gemma4_model.kernels.paged_attention import paged_attention_triton
+from gemma4_model.kernels.paged_attention import DecodeTiles, paged_attention_triton
 from gemma4_model.kv_cache import NO_PAGE, KVGroup
 from gemma4_model.page_pool import PagePool
 
@@ -126,6 +126,18 @@ def test_flash_decoding_splits_equal_one_pass():
     q, group, batch = make_case([Seq(150, 1), Seq(64, 1)], heads=4, kv_heads=2, head_dim=32, page=16, window=100)
     torch.testing.assert_close(paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16),
                                paged_attention(q, group, 0, batch, LAYER, "none"), atol=2e-5, rtol=1e-4)
+
+
+def test_decode_tile_launches_give_the_default_result():
+    """V loaded with K, other warps, stages and key blocks (bench/attention_sweep.py's variants):
+    the same keys in the same order, so the same output."""
+    q, group, batch = make_case([Seq(1100, 1), Seq(3, 1), Seq(150, 1)], heads=4, kv_heads=2, head_dim=32, page=16,
+                                window=700)
+    want = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16)
+    torch.testing.assert_close(want, paged_attention(q, group, 0, batch, LAYER, "none"), atol=2e-5, rtol=1e-4)
+    for tiles in (DecodeTiles(prefetch_v=True), DecodeTiles(8, 3, True, 16), DecodeTiles(4, 1, False, 32)):
+        torch.testing.assert_close(paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16,
+                                                          tiles=tiles), want, atol=1e-6, rtol=1e-6)
 
 
 def test_a_decode_row_does_not_depend_on_its_batch():

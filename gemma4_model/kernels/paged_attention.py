@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -37,6 +38,20 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 SPLIT_KEYS = 64  # the fewest keys of a flash-decoding split (a multiple of every BLOCK_N)
 MAX_SPLITS = 16  # the splits of every decode-like launch on a GPU
 _SPLIT_KEYS = tl.constexpr(SPLIT_KEYS)
+
+
+@dataclass(frozen=True)
+class DecodeTiles:
+    """The launch of decode-like (16-row) tiles: warps, software-pipeline stages, whether V is
+    loaded with K, and keys per block (0: by head dim)."""
+
+    num_warps: int = 4
+    num_stages: int = 2
+    prefetch_v: bool = False
+    block_n: int = 0
+
+
+DECODE_TILES = DecodeTiles()
 
 
 @triton.jit
@@ -63,6 +78,7 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
     PAGE: tl.constexpr, SPAN_MODE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    PREFETCH_V: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1) // NUM_DV
@@ -115,6 +131,10 @@ def _paged_attention_kernel(
         page = tl.load(table + keys // PAGE, mask=key_ok, other=-1).to(tl.int64)
         key_ok = key_ok & (page >= 0)
         k_slots = k_ptr + page * stride_kp + (keys % PAGE).to(tl.int64) * stride_ks + kv_head * stride_kh
+        v_slots = v_ptr + page * stride_vp + (keys % PAGE).to(tl.int64) * stride_vs + kv_head * stride_vh
+        v_ok = key_ok[:, None] & (offs_dv < HEAD_DIM)[None, :]
+        if PREFETCH_V:  # V's loads issued with K's, before the scores need K
+            v_tile = tl.load(v_slots[:, None] + offs_dv[None, :], mask=v_ok, other=0.0).to(q_ptr.dtype.element_ty)
         scores = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for c in tl.static_range(NUM_DK):
             offs_d = c * BLOCK_DK + tl.arange(0, BLOCK_DK)
@@ -141,9 +161,8 @@ def _paged_attention_kernel(
         p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_slots = v_ptr + page * stride_vp + (keys % PAGE).to(tl.int64) * stride_vs + kv_head * stride_vh
-        v_tile = tl.load(v_slots[:, None] + offs_dv[None, :], mask=key_ok[:, None] & (offs_dv < HEAD_DIM)[None, :],
-                         other=0.0).to(q_ptr.dtype.element_ty)
+        if not PREFETCH_V:
+            v_tile = tl.load(v_slots[:, None] + offs_dv[None, :], mask=v_ok, other=0.0).to(q_ptr.dtype.element_ty)
         acc = acc * alpha[:, None] + _dot(p.to(v_tile.dtype), v_tile, IEEE)
         m_i = m_new
 
@@ -203,12 +222,14 @@ def paged_attention_triton(
     layer_type: str,
     span_mode: str = "none",
     num_splits: int | None = None,
+    tiles: DecodeTiles | None = None,
 ) -> torch.Tensor:
     """q [T, heads, head_dim] -> output [T, heads, head_dim] in q's dtype; softmax scale 1.
 
     Same contract as `attention.paged_attention`. `num_splits` (keys of each sequence split over
     that many programs, then merged) defaults to a choice by batch size; a captured decode graph
-    passes a fixed one.
+    passes a fixed one. `tiles` overrides the decode-like tiles' launch (`DECODE_TILES`; for
+    `bench/attention_sweep.py`).
     """
     if not q.is_cuda and not _interpreting():
         raise ValueError("paged_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
@@ -234,6 +255,11 @@ def paged_attention_triton(
     if block_m > 16:
         block_m = max(rep_pad, 32 if d_pad > 256 else 64)
     block_n = 64 if block_m <= 16 and d_pad <= 256 else 32  # no register spills on sm_90 (ptxas, bf16)
+    decode = tiles or DECODE_TILES
+    num_warps, num_stages, prefetch_v = (decode.num_warps, decode.num_stages, decode.prefetch_v) if block_m <= 16 \
+        else (8, 2, False)
+    if block_m <= 16 and tiles is not None and tiles.block_n:
+        block_n = tiles.block_n
     block_dk = min(d_pad, 256)
     if q.element_size() > 2:  # float32 (tests, the CPU): halve the tiles' bytes
         block_n, block_dk = 32, min(d_pad, 128)
@@ -254,7 +280,7 @@ def paged_attention_triton(
                 dict(HEAD_DIM=head_dim, REP=rep, REP_PAD=rep_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
                      NUM_DK=d_pad // block_dk, BLOCK_DV=block_dv, NUM_DV=d_pad // block_dv, PAGE=page,
                      SPAN_MODE=SPAN_MODES[span_mode], NUM_SPLITS=splits,
-                     IEEE=q.dtype == torch.float32, num_warps=4 if block_m <= 16 else 8, num_stages=2))
+                     IEEE=q.dtype == torch.float32, PREFETCH_V=prefetch_v, num_warps=num_warps, num_stages=num_stages))
     return out
 
 

@@ -1,0 +1,137 @@
+"""Decode attention at serving batch sizes: `paged_attention_triton` launches (warps, pipeline
+stages, V loaded with K or after the scores, keys per block) timed against the bytes a step
+must read, on the device (CUDA only).
+
+One decode row per sequence, every sequence at `--context` tokens (positions context-1), K/V
+pages scattered over a pool as the cache leaves them, 16-token pages. Shapes from
+tests/fixtures/hf_configs: 26B-A4B and E4B sliding (head 256) and full (head 512) layers. Floor
+bytes: each sequence's visible keys (its window, or all) times K and V of every KV head, bf16.
+Each launch is checked against the default launch first (the same partition of keys: equal up
+to bf16 rounding of the partials' order). Time: median of CUDA-event timings over `--reps`
+back-to-back calls.
+
+    PYTHONPATH=. python bench/attention_sweep.py --commit <sha> --out bench/results/attention_sweep_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from gemma4_model.batch import ForwardBatch, GroupView  # noqa: E402
+from gemma4_model.config import parse_config  # noqa: E402
+from gemma4_model.kernels.paged_attention import DECODE_TILES, DecodeTiles, paged_attention_triton  # noqa: E402
+from gemma4_model.kv_cache import KVGroup  # noqa: E402
+from gemma4_model.page_pool import PagePool  # noqa: E402
+
+CONFIGS = {"26b_a4b": "gemma-4-26B-A4B-it.json", "e4b": "gemma-4-E4B-it.json"}
+PAGE = 16
+
+
+def decode_case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, window: int | None):
+    """q [batch, heads, head_dim] at position context-1 of each sequence, and its KV group and batch."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    per_seq = -(-context // PAGE)
+    pages = batch * per_seq + 1
+    k = torch.randn((1, pages, PAGE, kv_heads, head_dim), generator=g, device="cuda").to(torch.bfloat16)
+    v = torch.randn((1, pages, PAGE, kv_heads, head_dim), generator=g, device="cuda").to(torch.bfloat16)
+    group = KVGroup("bench", (0,), window, PagePool(pages), k, v)
+    order = torch.randperm(pages - 1, generator=torch.Generator().manual_seed(0))
+    tables = order.reshape(batch, per_seq).to("cuda")
+    positions = torch.full((batch,), context - 1, dtype=torch.long, device="cuda")
+    fb = ForwardBatch(token_ids=torch.zeros(batch, dtype=torch.long, device="cuda"), positions=positions,
+                      query_starts=tuple(range(batch + 1)), kv_lens=(context,) * batch,
+                      chunk_starts=(context - 1,) * batch, chunk_spans=(None,) * batch,
+                      groups={"bench": GroupView(tables, torch.zeros(batch, dtype=torch.long, device="cuda"))},
+                      logits_rows=torch.arange(batch, device="cuda"), page_size=PAGE)
+    q = torch.randn((batch, heads, head_dim), generator=g, device="cuda").to(torch.bfloat16) * head_dim**-0.5
+    return q, group, fb
+
+
+def time_us(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def layer_shapes(model: str) -> dict[str, tuple[int, int, int, int | None]]:
+    """layer type -> (heads, kv_heads, head_dim, window)."""
+    text = parse_config(json.loads((ROOT / "tests/fixtures/hf_configs" / CONFIGS[model]).read_text())).text
+    raw = json.loads((ROOT / "tests/fixtures/hf_configs" / CONFIGS[model]).read_text())["text_config"]
+    heads = raw["num_attention_heads"]
+    full_kv = raw.get("num_global_key_value_heads") or raw["num_key_value_heads"]
+    return {"sliding": (heads, raw["num_key_value_heads"], raw["head_dim"], text.sliding_window),
+            "full": (heads, full_kv, raw.get("global_head_dim") or raw["head_dim"], None)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--models", default="26b_a4b,e4b")
+    ap.add_argument("--batches", default="1,32,64,96")
+    ap.add_argument("--contexts", default="512,1024,2048")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--peak-gbps", type=float, default=4800.0, help="HBM bandwidth for the floor (H200: 4800)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("attention_sweep needs a CUDA device")
+    variants = [DecodeTiles(w, s, p, n) for w, s, p, n in
+                itertools.product((4, 8), (1, 2, 3), (False, True), (0, 32))]
+    records = []
+    for model in args.models.split(","):
+        for layer, (heads, kv_heads, head_dim, window) in layer_shapes(model).items():
+            for batch in map(int, args.batches.split(",")):
+                for context in map(int, args.contexts.split(",")):
+                    q, group, fb = decode_case(batch, context, heads, kv_heads, head_dim, window)
+                    visible = min(context, window or context)
+                    floor_bytes = batch * visible * kv_heads * head_dim * 2 * 2
+                    want = paged_attention_triton(q, group, 0, fb, "bench")
+                    timings = []
+                    for tiles in variants:
+                        got = paged_attention_triton(q, group, 0, fb, "bench", tiles=tiles)
+                        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+                        if err > 2e-2:
+                            raise SystemExit(f"{model} {layer} b{batch} c{context} {tiles}: rel err {err:.3g}")
+                        us = time_us(lambda: paged_attention_triton(q, group, 0, fb, "bench", tiles=tiles), args.reps)
+                        timings.append({**tiles.__dict__, "us": round(us, 2),
+                                        "gbps": round(floor_bytes / us / 1e3, 1)})
+                    best = min(timings, key=lambda t: t["us"])
+                    default = next(t for t in timings if DecodeTiles(**{k: t[k] for k in DECODE_TILES.__dict__})
+                                   == DECODE_TILES)
+                    rec = {"model": model, "layer": layer, "batch": batch, "context": context, "heads": heads,
+                           "kv_heads": kv_heads, "head_dim": head_dim, "window": window, "floor_bytes": floor_bytes,
+                           "floor_us": round(floor_bytes / args.peak_gbps / 1e3, 2), "default": default, "best": best,
+                           "variants": timings}
+                    records.append(rec)
+                    print(f"{model:8s} {layer:7s} b{batch:<3d} c{context:<5d} floor {rec['floor_us']:7.1f} us  "
+                          f"default {default['us']:7.1f}  best {best['us']:7.1f} "
+                          f"(w{best['num_warps']} s{best['num_stages']} pv{int(best['prefetch_v'])} "
+                          f"n{best['block_n']})", flush=True)
+                    del q, group, fb
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "benchmark": "attention_sweep", "commit": args.commit, "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(), "command": " ".join(["python"] + sys.argv),
+        "page_size": PAGE, "peak_gbps": args.peak_gbps, "records": records}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
