@@ -140,6 +140,22 @@ def test_decode_tile_launches_give_the_default_result():
                                                           tiles=tiles), want, atol=1e-6, rtol=1e-6)
 
 
+def test_splits_past_a_rows_keys_store_nothing_the_merge_reads(monkeypatch):
+    """A split that saw none of a row's keys writes only its -inf log-sum-exp: buffers that
+    start as NaN (fresh device memory may hold anything) leave the merged result finite."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    q, group, batch = make_case([Seq(3, 1), Seq(200, 1)], heads=2, kv_heads=1, head_dim=16, page=16)
+    want = paged_attention(q, group, 0, batch, LAYER, "none")
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
 def test_a_decode_row_does_not_depend_on_its_batch():
     """The same sequence decoded alone and beside others: bit-identical (its splits are its own),
     so a captured graph's padded batch and an eager step agree, as do topologies that batch

@@ -173,7 +173,9 @@ def _paged_attention_kernel(
         tl.store(out, (acc / norm[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
     else:  # partial result and its log2-sum-exp2, merged by _merge_splits_kernel
         cell = (split * num_rows + rows.to(tl.int64)) * num_heads + heads
-        tl.store(part_ptr + cell[:, None] * HEAD_DIM + offs_dv[None, :], acc / norm[:, None], mask=out_ok)
+        # a row that saw no key here (a split past its keys) stores its -inf only: the merge skips it
+        tl.store(part_ptr + cell[:, None] * HEAD_DIM + offs_dv[None, :], acc / norm[:, None],
+                 mask=out_ok & (l_i > 0)[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(norm), float("-inf"))
         if dv == 0:
             tl.store(lse_ptr + cell, lse, mask=row_ok)
@@ -190,8 +192,9 @@ def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_rows, num_heads, stride
     lse = tl.load(lse_ptr + cell, mask=split_ok, other=float("-inf"))
     weight = tl.exp2(lse - tl.max(lse, axis=0))  # every row has its own key in some split
     offs_d = tl.arange(0, BLOCK_D)
+    seen = split_ok & (lse > float("-inf"))  # splits that stored a partial result (others wrote none)
     part = tl.load(part_ptr + cell[:, None] * HEAD_DIM + offs_d[None, :],
-                   mask=split_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+                   mask=seen[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     out = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)
     tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
