@@ -88,13 +88,14 @@ def main() -> None:
     ap.add_argument("--models", default="26b_a4b,e4b")
     ap.add_argument("--batches", default="1,32,64,96")
     ap.add_argument("--contexts", default="512,1024,2048")
+    ap.add_argument("--block-ns", default="0,32", help="keys per block to try (0: the default by head dim)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--peak-gbps", type=float, default=4800.0, help="HBM bandwidth for the floor (H200: 4800)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("attention_sweep needs a CUDA device")
     variants = [DecodeTiles(w, s, p, n) for w, s, p, n in
-                itertools.product((4, 8), (1, 2, 3), (False, True), (0, 32))]
+                itertools.product((4, 8), (1, 2, 3), (False, True), map(int, args.block_ns.split(",")))]
     records = []
     for model in args.models.split(","):
         for layer, (heads, kv_heads, head_dim, window) in layer_shapes(model).items():
