@@ -14,6 +14,7 @@ Each item leaves an `encode` span (its kind, tokens, whether the cache answered,
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import warnings
@@ -30,6 +31,7 @@ from .transport import Channel
 KINDS = {"vision_encoder": ("image", "video"), "audio_encoder": ("audio",)}
 Embeddings = tuple[np.ndarray, str]  # (array [tokens, hidden], dtype name: bfloat16 travels as uint16)
 BatchEncoder = Callable[[Sequence[EncodeJob]], list[Embeddings]]
+log = logging.getLogger(__name__)
 
 
 class EncoderCache:
@@ -229,7 +231,22 @@ def lookup_pixels(codes, tables, frame_job):
     return tables.reshape(-1)[index]
 
 
-def make_batch_encoder(encoder, device: str, dtype) -> BatchEncoder:
+def warm_up_tower(encoder, device: str, dtype) -> float:
+    """Encode one and two small blank images (a 12 x 12 patch grid) so that the compiled tower is
+    compiled for both (one image is a size-1 dimension, compiled apart) before any request: seconds."""
+    import torch
+
+    start = time.perf_counter()
+    side = 4 * encoder.cfg.pooling_kernel_size
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    positions = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1).to(device)
+    for images in (1, 2):
+        pixels = torch.zeros((images, side * side, encoder.cfg.patch_dim), device=device, dtype=dtype)
+        encoder.encode(pixels, positions.expand(images, -1, -1).contiguous())
+    return time.perf_counter() - start
+
+
+def make_batch_encoder(encoder, device: str, dtype, compile_tower: bool = False) -> BatchEncoder:
     """Jobs -> embeddings through one of `gemma4_model`'s media encoders, one forward per kind:
     images padded to the most patches (padding patches at position (-1, -1)), videos as their
     frames, audio clips padded to the longest (mask False). On a CUDA device an image encoder
@@ -239,7 +256,9 @@ def make_batch_encoder(encoder, device: str, dtype) -> BatchEncoder:
     from .handoff import to_numpy
 
     if str(device).startswith("cuda") and hasattr(encoder, "enable_graphs"):
-        encoder.enable_graphs()  # the vision tower replays CUDA graphs (gemma4_model.vision_graphs)
+        encoder.enable_graphs(compile=compile_tower)  # the vision tower replays CUDA graphs (gemma4_model.vision_graphs)
+        if compile_tower:
+            log.info("vision tower compiled and captured in %.1f s", warm_up_tower(encoder, device, dtype))
 
     def tensor(a: np.ndarray, dt=None) -> torch.Tensor:
         a = np.ascontiguousarray(a)

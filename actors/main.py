@@ -132,7 +132,8 @@ def run_encoder(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, tra
     inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor], drop_malformed=True)
     replies = [push(zctx, endpoint) for endpoint in ctx.wiring.of_kind(engine_kind(ctx.topology))]
     announce_ready(zctx, ctx)
-    EncoderActor(ctx.actor.kind, make_batch_encoder(encoder, ctx.device, dtype), inbox, replies, tracer=tracer).run(stop)
+    encode = make_batch_encoder(encoder, ctx.device, dtype, compile_tower=ctx.topology.model.compile_vision_encoder)
+    EncoderActor(ctx.actor.kind, encode, inbox, replies, tracer=tracer).run(stop)
 
 
 def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, tracer: Tracer) -> None:

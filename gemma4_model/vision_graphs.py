@@ -12,10 +12,13 @@ and a replay's output is read before the next.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class TowerGraphs:
@@ -23,10 +26,11 @@ class TowerGraphs:
     recently used shapes kept (least recently used released first)."""
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], pooling_kernel_size: int,
-                 max_graphs: int = 8):
+                 max_graphs: int = 8, fallback: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         if max_graphs < 1:
             raise ValueError("max_graphs must be >= 1")
         self.fn = fn
+        self.fallback = fallback  # fn's plain twin, taken for good if fn's warm-up pass fails (a compile error)
         self.patch_bucket = pooling_kernel_size**2 * 16
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = \
@@ -68,7 +72,14 @@ class TowerGraphs:
         side = torch.cuda.Stream(pixel_values.device)
         side.wait_stream(torch.cuda.current_stream(pixel_values.device))
         with torch.cuda.stream(side):  # a warm-up pass: library handles and workspaces exist before capture
-            self.fn(pixels, positions)
+            try:
+                self.fn(pixels, positions)
+            except Exception as exc:  # noqa: BLE001 - any compile failure: the plain pass still works
+                if self.fallback is None or self.fn is self.fallback:
+                    raise
+                log.warning("vision tower: compiled pass failed (%s: %s); replaying the plain pass", type(exc).__name__, exc)
+                self.fn = self.fallback
+                self.fn(pixels, positions)
         torch.cuda.current_stream(pixel_values.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):

@@ -68,3 +68,49 @@ def test_gpu_replayed_tower_matches_the_eager_pass(encoder):
     # image to 630 patches)
     assert graphs.captures == 2 and len(graphs._graphs) == 2
     eager.vision_tower.graphs = None
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_tower_matches_the_eager_pass_in_bf16():
+    """The torch.compile'd tower (CUDA graphs of it) against the plain pass at E4B's real shape, in
+    bf16, over one and two 720p-sized images; both passes warm up first."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from actors.encoder_actor import warm_up_tower
+    from gemma4_model.random_weights import random_media_encoder
+
+    ckpt = tempfile.mkdtemp()
+    shutil.copy(Path(__file__).parent / "fixtures/hf_configs/gemma-4-E4B-it.json", f"{ckpt}/config.json")
+    plain = random_media_encoder(ckpt, "vision", "cuda", torch.bfloat16)
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(rng.random((2, 2520, plain.cfg.patch_dim), dtype=np.float32)).cuda().bfloat16()
+    ys, xs = torch.meshgrid(torch.arange(42), torch.arange(60), indexing="ij")
+    positions = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1).cuda().expand(2, -1, -1).contiguous()
+    want = [plain.encode(pixels[:1], positions[:1])[0], *plain.encode(pixels, positions)]
+    plain.enable_graphs(compile=True)
+    assert warm_up_tower(plain, "cuda", torch.bfloat16) > 0
+    graphs = plain.vision_tower.graphs
+    got = [plain.encode(pixels[:1], positions[:1])[0], *plain.encode(pixels, positions)]
+    assert graphs.fn is not graphs.fallback  # the compiled pass, not the fallback
+    for g, w in zip(got, want):
+        err = ((g.float() - w.float()).norm() / w.float().norm()).item()
+        assert err < 2e-2, err
+    shutil.rmtree(ckpt)
+
+
+@pytest.mark.gpu
+def test_gpu_a_failing_compiled_pass_falls_back_to_the_plain_one(encoder):
+    eager = encoder.to("cuda")
+    pixels, positions = inputs(eager, [(100, 160)])
+    want = eager.encode(pixels.cuda(), positions.cuda())
+
+    def broken(p, q):
+        raise RuntimeError("no compiler")
+
+    eager.vision_tower.graphs = TowerGraphs(broken, eager.cfg.pooling_kernel_size, fallback=eager.vision_tower.transformer)
+    got = eager.encode(pixels.cuda(), positions.cuda())
+    assert eager.vision_tower.graphs.fn is eager.vision_tower.transformer
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+    eager.vision_tower.graphs = None

@@ -60,6 +60,9 @@ class ModelSection:
     # "auto": the checkpoint's weights; "dummy": seeded random weights at the checkpoint's shape
     # for the text decoder and the encoders (speed measurements without weights; vLLM's name)
     load_format: str = "auto"
+    # a CUDA vision encoder replays its tower as torch.compile'd CUDA graphs (element-wise chains
+    # fused; compiled once at start-up, ~1 min); false: the plain pass's graphs
+    compile_vision_encoder: bool = True
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ class ApiSection:
 
 
 SCHEDULER_FIELDS = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
-                    "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule", "load_format")
+                    "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule", "load_format",
+                    "compile_vision_encoder")
 LOAD_FORMATS = ("auto", "dummy")
 KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}
 ATTENTION_BACKENDS = ("torch_native", "triton")
@@ -285,7 +289,8 @@ def _model(t: Mapping[str, Any]) -> ModelSection:
                         kv_cache_dtype=kv_dtype, cuda_graph_max_bs=None if t.get("cuda_graph_max_bs") is None
                         else _int(t, "model.", "cuda_graph_max_bs", 0, 0, 4096),
                         disable_overlap_schedule=_bool(t, "model.", "disable_overlap_schedule", False),
-                        load_format=load_format)
+                        load_format=load_format,
+                        compile_vision_encoder=_bool(t, "model.", "compile_vision_encoder", True))
 
 
 def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:
