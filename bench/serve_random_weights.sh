@@ -13,9 +13,10 @@
 # PYSPY_S=N samples every actor process with py-spy for N seconds from 20 s into the throughput run
 # (collapsed stacks in OUT_DIR/pyspy-<actor>.txt; needs py-spy on the PATH). RUNS picks among
 # "latency", "throughput" (the default: both) and "image" (SGLang's image run at concurrency 1: two
-# 720p images and 128 text tokens per request, 1024 out; adds a vision encoder on cuda:0).
+# 720p images and 128 text tokens per request, 1024 out; adds a vision encoder on cuda:0, its tower
+# torch.compile'd with COMPILE_VISION=1).
 set -euo pipefail
-server_command="SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} bash $0 $*"
+server_command="SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} COMPILE_VISION=${COMPILE_VISION:-} bash $0 $*"
 out=${1:?output directory}
 key=${2:-gemma-4-E4B-it}
 commit=${3:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -58,6 +59,7 @@ name = "random-weights"
 path = "$ckpt"
 dtype = "bfloat16"
 load_format = "dummy"
+compile_vision_encoder = $([ "${COMPILE_VISION:-}" = 1 ] && echo true || echo false)
 max_num_batched_tokens = 8192
 chunked_prefill_size = 4096
 max_running_requests = 128

@@ -61,8 +61,8 @@ class ModelSection:
     # for the text decoder and the encoders (speed measurements without weights; vLLM's name)
     load_format: str = "auto"
     # a CUDA vision encoder replays its tower as torch.compile'd CUDA graphs (element-wise chains
-    # fused; compiled once at start-up, ~1 min); false: the plain pass's graphs
-    compile_vision_encoder: bool = True
+    # fused; compiled once at start-up); false: the plain pass's graphs
+    compile_vision_encoder: bool = False
 
 
 @dataclass(frozen=True)
@@ -290,7 +290,7 @@ def _model(t: Mapping[str, Any]) -> ModelSection:
                         else _int(t, "model.", "cuda_graph_max_bs", 0, 0, 4096),
                         disable_overlap_schedule=_bool(t, "model.", "disable_overlap_schedule", False),
                         load_format=load_format,
-                        compile_vision_encoder=_bool(t, "model.", "compile_vision_encoder", True))
+                        compile_vision_encoder=_bool(t, "model.", "compile_vision_encoder", False))
 
 
 def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:
