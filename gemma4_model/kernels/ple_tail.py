@@ -45,7 +45,8 @@ import triton.language as tl
 from .fused import _round, _use_kernel, gelu_mul_torch, residual_norm_torch
 from .gemv import _gelu_times
 
-MAX_ROWS = 16  # the most rows `ple_tail` takes (one counter each); more go through the unfused chain
+MAX_ROWS = 8  # the most rows `ple_tail` takes (one counter each); more go through the unfused chain. At
+# 16 rows the E4B tail was slower than the chain (bench/results/ple_tail_h100.json: 20.1 vs 16.0 us)
 TILE = 8192  # values of weight per program and product
 
 
