@@ -7,8 +7,8 @@ pages scattered over a pool as the cache leaves them, 16-token pages. Shapes fro
 tests/fixtures/hf_configs: 26B-A4B and E4B sliding (head 256) and full (head 512) layers. Floor
 bytes: each sequence's visible keys (its window, or all) times K and V of every KV head, bf16.
 Each launch is checked against the default launch first (the same partition of keys: equal up
-to bf16 rounding of the partials' order). Time: median of CUDA-event timings over `--reps`
-back-to-back calls.
+to bf16 rounding of the partials' order). Time: `--calls` calls captured in one CUDA graph (no
+host launch overhead), the median of `--reps` replays, per call.
 
     PYTHONPATH=. python bench/attention_sweep.py --commit <sha> --out bench/results/attention_sweep_h200.json
 """
@@ -16,6 +16,7 @@ back-to-back calls.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.gemv_sweep import graph_us  # noqa: E402
 from gemma4_model.batch import ForwardBatch, GroupView  # noqa: E402
 from gemma4_model.config import parse_config  # noqa: E402
 from gemma4_model.kernels.paged_attention import DECODE_TILES, DecodeTiles, paged_attention_triton  # noqa: E402
@@ -57,20 +59,6 @@ def decode_case(batch: int, context: int, heads: int, kv_heads: int, head_dim: i
     return q, group, fb
 
 
-def time_us(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def layer_shapes(model: str) -> dict[str, tuple[int, int, int, int | None]]:
     """layer type -> (heads, kv_heads, head_dim, window)."""
     text = parse_config(json.loads((ROOT / "tests/fixtures/hf_configs" / CONFIGS[model]).read_text())).text
@@ -89,11 +77,13 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32,64,96")
     ap.add_argument("--contexts", default="512,1024,2048")
     ap.add_argument("--block-ns", default="0,32", help="keys per block to try (0: the default by head dim)")
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=20, help="graph replays timed (the median is kept)")
+    ap.add_argument("--calls", type=int, default=10, help="calls captured in one graph (launch overhead left out)")
     ap.add_argument("--peak-gbps", type=float, default=4800.0, help="HBM bandwidth for the floor (H200: 4800)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("attention_sweep needs a CUDA device")
+    stream = torch.cuda.Stream()
     variants = [DecodeTiles(w, s, p, n) for w, s, p, n in
                 itertools.product((4, 8), (1, 2, 3), (False, True), map(int, args.block_ns.split(",")))]
     records = []
@@ -111,7 +101,8 @@ def main() -> None:
                         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
                         if err > 2e-2:
                             raise SystemExit(f"{model} {layer} b{batch} c{context} {tiles}: rel err {err:.3g}")
-                        us = time_us(lambda: paged_attention_triton(q, group, 0, fb, "bench", tiles=tiles), args.reps)
+                        call = functools.partial(paged_attention_triton, q, group, 0, fb, "bench", tiles=tiles)
+                        us = graph_us([call] * args.calls, args.reps, stream)
                         timings.append({**tiles.__dict__, "us": round(us, 2),
                                         "gbps": round(floor_bytes / us / 1e3, 1)})
                     best = min(timings, key=lambda t: t["us"])
