@@ -48,6 +48,16 @@ def test_bucketed_inputs_give_the_same_soft_tokens(encoder):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_tower_is_one_graph_and_gives_the_plain_pass(encoder):
+    """`compile_vision_encoder`'s pass, compiled here for the CPU (float32): no graph breaks
+    (fullgraph), symbolic shapes, the plain pass's values."""
+    compiled = torch.compile(encoder.vision_tower.transformer, dynamic=True, fullgraph=True)
+    pixels, positions = inputs(encoder, [(100, 160), (64, 64)])
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(pixels, positions), encoder.vision_tower.transformer(pixels, positions),
+                                   atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 def test_gpu_replayed_tower_matches_the_eager_pass(encoder):
     eager = encoder.to("cuda")
