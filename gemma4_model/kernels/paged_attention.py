@@ -261,8 +261,8 @@ def paged_attention_triton(
     decode = tiles or DECODE_TILES
     num_warps, num_stages, prefetch_v = (decode.num_warps, decode.num_stages, decode.prefetch_v) if block_m <= 16 \
         else (8, 2, False)
-    if block_m <= 16 and tiles is not None and tiles.block_n:
-        block_n = tiles.block_n
+    if block_m <= 16 and decode.block_n:
+        block_n = decode.block_n
     block_dk = min(d_pad, 256)
     if q.element_size() > 2:  # float32 (tests, the CPU): halve the tiles' bytes
         block_n, block_dk = 32, min(d_pad, 128)
