@@ -232,15 +232,16 @@ def lookup_pixels(codes, tables, frame_job):
 
 
 def warm_up_tower(encoder, device: str, dtype) -> float:
-    """Encode one and two small blank images (a 12 x 12 patch grid) so that the compiled tower is
-    compiled for both (one image is a size-1 dimension, compiled apart) before any request: seconds."""
+    """Encode one and three small blank images (a 12 x 12 patch grid; three replay as four) so the
+    compiled layer is compiled for one image (a size-1 dimension, compiled apart) and for several
+    (four: no size equal to another dimension's, which would tie the two) before any request: seconds."""
     import torch
 
     start = time.perf_counter()
     side = 4 * encoder.cfg.pooling_kernel_size
     ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     positions = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1).to(device)
-    for images in (1, 2):
+    for images in (1, 3):
         pixels = torch.zeros((images, side * side, encoder.cfg.patch_dim), device=device, dtype=dtype)
         encoder.encode(pixels, positions.expand(images, -1, -1).contiguous())
     return time.perf_counter() - start

@@ -17,10 +17,11 @@ max_patches, 2]` holding (x, y) per patch, with (-1, -1) marking padding patches
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -281,6 +282,12 @@ class VisionEncoderLayer(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
+def run_layer(layer: VisionEncoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              key_ok: torch.Tensor) -> torch.Tensor:
+    """One encoder layer: what `ImageEncoder.enable_graphs(compile=True)` compiles, once for every layer."""
+    return layer(h, cos, sin, key_ok)
+
+
 class VisionEncoderStack(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -353,13 +360,15 @@ class VisionTower(nn.Module):
         pooled = pooled.view(n, slots_per_image, hidden).to(h.dtype).float() * hidden**0.5
         return pooled, counts.view(n, slots_per_image) > 0
 
-    def transformer(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Patch embedding and the encoder layers: h [N, L, hidden] (no host reads: capturable)."""
+    def transformer(self, pixel_values: torch.Tensor, position_ids: torch.Tensor,
+                    layer_fn: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        """Patch embedding and the encoder layers: h [N, L, hidden] (no host reads: capturable).
+        `layer_fn(layer, h, cos, sin, key_ok)` runs each layer (`run_layer` compiled, say)."""
         padding = _padding_mask(position_ids)
         h = self.patch_embedder(pixel_values, position_ids)
         cos, sin = self._rope(position_ids, h.dtype)
         for layer in self.encoder.layers:
-            h = layer(h, cos, sin, ~padding)
+            h = layer(h, cos, sin, ~padding) if layer_fn is None else layer_fn(layer, h, cos, sin, ~padding)
         return h
 
     def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> list[torch.Tensor]:
@@ -424,7 +433,9 @@ class ImageEncoder(_ImageEncoderBase):
         from .vision_graphs import TowerGraphs
 
         tower = self.vision_tower
-        fn = torch.compile(tower.transformer, dynamic=True, fullgraph=True) if compile else tower.transformer
+        fn = tower.transformer
+        if compile:  # one compiled layer for all: the modules are its inputs (a 16th of the graph to compile)
+            fn = functools.partial(tower.transformer, layer_fn=torch.compile(run_layer, dynamic=True, fullgraph=True))
         tower.graphs = TowerGraphs(fn, self.cfg.pooling_kernel_size, max_graphs, fallback=tower.transformer)
 
     @torch.inference_mode()

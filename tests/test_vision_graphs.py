@@ -48,14 +48,28 @@ def test_bucketed_inputs_give_the_same_soft_tokens(encoder):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_tower_is_one_graph_and_gives_the_plain_pass(encoder):
-    """`compile_vision_encoder`'s pass, compiled here for the CPU (float32): no graph breaks
-    (fullgraph), symbolic shapes, the plain pass's values."""
-    compiled = torch.compile(encoder.vision_tower.transformer, dynamic=True, fullgraph=True)
-    pixels, positions = inputs(encoder, [(100, 160), (64, 64)])
-    with torch.inference_mode():
-        torch.testing.assert_close(compiled(pixels, positions), encoder.vision_tower.transformer(pixels, positions),
-                                   atol=1e-4, rtol=1e-4)
+def test_compiled_layer_is_one_graph_for_every_layer_and_gives_the_plain_pass():
+    """`compile_vision_encoder`'s layer, compiled here for the CPU (float32): no graph breaks
+    (fullgraph), one compile for all layers and for four images then two (symbolic sizes, none
+    tied to another dimension), the plain pass's values."""
+    from torch._dynamo.utils import counters
+
+    from pathlib import Path
+
+    from gemma4_model.vision import run_layer
+
+    encoder = load_image_encoder(Path(__file__).resolve().parents[1] / "default_model" / "checkpoint")  # two layers
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(run_layer, dynamic=True, fullgraph=True)
+    tower = encoder.vision_tower
+    assert len(tower.encoder.layers) > 1
+    for sizes in ([(100, 160), (64, 64), (40, 200), (90, 90)], [(100, 160), (64, 64)]):
+        pixels, positions = inputs(encoder, sizes)
+        with torch.inference_mode():
+            torch.testing.assert_close(tower.transformer(pixels, positions, layer_fn=compiled),
+                                       tower.transformer(pixels, positions), atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.gpu
