@@ -235,8 +235,10 @@ class OpenAIRoutes:
         now, now_ns = time.monotonic(), time.time_ns()
         for choice, request in zip(generation.choices, generation.requests):
             self.metrics.observe(generation.started_at, choice.first_token_at, now, choice.completion_tokens)
+            first = choice.first_token_at  # the api's own TTFT: the engine's first token reached it
             self.tracer.record("request", generation.started_ns, now_ns, request.request_id,
-                               tokens=choice.completion_tokens, prompt_tokens=choice.prompt_tokens)
+                               tokens=choice.completion_tokens, prompt_tokens=choice.prompt_tokens,
+                               ttft_ms=None if first is None else round((first - generation.started_at) * 1e3, 3))
 
 
 def _depth_exceeds(value, limit: int) -> bool:

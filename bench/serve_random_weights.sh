@@ -14,9 +14,12 @@
 # (collapsed stacks in OUT_DIR/pyspy-<actor>.txt; needs py-spy on the PATH). RUNS picks among
 # "latency", "throughput" (the default: both) and "image" (SGLang's image run at concurrency 1: two
 # 720p images and 128 text tokens per request, 1024 out; adds a vision encoder on cuda:0, its tower
-# torch.compile'd with COMPILE_VISION=1).
+# torch.compile'd with COMPILE_VISION=1). KV_PAGES (16384) and KV_DTYPE (auto; fp8_e4m3) size the KV cache,
+# e.g. to fit 26B-A4B's bf16 weights on an 80 GB card; PROMPTS (1000) sets the throughput run's prompts;
+# DETAILS=1 keeps each request's timings in the JSONs (serve_bench.py --output-details).
 set -euo pipefail
-server_command="SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} COMPILE_VISION=${COMPILE_VISION:-} bash $0 $*"
+server_command="SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} COMPILE_VISION=${COMPILE_VISION:-}\
+ KV_PAGES=${KV_PAGES:-} KV_DTYPE=${KV_DTYPE:-} PROMPTS=${PROMPTS:-} DETAILS=${DETAILS:-} bash $0 $*"
 out=${1:?output directory}
 key=${2:-gemma-4-E4B-it}
 commit=${3:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -63,7 +66,8 @@ compile_vision_encoder = $([ "${COMPILE_VISION:-}" = 1 ] && echo true || echo fa
 max_num_batched_tokens = 8192
 chunked_prefill_size = 4096
 max_running_requests = 128
-kv_pages = 16384
+kv_pages = ${KV_PAGES:-16384}
+kv_cache_dtype = "${KV_DTYPE:-auto}"
 
 [nodes.local]
 host = "127.0.0.1"
@@ -99,7 +103,7 @@ bench() {
     --meta "topology=$([ "${SPLIT:-}" = 1 ] && echo split || echo colocated)" \
     --meta "traces=$([ -n "${TRACE:-}" ] && echo on || echo off)" \
     --meta "device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null | head -1)" \
-    --meta "server_command=${server_command}" "$@"
+    --meta "server_command=${server_command}" $([ "${DETAILS:-}" = 1 ] && echo --output-details) "$@"
 }
 if [[ $runs == *" latency "* ]]; then
   bench --label latency --num-prompts 10 --max-concurrency 1 --random-input-len 1220 --random-output-len 844 \
@@ -115,7 +119,7 @@ if [[ $runs == *" throughput "* ]]; then
       done
       wait ) &
   fi
-  bench --label throughput --num-prompts 1000 --max-concurrency 100 --random-input-len 1024 --random-output-len 1024 \
+  bench --label throughput --num-prompts "${PROMPTS:-1000}" --max-concurrency 100 --random-input-len 1024 --random-output-len 1024 \
     --output-file "$out/throughput.json"
 fi
 if [[ $runs == *" image "* ]]; then  # SGLang's image run at concurrency 1: two 720p images, 128 text tokens

@@ -102,6 +102,15 @@ def test_64_concurrent_streams_batch_in_decode(disaggregated):
     peak = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
             if line.startswith('tandem_peak_batch_size{actor="decode"')]
     assert peak and peak[0] > 1, f"no decode step ran more than one request: {peak}"
+    # the api's request spans carry its TTFT (the engine's first token reaching it), inside the span
+    from actors.tracing import read_spans
+
+    deadline = time.monotonic() + 10
+    while len(requests := [s for s in read_spans(disaggregated.trace_dir) if s.stage == "request"]) < 64 \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(requests) >= 64
+    assert all(0 < s.attrs["ttft_ms"] <= (s.end_ns - s.start_ns) / 1e6 for s in requests)
 
 
 def test_killed_decode_ends_streams_with_an_error_then_recovers(disaggregated):
