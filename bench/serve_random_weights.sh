@@ -14,7 +14,7 @@
 # (collapsed stacks in OUT_DIR/pyspy-<actor>.txt; needs py-spy on the PATH). RUNS picks among
 # "latency", "throughput" (the default: both) and "image" (SGLang's image run at concurrency 1: two
 # 720p images and 128 text tokens per request, 1024 out; adds a vision encoder on cuda:0, its tower
-# torch.compile'd with COMPILE_VISION=1). KV_PAGES (16384) and KV_DTYPE (auto; fp8_e4m3) size the KV cache,
+# torch.compile'd unless COMPILE_VISION=0). KV_PAGES (16384) and KV_DTYPE (auto; fp8_e4m3) size the KV cache,
 # e.g. to fit 26B-A4B's bf16 weights on an 80 GB card; PROMPTS (1000) sets the throughput run's prompts;
 # DETAILS=1 keeps each request's timings in the JSONs (serve_bench.py --output-details).
 set -euo pipefail
@@ -62,7 +62,7 @@ name = "random-weights"
 path = "$ckpt"
 dtype = "bfloat16"
 load_format = "dummy"
-compile_vision_encoder = $([ "${COMPILE_VISION:-}" = 1 ] && echo true || echo false)
+compile_vision_encoder = $([ "${COMPILE_VISION:-1}" = 1 ] && echo true || echo false)
 max_num_batched_tokens = 8192
 chunked_prefill_size = 4096
 max_running_requests = 128
@@ -97,8 +97,11 @@ for _ in $(seq 600); do
   kill -0 $server 2>/dev/null || { tail -40 "$out/server.log"; exit 1; }
   sleep 0.5
 done
+# Each chunk carries its token ids (return_token_ids): a random model's greedy output can dwell on a
+# special token, whose text is skipped, so a text-only client would time the first token late.
 bench() {
   python3 bench/serve_bench.py --base-url "http://127.0.0.1:$port" --disable-tqdm --meta "model_shape=$key" \
+    --extra-request-body '{"return_token_ids": true}' \
     --meta "weights=random (--load-format dummy)" --meta "commit=$commit" \
     --meta "topology=$([ "${SPLIT:-}" = 1 ] && echo split || echo colocated)" \
     --meta "traces=$([ -n "${TRACE:-}" ] && echo on || echo off)" \

@@ -183,6 +183,6 @@ def test_gpu_a_failing_compiled_pass_falls_back_to_the_plain_one(encoder):
 
     eager.vision_tower.graphs = TowerGraphs(broken, eager.cfg.pooling_kernel_size, fallback=eager.vision_tower.transformer)
     got = eager.encode(pixels.cuda(), positions.cuda())
-    assert eager.vision_tower.graphs.fn is eager.vision_tower.transformer
+    assert eager.vision_tower.graphs.fn == eager.vision_tower.transformer  # bound methods: equal, not identical
     torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
     eager.vision_tower.graphs = None
