@@ -28,11 +28,14 @@ from anchors import MODEL_KEYS, SGLANG_H200, SOURCE  # noqa: E402
 from mtp_speed import Clock, copy_bandwidth, model_configs, step_bytes  # noqa: E402
 
 from gemma4_model.engine import Engine, SchedulerLimits  # noqa: E402
+from gemma4_model.kernels.l2_prefetch import WeightPrefetch  # noqa: E402
 from gemma4_model.kv_cache import PagedKVCache  # noqa: E402
 from gemma4_model.random_weights import random_text_decoder  # noqa: E402
 from gemma4_model.sampling import SamplingParams  # noqa: E402
 
-MODES = ("eager", "kernels", "graphs", "overlap")
+MODES = ("eager", "kernels", "graphs", "overlap", "prefetch", "prefetch_mlp")
+# prefetch: graphs with weights read into L2 ahead of their products (kernels/l2_prefetch.py);
+# prefetch_mlp: also the head of each gate|up weight (--prefetch-mlp-fraction of each row)
 
 
 def say(*parts) -> None:
@@ -85,13 +88,18 @@ def prefilled_engine(model, cfg, batch: int, context: int, max_new: int, page_si
 
 def measure(model, cfg, batch: int, mode: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     model.set_kernels(mode != "eager")
+    prefetch = mode.startswith("prefetch")
+    model.weight_prefetch = WeightPrefetch(device, max_rows=max(batch, 1), mlp_fraction=args.prefetch_mlp_fraction
+                                           if mode == "prefetch_mlp" else 0.0) if prefetch else None
     engine, capture_s = prefilled_engine(model, cfg, batch, args.context, args.steps + args.warmup + 4, args.page_size,
-                                         device, dtype, overlap=mode == "overlap", graphs=mode in ("graphs", "overlap"))
+                                         device, dtype, overlap=mode == "overlap",
+                                         graphs=mode in ("graphs", "overlap") or prefetch)
     time_steps(engine, args.warmup, device)
     times = time_steps(engine, args.steps, device)
     replays = engine.graphs.replays if engine.graphs is not None else 0
     if engine.graphs is not None:
         engine.graphs.close()
+    model.weight_prefetch = None
     for seq in list(engine.scheduler.running):
         engine.cancel(seq)
     del engine
@@ -112,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--prefetch-mlp-fraction", type=float, default=0.15, help="prefetch_mlp mode: share of each "
+                    "gate|up row read into L2 with the o projection")
     ap.add_argument("--smoke", action="store_true", help="CPU, float32, a tiny config, eager only")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.smoke else "cuda")

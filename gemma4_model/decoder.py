@@ -7,7 +7,9 @@ MoE block, per-layer embeddings (PLE), final logit softcapping and tied embeddin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from .attention import paged_attention, write_kv
 from .batch import ForwardBatch
 from .config import LayerSpec, TextConfig
 from .kernels.fused import KVWrite, gelu_mul, head_norm_rope, ple_combine, ple_combine_torch, residual_norm
+from .kernels.l2_prefetch import WeightPrefetch
 from .kernels.ple_tail import PleTail
 from .kernels.moe import moe_combine, moe_expert_rows, moe_route
 from .kernels.paged_attention import paged_attention_triton
@@ -59,22 +62,29 @@ class Attention(nn.Module):
             self._qkv = pack_rows(*projections)
         return self._qkv
 
+    def input_weight(self) -> torch.Tensor:
+        """The weight of the layer's first product: q|k|v packed, or q alone (KV-shared layers)."""
+        return self.packed_qkv() if self.spec.owns_kv else self.q_proj.weight
+
     def forward_kernels(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
-                        cache: PagedKVCache) -> torch.Tensor:
+                        cache: PagedKVCache, after_qkv: Callable[[], None] | None = None) -> torch.Tensor:
         """`forward` on normed input `y` through the fused kernels (q, k, v in one product, their
-        norms, RoPE and the cache write in one launch, then the Triton attention)."""
+        norms, RoPE and the cache write in one launch, then the Triton attention); `after_qkv` is
+        called once the q|k|v product is queued (a weight prefetch's fork point)."""
         spec = self.spec
         group = cache.groups[spec.layer_type]
         slot = group.slot_of(spec.kv_owner)
         eps = self.q_norm.eps
+        qkv = F.linear(y, self.input_weight())
+        if after_qkv is not None:
+            after_qkv()
         if spec.owns_kv:
             shape = (-1, spec.num_kv_heads, spec.head_dim)
             kv = KVWrite(self.k_norm.weight, spec.num_kv_heads, spec.k_eq_v, group.k[slot].view(shape),
                          group.v[slot].view(shape), batch.groups[spec.layer_type].write_slots)
-            q = head_norm_rope(F.linear(y, self.packed_qkv()), self.heads, spec.head_dim, self.q_norm.weight, cos, sin,
-                               eps, kv)
+            q = head_norm_rope(qkv, self.heads, spec.head_dim, self.q_norm.weight, cos, sin, eps, kv)
         else:
-            q = head_norm_rope(self.q_proj(y), self.heads, spec.head_dim, self.q_norm.weight, cos, sin, eps)
+            q = head_norm_rope(qkv, self.heads, spec.head_dim, self.q_norm.weight, cos, sin, eps)
         out = paged_attention_triton(q, group, slot, batch, spec.layer_type, self.span_mode)
         return self.o_proj(out.reshape(y.shape[0], -1))
 
@@ -139,12 +149,17 @@ class DecoderLayer(nn.Module):
         return x * self.layer_scalar
 
     def forward_kernels(self, x: torch.Tensor, y: torch.Tensor, ple_input: torch.Tensor | None, cos, sin, batch,
-                        cache, next_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        cache, next_norm: torch.Tensor, prefetch: WeightPrefetch | None = None,
+                        next_layer: DecoderLayer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` through the fused kernels: x is the residual stream, y = input_layernorm(x);
         returns the layer's output and its norm by `next_norm` (the next layer's input norm, or
-        the final norm), each norm fused with the residual add before it."""
+        the final norm), each norm fused with the residual add before it. With `prefetch`, the o
+        projection (and the head of gate|up) are read into L2 while attention runs, and the
+        per-layer-embedding weights and `next_layer`'s first product while the layer's tail runs."""
         eps = self.input_layernorm.eps
-        attn = self.self_attn.forward_kernels(y, cos, sin, batch, cache)
+        after_qkv = None if prefetch is None else partial(
+            prefetch, self.self_attn.o_proj.weight, prefetch.mlp_head(self.mlp.packed_gate_up()))
+        attn = self.self_attn.forward_kernels(y, cos, sin, batch, cache, after_qkv)
         h, y = residual_norm(attn, x, self.post_attention_layernorm.weight, eps,
                              next_weight=self.pre_feedforward_layernorm.weight)
         mlp = self.mlp
@@ -156,6 +171,9 @@ class DecoderLayer(nn.Module):
             rows = moe_expert_rows(expert_in, weights, experts, self.experts.gate_up_proj, self.experts.down_proj)
             m = moe_combine(m, rows, self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight,
                             eps)
+        if prefetch is not None:
+            prefetch(*((self.per_layer_input_gate.weight, self.per_layer_projection.weight) if self.ple else ()),
+                     None if next_layer is None else next_layer.self_attn.input_weight())
         if not self.ple:
             return residual_norm(m, h, self.post_feedforward_layernorm.weight, eps, self.layer_scalar, next_norm)
         if PleTail.fits(m):  # decode batch sizes: the post-feed-forward norm to the next norm in two launches
@@ -190,6 +208,9 @@ class TextDecoder(nn.Module):
             self.per_layer_model_projection = nn.Linear(cfg.hidden_size, n, bias=False)
             self.per_layer_projection_norm = RMSNorm(cfg.ple_dim, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # weights read into L2 ahead of their products at decode batch sizes (kernels on, CUDA; see
+        # kernels/l2_prefetch.py); None: off
+        self.weight_prefetch: WeightPrefetch | None = None
 
     def set_kernels(self, on: bool) -> None:
         """Run the layers through the Triton kernels (on) or their PyTorch twins (off).
@@ -293,11 +314,16 @@ class TextDecoder(nn.Module):
         the last KV-owning layer)."""
         layers, first_shared = self.layers, self.cfg.first_shared_layer
         given = narrow if isinstance(narrow, tuple) else None
+        prefetch = self.weight_prefetch if self.weight_prefetch is not None and self.weight_prefetch.applies(x) else None
         y, _ = residual_norm(x, None, layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
         for i, layer in enumerate(layers):
             if i == first_shared and (given is not None or narrow and batch.logits_rows.numel() < x.shape[0]):
                 batch, rope, x, y, ple = self._rows_going_on(batch, rope, x, y, ple, narrowed=given)
             cos, sin = rope[layer.spec.layer_type]
-            next_norm = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else self.norm.weight
-            x, y = layer.forward_kernels(x, y, None if ple is None else ple[:, i], cos, sin, batch, cache, next_norm)
+            last = i + 1 == len(layers)
+            next_norm = self.norm.weight if last else layers[i + 1].input_layernorm.weight
+            x, y = layer.forward_kernels(x, y, None if ple is None else ple[:, i], cos, sin, batch, cache, next_norm,
+                                         prefetch, None if last else layers[i + 1])
+        if prefetch is not None:
+            prefetch.join()
         return y, batch

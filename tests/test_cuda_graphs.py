@@ -7,6 +7,7 @@ import torch
 
 from gemma4_model.cuda_graphs import DEFAULT_BATCH_SIZES, ChunkInputs, can_capture, capture_sizes, logits_seqs
 from gemma4_model.engine import Engine, SchedulerLimits
+from gemma4_model.kernels.l2_prefetch import WeightPrefetch
 from gemma4_model.kv_cache import PagedKVCache
 from gemma4_model.loader import load_text_decoder
 from gemma4_model.media_span import MediaSpan, MediaTokens
@@ -36,12 +37,15 @@ def prompts():
     return [torch.randint(3, 250, (n,), generator=g).tolist() for n in (37, 9, 23, 61, 5)]
 
 
-def greedy_outputs(path, decode_graphs: bool, chunk_graphs: bool) -> tuple[list[list[int]], Engine]:
+def greedy_outputs(path, decode_graphs: bool, chunk_graphs: bool,
+                   prefetch: dict | None = None) -> tuple[list[list[int]], Engine]:
     """Five sequences of different lengths (prompt chunks of 16 beside decodes; decode batches
     padded to the captured 8), finishing at different steps (the batch shrinks through 4, 2, 1),
-    greedy, float32, on the GPU."""
+    greedy, float32, on the GPU; `prefetch`: a `WeightPrefetch`'s arguments, to run with one."""
     config, model = load_text_decoder(path, device="cuda", dtype=torch.float32)
     model.set_kernels(True)
+    if prefetch is not None:
+        model.weight_prefetch = WeightPrefetch(torch.device("cuda", torch.cuda.current_device()), **prefetch)
     cache = PagedKVCache(config.text, page_size=4, num_pages=160, device="cuda", dtype=torch.float32)
     engine = Engine(model, cache, SchedulerLimits(max_batch_tokens=64, max_running=8, chunk_size=16))
     if decode_graphs:
