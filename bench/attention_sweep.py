@@ -1,6 +1,6 @@
 """Decode attention at serving batch sizes: `paged_attention_triton` launches (warps, pipeline
-stages, V loaded with K or after the scores, keys per block) timed against the bytes a step
-must read, on the device (CUDA only).
+stages, V loaded with K or after the scores, keys per block, fewest keys per split) timed against
+the bytes a step must read, on the device (CUDA only).
 
 One decode row per sequence, every sequence at `--context` tokens (positions context-1), K/V
 pages scattered over a pool as the cache leaves them, 16-token pages. Shapes from
@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32,64,96")
     ap.add_argument("--contexts", default="512,1024,2048")
     ap.add_argument("--block-ns", default="0,32", help="keys per block to try (0: the default by head dim)")
+    ap.add_argument("--split-keys", default="64,256", help="fewest keys per flash-decoding split to try")
     ap.add_argument("--reps", type=int, default=20, help="graph replays timed (the median is kept)")
     ap.add_argument("--calls", type=int, default=10, help="calls captured in one graph (launch overhead left out)")
     ap.add_argument("--peak-gbps", type=float, default=4800.0, help="HBM bandwidth for the floor (H200: 4800)")
@@ -84,8 +85,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("attention_sweep needs a CUDA device")
     stream = torch.cuda.Stream()
-    variants = [DecodeTiles(w, s, p, n) for w, s, p, n in
-                itertools.product((4, 8), (1, 2, 3), (False, True), map(int, args.block_ns.split(",")))]
+    variants = [DecodeTiles(w, s, p, n, k) for w, s, p, n, k in
+                itertools.product((4, 8), (1, 2, 3), (False, True), map(int, args.block_ns.split(",")),
+                                  map(int, args.split_keys.split(",")))]
     records = []
     for model in args.models.split(","):
         for layer, (heads, kv_heads, head_dim, window) in layer_shapes(model).items():
@@ -116,7 +118,7 @@ def main() -> None:
                     print(f"{model:8s} {layer:7s} b{batch:<3d} c{context:<5d} floor {rec['floor_us']:7.1f} us  "
                           f"default {default['us']:7.1f}  best {best['us']:7.1f} "
                           f"(w{best['num_warps']} s{best['num_stages']} pv{int(best['prefetch_v'])} "
-                          f"n{best['block_n']})", flush=True)
+                          f"n{best['block_n']} k{best['split_keys']})", flush=True)
                     del q, group, fb
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

@@ -35,20 +35,25 @@ SPAN_MODES = {"none": 0, "windowed": 1, "override": 2}
 NO_WINDOW = 1 << 30  # a window no sequence reaches: the causal mask alone
 _FAR = tl.constexpr(NO_WINDOW)
 _LOG2E = tl.constexpr(1.4426950408889634)
-SPLIT_KEYS = 64  # the fewest keys of a flash-decoding split (a multiple of every BLOCK_N)
+SPLIT_KEYS = 64  # the fewest keys of a flash-decoding split (a multiple of every BLOCK_N) by default
 MAX_SPLITS = 16  # the splits of every decode-like launch on a GPU
-_SPLIT_KEYS = tl.constexpr(SPLIT_KEYS)
 
 
 @dataclass(frozen=True)
 class DecodeTiles:
     """The launch of decode-like (16-row) tiles: warps, software-pipeline stages, whether V is
-    loaded with K, and keys per block (0: by head dim)."""
+    loaded with K, keys per block (0: by head dim), and the fewest keys of a split (a multiple
+    of 64: more make fewer, longer splits)."""
 
     num_warps: int = 4
     num_stages: int = 2
     prefetch_v: bool = False
     block_n: int = 0
+    split_keys: int = SPLIT_KEYS
+
+    def __post_init__(self):
+        if self.split_keys <= 0 or self.split_keys % 64:
+            raise ValueError(f"split_keys is a positive multiple of 64, got {self.split_keys}")
 
 
 DECODE_TILES = DecodeTiles()
@@ -77,8 +82,8 @@ def _paged_attention_kernel(
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_table,
     HEAD_DIM: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
-    PAGE: tl.constexpr, SPAN_MODE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
-    PREFETCH_V: tl.constexpr,
+    PAGE: tl.constexpr, SPAN_MODE: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_KEYS: tl.constexpr,
+    IEEE: tl.constexpr, PREFETCH_V: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1) // NUM_DV
@@ -111,7 +116,7 @@ def _paged_attention_kernel(
         hi = tl.where(span_len > 0, kv_len, hi)  # and past the query, inside the chunk
     # splits of SPLIT_KEYS keys from the window's start (more per split only past NUM_SPLITS of
     # them): a row's partition, so its result, does not depend on its batch
-    per_split = tl.maximum(_SPLIT_KEYS, tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N)
+    per_split = tl.maximum(SPLIT_KEYS, tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N)
     split_lo = lo + split * per_split
     split_hi = tl.minimum(hi, split_lo + per_split)
 
@@ -283,6 +288,7 @@ def paged_attention_triton(
                 dict(HEAD_DIM=head_dim, REP=rep, REP_PAD=rep_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
                      NUM_DK=d_pad // block_dk, BLOCK_DV=block_dv, NUM_DV=d_pad // block_dv, PAGE=page,
                      SPAN_MODE=SPAN_MODES[span_mode], NUM_SPLITS=splits,
+                     SPLIT_KEYS=decode.split_keys if block_m <= 16 else SPLIT_KEYS,
                      IEEE=q.dtype == torch.float32, PREFETCH_V=prefetch_v, num_warps=num_warps, num_stages=num_stages))
     return out
 
