@@ -88,6 +88,9 @@ def add_scheduler_options(command: argparse.ArgumentParser) -> None:
     group.add_argument("--disable-overlap-schedule", action="store_const", const=True,
                        help="wait for each decode step's tokens before launching the next (default: the "
                             "next step is launched first, the host's work hidden under the device's)")
+    group.add_argument("--weight-prefetch-max-bs", type=int, metavar="N",
+                       help="with --attention-backend triton, CUDA decode steps of up to N sequences read each "
+                            "layer's next weights into L2 on a side stream (default 0: off)")
     group.add_argument("--load-format", choices=("auto", "dummy"),
                        help="auto: the checkpoint's weights (default); dummy: seeded random weights at the "
                             "checkpoint's shape for the text decoder and the encoders (speed measurements)")
@@ -95,7 +98,7 @@ def add_scheduler_options(command: argparse.ArgumentParser) -> None:
 
 def scheduler_overrides(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
     names = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
-             "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule", "load_format")
+             "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule", "load_format", "weight_prefetch_max_bs")
     return tuple((name, getattr(args, name)) for name in names if getattr(args, name) is not None)
 
 

@@ -142,6 +142,7 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     from gemma4_model.cuda_graphs import can_capture
     from gemma4_model.engine import Engine, SchedulerLimits
     from gemma4_model.grammar import GrammarBook
+    from gemma4_model.kernels.l2_prefetch import WeightPrefetch
     from gemma4_model.kv_cache import PagedKVCache
     from gemma4_model.loader import checkpoint_config, load_text_decoder
     from gemma4_model.random_weights import random_text_decoder
@@ -168,6 +169,9 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     limits = SchedulerLimits(model_section.max_num_batched_tokens, model_section.max_running_requests,
                              model_section.chunked_prefill_size)
     model.set_kernels(model_section.attention_backend == "triton" and model.embed_tokens.weight.is_cuda)
+    if model.kernels and model.embed_tokens.weight.is_cuda and model_section.weight_prefetch_max_bs > 0:
+        model.weight_prefetch = WeightPrefetch(model.embed_tokens.weight.device,
+                                               max_rows=model_section.weight_prefetch_max_bs)
     engine = Engine(model, cache, limits, grammars=grammars, draft_context=ctx.topology.speculative is not None,
                     # a prefill actor hands each request over at its first token: nothing to overlap
                     overlap=not model_section.disable_overlap_schedule and ctx.actor.kind != "prefill", **drafting)

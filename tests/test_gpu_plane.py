@@ -282,7 +282,7 @@ def run_pair(tmp_path, checkpoint, backend, process_group, devices, colocated_de
     try:
         for channel in actors.decode_in:  # the api's cancel reaches every decode replica before the handoff
             channel.send(CancelRequest("cancelled"))
-        time.sleep(0.2)
+        time.sleep(1.0)  # an actor on a loaded machine may not poll its inbox for a while
         actors.prefill.send(job("cancelled", 30, seed=5))  # goes to decode-0, like j1 and j3 after it
         for j in jobs:
             actors.prefill.send(j)

@@ -70,6 +70,11 @@ def test_scheduler_fields_their_flags_and_the_engine_they_reach():
     with pytest.raises(TopologyError, match="load_format"):
         with_model_overrides(parse_topology(BASE), {"load_format": "npz"})
     assert model.cuda_graph_max_bs is None and model.attention_backend == "triton"
+    assert model.weight_prefetch_max_bs == 0
+    prefetch = dict(scheduler_overrides(ap.parse_args(["--weight-prefetch-max-bs", "8"])))
+    assert with_model_overrides(parse_topology(BASE), prefetch).model.weight_prefetch_max_bs == 8
+    with pytest.raises(TopologyError, match="weight_prefetch_max_bs"):
+        with_model_overrides(parse_topology(BASE), {"weight_prefetch_max_bs": -1})
     native = dict(scheduler_overrides(ap.parse_args(["--attention-backend", "torch_native", "--cuda-graph-max-bs", "32"])))
     changed = with_model_overrides(parse_topology(BASE), native).model
     assert (changed.attention_backend, changed.cuda_graph_max_bs) == ("torch_native", 32)

@@ -64,6 +64,10 @@ class ModelSection:
     # fused; compiled once at start-up, about 20 s; H100, E4B, one 720p image: 6.4 ms against the
     # plain pass's 14.8, bench/results/vision_encoder_h100.json); false: the plain pass's graphs
     compile_vision_encoder: bool = True
+    # with the triton backend, CUDA decode steps of up to this many sequences read each layer's next
+    # weights into L2 on a side stream while attention and the layer's tail run
+    # (gemma4_model/kernels/l2_prefetch.py); 0: off
+    weight_prefetch_max_bs: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ class ApiSection:
 
 SCHEDULER_FIELDS = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
                     "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule", "load_format",
-                    "compile_vision_encoder")
+                    "compile_vision_encoder", "weight_prefetch_max_bs")
 LOAD_FORMATS = ("auto", "dummy")
 KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}
 ATTENTION_BACKENDS = ("torch_native", "triton")
@@ -291,7 +295,8 @@ def _model(t: Mapping[str, Any]) -> ModelSection:
                         else _int(t, "model.", "cuda_graph_max_bs", 0, 0, 4096),
                         disable_overlap_schedule=_bool(t, "model.", "disable_overlap_schedule", False),
                         load_format=load_format,
-                        compile_vision_encoder=_bool(t, "model.", "compile_vision_encoder", True))
+                        compile_vision_encoder=_bool(t, "model.", "compile_vision_encoder", True),
+                        weight_prefetch_max_bs=_int(t, "model.", "weight_prefetch_max_bs", 0, 0, 4096))
 
 
 def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:
