@@ -6,8 +6,8 @@ One decode row per sequence, every sequence at `--context` tokens (positions con
 pages scattered over a pool as the cache leaves them, 16-token pages. Shapes from
 tests/fixtures/hf_configs: 26B-A4B and E4B sliding (head 256) and full (head 512) layers. Floor
 bytes: each sequence's visible keys (its window, or all) times K and V of every KV head, bf16.
-Each launch is checked against the default launch first (the same partition of keys: equal up
-to bf16 rounding of the partials' order). Time: `--calls` calls captured in one CUDA graph (no
+Each launch is checked against the default launch first (equal up to bf16 rounding: the same
+keys, partitioned otherwise by other split counts and sizes). Time: `--calls` calls captured in one CUDA graph (no
 host launch overhead), the median of `--reps` replays, per call.
 
     PYTHONPATH=. python bench/attention_sweep.py --commit <sha> --out bench/results/attention_sweep_h200.json
@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 from bench.gemv_sweep import graph_us  # noqa: E402
 from gemma4_model.batch import ForwardBatch, GroupView  # noqa: E402
 from gemma4_model.config import parse_config  # noqa: E402
-from gemma4_model.kernels.paged_attention import DECODE_TILES, DecodeTiles, paged_attention_triton  # noqa: E402
+from gemma4_model.kernels.paged_attention import DECODE_TILES, MAX_SPLITS, DecodeTiles, paged_attention_triton  # noqa: E402
 from gemma4_model.kv_cache import KVGroup  # noqa: E402
 from gemma4_model.page_pool import PagePool  # noqa: E402
 
@@ -78,6 +78,10 @@ def main() -> None:
     ap.add_argument("--contexts", default="512,1024,2048")
     ap.add_argument("--block-ns", default="0,32", help="keys per block to try (0: the default by head dim)")
     ap.add_argument("--split-keys", default="64,256", help="fewest keys per flash-decoding split to try")
+    ap.add_argument("--num-splits", default=str(MAX_SPLITS), help="flash-decoding splits (programs per sequence "
+                    "and KV head) to try")
+    ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--stages", default="1,2,3")
     ap.add_argument("--reps", type=int, default=20, help="graph replays timed (the median is kept)")
     ap.add_argument("--calls", type=int, default=10, help="calls captured in one graph (launch overhead left out)")
     ap.add_argument("--peak-gbps", type=float, default=4800.0, help="HBM bandwidth for the floor (H200: 4800)")
@@ -85,9 +89,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("attention_sweep needs a CUDA device")
     stream = torch.cuda.Stream()
-    variants = [DecodeTiles(w, s, p, n, k) for w, s, p, n, k in
-                itertools.product((4, 8), (1, 2, 3), (False, True), map(int, args.block_ns.split(",")),
-                                  map(int, args.split_keys.split(",")))]
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    variants = [(DecodeTiles(w, s, p, n, k), splits) for w, s, p, n, k, splits in
+                itertools.product(ints(args.warps), ints(args.stages), (False, True), ints(args.block_ns),
+                                  ints(args.split_keys), ints(args.num_splits))]
     records = []
     for model in args.models.split(","):
         for layer, (heads, kv_heads, head_dim, window) in layer_shapes(model).items():
@@ -98,27 +103,28 @@ def main() -> None:
                     floor_bytes = batch * visible * kv_heads * head_dim * 2 * 2
                     want = paged_attention_triton(q, group, 0, fb, "bench")
                     timings = []
-                    for tiles in variants:
-                        got = paged_attention_triton(q, group, 0, fb, "bench", tiles=tiles)
+                    for tiles, splits in variants:
+                        got = paged_attention_triton(q, group, 0, fb, "bench", num_splits=splits, tiles=tiles)
                         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
                         if err > 2e-2:
                             raise SystemExit(f"{model} {layer} b{batch} c{context} {tiles}: rel err {err:.3g}")
-                        call = functools.partial(paged_attention_triton, q, group, 0, fb, "bench", tiles=tiles)
+                        call = functools.partial(paged_attention_triton, q, group, 0, fb, "bench", num_splits=splits,
+                                                 tiles=tiles)
                         us = graph_us([call] * args.calls, args.reps, stream)
-                        timings.append({**tiles.__dict__, "us": round(us, 2),
+                        timings.append({**tiles.__dict__, "num_splits": splits, "us": round(us, 2),
                                         "gbps": round(floor_bytes / us / 1e3, 1)})
                     best = min(timings, key=lambda t: t["us"])
-                    default = next(t for t in timings if DecodeTiles(**{k: t[k] for k in DECODE_TILES.__dict__})
-                                   == DECODE_TILES)
+                    default = next((t for t in timings if t["num_splits"] == MAX_SPLITS and DecodeTiles(
+                        **{k: t[k] for k in DECODE_TILES.__dict__}) == DECODE_TILES), None)
                     rec = {"model": model, "layer": layer, "batch": batch, "context": context, "heads": heads,
                            "kv_heads": kv_heads, "head_dim": head_dim, "window": window, "floor_bytes": floor_bytes,
                            "floor_us": round(floor_bytes / args.peak_gbps / 1e3, 2), "default": default, "best": best,
                            "variants": timings}
                     records.append(rec)
                     print(f"{model:8s} {layer:7s} b{batch:<3d} c{context:<5d} floor {rec['floor_us']:7.1f} us  "
-                          f"default {default['us']:7.1f}  best {best['us']:7.1f} "
+                          f"default {default['us'] if default else float('nan'):7.1f}  best {best['us']:7.1f} "
                           f"(w{best['num_warps']} s{best['num_stages']} pv{int(best['prefetch_v'])} "
-                          f"n{best['block_n']} k{best['split_keys']})", flush=True)
+                          f"n{best['block_n']} k{best['split_keys']} x{best['num_splits']})", flush=True)
                     del q, group, fb
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
