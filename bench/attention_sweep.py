@@ -1,6 +1,6 @@
 """Decode attention at serving batch sizes: `paged_attention_triton` launches (warps, pipeline
-stages, V loaded with K or after the scores, keys per block, fewest keys per split) timed against
-the bytes a step must read, on the device (CUDA only).
+stages, V loaded with K or after the scores, keys per block, fewest keys per split, programs over
+the splits, split counts) timed against the bytes a step must read, on the device (CUDA only).
 
 One decode row per sequence, every sequence at `--context` tokens (positions context-1), K/V
 pages scattered over a pool as the cache leaves them, 16-token pages. Shapes from
@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--split-keys", default="64,256", help="fewest keys per flash-decoding split to try")
     ap.add_argument("--num-splits", default=str(MAX_SPLITS), help="flash-decoding splits (programs per sequence "
                     "and KV head) to try")
+    ap.add_argument("--split-programs", default="0", help="programs over a sequence's splits to try (0: one a split)")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="1,2,3")
     ap.add_argument("--reps", type=int, default=20, help="graph replays timed (the median is kept)")
@@ -90,9 +91,9 @@ def main() -> None:
         sys.exit("attention_sweep needs a CUDA device")
     stream = torch.cuda.Stream()
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    variants = [(DecodeTiles(w, s, p, n, k), splits) for w, s, p, n, k, splits in
+    variants = [(DecodeTiles(w, s, p, n, k, g), splits) for w, s, p, n, k, g, splits in
                 itertools.product(ints(args.warps), ints(args.stages), (False, True), ints(args.block_ns),
-                                  ints(args.split_keys), ints(args.num_splits))]
+                                  ints(args.split_keys), ints(args.split_programs), ints(args.num_splits))]
     records = []
     for model in args.models.split(","):
         for layer, (heads, kv_heads, head_dim, window) in layer_shapes(model).items():
@@ -124,7 +125,7 @@ def main() -> None:
                     print(f"{model:8s} {layer:7s} b{batch:<3d} c{context:<5d} floor {rec['floor_us']:7.1f} us  "
                           f"default {default['us'] if default else float('nan'):7.1f}  best {best['us']:7.1f} "
                           f"(w{best['num_warps']} s{best['num_stages']} pv{int(best['prefetch_v'])} "
-                          f"n{best['block_n']} k{best['split_keys']} x{best['num_splits']})", flush=True)
+                          f"n{best['block_n']} k{best['split_keys']} x{best['num_splits']} g{best['split_programs']})", flush=True)
                     del q, group, fb
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

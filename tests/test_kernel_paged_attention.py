@@ -130,7 +130,7 @@ def test_flash_decoding_splits_equal_one_pass():
 
 def test_decode_tile_launches_give_the_default_result():
     """V loaded with K, other warps, stages and key blocks (bench/attention_sweep.py's variants):
-    the same keys in the same order, so the same output."""
+    the same keys in the same order, so the same output; fewer programs over the same splits too."""
     q, group, batch = make_case([Seq(1100, 1), Seq(3, 1), Seq(150, 1)], heads=4, kv_heads=2, head_dim=32, page=16,
                                 window=700)
     want = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16)
@@ -138,6 +138,13 @@ def test_decode_tile_launches_give_the_default_result():
     for tiles in (DecodeTiles(prefetch_v=True), DecodeTiles(8, 3, True, 16), DecodeTiles(4, 1, False, 32)):
         torch.testing.assert_close(paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16,
                                                           tiles=tiles), want, atol=1e-6, rtol=1e-6)
+    # fewer programs, each taking every so-many-th split: the same partition, the same bits
+    for programs in (1, 3, 4):
+        got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16,
+                                     tiles=DecodeTiles(split_programs=programs))
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="split_programs"):
+        DecodeTiles(split_programs=-1)
     # longer splits partition the keys otherwise: the same result up to summation order
     for tiles in (DecodeTiles(split_keys=256), DecodeTiles(8, 2, True, 32, 512)):
         torch.testing.assert_close(paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16,

@@ -42,18 +42,22 @@ MAX_SPLITS = 16  # the splits of every decode-like launch on a GPU
 @dataclass(frozen=True)
 class DecodeTiles:
     """The launch of decode-like (16-row) tiles: warps, software-pipeline stages, whether V is
-    loaded with K, keys per block (0: by head dim), and the fewest keys of a split (a multiple
-    of 64: more make fewer, longer splits)."""
+    loaded with K, keys per block (0: by head dim), the fewest keys of a split (a multiple of 64:
+    more make fewer, longer splits), and the programs that take a sequence's splits (fewer than
+    the splits: each takes every so-many-th; the partition, so the result, is the same)."""
 
     num_warps: int = 4
     num_stages: int = 2
     prefetch_v: bool = False
     block_n: int = 0
     split_keys: int = SPLIT_KEYS
+    split_programs: int = 0  # programs per sequence and KV head over the splits (0: one per split)
 
     def __post_init__(self):
         if self.split_keys <= 0 or self.split_keys % 64:
             raise ValueError(f"split_keys is a positive multiple of 64, got {self.split_keys}")
+        if self.split_programs < 0:
+            raise ValueError(f"split_programs is 0 (one per split) or a count, got {self.split_programs}")
 
 
 DECODE_TILES = DecodeTiles()
@@ -83,12 +87,11 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
     PAGE: tl.constexpr, SPAN_MODE: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_KEYS: tl.constexpr,
-    IEEE: tl.constexpr, PREFETCH_V: tl.constexpr,
+    SPLIT_PROGRAMS: tl.constexpr, IEEE: tl.constexpr, PREFETCH_V: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1) // NUM_DV
     dv = tl.program_id(1) % NUM_DV
-    split = tl.program_id(2)
     seq = tl.load(schedule_ptr + pid)
     row0 = tl.load(schedule_ptr + num_programs + pid)
     row_end = tl.load(query_starts_ptr + seq + 1)
@@ -117,19 +120,48 @@ def _paged_attention_kernel(
     # splits of SPLIT_KEYS keys from the window's start (more per split only past NUM_SPLITS of
     # them): a row's partition, so its result, does not depend on its batch
     per_split = tl.maximum(SPLIT_KEYS, tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N)
-    split_lo = lo + split * per_split
-    split_hi = tl.minimum(hi, split_lo + per_split)
 
     offs_dv = dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh
+    q_tile = q_rows  # a placeholder: with NUM_DK > 1 each head-dim chunk is loaded in the key loop
     if NUM_DK == 1:  # the whole query tile stays in registers
         offs_d = tl.arange(0, BLOCK_DK)
         q_tile = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    if SPAN_MODE == 0:  # placeholders: no spans
+        chunk_start = 0
+        span_base = spans_ptr
+        span_len = 0
+        q_span = pos
+    table = tables_ptr + seq.to(tl.int64) * stride_table
+    if SPLIT_PROGRAMS == NUM_SPLITS:  # a program per split
+        _attend_split(tl.program_id(2), lo, hi, per_split, q_tile, q_rows, rows, heads, row_ok, pos, table, kv_head, dv,
+                      offs_dv, window, chunk_start, span_base, span_len, q_span, k_ptr, v_ptr, out_ptr, part_ptr,
+                      lse_ptr, num_rows, num_heads, stride_ot, stride_oh, stride_kp, stride_ks, stride_kh, stride_vp,
+                      stride_vs, stride_vh, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, BLOCK_DV, PAGE, SPAN_MODE,
+                      NUM_SPLITS, IEEE, PREFETCH_V)
+    else:  # each program takes every SPLIT_PROGRAMS-th split: the same partition, fewer programs
+        for split in range(tl.program_id(2), NUM_SPLITS, SPLIT_PROGRAMS):
+            _attend_split(split, lo, hi, per_split, q_tile, q_rows, rows, heads, row_ok, pos, table, kv_head, dv,
+                          offs_dv, window, chunk_start, span_base, span_len, q_span, k_ptr, v_ptr, out_ptr, part_ptr,
+                          lse_ptr, num_rows, num_heads, stride_ot, stride_oh, stride_kp, stride_ks, stride_kh,
+                          stride_vp, stride_vs, stride_vh, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, BLOCK_DV, PAGE,
+                          SPAN_MODE, NUM_SPLITS, IEEE, PREFETCH_V)
 
+
+@triton.jit
+def _attend_split(split, lo, hi, per_split, q_tile, q_rows, rows, heads, row_ok, pos, table, kv_head, dv, offs_dv,
+                  window, chunk_start, span_base, span_len, q_span, k_ptr, v_ptr, out_ptr, part_ptr, lse_ptr,
+                  num_rows, num_heads, stride_ot, stride_oh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs,
+                  stride_vh, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PAGE: tl.constexpr,
+                  SPAN_MODE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, PREFETCH_V: tl.constexpr):
+    """One split's keys [lo + split * per_split, ...) folded into an online softmax: the output
+    (one split) or the split's partial result and log2-sum-exp2."""
+    split_lo = lo + split * per_split
+    split_hi = tl.minimum(hi, split_lo + per_split)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked row stays NaN-free
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    table = tables_ptr + seq.to(tl.int64) * stride_table
     for start in range(split_lo, split_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < split_hi
@@ -139,15 +171,17 @@ def _paged_attention_kernel(
         v_slots = v_ptr + page * stride_vp + (keys % PAGE).to(tl.int64) * stride_vs + kv_head * stride_vh
         v_ok = key_ok[:, None] & (offs_dv < HEAD_DIM)[None, :]
         if PREFETCH_V:  # V's loads issued with K's, before the scores need K
-            v_tile = tl.load(v_slots[:, None] + offs_dv[None, :], mask=v_ok, other=0.0).to(q_ptr.dtype.element_ty)
+            v_tile = tl.load(v_slots[:, None] + offs_dv[None, :], mask=v_ok, other=0.0).to(out_ptr.dtype.element_ty)
         scores = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for c in tl.static_range(NUM_DK):
             offs_d = c * BLOCK_DK + tl.arange(0, BLOCK_DK)
             d_ok = offs_d < HEAD_DIM
-            if NUM_DK != 1:
-                q_tile = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            if NUM_DK == 1:
+                q_chunk = q_tile
+            else:
+                q_chunk = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             k_tile = tl.load(k_slots[:, None] + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-            scores += _dot(q_tile, tl.trans(k_tile.to(q_tile.dtype)), IEEE)
+            scores += _dot(q_chunk, tl.trans(k_tile.to(q_chunk.dtype)), IEEE)
 
         diff = pos[:, None] - keys[None, :]
         in_window = diff < window
@@ -167,7 +201,7 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if not PREFETCH_V:
-            v_tile = tl.load(v_slots[:, None] + offs_dv[None, :], mask=v_ok, other=0.0).to(q_ptr.dtype.element_ty)
+            v_tile = tl.load(v_slots[:, None] + offs_dv[None, :], mask=v_ok, other=0.0).to(out_ptr.dtype.element_ty)
         acc = acc * alpha[:, None] + _dot(p.to(v_tile.dtype), v_tile, IEEE)
         m_i = m_new
 
@@ -282,13 +316,14 @@ def paged_attention_triton(
     else:
         part = lse = out  # unused
     tables = batch.groups[layer_type].page_tables
-    grid = (programs, kv_heads * (d_pad // block_dv), splits)
+    split_programs = min(splits, decode.split_programs or splits) if block_m <= 16 else splits
+    grid = (programs, kv_heads * (d_pad // block_dv), split_programs)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _launch(grid, q, out, k, v, tables, batch, schedule, part, lse, programs, window, splits,
                 dict(HEAD_DIM=head_dim, REP=rep, REP_PAD=rep_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
                      NUM_DK=d_pad // block_dk, BLOCK_DV=block_dv, NUM_DV=d_pad // block_dv, PAGE=page,
                      SPAN_MODE=SPAN_MODES[span_mode], NUM_SPLITS=splits,
-                     SPLIT_KEYS=decode.split_keys if block_m <= 16 else SPLIT_KEYS,
+                     SPLIT_KEYS=decode.split_keys if block_m <= 16 else SPLIT_KEYS, SPLIT_PROGRAMS=split_programs,
                      IEEE=q.dtype == torch.float32, PREFETCH_V=prefetch_v, num_warps=num_warps, num_stages=num_stages))
     return out
 
