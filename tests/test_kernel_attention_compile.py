@@ -1,0 +1,84 @@
+"""Paged attention (decode tiles with one program per split and with fewer programs than splits,
+a prefill tile, span modes, the FP8 cache) and the weight-prefetch kernel compile for Hopper
+(sm_90) on a machine without a GPU, with Triton's own ptxas: type and lowering errors show in CI
+before a device run (as tests/test_kernel_moe_compile.py; a subprocess, since the test session
+runs Triton's interpreter)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_kernel_moe_compile import _ptxas
+
+SCRIPT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gemma4_model.kernels import l2_prefetch, paged_attention as pa
+
+INT32_PTRS = {"tables_ptr", "positions_ptr", "schedule_ptr", "query_starts_ptr", "kv_lens_ptr", "chunk_starts_ptr",
+              "span_offsets_ptr", "span_lens_ptr", "spans_ptr"}
+
+def signature(fn, constexprs, kv="*bf16"):
+    types = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            types[arg] = "constexpr"
+        elif arg in INT32_PTRS:
+            types[arg] = "*i32"
+        elif arg in ("part_ptr", "lse_ptr"):
+            types[arg] = "*fp32"
+        elif arg in ("k_ptr", "v_ptr"):
+            types[arg] = kv
+        elif arg.endswith("_ptr"):
+            types[arg] = "*bf16"
+        else:
+            types[arg] = "i32"
+    return types
+
+def build(fn, constexprs, kv="*bf16", warps=4, stages=2):
+    source = ASTSource(fn=fn, signature=signature(fn, constexprs, kv), constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
+                                                                                 "num_stages": stages})
+    return [len(compiled.asm["cubin"]), "mma" in compiled.asm["ptx"]]
+
+def attention(head_dim, block_m, block_n, splits, programs, span_mode=0, split_keys=64):
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    block_dk = min(d_pad, 256)
+    block_dv = d_pad if block_m <= 16 else min(d_pad, 256)
+    return dict(HEAD_DIM=head_dim, REP=2, REP_PAD=2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
+                NUM_DK=d_pad // block_dk, BLOCK_DV=block_dv, NUM_DV=d_pad // block_dv, PAGE=16, SPAN_MODE=span_mode,
+                NUM_SPLITS=splits, SPLIT_KEYS=split_keys, SPLIT_PROGRAMS=programs, IEEE=False, PREFETCH_V=False)
+
+built = {
+    "decode-256": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 16)),
+    "decode-256-programs4": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 4, split_keys=256)),
+    "decode-512-programs4": build(pa._paged_attention_kernel, attention(512, 16, 32, 16, 4)),
+    "decode-256-fp8": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 4), kv="*fp8e4nv"),
+    "prefill-512-spans": build(pa._paged_attention_kernel, attention(512, 32, 32, 1, 1, span_mode=2), warps=8),
+    "prefill-256-windowed": build(pa._paged_attention_kernel, attention(256, 64, 32, 1, 1, span_mode=1), warps=8),
+}
+touch = {"ptr": "*i32", "sink_ptr": "*i32", "rows": "i32", "cols": "i32", "stride": "i32",
+         "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+source = ASTSource(fn=l2_prefetch._touch_kernel, signature=touch, constexprs={"BLOCK_R": 4, "BLOCK_C": 2048})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+built["touch"] = [len(compiled.asm["cubin"]), "ld.global.cg" in compiled.asm["ptx"]]
+print(json.dumps(built))
+"""
+
+
+@pytest.mark.skipif(not _ptxas(), reason="this Triton build ships no ptxas to compile for sm_90 with")
+def test_attention_and_prefetch_kernels_compile_for_sm90():
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    built = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(built) == 7
+    assert all(size > 1000 and ok for size, ok in built.values()), built  # tensor cores; the prefetch's L2 loads
