@@ -1,5 +1,6 @@
 """Paged attention (decode tiles with one program per split and with fewer programs than splits,
-a prefill tile, span modes, the FP8 cache) and the weight-prefetch kernel compile for Hopper
+a prefill tile, span modes, the FP8 cache, dependent launch), the weight-prefetch kernel and the
+fused kernels with dependent launch (griddepcontrol) compile for Hopper
 (sm_90) on a machine without a GPU, with Triton's own ptxas: type and lowering errors show in CI
 before a device run (as tests/test_kernel_moe_compile.py; a subprocess, since the test session
 runs Triton's interpreter)."""
@@ -48,17 +49,19 @@ def build(fn, constexprs, kv="*bf16", warps=4, stages=2):
                                                                                  "num_stages": stages})
     return [len(compiled.asm["cubin"]), "mma" in compiled.asm["ptx"]]
 
-def attention(head_dim, block_m, block_n, splits, programs, span_mode=0, split_keys=64):
+def attention(head_dim, block_m, block_n, splits, programs, span_mode=0, split_keys=64, pdl=False):
     d_pad = max(16, triton.next_power_of_2(head_dim))
     block_dk = min(d_pad, 256)
     block_dv = d_pad if block_m <= 16 else min(d_pad, 256)
     return dict(HEAD_DIM=head_dim, REP=2, REP_PAD=2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
                 NUM_DK=d_pad // block_dk, BLOCK_DV=block_dv, NUM_DV=d_pad // block_dv, PAGE=16, SPAN_MODE=span_mode,
-                NUM_SPLITS=splits, SPLIT_KEYS=split_keys, SPLIT_PROGRAMS=programs, IEEE=False, PREFETCH_V=False)
+                NUM_SPLITS=splits, SPLIT_KEYS=split_keys, SPLIT_PROGRAMS=programs, IEEE=False, PREFETCH_V=False,
+                PDL=pdl)
 
 built = {
     "decode-256": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 16)),
     "decode-256-programs4": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 4, split_keys=256)),
+    "decode-256-pdl": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 16, pdl=True)),
     "decode-512-programs4": build(pa._paged_attention_kernel, attention(512, 16, 32, 16, 4)),
     "decode-256-fp8": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 4), kv="*fp8e4nv"),
     "prefill-512-spans": build(pa._paged_attention_kernel, attention(512, 32, 32, 1, 1, span_mode=2), warps=8),
@@ -69,6 +72,24 @@ touch = {"ptr": "*i32", "sink_ptr": "*i32", "rows": "i32", "cols": "i32", "strid
 source = ASTSource(fn=l2_prefetch._touch_kernel, signature=touch, constexprs={"BLOCK_R": 4, "BLOCK_C": 2048})
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 built["touch"] = [len(compiled.asm["cubin"]), "ld.global.cg" in compiled.asm["ptx"]]
+from gemma4_model.kernels import fused, ple_tail
+ptx = {}
+for name, fn, constexprs in (
+        ("residual_norm", fused._residual_norm_kernel, dict(HAS_RES=True, HAS_W=True, HAS_SCALAR=True, HAS_NEXT=True,
+                                                            BLOCK=4096, PDL=True)),
+        ("ple_gate", ple_tail._ple_gate_kernel, dict(BLOCK_K=4096, BLOCK_G=2, PDL=True)),
+        ("ple_project", ple_tail._ple_project_kernel, dict(HAS_SCALAR=True, HAS_NEXT=True, BLOCK_K=256, BLOCK_N=32,
+                                                           BLOCK_ROW=4096, PDL=True))):
+    types = {arg: "constexpr" if arg in constexprs else "*i32" if arg == "count_ptr" else "*bf16"
+             if arg.endswith("_ptr") else "fp32" if arg == "eps" else "i32" for arg in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=types, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "launch_pdl": True})
+    ptx[name] = compiled.asm["ptx"]
+    built[name] = [len(compiled.asm["cubin"]), "griddepcontrol.wait" in ptx[name]
+                   and "griddepcontrol.launch_dependents" in ptx[name]]
+built["decode-256-pdl"][1] &= "griddepcontrol.wait" in triton.compile(ASTSource(
+    fn=pa._paged_attention_kernel, signature=signature(pa._paged_attention_kernel, attention(256, 16, 64, 16, 16, pdl=True)),
+    constexprs=attention(256, 16, 64, 16, 16, pdl=True)), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 print(json.dumps(built))
 """
 
@@ -80,5 +101,6 @@ def test_attention_and_prefetch_kernels_compile_for_sm90():
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-3000:]
     built = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(built) == 7
-    assert all(size > 1000 and ok for size, ok in built.values()), built  # tensor cores; the prefetch's L2 loads
+    assert len(built) == 11
+    # tensor cores (attention); the prefetch's L2 loads; the dependent-launch instructions (PDL variants)
+    assert all(size > 1000 and ok for size, ok in built.values()), built

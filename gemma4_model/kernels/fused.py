@@ -22,11 +22,13 @@ the kernel on CUDA tensors (or in Triton's interpreter) and the twin elsewhere.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..attention import to_cache
 from ..layers import apply_rope, gelu_tanh, rms_norm
@@ -35,6 +37,36 @@ from ..layers import apply_rope, gelu_tanh, rms_norm
 
 def _use_kernel(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Programmatic dependent launch (Hopper and later): a kernel launched with it may have its programs
+# resident while the launch before it drains; they wait (`_pdl_wait`) before reading anything that
+# launch, or one before it, may still write, and let the next launch in at once (`_pdl_release`).
+# Off unless TANDEM_PDL=1 (read once, at import): it is measured before it becomes the default.
+PDL_ON = os.environ.get("TANDEM_PDL", "0") == "1"
+
+
+@functools.cache
+def _hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Whether a launch on t's device is programmatically dependent (see PDL_ON)."""
+    return PDL_ON and t.is_cuda and _hopper(t.device.index if t.device.index is not None
+                                            else torch.cuda.current_device())
+
+
+@triton.jit
+def _pdl_release(PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
 
 
 @triton.jit
@@ -62,11 +94,13 @@ def _gelu_tanh(x):
 def _residual_norm_kernel(x_ptr, res_ptr, w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, n_cols, eps,
                           stride_x, stride_r, stride_h, stride_y,
                           HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_SCALAR: tl.constexpr,
-                          HAS_NEXT: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_NEXT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < n_cols
     dt = h_ptr.dtype.element_ty
+    _pdl_wait(PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
     n = x * tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     if HAS_W:
@@ -113,7 +147,8 @@ def residual_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
             scalar if scalar is not None else x, next_weight if next_weight is not None else x, h, y, n_cols, eps,
             x.stride(0), residual.stride(0) if residual is not None else 0, h.stride(0), y.stride(0),
             HAS_RES=residual is not None, HAS_W=weight is not None, HAS_SCALAR=scalar is not None,
-            HAS_NEXT=next_weight is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+            HAS_NEXT=next_weight is not None, BLOCK=block, PDL=pdl(x), launch_pdl=pdl(x),
+            num_warps=8 if block >= 2048 else 4)
     return h, (y if next_weight is not None else None)
 
 
@@ -133,7 +168,10 @@ def _norm_rope(base, w_ptr, offs, partner, sign, ok, cos, sin, eps, D: tl.conste
 @triton.jit
 def _head_norm_rope_kernel(src_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
                            stride_src, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, eps,
-                           HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr):
+                           HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr,
+                           PDL: tl.constexpr):
+    _pdl_release(PDL)
+    _pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     half: tl.constexpr = D // 2
@@ -213,7 +251,7 @@ def head_norm_rope(src: torch.Tensor, heads: int, head_dim: int, q_weight: torch
         q if kv is None else kv.v_cache, cos if kv is None else kv.slots,
         src.stride(0), q.stride(0), q.stride(1), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_off, v_off, eps,
         HEADS=heads, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        FP8=kv is not None and kv.k_cache.dtype == torch.float8_e4m3fn, num_warps=4)
+        FP8=kv is not None and kv.k_cache.dtype == torch.float8_e4m3fn, PDL=pdl(src), launch_pdl=pdl(src), num_warps=4)
     return q
 
 
@@ -221,7 +259,10 @@ def head_norm_rope(src: torch.Tensor, heads: int, head_dim: int, q_weight: torch
 
 
 @triton.jit
-def _gelu_mul_kernel(a_ptr, b_ptr, out_ptr, n_cols, stride_a, stride_b, stride_o, BLOCK: tl.constexpr):
+def _gelu_mul_kernel(a_ptr, b_ptr, out_ptr, n_cols, stride_a, stride_b, stride_o, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    _pdl_release(PDL)
+    _pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n_cols
@@ -248,7 +289,7 @@ def gelu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(n))
     if T:
         _gelu_mul_kernel[(T, triton.cdiv(n, block))](a, b, out, n, a.stride(0), b.stride(0), out.stride(0),
-                                                     BLOCK=block, num_warps=4)
+                                                     BLOCK=block, PDL=pdl(a), launch_pdl=pdl(a), num_warps=4)
     return out
 
 

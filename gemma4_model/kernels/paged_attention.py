@@ -30,6 +30,7 @@ import triton.language as tl
 
 from ..batch import ForwardBatch
 from ..kv_cache import KVGroup
+from .fused import _pdl_release, _pdl_wait, pdl
 
 SPAN_MODES = {"none": 0, "windowed": 1, "override": 2}
 NO_WINDOW = 1 << 30  # a window no sequence reaches: the causal mask alone
@@ -87,8 +88,10 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
     PAGE: tl.constexpr, SPAN_MODE: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_KEYS: tl.constexpr,
-    SPLIT_PROGRAMS: tl.constexpr, IEEE: tl.constexpr, PREFETCH_V: tl.constexpr,
+    SPLIT_PROGRAMS: tl.constexpr, IEEE: tl.constexpr, PREFETCH_V: tl.constexpr, PDL: tl.constexpr,
 ):
+    _pdl_release(PDL)
+    _pdl_wait(PDL)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1) // NUM_DV
     dv = tl.program_id(1) % NUM_DV
@@ -222,7 +225,9 @@ def _attend_split(split, lo, hi, per_split, q_tile, q_rows, rows, heads, row_ok,
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_rows, num_heads, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    _pdl_release(PDL)
+    _pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
@@ -324,7 +329,8 @@ def paged_attention_triton(
                      NUM_DK=d_pad // block_dk, BLOCK_DV=block_dv, NUM_DV=d_pad // block_dv, PAGE=page,
                      SPAN_MODE=SPAN_MODES[span_mode], NUM_SPLITS=splits,
                      SPLIT_KEYS=decode.split_keys if block_m <= 16 else SPLIT_KEYS, SPLIT_PROGRAMS=split_programs,
-                     IEEE=q.dtype == torch.float32, PREFETCH_V=prefetch_v, num_warps=num_warps, num_stages=num_stages))
+                     IEEE=q.dtype == torch.float32, PREFETCH_V=prefetch_v, PDL=pdl(q), launch_pdl=pdl(q),
+                     num_warps=num_warps, num_stages=num_stages))
     return out
 
 
@@ -342,5 +348,6 @@ def _launch(grid, q, out, k, v, tables, batch, schedule, part, lse, programs, wi
     if splits > 1:
         _merge_splits_kernel[(T, heads)](
             part, lse, out, T, heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
-            NUM_SPLITS=splits, SPLITS_PAD=max(2, _pow2(splits)), BLOCK_D=max(16, _pow2(head_dim)),
+            NUM_SPLITS=splits, SPLITS_PAD=max(2, _pow2(splits)), BLOCK_D=max(16, _pow2(head_dim)), PDL=pdl(q),
+            launch_pdl=pdl(q),
         )

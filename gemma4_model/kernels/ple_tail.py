@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .fused import _round, _use_kernel, gelu_mul_torch, residual_norm_torch
+from .fused import _pdl_release, _pdl_wait, _round, _use_kernel, gelu_mul_torch, pdl, residual_norm_torch
 from .gemv import _gelu_times
 
 MAX_ROWS = 8  # the most rows `ple_tail` takes (one counter each); more go through the unfused chain. At
@@ -53,21 +53,23 @@ TILE = 8192  # values of weight per program and product
 @triton.jit
 def _ple_gate_kernel(m_ptr, h_ptr, w_ff_ptr, wg_ptr, ple_ptr, x_ptr, g_ptr, K, G, eps,
                      stride_m, stride_h, stride_wg, stride_ple, stride_x, stride_g,
-                     BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+                     BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr):
+    _pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     dt = x_ptr.dtype.element_ty
     offs_k = tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
+    offs_g = block * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_ok = offs_g < G
+    w = tl.load(wg_ptr + offs_g.to(tl.int64)[:, None] * stride_wg + offs_k[None, :],
+                mask=g_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # weights: before the wait
+    _pdl_wait(PDL)
     m = tl.load(m_ptr + row * stride_m + offs_k, mask=k_ok, other=0.0).to(tl.float32)
     n = m * tl.rsqrt(tl.sum(m * m, axis=0) / K + eps) * tl.load(w_ff_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
     x = _round(tl.load(h_ptr + row * stride_h + offs_k, mask=k_ok, other=0.0).to(tl.float32) + _round(n, dt), dt)
     if block == 0:
         tl.store(x_ptr + row * stride_x + offs_k, x.to(dt), mask=k_ok)
-    offs_g = block * BLOCK_G + tl.arange(0, BLOCK_G)
-    g_ok = offs_g < G
-    w = tl.load(wg_ptr + offs_g.to(tl.int64)[:, None] * stride_wg + offs_k[None, :],
-                mask=g_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
     gate = tl.sum(w * x[None, :], axis=1)
     ple = tl.load(ple_ptr + row * stride_ple + offs_g, mask=g_ok, other=0.0).to(tl.float32)
     tl.store(g_ptr + row * stride_g + offs_g, _gelu_times(gate, ple, dt).to(dt), mask=g_ok)
@@ -77,17 +79,19 @@ def _ple_gate_kernel(m_ptr, h_ptr, w_ff_ptr, wg_ptr, ple_ptr, x_ptr, g_ptr, K, G
 def _ple_project_kernel(g_ptr, wp_ptr, x_ptr, w_ple_ptr, scalar_ptr, next_w_ptr, p_ptr, out_ptr, y_ptr, count_ptr,
                         N, K, eps, stride_g, stride_wp, stride_x, stride_out, stride_y,
                         HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROW: tl.constexpr):
+                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROW: tl.constexpr, PDL: tl.constexpr):
+    _pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     dt = out_ptr.dtype.element_ty
     offs_k = tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
-    g = tl.load(g_ptr + row * stride_g + offs_k, mask=k_ok, other=0.0).to(tl.float32)
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     w = tl.load(wp_ptr + offs_n.to(tl.int64)[:, None] * stride_wp + offs_k[None, :],
-                mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # weights: before the wait
+    _pdl_wait(PDL)
+    g = tl.load(g_ptr + row * stride_g + offs_k, mask=k_ok, other=0.0).to(tl.float32)
     tl.store(p_ptr + row * N + offs_n, tl.sum(w * g[None, :], axis=1).to(dt), mask=n_ok)
     tl.debug_barrier()  # every thread's stores issued before the count releases them
     done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
@@ -173,11 +177,12 @@ class PleTail:
             _ple_gate_kernel[(M, triton.cdiv(ple_dim, block_g))](
                 m, h, ff_norm, gate_w, ple_input, x, gated, hidden, ple_dim, eps,
                 m.stride(0), h.stride(0), gate_w.stride(0), ple_input.stride(0), x.stride(0), gated.stride(0),
-                BLOCK_K=block_k, BLOCK_G=block_g, num_warps=warps)
+                BLOCK_K=block_k, BLOCK_G=block_g, PDL=pdl(m), launch_pdl=pdl(m), num_warps=warps)
             _ple_project_kernel[(M, triton.cdiv(hidden, block_n))](
                 gated, proj_w, x, ple_norm, scalar if scalar is not None else x,
                 next_weight if next_weight is not None else x, p, out, y, self.counter(m.device),
                 hidden, ple_dim, eps, gated.stride(0), proj_w.stride(0), x.stride(0), out.stride(0), y.stride(0),
                 HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None,
-                BLOCK_K=block_pk, BLOCK_N=block_n, BLOCK_ROW=block_k, num_warps=warps)
+                BLOCK_K=block_pk, BLOCK_N=block_n, BLOCK_ROW=block_k, PDL=pdl(m), launch_pdl=pdl(m),
+                num_warps=warps)
         return out, (y if next_weight is not None else None)
