@@ -143,8 +143,16 @@ def test_decode_tile_launches_give_the_default_result():
         got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16,
                                      tiles=DecodeTiles(split_programs=programs))
         assert torch.equal(got, want)
+    for target in (1, 24, 50):  # 1, 4 and 8 programs a sequence (3 sequences, 2 KV heads)
+        got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16,
+                                     tiles=DecodeTiles(target_programs=target))
+        assert torch.equal(got, want)
     with pytest.raises(ValueError, match="split_programs"):
         DecodeTiles(split_programs=-1)
+    tiles = DecodeTiles(target_programs=512)
+    assert [tiles.programs_per_sequence(16, n, 8) for n in (1, 4, 8, 64, 100)] == [16, 16, 8, 1, 1]
+    assert DecodeTiles().programs_per_sequence(16, 64, 8) == 16
+    assert DecodeTiles(split_programs=4, target_programs=512).programs_per_sequence(16, 1, 2) == 4
     # longer splits partition the keys otherwise: the same result up to summation order
     for tiles in (DecodeTiles(split_keys=256), DecodeTiles(8, 2, True, 32, 512)):
         torch.testing.assert_close(paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16,

@@ -53,12 +53,25 @@ class DecodeTiles:
     block_n: int = 0
     split_keys: int = SPLIT_KEYS
     split_programs: int = 0  # programs per sequence and KV head over the splits (0: one per split)
+    # with split_programs 0: about this many programs in a launch (a sequence's splits shared by
+    # fewer programs as the batch grows: a power of two, 1 to the splits); 0: one per split
+    target_programs: int = 0
 
     def __post_init__(self):
         if self.split_keys <= 0 or self.split_keys % 64:
             raise ValueError(f"split_keys is a positive multiple of 64, got {self.split_keys}")
-        if self.split_programs < 0:
-            raise ValueError(f"split_programs is 0 (one per split) or a count, got {self.split_programs}")
+        if self.split_programs < 0 or self.target_programs < 0:
+            raise ValueError(f"split_programs and target_programs are counts (0: off), got {self.split_programs}, "
+                             f"{self.target_programs}")
+
+    def programs_per_sequence(self, splits: int, sequences: int, kv_heads: int) -> int:
+        """Programs that share one sequence's (and KV head's) `splits` splits."""
+        if self.split_programs:
+            return min(splits, self.split_programs)
+        if not self.target_programs:
+            return splits
+        share = max(1, self.target_programs // max(1, sequences * kv_heads))
+        return min(splits, 1 << (share.bit_length() - 1))
 
 
 DECODE_TILES = DecodeTiles()
@@ -321,7 +334,7 @@ def paged_attention_triton(
     else:
         part = lse = out  # unused
     tables = batch.groups[layer_type].page_tables
-    split_programs = min(splits, decode.split_programs or splits) if block_m <= 16 else splits
+    split_programs = decode.programs_per_sequence(splits, programs, kv_heads) if block_m <= 16 else splits
     grid = (programs, kv_heads * (d_pad // block_dv), split_programs)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _launch(grid, q, out, k, v, tables, batch, schedule, part, lse, programs, window, splits,
