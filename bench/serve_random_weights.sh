@@ -17,10 +17,11 @@
 # torch.compile'd unless COMPILE_VISION=0). KV_PAGES (16384) and KV_DTYPE (auto; fp8_e4m3) size the KV cache,
 # e.g. to fit 26B-A4B's bf16 weights on an 80 GB card; PROMPTS (1000) sets the throughput run's prompts;
 # PREFETCH_BS=N reads weights into L2 ahead of their products at decode batches of up to N (0: off);
+# TANDEM_PDL=1 (inherited by the actors) launches the decode path's Triton kernels dependently;
 # DETAILS=1 keeps each request's timings in the JSONs (serve_bench.py --output-details).
 set -euo pipefail
 server_command="SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} COMPILE_VISION=${COMPILE_VISION:-}\
- KV_PAGES=${KV_PAGES:-} KV_DTYPE=${KV_DTYPE:-} PREFETCH_BS=${PREFETCH_BS:-} PROMPTS=${PROMPTS:-} DETAILS=${DETAILS:-} bash $0 $*"
+ KV_PAGES=${KV_PAGES:-} KV_DTYPE=${KV_DTYPE:-} PREFETCH_BS=${PREFETCH_BS:-} TANDEM_PDL=${TANDEM_PDL:-} PROMPTS=${PROMPTS:-} DETAILS=${DETAILS:-} bash $0 $*"
 out=${1:?output directory}
 key=${2:-gemma-4-E4B-it}
 commit=${3:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}

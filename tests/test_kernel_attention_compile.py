@@ -44,10 +44,12 @@ def signature(fn, constexprs, kv="*bf16"):
     return types
 
 def build(fn, constexprs, kv="*bf16", warps=4, stages=2):
+    # [cubin bytes, tensor-core products (and the dependent-launch wait with PDL)]
     source = ASTSource(fn=fn, signature=signature(fn, constexprs, kv), constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
                                                                                  "num_stages": stages})
-    return [len(compiled.asm["cubin"]), "mma" in compiled.asm["ptx"]]
+    ptx = compiled.asm["ptx"]
+    return [len(compiled.asm["cubin"]), "mma" in ptx and (not constexprs["PDL"] or "griddepcontrol.wait" in ptx)]
 
 def attention(head_dim, block_m, block_n, splits, programs, span_mode=0, split_keys=64, pdl=False):
     d_pad = max(16, triton.next_power_of_2(head_dim))
@@ -73,7 +75,6 @@ source = ASTSource(fn=l2_prefetch._touch_kernel, signature=touch, constexprs={"B
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 built["touch"] = [len(compiled.asm["cubin"]), "ld.global.cg" in compiled.asm["ptx"]]
 from gemma4_model.kernels import fused, ple_tail
-ptx = {}
 for name, fn, constexprs in (
         ("residual_norm", fused._residual_norm_kernel, dict(HAS_RES=True, HAS_W=True, HAS_SCALAR=True, HAS_NEXT=True,
                                                             BLOCK=4096, PDL=True)),
@@ -84,12 +85,8 @@ for name, fn, constexprs in (
              if arg.endswith("_ptr") else "fp32" if arg == "eps" else "i32" for arg in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=types, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "launch_pdl": True})
-    ptx[name] = compiled.asm["ptx"]
-    built[name] = [len(compiled.asm["cubin"]), "griddepcontrol.wait" in ptx[name]
-                   and "griddepcontrol.launch_dependents" in ptx[name]]
-built["decode-256-pdl"][1] &= "griddepcontrol.wait" in triton.compile(ASTSource(
-    fn=pa._paged_attention_kernel, signature=signature(pa._paged_attention_kernel, attention(256, 16, 64, 16, 16, pdl=True)),
-    constexprs=attention(256, 16, 64, 16, 16, pdl=True)), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    ptx = compiled.asm["ptx"]
+    built[name] = [len(compiled.asm["cubin"]), "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx]
 print(json.dumps(built))
 """
 
