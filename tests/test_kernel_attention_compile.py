@@ -7,14 +7,9 @@ runs Triton's interpreter)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from test_kernel_moe_compile import _ptxas
+from test_kernel_moe_compile import _ptxas, compile_in_subprocess
 
 SCRIPT = r"""
 import json
@@ -93,11 +88,7 @@ print(json.dumps(built))
 
 @pytest.mark.skipif(not _ptxas(), reason="this Triton build ships no ptxas to compile for sm_90 with")
 def test_attention_and_prefetch_kernels_compile_for_sm90():
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert done.returncode == 0, done.stderr[-3000:]
-    built = json.loads(done.stdout.strip().splitlines()[-1])
+    built = compile_in_subprocess(SCRIPT)
     assert len(built) == 11
     # tensor cores (attention); the prefetch's L2 loads; the dependent-launch instructions (PDL variants)
     assert all(size > 1000 and ok for size, ok in built.values()), built

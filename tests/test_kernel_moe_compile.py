@@ -63,12 +63,17 @@ def _ptxas() -> bool:
     return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
 
 
-@pytest.mark.skipif(not _ptxas(), reason="this Triton build ships no ptxas to compile for sm_90 with")
-def test_moe_kernels_compile_for_sm90():
+def compile_in_subprocess(script: str) -> dict:
+    """Run a compile script outside the interpreter session; its last stdout line, as JSON."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-3000:]
-    built = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not _ptxas(), reason="this Triton build ships no ptxas to compile for sm_90 with")
+def test_moe_kernels_compile_for_sm90():
+    built = compile_in_subprocess(SCRIPT)
     assert set(built) == {"gate_up-16", "gate_up-64", "down-16", "down-64", "align", "norms", "route", "combine"}
     assert all(size > 1000 and mma for size, mma in built.values()), built  # tensor-core binaries
