@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -363,7 +364,9 @@ def _check_value(name: str, value: Any, hint: Any) -> None:
             return
         if base is list and isinstance(value, list):
             item = (typing.get_args(option) or (object,))[0]
-            if item is object or all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            union = typing.get_origin(item) is typing.Union or isinstance(item, types.UnionType)
+            # exact item types (a bool is no int), checked at C speed: a handoff lists thousands of pages
+            if item is object or set(map(type, value)) <= set(typing.get_args(item) if union else (item,)):
                 return
         if base in (str, bool, dict) and isinstance(value, base):
             return

@@ -165,14 +165,18 @@ class PagedKVCache:
         self._seqs[seq_id] = seq
         width = _ceil_div(num_computed, self.page_size)
         try:
+            physical = {}
             for name, logical in held.items():
                 table = seq.tables[name] = [NO_PAGE] * width
-                for j in logical:
-                    table[j] = self.groups[name].pool.allocate()
+                if logical and not 0 <= min(logical) <= max(logical) < width:
+                    raise IndexError(f"{name} pages {min(logical)}..{max(logical)} outside 0..{width - 1}")
+                pages = physical[name] = self.groups[name].pool.allocate_many(len(logical))
+                for j, page in zip(logical, pages):
+                    table[j] = page
         except (KVCacheFullError, IndexError):
             self.free_sequence(seq_id)
             raise
-        return {name: [seq.tables[name][j] for j in logical] for name, logical in held.items()}
+        return physical
 
     def held_pages(self, seq_id: int) -> dict[str, list[int]]:
         """Per group, the logical pages this sequence holds (what a handoff must carry)."""

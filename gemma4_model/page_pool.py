@@ -81,6 +81,17 @@ class PagePool:
         self._refcount[page] = 1
         return page
 
+    def allocate_many(self, n: int) -> list[int]:
+        """Take `n` pages (all or none), free ones first, then the least recently used cached ones."""
+        if n > self.num_available:
+            raise KVCacheFullError(f"{n} pages wanted, {self.num_available} of {self.num_pages} available")
+        take = min(n, len(self._free))
+        pages = [self._free.popleft() for _ in range(take)]
+        for page in pages:
+            self._refcount[page] = 1
+        pages += [self.allocate() for _ in range(n - take)]
+        return pages
+
     def lookup(self, page_hash: bytes) -> int | None:
         """The cached page published under `page_hash`, without taking it."""
         return self._page_of.get(page_hash)
@@ -90,6 +101,10 @@ class PagePool:
         if self._refcount[page] == 0:
             self._idle.pop(page, None)
         self._refcount[page] += 1
+
+    def acquire_all(self, pages: Iterable[int]) -> None:
+        for page in pages:
+            self.acquire(page)
 
     def release(self, page: int) -> None:
         """Drop a user; an unused page becomes idle-cached if published, else free."""

@@ -11,6 +11,7 @@ one GPU and on two, NCCL between two GPUs, and `tandem serve` on the gpu_* examp
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -24,7 +25,8 @@ import torch
 import zmq
 
 from actors.handoff import handoff_message
-from actors.messages import ActorStats, CancelRequest, KVRelease, PrefillJob, SamplingSpec, TokenBatch, per_request
+from actors.messages import (ActorStats, CancelRequest, KVRelease, PrefillJob, SamplingSpec, TokenBatch, decode,
+                             encode, per_request)
 from actors.transport import pull, push
 from gemma4_model.config import FULL, SLIDING
 from gemma4_model.engine import Engine, SchedulerLimits
@@ -34,9 +36,9 @@ from gemma4_model.sampling import SamplingParams
 from tests.serving import REPO, free_port
 from transfer import cuda_ipc
 from transfer.backend import TransferBackendError, make_receiver, make_sender
-from transfer.device_pages import (held_pages, hold, pack_payload, parse_shapes, release, shapes_of,
-                                   unpack_payload)
-from transfer.kv_pages import PayloadError, export_pages, import_pages
+from transfer.device_pages import (handoff_logical, held_pages, hold, pack_payload, page_fields, parse_shapes, release,
+                                   shapes_of, unpack_payload)
+from transfer.kv_pages import PayloadError, check_payload, export_pages, import_pages
 
 PAGE = 4
 def python_path() -> str:
@@ -128,6 +130,31 @@ def test_inconsistent_layouts_are_refused():
                           ([1, 3, 4, 2, 0, 2, 1, 4, 1, 16], "bad shape"), ([1, 3, 4, 2, -8, 2, 1, 4, 1, 16], "bad")):
         with pytest.raises(PayloadError, match=match):
             parse_shapes(shapes, logical)
+
+
+def test_held_pages_travel_as_handoff_fields_and_payloads_are_checked(model):
+    engine, seq = prefilled(model)
+    cache = engine.cache
+    held = held_pages(cache, seq.seq_id)
+    assert all(cache.page_table(seq.seq_id, n)[j] == p for n in held.groups
+               for j, p in zip(held.logical[n], held.physical[n]))
+    msg = dataclasses.replace(handoff_message("r", np.arange(45, dtype=np.int32), 5, SamplingSpec(), None),
+                              **page_fields(held))
+    assert handoff_logical(decode(encode(msg))) == {n: list(held.logical[n]) for n in held.groups}
+    exported = export_pages(cache, seq.seq_id)
+    check_payload(cache, exported, 45)  # what export gives passes
+    full, sliding = exported.groups[FULL], exported.groups[SLIDING]
+    cases = ((FULL, (0, 2, 1, *full.logical[3:]), "not distinct, sorted"),
+             (FULL, (0, 0, *full.logical[2:]), "not distinct, sorted"),
+             (FULL, (*full.logical[:-1], 12), "below 12"),
+             (FULL, (*full.logical[:4], *full.logical[5:], 12)[:len(full.logical) - 1], "pages \\[4\\] are missing"),
+             (SLIDING, sliding.logical[:-1], "pages \\[11\\] are missing"))
+    for name, logical, match in cases:
+        group = exported.groups[name]
+        part = dataclasses.replace(group, logical=logical, k=group.k[:, :len(logical)], v=group.v[:, :len(logical)])
+        with pytest.raises(PayloadError, match=match):
+            check_payload(cache, dataclasses.replace(exported, groups={**exported.groups, name: part}), 45)
+    engine.cancel(seq)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")

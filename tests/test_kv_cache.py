@@ -36,6 +36,39 @@ def test_pool_refcounts_and_lru_eviction():
     assert pool.num_in_use == 0
 
 
+def test_allocate_many_takes_free_pages_then_evicts_and_is_all_or_nothing():
+    pool = PagePool(5)
+    a, b = pool.allocate(), pool.allocate()
+    pool.publish(a, b"ha")
+    pool.release(a)  # idle, cached
+    with pytest.raises(KVCacheFullError, match="5 pages wanted, 4 of 5"):
+        pool.allocate_many(5)
+    assert pool.num_available == 4 and pool.lookup(b"ha") == a  # the refusal took nothing
+    pages = pool.allocate_many(4)
+    assert sorted(pages) == sorted({0, 1, 2, 3, 4} - {b}) and pages[-1] == a  # free pages first, the cached one last
+    assert all(pool.refcount(p) == 1 for p in pages) and pool.lookup(b"ha") is None
+    assert pool.allocate_many(0) == [] and pool.num_available == 0
+
+
+def test_adopt_sequence_places_its_pages_and_refuses_pages_past_its_length():
+    cache = PagedKVCache(text_config(window=8), page_size=4, num_pages=16)
+    physical = cache.adopt_sequence(1, 18, {FULL: [0, 1, 2, 3, 4], SLIDING: [2, 3, 4]})
+    for name, logical in ((FULL, [0, 1, 2, 3, 4]), (SLIDING, [2, 3, 4])):
+        table = cache.page_table(1, name)
+        assert [table[j] for j in logical] == physical[name] and len(set(physical[name])) == len(logical)
+        assert all(table[j] == NO_PAGE for j in range(len(table)) if j not in logical)
+    assert cache.held_pages(1) == {FULL: [0, 1, 2, 3, 4], SLIDING: [2, 3, 4]}
+    for bad in ([0, 5], [-1, 0]):  # 18 positions are pages 0..4
+        with pytest.raises(IndexError, match="outside 0..4"):
+            cache.adopt_sequence(2, 18, {FULL: [0, 1, 2, 3, 4], SLIDING: bad})
+        assert not cache.has_sequence(2) and cache.pages_in_use() == {FULL: 5, SLIDING: 3}  # nothing kept
+    with pytest.raises(KVCacheFullError):
+        cache.adopt_sequence(3, 80, {FULL: list(range(20))})
+    assert cache.pages_in_use() == {FULL: 5, SLIDING: 3}
+    cache.free_sequence(1)
+    assert cache.pages_in_use() == {FULL: 0, SLIDING: 0}
+
+
 def test_page_hashes_chain_and_extra_keys():
     h1 = page_hashes([1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
     h2 = page_hashes([1, 2, 3, 4, 5, 6, 7, 0], 4)

@@ -35,10 +35,10 @@ from actors.messages import DevicePages, KVHandoff, KVRelease, MessageError
 from actors.transport import Channel
 
 from .backend import BAD_DATA, SPIN_S, Arrival, KVReceiver, KVSender, SendReport, missing_device_pages
-from .device_pages import DTYPES, HeldPages, held_pages, hold, parse_shapes, release, shapes_of
+from .device_pages import (DTYPES, HeldPages, handoff_logical, held_pages, hold, page_fields, parse_shapes,
+                           release, shapes_of)
 from .kv_pages import GroupPages, KVPayload, PayloadError
 
-_FIELD = {"full_attention": "full_pages", "sliding_attention": "sliding_pages"}
 INTS_PER_TENSOR = 6  # device, storage bytes, storage offset, ref-counter offset, event sync, pool pages
 
 
@@ -140,7 +140,7 @@ class CudaIpcSender(KVSender):
         replica = next(self._turn)
         serial = next(self._serials[replica])
         cache = self._cache
-        pages = {_FIELD[name]: np.asarray(held.logical[name], dtype=np.int32) for name in held.groups}
+        pages = page_fields(held)
         kv_dtype = str(next(iter(cache.groups.values())).k.dtype).removeprefix("torch.")
         device_pages = DevicePages(self.source, serial, shapes_of(cache, held), held.flat_physical(),
                                    **self._pool.fields())
@@ -234,8 +234,7 @@ class CudaIpcReceiver(KVReceiver):
             raise PayloadError(f"source replica {pages.source} is not one of {len(self.releases)} prefill replicas")
         if handoff.kv_dtype not in DTYPES:
             raise PayloadError(f"kv_dtype {handoff.kv_dtype!r} is not one of {sorted(DTYPES)}")
-        logical = {name: [int(p) for p in getattr(handoff, field)] for name, field in _FIELD.items()
-                   if getattr(handoff, field) is not None}
+        logical = handoff_logical(handoff)
         shapes = parse_shapes(pages.shapes, logical)
         pool = self._pool(pages, shapes, DTYPES[handoff.kv_dtype])
         physical = np.asarray(pages.physical, dtype=np.int64)

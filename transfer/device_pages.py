@@ -19,11 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from gemma4_model.config import FULL, SLIDING
 from gemma4_model.kernels.page_copy import copy_pages
-from gemma4_model.kv_cache import PagedKVCache
+from gemma4_model.kv_cache import NO_PAGE, PagedKVCache
 
 from .kv_pages import GroupPages, KVPayload, PayloadError
 
@@ -59,22 +60,38 @@ def held_pages(cache: PagedKVCache, seq_id: int, reach_back: int = 0) -> HeldPag
     `kv_pages.export_pages`, sliding pages it can no longer see (but for `reach_back` positions
     more, which an MTP assistant downstream reads) are released first."""
     cache.slide(seq_id, max(0, cache.num_computed(seq_id) - reach_back))
-    logical = {name: tuple(pages) for name, pages in cache.held_pages(seq_id).items()}
-    physical = {name: tuple(cache.page_table(seq_id, name)[j] for j in pages) for name, pages in logical.items()}
+    logical, physical = {}, {}
+    for name in cache.groups:
+        table = np.asarray(cache.page_table(seq_id, name), dtype=np.int64)
+        held = np.flatnonzero(table != NO_PAGE)
+        logical[name], physical[name] = tuple(held.tolist()), tuple(table[held].tolist())
     return HeldPages(cache.num_computed(seq_id), logical, physical)
 
 
 def hold(cache: PagedKVCache, held: HeldPages) -> None:
     """Take one more reference on every page of `held`: freeing the sequence leaves them allocated."""
     for name, pages in held.physical.items():
-        for page in pages:
-            cache.groups[name].pool.acquire(page)
+        cache.groups[name].pool.acquire_all(pages)
 
 
 def release(cache: PagedKVCache, held: HeldPages) -> None:
     """Drop the references `hold` took."""
     for name, pages in held.physical.items():
         cache.groups[name].pool.release_all(pages)
+
+
+PAGE_FIELD = {FULL: "full_pages", SLIDING: "sliding_pages"}  # the `KVHandoff` field of a group's logical pages
+
+
+def page_fields(held: HeldPages) -> dict[str, np.ndarray]:
+    """`KVHandoff` fields of the handoff's logical pages, per travelling group."""
+    return {PAGE_FIELD[name]: np.asarray(held.logical[name], dtype=np.int32) for name in held.groups}
+
+
+def handoff_logical(handoff) -> dict[str, list[int]]:
+    """A received `KVHandoff`'s logical pages per group that travels (page fields that are set)."""
+    return {name: np.asarray(pages, dtype=np.int64).tolist() for name, field in PAGE_FIELD.items()
+            if (pages := getattr(handoff, field)) is not None}
 
 
 def group_shape(cache: PagedKVCache, name: str, pages: int) -> list[int]:
@@ -137,7 +154,7 @@ def unpack_payload(num_tokens: int, logical: Mapping[str, Sequence[int]],
         if buffer.dim() != 6 or buffer.shape[0] != 2 or buffer.shape[2] != len(logical[name]):
             raise PayloadError(f"group {name}: packed buffer of shape {tuple(buffer.shape)} does not hold "
                                f"K and V of {len(logical[name])} pages")
-        groups[name] = GroupPages(tuple(int(p) for p in logical[name]), buffer[0], buffer[1])
+        groups[name] = GroupPages(tuple(np.asarray(logical[name], dtype=np.int64).tolist()), buffer[0], buffer[1])
     return KVPayload(num_tokens, groups)
 
 

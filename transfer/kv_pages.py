@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gemma4_model.kernels.page_copy import copy_pages
@@ -91,13 +92,15 @@ def check_payload(cache: PagedKVCache, payload: KVPayload, num_tokens: int) -> N
                                    "(layers, pages, page_size, kv_heads, head_dim): a different model or page size?")
             if t.dtype != group.k.dtype:
                 raise PayloadError(f"group {name}: {part} is {t.dtype}, this cache holds {group.k.dtype}")
-        logical = list(pages.logical)
-        if logical != sorted(set(logical)) or (logical and not 0 <= logical[0] <= logical[-1] < width):
-            raise PayloadError(f"group {name}: page numbers {logical[:8]}... are not distinct, "
+        logical = np.asarray(pages.logical, dtype=np.int64)
+        if np.any(np.diff(logical) <= 0) or (logical.size and not 0 <= logical[0] <= logical[-1] < width):
+            raise PayloadError(f"group {name}: page numbers {logical[:8].tolist()}... are not distinct, "
                                f"sorted and below {width}")
-        needed = list(range(width)) if group.window is None else [width - 1]
-        if not set(needed) <= set(logical):
-            raise PayloadError(f"group {name}: pages {sorted(set(needed) - set(logical))[:8]} are missing")
+        # sorted, distinct and below width: every page is there when there are width of them
+        complete = logical.size == width if group.window is None else bool(logical.size) and logical[-1] == width - 1
+        if not complete:
+            needed = range(width) if group.window is None else [width - 1]
+            raise PayloadError(f"group {name}: pages {sorted(set(needed) - set(logical.tolist()))[:8]} are missing")
 
 
 def import_pages(cache: PagedKVCache, seq_id: int, payload: KVPayload) -> None:

@@ -35,19 +35,17 @@ from collections import deque
 from datetime import timedelta
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from actors.messages import DevicePages, KVHandoff
 from actors.transport import Channel
 
 from .backend import BAD_DATA, DATA_LOST, SPIN_S, Arrival, KVReceiver, KVSender, SendReport, missing_device_pages
-from .device_pages import (DTYPES, GROUP_ORDER, HeldPages, as_bytes, empty_buffers, held_pages, pack_payload,
-                           parse_shapes, shapes_of, unpack_payload)
+from .device_pages import (DTYPES, GROUP_ORDER, HeldPages, as_bytes, empty_buffers, handoff_logical, held_pages,
+                           pack_payload, page_fields, parse_shapes, shapes_of, unpack_payload)
 from .kv_pages import PayloadError
 
 PROCESS_GROUPS = ("nccl", "gloo")
-_FIELD = {"full_attention": "full_pages", "sliding_attention": "sliding_pages"}
 
 
 def tag(serial: int, group: int) -> int:
@@ -229,7 +227,7 @@ class NcclSender(KVSender):
         group = self.groups[replica].get(self.connect_timeout_s)  # ConnectionError: this request fails
         serial = next(self._serials[replica])
         held = payload.held
-        pages = {_FIELD[name]: np.asarray(held.logical[name], dtype=np.int32) for name in held.groups}
+        pages = page_fields(held)
         control = dataclasses.replace(handoff, num_tokens=held.num_tokens, kv_dtype=payload.kv_dtype, **pages,
                                       data_ref=f"nccl:{self.source}:{serial}",
                                       device_pages=DevicePages(self.source, serial, payload.shapes))
@@ -295,8 +293,7 @@ class NcclReceiver(KVReceiver):
                                f"{self._next[pages.source]} was due: the pair's transfers are out of order")
         if handoff.kv_dtype not in DTYPES:
             raise PayloadError(f"kv_dtype {handoff.kv_dtype!r} is not one of {sorted(DTYPES)}")
-        logical = {name: [int(p) for p in getattr(handoff, field)] for name, field in _FIELD.items()
-                   if getattr(handoff, field) is not None}
+        logical = handoff_logical(handoff)
         shapes = parse_shapes(pages.shapes, logical)
         group = self.groups[pages.source].get(self.connect_timeout_s)
         self._next[pages.source] += 1
