@@ -75,7 +75,7 @@ def test_kernel_equals_twin_on_the_device_and_its_bandwidth():
     copy_pages_torch(src, src_pages, want, dst_pages)
     copy_pages(src, src_pages, got, dst_pages)
     assert torch.equal(got, want)
-    runs = (torch.arange(100, 1100), torch.cat([torch.arange(7, 507), torch.arange(3000, 3500)]))  # the copy engine
+    runs = (torch.arange(100, 1100), torch.cat([torch.arange(7, 507), torch.arange(3000, 3500)]))  # runs: one launch too
     copy_pages_torch(src, *runs[:1], want, runs[1])
     copy_pages(src, *runs[:1], got, runs[1])
     assert torch.equal(got, want)

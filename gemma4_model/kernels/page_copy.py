@@ -6,10 +6,10 @@ so a handoff's gather, scatter or peer pull is a single kernel whatever its page
 reads and writes each byte once (`index_select` then `index_put_` would pass twice, and
 advanced-index assignment moves one element per thread).
 
-`copy_pages_torch` is the twin (the CPU path and the oracle); `copy_pages` takes, on CUDA, device
-copies for long runs of consecutive pages (the copy engine: across GPUs the source pushes at the
-link's full rate, where a kernel on the receiving GPU pulls at less than half of it) and the
-kernel for the rest, and the twin elsewhere.
+`copy_pages_torch` is the twin (the CPU path and the oracle); `copy_pages` takes the kernel within
+one GPU (one launch, whatever the runs), device copies across GPUs for long runs of consecutive
+pages (the copy engine: the source pushes at the link's full rate, where a kernel on the
+receiving GPU pulls at less than half of it), and the twin elsewhere.
 """
 
 from __future__ import annotations
@@ -98,14 +98,14 @@ def page_runs(src_pages: torch.Tensor, dst_pages: torch.Tensor) -> list[tuple[in
 
 
 def copy_pages(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, dst_pages: torch.Tensor) -> None:
-    """`dst[:, dst_pages] = src[:, src_pages]`. CUDA pools with contiguous pages and page lists
-    on the host: long runs of consecutive pages go as one device copy per run and layer (the
-    copy engine; across GPUs the source GPU's pushes over the link at its full rate). Otherwise
-    the kernel on one device, and the twin anywhere else (across GPUs: a gather, one copy, a
-    scatter)."""
+    """`dst[:, dst_pages] = src[:, src_pages]`. Within one GPU: the kernel, one launch. Across
+    GPUs, pools with contiguous pages and page lists on the host: long runs of consecutive pages
+    go as one device copy per run and layer (the copy engine: the source GPU pushes over the link
+    at its full rate). The twin anywhere else (across GPUs: a gather, one copy, a scatter)."""
     _check(src, src_pages, dst, dst_pages)
     on_cuda = src.is_cuda and dst.is_cuda and _pages_contiguous(src) and _pages_contiguous(dst)
-    if on_cuda and not (src_pages.is_cuda or dst_pages.is_cuda) and src_pages.numel():
+    across = on_cuda and src.device != dst.device
+    if across and not (src_pages.is_cuda or dst_pages.is_cuda) and src_pages.numel():
         runs = page_runs(src_pages, dst_pages)
         page_bytes = src[0, :1].numel() * src.element_size()
         if (len(runs) * src.shape[0] <= MEMCPY_MAX_CALLS
