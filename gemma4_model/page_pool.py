@@ -98,27 +98,31 @@ class PagePool:
 
     def acquire(self, page: int) -> None:
         """Add a user to a page (a prefix-cache hit or a fork)."""
-        if self._refcount[page] == 0:
-            self._idle.pop(page, None)
-        self._refcount[page] += 1
+        self.acquire_all((page,))
 
     def acquire_all(self, pages: Iterable[int]) -> None:
+        """Add a user to each of `pages` (one loop: a handoff holds thousands)."""
+        refcount, idle = self._refcount, self._idle
         for page in pages:
-            self.acquire(page)
+            if refcount[page] == 0:
+                idle.pop(page, None)
+            refcount[page] += 1
 
     def release(self, page: int) -> None:
         """Drop a user; an unused page becomes idle-cached if published, else free."""
-        assert self._refcount[page] > 0, f"page {page} released more often than acquired"
-        self._refcount[page] -= 1
-        if self._refcount[page] == 0:
-            if self._hash_of[page] is not None:
-                self._idle[page] = None
-            else:
-                self._free.append(page)
+        self.release_all((page,))
 
     def release_all(self, pages: Iterable[int]) -> None:
+        """Drop a user of each of `pages` (one loop: a long sequence frees thousands)."""
+        refcount, hash_of = self._refcount, self._hash_of
         for page in pages:
-            self.release(page)
+            assert refcount[page] > 0, f"page {page} released more often than acquired"
+            refcount[page] -= 1
+            if refcount[page] == 0:
+                if hash_of[page] is not None:
+                    self._idle[page] = None
+                else:
+                    self._free.append(page)
 
     def publish(self, page: int, page_hash: bytes) -> None:
         """Index a full, computed page for prefix reuse (first publisher of a hash wins)."""
