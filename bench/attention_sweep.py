@@ -69,6 +69,14 @@ def layer_shapes(model: str) -> dict[str, tuple[int, int, int, int | None]]:
             "full": (heads, full_kv, raw.get("global_head_dim") or raw["head_dim"], None)}
 
 
+def write(args, records: list[dict]) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "benchmark": "attention_sweep", "commit": args.commit, "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(), "command": " ".join(["python"] + sys.argv),
+        "page_size": PAGE, "peak_gbps": args.peak_gbps, "records": records}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -127,11 +135,7 @@ def main() -> None:
                           f"(w{best['num_warps']} s{best['num_stages']} pv{int(best['prefetch_v'])} "
                           f"n{best['block_n']} k{best['split_keys']} x{best['num_splits']} g{best['split_programs']})", flush=True)
                     del q, group, fb
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "attention_sweep", "commit": args.commit, "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(), "command": " ".join(["python"] + sys.argv),
-        "page_size": PAGE, "peak_gbps": args.peak_gbps, "records": records}, indent=1))
+                    write(args, records)  # after every case: a run stopped at its time limit keeps what it measured
 
 
 if __name__ == "__main__":
