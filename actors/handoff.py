@@ -14,6 +14,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from gemma4_model.batch import on_device
 from transfer.kv_pages import GroupPages, KVPayload, PayloadError
 
 from .messages import KVHandoff, SamplingSpec
@@ -104,7 +105,7 @@ def hidden_of(msg: KVHandoff, hidden_size: int, device: torch.device | str) -> t
     a = msg.first_hidden
     if msg.hidden_dtype not in KV_DTYPES or str(a.dtype) != KV_DTYPES[msg.hidden_dtype] or a.shape != (hidden_size,):
         raise PayloadError(f"first_hidden must be [{hidden_size}] {msg.hidden_dtype}, got {a.dtype} {a.shape}")
-    return from_numpy(a, msg.hidden_dtype).to(device)
+    return on_device(from_numpy(a, msg.hidden_dtype), device)  # not behind the step in flight
 
 
 def payload_of(msg) -> KVPayload:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from gemma4_model.batch import on_device
 from gemma4_model.media_span import MediaSpan
 
 from .handoff import from_numpy, to_numpy
@@ -136,7 +137,7 @@ def spans_from_handoff(msg: KVHandoff, device, dtype: torch.dtype) -> tuple[Medi
         return ()
     if msg.media_embeddings is None or msg.media_spans is None or msg.media_embeddings.ndim != 2:
         raise ValueError("a multimodal handoff needs its media spans and embeddings")
-    flat = from_numpy(msg.media_embeddings, msg.media_dtype).to(device=device, dtype=dtype)
+    flat = on_device(from_numpy(msg.media_embeddings, msg.media_dtype), device).to(dtype)  # not behind a step in flight
     lengths = msg.media_spans[:, 2].tolist() if msg.media_spans.ndim == 2 else []
     if sum(lengths) != len(flat) or len(lengths) != len(msg.media_kinds):
         raise ValueError("media embeddings do not match their spans")

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..batch import on_device
+
 BLOCK = 2048  # elements per program: 4 KiB of bf16
 
 
@@ -68,8 +70,9 @@ def copy_pages_triton(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Ten
     if n == 0 or src.shape[0] == 0:
         return
     page_elems = math.prod(src.shape[2:])
-    src_pages = src_pages.to(dst.device, torch.int32)
-    dst_pages = dst_pages.to(dst.device, torch.int32)
+    # without waiting for the stream (a decode actor imports while its last step runs)
+    src_pages = on_device(src_pages.to(torch.int32), dst.device)
+    dst_pages = on_device(dst_pages.to(torch.int32), dst.device)
     grid = (n, src.shape[0], triton.cdiv(page_elems, BLOCK))
     launch = _copy_pages_kernel[grid]
     args = (src, dst, src_pages, dst_pages, src.stride(0), src.stride(1), dst.stride(0), dst.stride(1), page_elems)
