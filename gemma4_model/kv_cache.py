@@ -161,6 +161,9 @@ class PagedKVCache:
         All or nothing: if the pool cannot hold them, nothing stays allocated."""
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} is already in the cache")
+        for name, logical in held.items():
+            if len(set(logical)) != len(logical):  # a repeated page would be allocated twice and leak
+                raise ValueError(f"{name} page numbers repeat")
         seq = SequenceKV(seq_id, {name: [] for name in self.groups}, num_computed=num_computed)
         self._seqs[seq_id] = seq
         width = _ceil_div(num_computed, self.page_size)

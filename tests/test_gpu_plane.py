@@ -141,6 +141,9 @@ def test_held_pages_travel_as_handoff_fields_and_payloads_are_checked(model):
     msg = dataclasses.replace(handoff_message("r", np.arange(45, dtype=np.int32), 5, SamplingSpec(), None),
                               **page_fields(held))
     assert handoff_logical(decode(encode(msg))) == {n: list(held.logical[n]) for n in held.groups}
+    for bad in (np.zeros((2, 3), dtype=np.int32), np.array([0.5, 1.0], dtype=np.float32)):
+        with pytest.raises(PayloadError, match="flat array of page numbers"):
+            handoff_logical(dataclasses.replace(msg, full_pages=bad))
     exported = export_pages(cache, seq.seq_id)
     check_payload(cache, exported, 45)  # what export gives passes
     full, sliding = exported.groups[FULL], exported.groups[SLIDING]

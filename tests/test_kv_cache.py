@@ -62,6 +62,8 @@ def test_adopt_sequence_places_its_pages_and_refuses_pages_past_its_length():
         with pytest.raises(IndexError, match="outside 0..4"):
             cache.adopt_sequence(2, 18, {FULL: [0, 1, 2, 3, 4], SLIDING: bad})
         assert not cache.has_sequence(2) and cache.pages_in_use() == {FULL: 5, SLIDING: 3}  # nothing kept
+    with pytest.raises(ValueError, match="page numbers repeat"):
+        cache.adopt_sequence(3, 18, {FULL: [0, 1, 1, 3, 4]})
     with pytest.raises(KVCacheFullError):
         cache.adopt_sequence(3, 80, {FULL: list(range(20))})
     assert cache.pages_in_use() == {FULL: 5, SLIDING: 3}

@@ -89,9 +89,18 @@ def page_fields(held: HeldPages) -> dict[str, np.ndarray]:
 
 
 def handoff_logical(handoff) -> dict[str, list[int]]:
-    """A received `KVHandoff`'s logical pages per group that travels (page fields that are set)."""
-    return {name: np.asarray(pages, dtype=np.int64).tolist() for name, field in PAGE_FIELD.items()
-            if (pages := getattr(handoff, field)) is not None}
+    """A received `KVHandoff`'s logical pages per group that travels (page fields that are set);
+    `PayloadError` unless each is a flat list of integers."""
+    logical = {}
+    for name, field in PAGE_FIELD.items():
+        pages = getattr(handoff, field)
+        if pages is None:
+            continue
+        pages = np.asarray(pages)
+        if pages.ndim != 1 or (pages.size and pages.dtype.kind not in "iu"):
+            raise PayloadError(f"{field} must be a flat array of page numbers, got {pages.dtype} {pages.shape}")
+        logical[name] = pages.astype(np.int64).tolist()
+    return logical
 
 
 def group_shape(cache: PagedKVCache, name: str, pages: int) -> list[int]:
