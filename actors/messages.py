@@ -41,11 +41,55 @@ def message(cls):
         raise TypeError(f"message type {cls.__name__} declared twice")
     _REGISTRY[cls.__name__] = cls
     cls._hints = typing.get_type_hints(cls)
+    cls._specs = {name: _FieldSpec.of(hint) for name, hint in cls._hints.items()}
     return cls
 
 
 def _is_array_field(hint: Any) -> bool:
     return hint is np.ndarray or np.ndarray in typing.get_args(hint)  # np.ndarray or np.ndarray | None
+
+
+def _union_args(hint: Any) -> tuple:
+    union = typing.get_origin(hint) is typing.Union or isinstance(hint, types.UnionType)
+    return typing.get_args(hint) if union else (hint,)
+
+
+@dataclass(frozen=True)
+class _FieldSpec:
+    """What a field's declaration accepts, worked out once per message type (decoding checks
+    every field of every message: no typing introspection per value)."""
+
+    hint: Any
+    array: bool
+    none: bool  # None is allowed
+    number: type | None  # int or float (a bool is neither; an int is a float)
+    lists: tuple[frozenset | None, ...]  # per list option its exact item types (None: any)
+    instances: tuple[type, ...]  # str, bool, dict
+    nested: type | None  # a message type, travelling as a map
+
+    @classmethod
+    def of(cls, hint: Any) -> "_FieldSpec":
+        options = _union_args(hint)
+        bases = [typing.get_origin(o) or o for o in options]
+        lists = tuple(frozenset(_union_args(typing.get_args(o)[0])) if typing.get_args(o) else None
+                      for o, b in zip(options, bases) if b is list)
+        number = float if float in bases else int if int in bases else None
+        nested = next((b for b in bases if b in _REGISTRY.values()), None)
+        return cls(hint, _is_array_field(hint), type(None) in options, number, lists,
+                   tuple(b for b in bases if b in (str, bool, dict)), nested)
+
+    def check(self, name: str, value: Any) -> None:
+        """Refuse a value whose kind does not match the declaration (shallow, cheap; list items
+        by exact type, checked at C speed: a handoff lists thousands of pages)."""
+        kind = type(value)
+        if (value is None and self.none) or (self.nested is not None and kind is dict) \
+                or (self.number is not None and kind is not bool and isinstance(value, int if self.number is int
+                                                                                   else (int, float))) \
+                or isinstance(value, self.instances):
+            return
+        if kind is list and any(items is None or set(map(type, value)) <= items for items in self.lists):
+            return
+        raise MessageError(f"field {name!r}: {kind.__name__} does not match {self.hint}")
 
 
 @message
@@ -345,34 +389,6 @@ class ActorStats:
     verify_runs: int = 0  # MTP: sequence-steps that verified drafts
 
 
-_SCALARS = (int, float, str, bool, type(None))
-
-
-def _check_value(name: str, value: Any, hint: Any) -> None:
-    """Refuse field values whose kind does not match the declaration (shallow, cheap)."""
-    origin = typing.get_origin(hint)
-    options = typing.get_args(hint) if origin is typing.Union or isinstance(hint, type(int | None)) else (hint,)
-    for option in options:
-        base = typing.get_origin(option) or option
-        if option is type(None) and value is None:
-            return
-        if base in _REGISTRY.values() and isinstance(value, dict):
-            return
-        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
-        if base is int and isinstance(value, int) and not isinstance(value, bool):
-            return
-        if base is list and isinstance(value, list):
-            item = (typing.get_args(option) or (object,))[0]
-            union = typing.get_origin(item) is typing.Union or isinstance(item, types.UnionType)
-            # exact item types (a bool is no int), checked at C speed: a handoff lists thousands of pages
-            if item is object or set(map(type, value)) <= set(typing.get_args(item) if union else (item,)):
-                return
-        if base in (str, bool, dict) and isinstance(value, base):
-            return
-    raise MessageError(f"field {name!r}: {type(value).__name__} does not match {hint}")
-
-
 def _as_dict(value: Any) -> dict[str, Any]:
     """A nested message as a dict, its lists shared, not copied (`dataclasses.asdict` deep-copies
     every item: milliseconds for a handoff's thousands of page numbers)."""
@@ -458,15 +474,14 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
         raise MessageError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
     kwargs = {}
     for name, value in values.items():
-        hint = cls._hints[name]
-        if _is_array_field(hint):
+        spec = cls._specs[name]
+        if spec.array:
             if not isinstance(value, np.ndarray) and value is not None:
                 raise MessageError(f"{cls.__name__}.{name} must travel as an array frame")
         else:
-            _check_value(f"{cls.__name__}.{name}", value, hint)
-            nested = next((t for t in (typing.get_args(hint) or (hint,)) if t in _REGISTRY.values()), None)
-            if nested is not None and isinstance(value, dict):
-                value = _build(nested, value)
+            spec.check(f"{cls.__name__}.{name}", value)
+            if spec.nested is not None and isinstance(value, dict):
+                value = _build(spec.nested, value)
         kwargs[name] = value
     try:
         return cls(**kwargs)

@@ -69,6 +69,29 @@ def test_malformed_step_tokens_are_refused(fields, problem):
         decode(frames)
 
 
+@pytest.mark.parametrize("fields, ok", [
+    ({"max_tokens": 5, "temperature": 1}, True),  # an int where a float is declared
+    ({"max_tokens": True}, False),  # a bool is no int
+    ({"temperature": False}, False),  # nor a float
+    ({"seed": None, "logprobs": None}, True),  # optional
+    ({"max_tokens": None}, False),  # not optional
+    ({"stop_token_ids": [1, 2]}, True),
+    ({"stop_token_ids": [1, True]}, False),  # list items by exact type
+    ({"stop_token_ids": [1.0]}, False),
+    ({"grammar": "x", "ignore_eos": True}, True),
+    ({"ignore_eos": 1}, False),
+])
+def test_field_kinds_are_checked_against_their_declarations(fields, ok):
+    frames = [msgpack.packb({"type": "SamplingSpec", "fields": fields, "arrays": []})]
+    if ok:
+        assert decode(frames) == SamplingSpec(**fields)
+    else:
+        with pytest.raises(MessageError, match="does not match"):
+            decode(frames)
+    nested = {"request_id": "r", "messages_json": "[]", "sampling": {"max_tokens": 3}, "prompt_ids": [1, 2]}
+    assert decode([msgpack.packb({"type": "GenerateRequest", "fields": nested, "arrays": []})]).sampling.max_tokens == 3
+
+
 def _header(**over):
     base = {"type": "TokenBatch", "fields": {"request_id": "x", "token_ids": [1]}, "arrays": []}
     base.update(over)
