@@ -84,6 +84,7 @@ def one_size(tokens: int, reps: int) -> dict:
                                     after=lambda: dst.free_sequence(2)),
         "page_runs": median_ms(lambda: [page_runs(places[n], places[n]) for n in groups], reps),
     }
+    src.free_sequence(1)
     sender = parts["held_pages_hold"] + parts["message_encode"]
     receiver = sum(v for k, v in parts.items() if k not in ("held_pages_hold", "message_encode"))
     return {"prompt_tokens": tokens, "pages": held.num_pages, "ms": parts, "sender_ms": round(sender, 4),

@@ -125,3 +125,17 @@ def test_summary_reads_the_acceptance_figures_off_the_records(smoke):
     assert summary["bytes"]["naive_over_handoff"] == by_part(doc, "bytes")[0]["naive_over_handoff"]
     ratio = by_part(doc, "ttft")[1]["ttft_over_colocated"]
     assert summary["ttft"]["nccl_over_gloo_cpu"]["meets_10_percent"] == (ratio <= 1.10)
+
+
+def test_handoff_host_times_each_part_of_one_handoff():
+    """bench/handoff_host.py at E4B's shape: one record per size, its pages those a prompt of that
+    many tokens holds (every full page; the sliding window's), every part timed, the sums right."""
+    bench = load_bench("handoff_host")
+    record = bench.one_size(256, reps=2)
+    cfg, _ = load_bench("handoff").text_config(False)
+    assert cfg.sliding_window >= 256 and record["pages"] == 2 * 256 // 16  # both groups hold all 16 pages
+    assert set(record["ms"]) == {"held_pages_hold", "message_encode", "message_decode", "check_payload",
+                                 "adopt_sequence", "page_runs"} and all(v > 0 for v in record["ms"].values())
+    ms = record["ms"]
+    assert record["sender_ms"] == pytest.approx(ms["held_pages_hold"] + ms["message_encode"], abs=1e-3)
+    assert record["receiver_ms"] == pytest.approx(sum(ms.values()) - record["sender_ms"], abs=1e-3)
