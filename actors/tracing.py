@@ -14,6 +14,7 @@ time each request spent in each stage (`tandem trace DIR`).
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from contextlib import contextmanager
@@ -61,6 +62,30 @@ class Tracer:
         self.max_buffered = max_buffered
         self._buffer: list[Span] = []
         self._last_flush = time.time_ns()
+        self._on_gc = None  # the gc callback of `watch_gc`
+
+    def watch_gc(self, min_ms: float = 1.0) -> None:
+        """Record the garbage collector's pauses of at least `min_ms` as `gc` spans (generation,
+        objects collected): a pause between two steps shows in the trace. Off without a trace
+        directory; `unwatch_gc` undoes it."""
+        if not self.enabled or self._on_gc is not None:
+            return
+        started = [0]
+
+        def on_gc(phase: str, info: dict) -> None:
+            if phase == "start":
+                started[0] = time.time_ns()
+            elif started[0] and time.time_ns() - started[0] >= min_ms * 1e6:
+                self.record("gc", started[0], time.time_ns(), generation=info["generation"],
+                            collected=info["collected"])
+
+        self._on_gc = on_gc
+        gc.callbacks.append(on_gc)
+
+    def unwatch_gc(self) -> None:
+        if self._on_gc is not None:
+            gc.callbacks.remove(self._on_gc)
+            self._on_gc = None
 
     @contextmanager
     def span(self, stage: str, requests: str | Iterable[str] = (), **attrs: Any) -> Iterator[dict[str, Any]]:

@@ -216,3 +216,22 @@ def test_a_colocated_engine_traces_prefill_and_decode_steps(tiny_checkpoint, tmp
         assert breakdown[rid].stages["decode"].spans == 3  # the prefill step's token, then 3 decode steps
     prefill_tokens = sum(s.attrs["tokens"] for s in read_spans(tmp_path) if s.stage == "prefill")
     assert prefill_tokens == 39  # every prompt token computed once, and counted once
+
+
+def test_garbage_collector_pauses_become_gc_spans(tmp_path):
+    import gc
+
+    tracer = Tracer("engine-0", tmp_path)
+    tracer.watch_gc(min_ms=0.0)
+    try:
+        gc.collect()
+    finally:
+        tracer.unwatch_gc()
+    gc.collect()  # not recorded any more
+    tracer.flush()
+    full = [s for s in read_spans(tmp_path) if s.stage == "gc" and s.attrs["generation"] == 2]
+    assert len(full) == 1 and full[0].end_ns >= full[0].start_ns and full[0].attrs["collected"] >= 0
+    off = Tracer("engine-0", None)
+    before = len(gc.callbacks)
+    off.watch_gc()
+    assert len(gc.callbacks) == before  # no trace directory: no callback
