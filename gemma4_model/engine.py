@@ -206,6 +206,8 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop to make room
+            if self.last_in_flight(seq):
+                continue  # overlap: its last token is being computed; it finishes when reported
             start = self.cache.num_computed(seq.seq_id)
             n = self._chunk_length(seq, start, budget, alone=not plan)
             if start == seq.num_tokens - 1 and seq.output:  # decoding: room for its drafts too
@@ -250,6 +252,12 @@ class Scheduler:
             samples.append(end == seq.num_tokens)
             drafts.append(start + n - end)
         return StepPlan(tuple(chunks), tuple(seqs), tuple(samples), tuple(drafts))
+
+    def last_in_flight(self, seq: GenerationSequence) -> bool:
+        """Whether the token a launched step is computing for `seq` (overlap scheduling) is its
+        last: it reaches max_tokens or the model length, so nothing more runs for it."""
+        return bool(seq.output) and seq.output[-1] == PLACEHOLDER and (
+            len(seq.output) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len)
 
     def draft_limit(self, seq: GenerationSequence) -> int:
         """Draft tokens a decoding sequence may verify this step: at most `num_speculative_tokens`,
@@ -473,8 +481,9 @@ class Engine:
         launched step's, and only then reports the launched step's tokens (so the host's work of
         one step hides under the device's work of the next). A launched step's token is a
         PLACEHOLDER in `output` until reported; a sequence that stops on a token drops the step
-        computed after it. A step that might preempt, a request that is not overlappable, or a
-        sequence at its length limit first reports the launched step.
+        computed after it; one whose launched token is its last (length limit) sits out the step
+        launched after it. A step that might preempt or a request that is not overlappable first
+        reports the launched step.
         """
         if self._launched is not None:
             return self._step_ahead()
@@ -513,9 +522,10 @@ class Engine:
 
     def _can_follow(self, prev: _Launched) -> bool:
         """Whether the next step may launch before `prev` reports: every request overlappable,
-        no sequence whose unreported token may be its last (length limit), no bidirectional span
-        left to prefill, and the pages every running sequence may take this step free (so
-        nothing is preempted while a token is unreported)."""
+        no bidirectional span left to prefill, and the pages every running sequence may take
+        this step free (so nothing is preempted while a token is unreported). A sequence whose
+        unreported token is its last (length limit) sits the next step out
+        (`Scheduler.last_in_flight`): the others run on."""
         scheduler = self.scheduler
         if self.drafter is not None or not all(overlappable(s.params) for s in scheduler.waiting):
             return False
@@ -524,9 +534,6 @@ class Engine:
             if not overlappable(seq.params):
                 return False
             computed = self.cache.num_computed(seq.seq_id)
-            if seq.output and seq.output[-1] == PLACEHOLDER and (
-                    len(seq.output) >= seq.params.max_tokens or seq.num_tokens >= scheduler.max_model_len):
-                return False
             if seq.blocks and computed < len(seq.prompt):
                 return False  # a whole span may take more than chunk_size positions
             needs.append((seq.seq_id, min(seq.num_tokens, computed + scheduler.limits.chunk_size)))

@@ -119,6 +119,27 @@ def test_steps_do_run_ahead(model):
     assert len(seq.output) == 8 and seq.finish_reason == "length" and len(late.output) == 3
 
 
+def test_a_sequence_at_its_length_limit_does_not_stop_the_others_running_ahead(model):
+    """The step launched while one sequence's last token is in flight leaves that sequence out;
+    the others run on, and every output equals the waiting engine's."""
+    ps = prompts(3)
+    requests = [(ps[0], SamplingParams(max_tokens=3, ignore_eos=True)),
+                (ps[1], SamplingParams(max_tokens=9, ignore_eos=True)),
+                (ps[2], SamplingParams(max_tokens=5, ignore_eos=True))]
+    assert_same_run(model, requests)
+    engine = engine_for(model, True)
+    short, long_ = (engine.add_request(p, params) for p, params in requests[:2])
+    while not (short.output and short.output[-1] == PLACEHOLDER and len(short.output) == 3):
+        engine.step()
+    assert engine.scheduler.last_in_flight(short) and not engine.scheduler.last_in_flight(long_)
+    assert engine.step() and engine._launched is not None  # the next step went out all the same ...
+    assert short.finish_reason == "length" and len(short.output) == 3 and PLACEHOLDER not in short.output
+    assert long_.output[-1] == PLACEHOLDER  # ... with the other sequence in it
+    while engine.has_work():
+        engine.step()
+    assert len(long_.output) == 9 and engine.cache.pages_in_use() == {n: 0 for n in engine.cache.groups}
+
+
 def test_long_prompts_prefill_in_chunks_while_others_decode(model):
     ps = prompts(4, length=30)
     requests = [(p, SamplingParams(max_tokens=10, ignore_eos=True)) for p in ps[:2]]
