@@ -38,6 +38,8 @@ from gemma4_model.kernels.page_copy import page_runs  # noqa: E402
 from transfer.device_pages import held_pages, hold, release, shapes_of  # noqa: E402
 from transfer.kv_pages import GroupPages, KVPayload, check_payload  # noqa: E402
 
+# The script uses only what 6f81372 had too (not `device_pages.page_fields`), so the one script
+# times the bookkeeping before and after its vectorisation (bench/results/handoff_host_cpu_6f81372.json).
 FIELDS = {"full_attention": "full_pages", "sliding_attention": "sliding_pages"}
 
 
