@@ -1,6 +1,7 @@
 """Decode attention at serving batch sizes: `paged_attention_triton` launches (warps, pipeline
-stages, V loaded with K or after the scores, keys per block, fewest keys per split, programs over
-the splits, split counts) timed against the bytes a step must read, on the device (CUDA only).
+stages, V loaded with K or after the scores, keys per block, head-dim columns per score chunk,
+fewest keys per split, programs over the splits, split counts) timed against the bytes a step
+must read, on the device (CUDA only).
 
 One decode row per sequence, every sequence at `--context` tokens (positions context-1), K/V
 pages scattered over a pool as the cache leaves them, 16-token pages. Shapes from
@@ -85,6 +86,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32,64,96")
     ap.add_argument("--contexts", default="512,1024,2048")
     ap.add_argument("--block-ns", default="0,32", help="keys per block to try (0: the default by head dim)")
+    ap.add_argument("--block-dks", default="0", help="head-dim columns of K per score chunk to try (0: up to 256)")
+    ap.add_argument("--prefetch-v", default="0,1", help="V loaded with K (1), after the scores (0), or both")
     ap.add_argument("--split-keys", default="64,256", help="fewest keys per flash-decoding split to try")
     ap.add_argument("--num-splits", default=str(MAX_SPLITS), help="flash-decoding splits (programs per sequence "
                     "and KV head) to try")
@@ -99,9 +102,11 @@ def main() -> None:
         sys.exit("attention_sweep needs a CUDA device")
     stream = torch.cuda.Stream()
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    variants = [(DecodeTiles(w, s, p, n, k, g), splits) for w, s, p, n, k, g, splits in
-                itertools.product(ints(args.warps), ints(args.stages), (False, True), ints(args.block_ns),
-                                  ints(args.split_keys), ints(args.split_programs), ints(args.num_splits))]
+    prefetch_v = [bool(x) for x in ints(args.prefetch_v)]
+    variants = [(DecodeTiles(w, s, p, n, k, g, block_dk=dk), splits) for w, s, p, n, dk, k, g, splits in
+                itertools.product(ints(args.warps), ints(args.stages), prefetch_v, ints(args.block_ns),
+                                  ints(args.block_dks), ints(args.split_keys), ints(args.split_programs),
+                                  ints(args.num_splits))]
     records = []
     for model in args.models.split(","):
         for layer, (heads, kv_heads, head_dim, window) in layer_shapes(model).items():
@@ -133,7 +138,7 @@ def main() -> None:
                     print(f"{model:8s} {layer:7s} b{batch:<3d} c{context:<5d} floor {rec['floor_us']:7.1f} us  "
                           f"default {default['us'] if default else float('nan'):7.1f}  best {best['us']:7.1f} "
                           f"(w{best['num_warps']} s{best['num_stages']} pv{int(best['prefetch_v'])} "
-                          f"n{best['block_n']} k{best['split_keys']} x{best['num_splits']} g{best['split_programs']})", flush=True)
+                          f"n{best['block_n']} dk{best['block_dk']} k{best['split_keys']} x{best['num_splits']} g{best['split_programs']})", flush=True)
                     del q, group, fb
                     write(args, records)  # after every case: a run stopped at its time limit keeps what it measured
 

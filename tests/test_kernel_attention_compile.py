@@ -46,17 +46,20 @@ def build(fn, constexprs, kv="*bf16", warps=4, stages=2):
     ptx = compiled.asm["ptx"]
     return [len(compiled.asm["cubin"]), "mma" in ptx and (not constexprs["PDL"] or "griddepcontrol.wait" in ptx)]
 
-def attention(head_dim, block_m, block_n, splits, programs, span_mode=0, split_keys=64, pdl=False):
+def attention(head_dim, block_m, block_n, splits, programs, span_mode=0, split_keys=64, pdl=False, prefetch_v=False):
     d_pad = max(16, triton.next_power_of_2(head_dim))
     block_dk = min(d_pad, 256)
     block_dv = d_pad if block_m <= 16 else min(d_pad, 256)
     return dict(HEAD_DIM=head_dim, REP=2, REP_PAD=2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
                 NUM_DK=d_pad // block_dk, BLOCK_DV=block_dv, NUM_DV=d_pad // block_dv, PAGE=16, SPAN_MODE=span_mode,
-                NUM_SPLITS=splits, SPLIT_KEYS=split_keys, SPLIT_PROGRAMS=programs, IEEE=False, PREFETCH_V=False,
+                NUM_SPLITS=splits, SPLIT_KEYS=split_keys, SPLIT_PROGRAMS=programs, IEEE=False, PREFETCH_V=prefetch_v,
                 PDL=pdl)
 
 built = {
     "decode-256": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 16)),
+    # the default decode launch (DecodeTiles()): 32-key blocks, V with K, one stage
+    "decode-256-default": build(pa._paged_attention_kernel, attention(256, 16, 32, 16, 16, prefetch_v=True), stages=1),
+    "decode-512-default": build(pa._paged_attention_kernel, attention(512, 16, 32, 16, 16, prefetch_v=True), stages=1),
     "decode-256-programs4": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 4, split_keys=256)),
     "decode-256-pdl": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 16, pdl=True)),
     "decode-512-programs4": build(pa._paged_attention_kernel, attention(512, 16, 32, 16, 4)),
@@ -89,6 +92,6 @@ print(json.dumps(built))
 @pytest.mark.skipif(not _ptxas(), reason="this Triton build ships no ptxas to compile for sm_90 with")
 def test_attention_and_prefetch_kernels_compile_for_sm90():
     built = compile_in_subprocess(SCRIPT)
-    assert len(built) == 11
+    assert len(built) == 13
     # tensor cores (attention); the prefetch's L2 loads; the dependent-launch instructions (PDL variants)
     assert all(size > 1000 and ok for size, ok in built.values()), built

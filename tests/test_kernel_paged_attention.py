@@ -154,11 +154,15 @@ def test_decode_tile_launches_give_the_default_result():
     assert DecodeTiles().programs_per_sequence(16, 64, 8) == 16
     assert DecodeTiles(split_programs=4, target_programs=512).programs_per_sequence(16, 1, 2) == 4
     # longer splits partition the keys otherwise: the same result up to summation order
-    for tiles in (DecodeTiles(split_keys=256), DecodeTiles(8, 2, True, 32, 512)):
+    # as do scores summed over head-dim chunks of K
+    for tiles in (DecodeTiles(split_keys=256), DecodeTiles(8, 2, True, 32, 512), DecodeTiles(block_dk=16)):
         torch.testing.assert_close(paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16,
                                                           tiles=tiles), want, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="multiple of 64"):
         DecodeTiles(split_keys=96)
+    for block_dk in (8, 48, 512):
+        with pytest.raises(ValueError, match="block_dk"):
+            DecodeTiles(block_dk=block_dk)
 
 
 def test_splits_past_a_rows_keys_store_nothing_the_merge_reads(monkeypatch):

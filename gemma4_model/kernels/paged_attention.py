@@ -43,21 +43,30 @@ MAX_SPLITS = 16  # the splits of every decode-like launch on a GPU
 @dataclass(frozen=True)
 class DecodeTiles:
     """The launch of decode-like (16-row) tiles: warps, software-pipeline stages, whether V is
-    loaded with K, keys per block (0: by head dim), the fewest keys of a split (a multiple of 64:
+    loaded with K, keys per block (0: by head dim), head-dim columns of K per score chunk (0: up to
+    256; fewer hold fewer K values in registers at once), the fewest keys of a split (a multiple of 64:
     more make fewer, longer splits), and the programs that take a sequence's splits (fewer than
     the splits: each takes every so-many-th; the partition, so the result, is the same)."""
 
+    # the defaults, from sweeps of 26B-A4B's and E4B's layers at 800 keys on an H100
+    # (bench/results/attention_sweep_decode_h100*.json): sliding layers at batches 8 to 96 the
+    # fastest launch or within 3% of it (at batch 96 a fifth faster than 64-key blocks in two
+    # stages, whose registers spill at head dim 256); full layers within 8% (128-key splits lead
+    # there); at batch 1, 5 to 11% behind 8 warps over 64-key blocks
     num_warps: int = 4
-    num_stages: int = 2
-    prefetch_v: bool = False
-    block_n: int = 0
+    num_stages: int = 1
+    prefetch_v: bool = True
+    block_n: int = 32
     split_keys: int = SPLIT_KEYS
     split_programs: int = 0  # programs per sequence and KV head over the splits (0: one per split)
     # with split_programs 0: about this many programs in a launch (a sequence's splits shared by
     # fewer programs as the batch grows: a power of two, 1 to the splits); 0: one per split
     target_programs: int = 0
+    block_dk: int = 0
 
     def __post_init__(self):
+        if self.block_dk and (self.block_dk < 16 or self.block_dk & (self.block_dk - 1) or self.block_dk > 256):
+            raise ValueError(f"block_dk is 0 or a power of two from 16 to 256, got {self.block_dk}")
         if self.split_keys <= 0 or self.split_keys % 64:
             raise ValueError(f"split_keys is a positive multiple of 64, got {self.split_keys}")
         if self.split_programs < 0 or self.target_programs < 0:
@@ -314,15 +323,15 @@ def paged_attention_triton(
     block_m = max(16, _pow2(rep_pad * layout.max_query_len))
     if block_m > 16:
         block_m = max(rep_pad, 32 if d_pad > 256 else 64)
-    block_n = 64 if block_m <= 16 and d_pad <= 256 else 32  # no register spills on sm_90 (ptxas, bf16)
+    block_n = 64 if block_m <= 16 and d_pad <= 256 else 32  # by head dim, where the tiles leave it 0
     decode = tiles or DECODE_TILES
     num_warps, num_stages, prefetch_v = (decode.num_warps, decode.num_stages, decode.prefetch_v) if block_m <= 16 \
         else (8, 2, False)
     if block_m <= 16 and decode.block_n:
         block_n = decode.block_n
-    block_dk = min(d_pad, 256)
+    block_dk = min(d_pad, decode.block_dk or 256) if block_m <= 16 else min(d_pad, 256)
     if q.element_size() > 2:  # float32 (tests, the CPU): halve the tiles' bytes
-        block_n, block_dk = 32, min(d_pad, 128)
+        block_n, block_dk = 32, min(block_dk, 128)
     block_dv = d_pad if block_m <= 16 else min(d_pad, 256)
     splits = num_splits if num_splits is not None else default_num_splits(batch, kv_heads, block_m, q.device)
     schedule = layout.schedule(block_m // rep_pad)
