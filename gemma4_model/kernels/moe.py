@@ -240,24 +240,27 @@ def moe_tiles(pairs: int, ieee: bool = False) -> MoeTiles:
 
 
 @triton.jit
-def _block_rows(block_experts_ptr, slot_pairs_ptr, BLOCK_M: tl.constexpr):
-    """This program's block: its expert (-1: unused), its slots, their pairs and which are used."""
-    block = tl.program_id(0)
+def _block_rows(block, slot_pairs_ptr, BLOCK_M: tl.constexpr):
+    """A used block's slots, their pairs and which are used."""
     slots = block * BLOCK_M + tl.arange(0, BLOCK_M)
     pairs = tl.load(slot_pairs_ptr + slots)
-    return tl.load(block_experts_ptr + block), slots, pairs, pairs >= 0
+    return slots, pairs, pairs >= 0
 
 
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, out_ptr, slot_pairs_ptr, block_experts_ptr, top_k, hidden, inter,
                     stride_x, stride_we, stride_wn, stride_o,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    expert, slots, pairs, used = _block_rows(block_experts_ptr, slot_pairs_ptr, BLOCK_M)
+    # the grid's first axis walks a block's columns, its second the blocks: the used blocks (the
+    # first ones) start before the unused ones (only a bound on the count is known when launching)
+    block = tl.program_id(1)
+    expert = tl.load(block_experts_ptr + block)
     if expert < 0:
         return
+    slots, pairs, used = _block_rows(block, slot_pairs_ptr, BLOCK_M)
     dt = out_ptr.dtype.element_ty
     tokens = tl.where(used, pairs // top_k, 0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter
     offs_k = tl.arange(0, BLOCK_K)
     w_base = w_ptr + expert.to(tl.int64) * stride_we
@@ -282,11 +285,13 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, slot_pairs_ptr, block_experts_ptr, to
 def _down_kernel(act_ptr, w_ptr, out_ptr, weights_ptr, slot_pairs_ptr, block_experts_ptr, hidden, inter,
                  stride_a, stride_we, stride_wn, stride_o,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    expert, slots, pairs, used = _block_rows(block_experts_ptr, slot_pairs_ptr, BLOCK_M)
+    block = tl.program_id(1)  # as _gate_up_kernel's grid
+    expert = tl.load(block_experts_ptr + block)
     if expert < 0:
         return
+    slots, pairs, used = _block_rows(block, slot_pairs_ptr, BLOCK_M)
     dt = out_ptr.dtype.element_ty
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
     offs_k = tl.arange(0, BLOCK_K)
     w_base = w_ptr + expert.to(tl.int64) * stride_we
@@ -323,14 +328,14 @@ def moe_expert_rows(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     slot_pairs, block_experts = align_pairs(experts, num_experts, tiles.block_m)
     act = torch.empty((slot_pairs.numel(), inter), dtype=x.dtype, device=x.device)
     t = tiles.gate_up
-    _gate_up_kernel[(block_experts.numel(), triton.cdiv(inter, t.block_n))](
+    _gate_up_kernel[(triton.cdiv(inter, t.block_n), block_experts.numel())](
         x, gate_up, act, slot_pairs, block_experts, top_k, hidden, inter,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), act.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, IEEE=ieee, num_warps=t.num_warps,
         num_stages=t.num_stages)
     flat = rows.view(T * top_k, hidden)
     t = tiles.down
-    _down_kernel[(block_experts.numel(), triton.cdiv(hidden, t.block_n))](
+    _down_kernel[(triton.cdiv(hidden, t.block_n), block_experts.numel())](
         act, down, flat, weights.reshape(-1).contiguous(), slot_pairs, block_experts, hidden, inter,
         act.stride(0), down.stride(0), down.stride(1), flat.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, IEEE=ieee, num_warps=t.num_warps,
