@@ -95,3 +95,24 @@ def test_attention_and_prefetch_kernels_compile_for_sm90():
     assert len(built) == 13
     # tensor cores (attention); the prefetch's L2 loads; the dependent-launch instructions (PDL variants)
     assert all(size > 1000 and ok for size, ok in built.values()), built
+
+
+REGISTERS = r"""
+import json
+from bench.attention_registers import report
+from gemma4_model.kernels.paged_attention import DECODE_TILES as t
+default = report((256, t.block_n, t.block_dk, t.num_warps, t.num_stages, t.prefetch_v))
+old = report((256, 64, 0, 4, 2, False))  # the launch before 305c1af: 64-key blocks, two stages
+print(json.dumps({"default": default, "old": old}))
+"""
+
+
+@pytest.mark.skipif(not _ptxas(), reason="this Triton build ships no ptxas to compile for sm_90 with")
+def test_default_decode_launch_spills_little_at_head_dim_256():
+    """ptxas -v through bench/attention_registers.py: the default decode launch (DecodeTiles())
+    fits its registers or nearly (the launch it replaced spilled about 1 KB of stores a thread)."""
+    got = compile_in_subprocess(REGISTERS)
+    default, old = got["default"], got["old"]
+    assert default["registers"] <= 255 and old["registers"] <= 255, got
+    assert old["spill_store_bytes"] >= 256, got
+    assert default["spill_store_bytes"] * 8 <= old["spill_store_bytes"], got
