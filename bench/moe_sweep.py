@@ -147,8 +147,11 @@ def _tiles_dict(t: MoeTiles) -> dict:
 
 
 def route_and_combine_us(tokens: int) -> dict:
-    """The routing and combination launches (with the router's product) at this token count."""
+    """The routing and combination launches (with the router's product) at this token count; the
+    routing also with the router's product as its own cuBLAS call (`route_separate_us`), which
+    `moe_route` makes only past `FUSED_ROUTER_MAX_ROWS` rows."""
     from gemma4_model.config import MoESpec
+    from gemma4_model.kernels import moe
     from gemma4_model.kernels.moe import moe_route
     from gemma4_model.layers import RMSNorm, Router
 
@@ -160,7 +163,12 @@ def route_and_combine_us(tokens: int) -> dict:
     with torch.no_grad():
         route = graph_time_us(lambda: moe_route(h, router, norm))
         combine = graph_time_us(lambda: moe_combine(h, rows, norm.weight, norm.weight, 1e-6))
-    return {"route_us": round(route, 2), "combine_us": round(combine, 2)}
+        fused_rows, moe.FUSED_ROUTER_MAX_ROWS = moe.FUSED_ROUTER_MAX_ROWS, 0
+        try:
+            separate = graph_time_us(lambda: moe_route(h, router, norm))
+        finally:
+            moe.FUSED_ROUTER_MAX_ROWS = fused_rows
+    return {"route_us": round(route, 2), "route_separate_us": round(separate, 2), "combine_us": round(combine, 2)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

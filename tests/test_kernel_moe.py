@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gemma4_model.config import MoESpec
-from gemma4_model.kernels.moe import (align_pairs, align_pairs_torch, moe_combine, moe_combine_torch, moe_expert_rows,
+from gemma4_model.kernels.moe import (align_pairs, align_pairs_torch, moe_combine, moe_combine_torch,
                                       moe_experts, moe_route, moe_route_torch)
 from gemma4_model.layers import Experts, RMSNorm, Router
 
@@ -65,7 +65,7 @@ def test_the_align_kernel_gives_its_twin_exactly(tokens, experts, block_m, skew)
         assert got.tolist() == want.tolist()
 
 
-@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("tokens", [1, 7, 40])  # up to FUSED_ROUTER_MAX_ROWS: the router's product in the norms' launch
 def test_the_route_kernels_match_the_router_and_norm(tokens):
     spec = MoESpec(num_experts=12, top_k=3, intermediate_size=8)
     _, x, _, _ = routed(tokens, 40, spec, seed=tokens)
@@ -130,6 +130,33 @@ def test_gpu_26b_a4b_shape_against_the_float32_twin(tokens):
     assert got.dtype == torch.bfloat16
     rel = ((got.float() - want).norm() / want.norm()).item()
     assert rel < 1e-2, rel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 8, 32])
+def test_gpu_fused_router_product_routes_as_the_cublas_product(tokens, monkeypatch):
+    """bf16 at the 26B-A4B shape: the router's product inside the norms' launch (float32 sums
+    rounded to bf16) picks the experts the separate product picks, with the same weights; logits
+    a rounding apart may swap a near tie, in at most one row here."""
+    from gemma4_model.kernels import moe
+
+    spec = A4B
+    _, x, _, _ = routed(tokens, 2816, spec, dtype=torch.bfloat16, device="cuda", seed=tokens)
+    g = torch.Generator().manual_seed(7)
+    router, norm = Router(2816, spec, 1e-6), RMSNorm(2816, 1e-6)
+    with torch.no_grad():
+        router.proj.weight.copy_(torch.randn(router.proj.weight.shape, generator=g) * 2816**-0.5)
+        for t in (router.scale, router.per_expert_scale, norm.weight):
+            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+    router, norm = router.to("cuda", torch.bfloat16), norm.to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        fused = moe_route(x, router, norm)
+        monkeypatch.setattr(moe, "FUSED_ROUTER_MAX_ROWS", 0)
+        separate = moe_route(x, router, norm)
+    assert torch.equal(fused[0], separate[0])
+    same = (fused[2] == separate[2]).all(dim=1)
+    assert int((~same).sum()) <= 1, (fused[2], separate[2])
+    torch.testing.assert_close(fused[1][same], separate[1][same], atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu

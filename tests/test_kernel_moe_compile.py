@@ -43,6 +43,11 @@ small = {  # one row / one program each: no tensor cores
                                       "router_in_ptr": "*bf16", "expert_in_ptr": "*bf16", "n_cols": "i32",
                                       "eps": "fp32", "root": "fp32", "stride_h": "i32", "stride_r": "i32",
                                       "stride_e": "i32"}, {"BLOCK": 4096}),
+    "norms_router": (moe._norms_router_kernel, {"h_ptr": "*bf16", "scale_ptr": "*bf16", "w_ptr": "*bf16",
+                                                "proj_ptr": "*bf16", "logits_ptr": "*bf16", "expert_in_ptr": "*bf16",
+                                                "n_cols": "i32", "num_experts": "i32", "eps": "fp32", "root": "fp32",
+                                                "stride_h": "i32", "stride_p": "i32", "stride_l": "i32",
+                                                "stride_e": "i32"}, {"BLOCK": 4096, "E_CHUNK": 8}),
     "route": (moe._route_kernel, {"logits_ptr": "*bf16", "expert_scale_ptr": "*bf16", "weights_ptr": "*fp32",
                                   "experts_ptr": "*i32", "num_experts": "i32", "stride_l": "i32"},
               {"TOP_K": 8, "E_BLOCK": 128, "K_BLOCK": 8}),
@@ -75,5 +80,6 @@ def compile_in_subprocess(script: str) -> dict:
 @pytest.mark.skipif(not _ptxas(), reason="this Triton build ships no ptxas to compile for sm_90 with")
 def test_moe_kernels_compile_for_sm90():
     built = compile_in_subprocess(SCRIPT)
-    assert set(built) == {"gate_up-16", "gate_up-64", "down-16", "down-64", "align", "norms", "route", "combine"}
+    assert set(built) == {"gate_up-16", "gate_up-64", "down-16", "down-64", "align", "norms", "norms_router", "route",
+                          "combine"}
     assert all(size > 1000 and mma for size, mma in built.values()), built  # tensor-core binaries

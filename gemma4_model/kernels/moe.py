@@ -6,7 +6,8 @@ At decode batch sizes the block is launch-bound: in plain PyTorch the router, th
 pair alignment and the sum of the k rows are about fifty small kernels a layer. Here it is:
 
 - `moe_route`: one kernel for the router's scaled RMSNorm and the experts' input norm of the
-  residual stream, the router's matrix product (cuBLAS), one kernel for the float32 softmax,
+  residual stream, the router's matrix product (cuBLAS; for decode batches of up to
+  `FUSED_ROUTER_MAX_ROWS` rows inside the norms' kernel), one kernel for the float32 softmax,
   top-k and renormalised, per-expert-scaled routing weights;
 - `align_pairs`: one kernel sorts each (token, choice) pair to its expert in token order and
   pads each expert's run to whole blocks of `block_m` rows: at most pairs + experts *
@@ -66,6 +67,35 @@ def _moe_norms_kernel(h_ptr, scale_ptr, w_ptr, router_in_ptr, expert_in_ptr, n_c
 
 
 @triton.jit
+def _norms_router_kernel(h_ptr, scale_ptr, w_ptr, proj_ptr, logits_ptr, expert_in_ptr, n_cols, num_experts, eps, root,
+                         stride_h, stride_p, stride_l, stride_e, BLOCK: tl.constexpr, E_CHUNK: tl.constexpr):
+    """`_moe_norms_kernel` and the router's product for few rows: program (row, c) normalises its
+    row and takes experts [c * E_CHUNK, (c + 1) * E_CHUNK) of the product (float32 sums rounded to
+    the activation dtype, as the product's output is); program (row, 0) stores the experts' input."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n_cols
+    dt = expert_in_ptr.dtype.element_ty
+    x = tl.load(h_ptr + row * stride_h + offs, mask=ok, other=0.0).to(tl.float32)
+    n = x * tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    r = _round(_round(n, dt) * tl.load(scale_ptr + offs, mask=ok, other=0.0).to(tl.float32), dt)
+    router_in = _round(r * root, dt)
+    es = tl.arange(0, E_CHUNK)
+    logits = tl.zeros([E_CHUNK], dtype=tl.float32)
+    for i in tl.static_range(E_CHUNK):
+        e = tl.minimum(chunk * E_CHUNK + i, num_experts - 1)  # past the experts: a real row, not stored
+        w = tl.load(proj_ptr + e.to(tl.int64) * stride_p + offs, mask=ok, other=0.0)
+        logits = tl.where(es == i, tl.sum(router_in * w.to(tl.float32), axis=0), logits)
+    expert_ids = chunk * E_CHUNK + es
+    tl.store(logits_ptr + row * stride_l + expert_ids, logits.to(logits_ptr.dtype.element_ty),
+             mask=expert_ids < num_experts)
+    if chunk == 0:
+        e_in = n * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(expert_in_ptr + row * stride_e + offs, e_in.to(dt), mask=ok)
+
+
+@triton.jit
 def _route_kernel(logits_ptr, expert_scale_ptr, weights_ptr, experts_ptr, num_experts, stride_l,
                   TOP_K: tl.constexpr, E_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -96,25 +126,42 @@ def moe_route_torch(h: torch.Tensor, router, expert_norm) -> tuple[torch.Tensor,
     return expert_norm(h), weights, experts
 
 
+FUSED_ROUTER_MAX_ROWS = 32  # decode batches: the router's product inside the norms' launch
+ROUTER_EXPERTS_PER_PROGRAM = 8
+
+
 def moe_route(h: torch.Tensor, router, expert_norm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`moe_route_torch` in three launches (norms, router product, softmax / top-k); experts int32.
-    `router` is a `layers.Router`, `expert_norm` the block's `pre_feedforward_layernorm_2`."""
+    """`moe_route_torch` in three launches (norms, router product, softmax / top-k), or two for up
+    to `FUSED_ROUTER_MAX_ROWS` rows (the norms and the router's product in one: at decode batch
+    sizes the product is a small, launch-bound call); experts int32. `router` is a
+    `layers.Router`, `expert_norm` the block's `pre_feedforward_layernorm_2`."""
     if not _use_kernel(h):
         return moe_route_torch(h, router, expert_norm)
     T, n_cols = h.shape
     if h.stride(1) != 1 or router.norm.eps != expert_norm.eps:
         raise ValueError("moe_route takes a row-major [T, H] input and norms of one epsilon")
-    router_in, expert_in = torch.empty_like(h), torch.empty_like(h)
+    expert_in = torch.empty_like(h)
     num_experts, top_k = router.proj.weight.shape[0], router.top_k
     weights = torch.empty((T, top_k), dtype=torch.float32, device=h.device)
     experts = torch.empty((T, top_k), dtype=torch.int32, device=h.device)
     if T == 0:
         return expert_in, weights, experts
     block = triton.next_power_of_2(n_cols)
-    _moe_norms_kernel[(T,)](h, router.scale, expert_norm.weight, router_in, expert_in, n_cols, expert_norm.eps,
-                            router.root, h.stride(0), router_in.stride(0), expert_in.stride(0), BLOCK=block,
-                            num_warps=8 if block >= 2048 else 4)
-    logits = F.linear(router_in, router.proj.weight)
+    warps = 8 if block >= 2048 else 4
+    proj = router.proj.weight
+    if T <= FUSED_ROUTER_MAX_ROWS and proj.stride(1) == 1:
+        logits = torch.empty((T, num_experts), dtype=h.dtype, device=h.device)
+        chunks = triton.cdiv(num_experts, ROUTER_EXPERTS_PER_PROGRAM)
+        _norms_router_kernel[(T, chunks)](h, router.scale, expert_norm.weight, proj, logits, expert_in, n_cols,
+                                          num_experts, expert_norm.eps, router.root, h.stride(0), proj.stride(0),
+                                          logits.stride(0), expert_in.stride(0), BLOCK=block,
+                                          E_CHUNK=ROUTER_EXPERTS_PER_PROGRAM, num_warps=warps)
+    else:
+        router_in = torch.empty_like(h)
+        _moe_norms_kernel[(T,)](h, router.scale, expert_norm.weight, router_in, expert_in, n_cols, expert_norm.eps,
+                                router.root, h.stride(0), router_in.stride(0), expert_in.stride(0), BLOCK=block,
+                                num_warps=warps)
+        logits = F.linear(router_in, proj)
     _route_kernel[(T,)](logits, router.per_expert_scale, weights, experts, num_experts, logits.stride(0),
                         TOP_K=top_k, E_BLOCK=triton.next_power_of_2(num_experts),
                         K_BLOCK=triton.next_power_of_2(top_k), num_warps=4)
