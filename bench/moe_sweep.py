@@ -23,7 +23,8 @@ from typing import Sequence
 
 import torch
 
-from gemma4_model.kernels.moe import KernelTiles, MoeTiles, moe_combine, moe_expert_rows, moe_tiles
+from gemma4_model.kernels.fused import residual_norm
+from gemma4_model.kernels.moe import KernelTiles, MoeTiles, moe_combine, moe_combine_tail, moe_expert_rows, moe_tiles
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2816, 704, 128, 8
 
@@ -149,7 +150,8 @@ def _tiles_dict(t: MoeTiles) -> dict:
 def route_and_combine_us(tokens: int) -> dict:
     """The routing and combination launches (with the router's product) at this token count; the
     routing also with the router's product as its own cuBLAS call (`route_separate_us`), which
-    `moe_route` makes only past `FUSED_ROUTER_MAX_ROWS` rows."""
+    `moe_route` makes only past `FUSED_ROUTER_MAX_ROWS` rows; the combination with the layer's
+    residual norm in one launch (`moe_combine_tail`) and as two."""
     from gemma4_model.config import MoESpec
     from gemma4_model.kernels import moe
     from gemma4_model.kernels.moe import moe_route
@@ -163,12 +165,18 @@ def route_and_combine_us(tokens: int) -> dict:
     with torch.no_grad():
         route = graph_time_us(lambda: moe_route(h, router, norm))
         combine = graph_time_us(lambda: moe_combine(h, rows, norm.weight, norm.weight, 1e-6))
+        scalar = torch.ones(1, device="cuda", dtype=torch.bfloat16)
+        tail = graph_time_us(lambda: moe_combine_tail(h, rows, norm.weight, norm.weight, 1e-6, h, norm.weight, scalar,
+                                                      norm.weight))
+        two = graph_time_us(lambda: residual_norm(moe_combine(h, rows, norm.weight, norm.weight, 1e-6), h, norm.weight,
+                                                  1e-6, scalar, norm.weight))
         fused_rows, moe.FUSED_ROUTER_MAX_ROWS = moe.FUSED_ROUTER_MAX_ROWS, 0
         try:
             separate = graph_time_us(lambda: moe_route(h, router, norm))
         finally:
             moe.FUSED_ROUTER_MAX_ROWS = fused_rows
-    return {"route_us": round(route, 2), "route_separate_us": round(separate, 2), "combine_us": round(combine, 2)}
+    return {"route_us": round(route, 2), "route_separate_us": round(separate, 2), "combine_us": round(combine, 2),
+            "combine_tail_us": round(tail, 2), "combine_then_residual_norm_us": round(two, 2)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

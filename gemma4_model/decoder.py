@@ -21,7 +21,7 @@ from .config import LayerSpec, TextConfig
 from .kernels.fused import KVWrite, gelu_mul, head_norm_rope, ple_combine, ple_combine_torch, residual_norm
 from .kernels.l2_prefetch import WeightPrefetch
 from .kernels.ple_tail import PleTail
-from .kernels.moe import moe_combine, moe_expert_rows, moe_route
+from .kernels.moe import moe_combine, moe_combine_tail, moe_expert_rows, moe_route
 from .kernels.paged_attention import paged_attention_triton
 from .kv_cache import PagedKVCache
 from .layers import (MLP, Experts, RMSNorm, RotaryEmbedding, Router, add_sandwich_norms, apply_rope, gelu_tanh,
@@ -169,11 +169,15 @@ class DecoderLayer(nn.Module):
         if self.moe:  # routing, two grouped matrix products and the combination; no host read: capturable
             expert_in, weights, experts = moe_route(h, self.router, self.pre_feedforward_layernorm_2)
             rows = moe_expert_rows(expert_in, weights, experts, self.experts.gate_up_proj, self.experts.down_proj)
-            m = moe_combine(m, rows, self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight,
-                            eps)
         if prefetch is not None:
             prefetch(*((self.per_layer_input_gate.weight, self.per_layer_projection.weight) if self.ple else ()),
                      None if next_layer is None else next_layer.self_attn.input_weight())
+        if self.moe:
+            norms = self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight
+            if not self.ple:  # the combination, the post-feed-forward norm and the next input norm in one launch
+                return moe_combine_tail(m, rows, *norms, eps, h, self.post_feedforward_layernorm.weight,
+                                        self.layer_scalar, next_norm)
+            m = moe_combine(m, rows, *norms, eps)
         if not self.ple:
             return residual_norm(m, h, self.post_feedforward_layernorm.weight, eps, self.layer_scalar, next_norm)
         if PleTail.fits(m):  # decode batch sizes: the post-feed-forward norm to the next norm in two launches

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from gemma4_model.config import MoESpec
-from gemma4_model.kernels.moe import (align_pairs, align_pairs_torch, moe_combine, moe_combine_torch,
-                                      moe_experts, moe_route, moe_route_torch)
+from gemma4_model.kernels.fused import residual_norm
+from gemma4_model.kernels.moe import (align_pairs, align_pairs_torch, moe_combine, moe_combine_tail,
+                                      moe_combine_tail_torch, moe_combine_torch, moe_experts, moe_route,
+                                      moe_route_torch)
 from gemma4_model.layers import Experts, RMSNorm, Router
 
 
@@ -93,6 +95,22 @@ def test_combine_sums_the_rows_and_adds_both_norms():
                           + rows_total * torch.rsqrt(rows_total.pow(2).mean(-1, keepdim=True) + 1e-6) * w2, atol=1e-5)
     with pytest.raises(ValueError, match="contiguous rows"):
         moe_combine(mlp, rows.transpose(0, 1), w1, w2, 1e-6)
+
+
+def test_combine_tail_is_the_combination_then_the_residual_norm():
+    """One launch for a MoE layer's end: the same bits as `moe_combine` then `residual_norm`."""
+    g = torch.Generator().manual_seed(6)
+    mlp, rows, h = torch.randn(4, 24, generator=g), torch.randn(4, 3, 24, generator=g), torch.randn(4, 24, generator=g)
+    w1, w2, w, nxt = (torch.rand(24, generator=g) + 0.5 for _ in range(4))
+    scalar = torch.tensor([0.7])
+    got = moe_combine_tail(mlp, rows, w1, w2, 1e-6, h, w, scalar, nxt)
+    want = residual_norm(moe_combine(mlp, rows, w1, w2, 1e-6), h, w, 1e-6, scalar, nxt)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    twin = moe_combine_tail_torch(mlp, rows, w1, w2, 1e-6, h, w, scalar, nxt)
+    for a, b in zip(got, twin):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        moe_combine_tail(mlp, rows, w1, w2, 1e-6, h[:2], w, scalar, nxt)
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 23])

@@ -35,6 +35,9 @@ for name, (fn, types) in kernels.items():
                            constexprs={"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 64, "IEEE": False})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         built[f"{name}-{block_m}"] = [len(compiled.asm["cubin"]), "mma" in compiled.asm["ptx"]]
+combine_types = {**{p: "*bf16" for p in ("mlp_ptr", "rows_ptr", "w1_ptr", "w2_ptr", "out_ptr", "res_ptr", "w_ptr",
+                                          "scalar_ptr", "next_w_ptr", "y_ptr")},
+                 **{i: "i32" for i in ("n_cols", "stride_m", "stride_o", "stride_r", "stride_y")}, "eps": "fp32"}
 small = {  # one row / one program each: no tensor cores
     "align": (moe._align_kernel, {"experts_ptr": "*i32", "slot_pairs_ptr": "*i32", "block_experts_ptr": "*i32",
                                   "num_pairs": "i32", "num_experts": "i32", "num_slots": "i32"},
@@ -51,9 +54,8 @@ small = {  # one row / one program each: no tensor cores
     "route": (moe._route_kernel, {"logits_ptr": "*bf16", "expert_scale_ptr": "*bf16", "weights_ptr": "*fp32",
                                   "experts_ptr": "*i32", "num_experts": "i32", "stride_l": "i32"},
               {"TOP_K": 8, "E_BLOCK": 128, "K_BLOCK": 8}),
-    "combine": (moe._combine_kernel, {"mlp_ptr": "*bf16", "rows_ptr": "*bf16", "w1_ptr": "*bf16", "w2_ptr": "*bf16",
-                                      "out_ptr": "*bf16", "n_cols": "i32", "eps": "fp32", "stride_m": "i32",
-                                      "stride_o": "i32"}, {"TOP_K": 8, "BLOCK": 4096}),
+    "combine": (moe._combine_kernel, combine_types, {"TOP_K": 8, "BLOCK": 4096, "TAIL": False}),
+    "combine_tail": (moe._combine_kernel, combine_types, {"TOP_K": 8, "BLOCK": 4096, "TAIL": True}),
 }
 for name, (fn, types, constexprs) in small.items():
     types = {**types, **{k: "constexpr" for k in constexprs}}
@@ -81,5 +83,5 @@ def compile_in_subprocess(script: str) -> dict:
 def test_moe_kernels_compile_for_sm90():
     built = compile_in_subprocess(SCRIPT)
     assert set(built) == {"gate_up-16", "gate_up-64", "down-16", "down-64", "align", "norms", "norms_router", "route",
-                          "combine"}
+                          "combine", "combine_tail"}
     assert all(size > 1000 and mma for size, mma in built.values()), built  # tensor-core binaries

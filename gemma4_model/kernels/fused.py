@@ -99,9 +99,18 @@ def _residual_norm_kernel(x_ptr, res_ptr, w_ptr, scalar_ptr, next_w_ptr, h_ptr, 
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < n_cols
-    dt = h_ptr.dtype.element_ty
     _pdl_wait(PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    _residual_norm_row(x, row, offs, ok, res_ptr, w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, n_cols, eps, stride_r,
+                       stride_h, stride_y, HAS_RES, HAS_W, HAS_SCALAR, HAS_NEXT)
+
+
+@triton.jit
+def _residual_norm_row(x, row, offs, ok, res_ptr, w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, n_cols, eps, stride_r,
+                       stride_h, stride_y, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_SCALAR: tl.constexpr,
+                       HAS_NEXT: tl.constexpr):
+    """One row of `residual_norm` from its input x (float32 values): stores h and, with HAS_NEXT, y."""
+    dt = h_ptr.dtype.element_ty
     n = x * tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     if HAS_W:
         n = n * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)

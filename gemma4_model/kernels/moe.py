@@ -39,7 +39,7 @@ import triton.language as tl
 from torch.nn import functional as F
 
 from ..layers import rms_norm
-from .fused import _gelu_tanh, _round, _use_kernel
+from .fused import _gelu_tanh, _residual_norm_row, _round, _use_kernel, residual_norm_torch
 from .paged_attention import _dot
 
 
@@ -401,8 +401,11 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
 
 
 @triton.jit
-def _combine_kernel(mlp_ptr, rows_ptr, w1_ptr, w2_ptr, out_ptr, n_cols, eps, stride_m, stride_o,
-                    TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+def _combine_kernel(mlp_ptr, rows_ptr, w1_ptr, w2_ptr, out_ptr, res_ptr, w_ptr, scalar_ptr, next_w_ptr, y_ptr, n_cols,
+                    eps, stride_m, stride_o, stride_r, stride_y, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+                    TAIL: tl.constexpr):
+    """out = the block's output; with TAIL, out = h and y of `residual_norm` on it (the layer's
+    post-feed-forward norm, residual, scalar and the next layer's input norm) instead."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < n_cols
@@ -415,7 +418,12 @@ def _combine_kernel(mlp_ptr, rows_ptr, w1_ptr, w2_ptr, out_ptr, n_cols, eps, str
     m = m * tl.rsqrt(tl.sum(m * m, axis=0) / n_cols + eps) * tl.load(w1_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     r = routed * tl.rsqrt(tl.sum(routed * routed, axis=0) / n_cols + eps)
     r = r * tl.load(w2_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (_round(m, dt) + _round(r, dt)).to(dt), mask=ok)
+    out = _round(_round(m, dt) + _round(r, dt), dt)
+    if TAIL:
+        _residual_norm_row(out, row, offs, ok, res_ptr, w_ptr, scalar_ptr, next_w_ptr, out_ptr, y_ptr, n_cols, eps,
+                           stride_r, stride_o, stride_y, True, True, True, True)
+    else:
+        tl.store(out_ptr + row * stride_o + offs, out.to(dt), mask=ok)
 
 
 def moe_combine_torch(mlp: torch.Tensor, rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
@@ -429,12 +437,39 @@ def moe_combine(mlp: torch.Tensor, rows: torch.Tensor, w1: torch.Tensor, w2: tor
     """`moe_combine_torch` in one launch on the kernel path."""
     if not _use_kernel(mlp):
         return moe_combine_torch(mlp, rows, w1, w2, eps)
+    return _combine(mlp, rows, w1, w2, eps)[0]
+
+
+def moe_combine_tail_torch(mlp: torch.Tensor, rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, eps: float,
+                           residual: torch.Tensor, weight: torch.Tensor, scalar: torch.Tensor,
+                           next_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The twin: `residual_norm_torch` (residual, weight, scalar, next_weight) of `moe_combine_torch`."""
+    return residual_norm_torch(moe_combine_torch(mlp, rows, w1, w2, eps), residual, weight, eps, scalar, next_weight)
+
+
+def moe_combine_tail(mlp: torch.Tensor, rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, eps: float,
+                     residual: torch.Tensor, weight: torch.Tensor, scalar: torch.Tensor,
+                     next_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A MoE layer's end in one launch on the kernel path: the block's output, then the layer's
+    post-feed-forward norm, residual and scalar (h), and the next layer's input norm of h (y)."""
+    if not _use_kernel(mlp):
+        return moe_combine_tail_torch(mlp, rows, w1, w2, eps, residual, weight, scalar, next_weight)
+    if residual.shape != mlp.shape or residual.stride(1) != 1:
+        raise ValueError("moe_combine_tail takes a row-major residual of mlp's shape")
+    return _combine(mlp, rows, w1, w2, eps, (residual, weight, scalar, next_weight))
+
+
+def _combine(mlp, rows, w1, w2, eps, tail=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     T, n_cols = mlp.shape
     if mlp.stride(1) != 1 or rows.shape[::2] != (T, n_cols) or not rows.is_contiguous():
         raise ValueError("moe_combine takes mlp [T, H] and contiguous rows [T, k, H]")
     out = torch.empty_like(mlp)
+    y = torch.empty_like(mlp) if tail is not None else None
+    residual, weight, scalar, next_weight = tail or (mlp,) * 4  # placeholders: not read without TAIL
     if T:
         block = triton.next_power_of_2(n_cols)
-        _combine_kernel[(T,)](mlp, rows, w1, w2, out, n_cols, eps, mlp.stride(0), out.stride(0),
-                              TOP_K=rows.shape[1], BLOCK=block, num_warps=8 if block >= 2048 else 4)
-    return out
+        _combine_kernel[(T,)](mlp, rows, w1, w2, out, residual, weight, scalar, next_weight,
+                              out if y is None else y, n_cols, eps, mlp.stride(0), out.stride(0), residual.stride(0),
+                              out.stride(0) if y is None else y.stride(0), TOP_K=rows.shape[1], BLOCK=block,
+                              TAIL=tail is not None, num_warps=8 if block >= 2048 else 4)
+    return out, y
