@@ -58,12 +58,18 @@ def _moe_norms_kernel(h_ptr, scale_ptr, w_ptr, router_in_ptr, expert_in_ptr, n_c
     offs = tl.arange(0, BLOCK)
     ok = offs < n_cols
     dt = router_in_ptr.dtype.element_ty
-    x = tl.load(h_ptr + row * stride_h + offs, mask=ok, other=0.0).to(tl.float32)
-    n = x * tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    r = _round(_round(n, dt) * tl.load(scale_ptr + offs, mask=ok, other=0.0).to(tl.float32), dt)
+    n, r = _router_norms(h_ptr, scale_ptr, row, offs, ok, n_cols, eps, stride_h, dt)
     tl.store(router_in_ptr + row * stride_r + offs, (r * root).to(dt), mask=ok)
     e = n * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(expert_in_ptr + row * stride_e + offs, e.to(dt), mask=ok)
+
+
+@triton.jit
+def _router_norms(h_ptr, scale_ptr, row, offs, ok, n_cols, eps, stride_h, dt: tl.constexpr):
+    """A row's RMS-normed values (float32) and the router's scaled input before its root scale."""
+    x = tl.load(h_ptr + row * stride_h + offs, mask=ok, other=0.0).to(tl.float32)
+    n = x * tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    return n, _round(_round(n, dt) * tl.load(scale_ptr + offs, mask=ok, other=0.0).to(tl.float32), dt)
 
 
 @triton.jit
@@ -77,9 +83,7 @@ def _norms_router_kernel(h_ptr, scale_ptr, w_ptr, proj_ptr, logits_ptr, expert_i
     offs = tl.arange(0, BLOCK)
     ok = offs < n_cols
     dt = expert_in_ptr.dtype.element_ty
-    x = tl.load(h_ptr + row * stride_h + offs, mask=ok, other=0.0).to(tl.float32)
-    n = x * tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    r = _round(_round(n, dt) * tl.load(scale_ptr + offs, mask=ok, other=0.0).to(tl.float32), dt)
+    n, r = _router_norms(h_ptr, scale_ptr, row, offs, ok, n_cols, eps, stride_h, dt)
     router_in = _round(r * root, dt)
     es = tl.arange(0, E_CHUNK)
     logits = tl.zeros([E_CHUNK], dtype=tl.float32)
