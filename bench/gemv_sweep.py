@@ -352,7 +352,7 @@ def suggested_table(records: list[dict]) -> list[dict]:
 def table_literal(table: list[dict]) -> str:
     """The suggested table as `gemv.DEFAULT_TILES` source lines."""
     return "\n".join(f"    ({row['kernel']!r}, {row['bucket'][0]}, {row['bucket'][1]}): GemvTiles("
-                     f"{', '.join(str(v) for v in row['tiles'].values())}),  # {', '.join(row['shapes'])}"
+                     f"{', '.join(str(v) for k, v in row['tiles'].items() if k != 'prefetch_k' or v)}),  # {', '.join(row['shapes'])}"
                      for row in table)
 
 

@@ -116,7 +116,8 @@ def test_no_rows_no_k_and_clear_errors(monkeypatch):
 
 def test_tiles_validation_and_defaults():
     for bad in (dict(block_n=12, block_k=64), dict(block_n=4, block_k=64), dict(block_n=16, block_k=8),
-                dict(block_n=16, block_k=64, split_k=0), dict(block_n=16, block_k=64, num_warps=3)):
+                dict(block_n=16, block_k=64, split_k=0), dict(block_n=16, block_k=64, num_warps=3),
+                dict(block_n=16, block_k=64, prefetch_k=96), dict(block_n=16, block_k=64, prefetch_k=-64)):
         with pytest.raises(ValueError, match="GemvTiles"):
             GemvTiles(**bad)
     for (kind, rows, k), tiles in DEFAULT_TILES.items():
@@ -259,6 +260,43 @@ def test_gpu_replayed_in_a_graph():
         graph.replay()
         for out, call in zip(outs, calls):
             assert torch.equal(out, call())
+
+
+@pytest.mark.gpu
+def test_gpu_dependent_chain_in_a_graph_gives_the_plain_launches_results():
+    """A chain of products each reading the one before (as a layer's are), launched
+    programmatically dependent with and without the L2 prefetch ahead of the wait, split and
+    unsplit, captured and replayed: the plain launches' results exactly (the dependent programs
+    read x only after the launch before them has finished)."""
+    x = torch.zeros((3, 2560), dtype=torch.bfloat16, device="cuda")
+    _, w1 = case(3, 3072, 2560, dtype=torch.bfloat16, device="cuda", seed=1)
+    _, w2 = case(3, 2560, 2048, dtype=torch.bfloat16, device="cuda", seed=2)
+    _, packed = case(3, 20480, 2560, dtype=torch.bfloat16, device="cuda", seed=3)
+    _, w3 = case(3, 2560, 10240, dtype=torch.bfloat16, device="cuda", seed=4)
+
+    def chain(dependent, prefetch_k):
+        h = small_m_linear(x, w1, GemvTiles(64, 256, 2, prefetch_k=prefetch_k), dependent=dependent)
+        h = small_m_linear(h[:, :2048], w2, GemvTiles(32, 256, 1, prefetch_k=prefetch_k), dependent=dependent)
+        h = small_m_gate_up_gelu(h, packed, GemvTiles(32, 256, 1, prefetch_k=prefetch_k), dependent=dependent)
+        return small_m_linear(h, w3, GemvTiles(64, 128, 4, prefetch_k=prefetch_k), dependent=dependent)
+
+    variants = [(False, 0), (True, 0), (True, 1024), (True, 16384)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for v in variants:
+            chain(*v)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [chain(*v) for v in variants]
+    for seed in (7, 8):
+        x.copy_(rand(3, 2560, dtype=torch.bfloat16, device="cuda", seed=seed))
+        graph.replay()
+        want = chain(False, 0)
+        assert want.abs().sum() > 0
+        for out in outs:
+            assert torch.equal(out, want)
 
 
 @pytest.mark.gpu

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .fused import _gelu_tanh, _round, _use_kernel, gelu_mul_torch
+from .fused import _gelu_tanh, _pdl_release, _pdl_wait, _round, _use_kernel, gelu_mul_torch, pdl
 from .paged_attention import _dot
 
 MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
@@ -56,13 +56,16 @@ TARGET_SMS = 132  # the H200's multiprocessors, which `heuristic_tiles` aims to 
 @dataclass(frozen=True)
 class GemvTiles:
     """One launch configuration: output columns per program, K per loop step, programs per column
-    block along K (1: no split), warps per program and the depth of the load pipeline."""
+    block along K (1: no split), warps per program, the depth of the load pipeline, and in a
+    programmatically dependent launch the K columns of its weight rows each program asks L2 for
+    before it waits for the launch before it (0: none; at most its split's columns)."""
 
     block_n: int
     block_k: int
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    prefetch_k: int = 0
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "num_warps"):
@@ -71,6 +74,8 @@ class GemvTiles:
                 raise ValueError(f"GemvTiles.{name} must be a power of two, got {value}")
         if self.block_n < 8 or self.block_k < 16:
             raise ValueError(f"GemvTiles needs block_n >= 8 and block_k >= 16, got {self}")
+        if self.prefetch_k < 0 or self.prefetch_k & (self.prefetch_k - 1):
+            raise ValueError(f"GemvTiles.prefetch_k must be 0 or a power of two, got {self.prefetch_k}")
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError(f"GemvTiles needs split_k >= 1 and num_stages >= 1, got {self}")
 
@@ -145,13 +150,25 @@ def _gelu_times(gate, up, dt: tl.constexpr):
     return act * up  # sqrt(2 / pi) above; the caller rounds at the store
 
 
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the lines at ptrs (no registers filled, nothing waited for)."""
+    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offset, stride_x, stride_w, stride_o,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
-                 EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+                 EVEN_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
+                 LINE: tl.constexpr):
     """Program (column block, split): out[:M, block] (or its float32 partial sums over the split's
     K range) = x[:M, range] @ w[block, range].T. N: output columns; with GATE_UP the up rows start
-    at weight row N (`up_offset` elements on) and the output is gelu_tanh(gate) * up."""
+    at weight row N (`up_offset` elements on) and the output is gelu_tanh(gate) * up. With PDL the
+    program may start while the launch before it drains: it first asks L2 for the first
+    PREFETCH_K columns of its weight rows (one request per LINE elements, 128 bytes), which no
+    launch writes, and waits for the launch before it only then, before it reads x."""
+    _pdl_release(PDL)
     split = tl.program_id(1)
     rows = tl.arange(0, _ROWS)
     row_ok = rows < M
@@ -165,6 +182,13 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offse
     w_rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     x_ptrs = x_ptr + x_rows[:, None] * stride_x + (k_lo + offs_k)[None, :]
     w_ptrs = w_ptr + w_rows[:, None] * stride_w + (k_lo + offs_k)[None, :]
+    if PREFETCH_K > 0:
+        lines = k_lo + tl.arange(0, PREFETCH_K // LINE) * LINE
+        lines = tl.minimum(lines, tl.minimum(k_hi, K) - 1)  # a short range asks for its last line again
+        _prefetch_l2(w_ptr + w_rows[:, None] * stride_w + lines[None, :])
+        if GATE_UP:
+            _prefetch_l2(w_ptr + up_offset + w_rows[:, None] * stride_w + lines[None, :])
+    _pdl_wait(PDL)
     acc = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -200,9 +224,11 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offse
 
 @triton.jit(do_not_specialize=["M"])
 def _split_reduce_kernel(part_ptr, out_ptr, M, N, stride_o, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                         GATE_UP: tl.constexpr, BLOCK: tl.constexpr):
+                         GATE_UP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (row, column block): the splits' partial sums added in split order, rounded once
     (and with GATE_UP, gelu_tanh(gate) * up)."""
+    _pdl_release(PDL)
+    _pdl_wait(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -247,7 +273,8 @@ def _check(name: str, x: torch.Tensor, w: torch.Tensor) -> None:
         raise ValueError(f"{name} takes x and weight with unit column stride")
 
 
-def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, tiles: GemvTiles, gate_up: bool) -> None:
+def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, tiles: GemvTiles, gate_up: bool,
+            dependent: bool | None) -> None:
     M, K = x.shape
     block_k = tiles.block_k
     chunks = triton.cdiv(K, block_k)
@@ -255,21 +282,27 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
     splits = triton.cdiv(K, k_per_split)  # no split without K
     width = 2 * n_out if gate_up else n_out
     part = torch.empty((splits, M, width), dtype=torch.float32, device=x.device) if splits > 1 else out
+    on = pdl(x) if dependent is None else dependent and x.is_cuda
+    line = max(1, 128 // w.element_size())
+    prefetch_k = min(tiles.prefetch_k, _pow2(k_per_split)) if on else 0
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _gemv_kernel[(triton.cdiv(n_out, tiles.block_n), splits)](
             x, w, out, part, M, n_out, K, k_per_split, n_out * w.stride(0), x.stride(0), w.stride(0), out.stride(0),
             BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1, EVEN_K=K % block_k == 0,
-            IEEE=x.dtype == torch.float32, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            IEEE=x.dtype == torch.float32, PDL=on, PREFETCH_K=prefetch_k if prefetch_k >= line else 0, LINE=line,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
         if splits > 1:
             block = min(1024, _pow2(n_out))
             _split_reduce_kernel[(M, triton.cdiv(n_out, block))](
                 part, out, M, n_out, out.stride(0), SPLITS=splits, SPLITS_PAD=_pow2(splits), GATE_UP=gate_up,
-                BLOCK=block, num_warps=4)
+                BLOCK=block, PDL=on, num_warps=4, launch_pdl=on)
 
 
-def small_m_linear(x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles | None = None) -> torch.Tensor:
+def small_m_linear(x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles | None = None, *,
+                   dependent: bool | None = None) -> torch.Tensor:
     """x [M, K] @ w.T for a weight w [N, K] (an nn.Linear's), M <= 16: [M, N] in x's dtype, as
-    `small_m_linear_torch`. `tiles` defaults to `default_tiles("linear", N, K, dtype)`."""
+    `small_m_linear_torch`. `tiles` defaults to `default_tiles("linear", N, K, dtype)`; `dependent`
+    launches programmatically dependent (with `tiles.prefetch_k`), None as the `TANDEM_PDL` switch."""
     _check("small_m_linear", x, w)
     M, K = x.shape
     N = w.shape[0]
@@ -278,14 +311,15 @@ def small_m_linear(x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles | None = N
         return out
     if K == 0:
         return out.zero_()
-    _launch(x, w, out, N, tiles or default_tiles("linear", N, K, x.dtype), gate_up=False)
+    _launch(x, w, out, N, tiles or default_tiles("linear", N, K, x.dtype), False, dependent)
     return out
 
 
-def small_m_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor, tiles: GemvTiles | None = None) -> torch.Tensor:
+def small_m_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor, tiles: GemvTiles | None = None, *,
+                         dependent: bool | None = None) -> torch.Tensor:
     """gelu_tanh(x @ gate.T) * (x @ up.T) [M, I] in x's dtype for w_packed [2I, K] (gate rows, then
     up rows), M <= 16, as `small_m_gate_up_gelu_torch`; gate and up in one pass over the weight.
-    `tiles` defaults to `default_tiles("gate_up", 2I, K, dtype)`."""
+    `tiles` defaults to `default_tiles("gate_up", 2I, K, dtype)`; `dependent` as `small_m_linear`'s."""
     _check("small_m_gate_up_gelu", x, w_packed)
     if w_packed.shape[0] % 2:
         raise ValueError(f"small_m_gate_up_gelu takes gate and up rows packed [2I, K], got {w_packed.shape[0]} rows")
@@ -296,5 +330,5 @@ def small_m_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor, tiles: GemvTil
         return out
     if K == 0:
         return out.zero_()  # gelu(0) * 0
-    _launch(x, w_packed, out, inter, tiles or default_tiles("gate_up", 2 * inter, K, x.dtype), gate_up=True)
+    _launch(x, w_packed, out, inter, tiles or default_tiles("gate_up", 2 * inter, K, x.dtype), True, dependent)
     return out
