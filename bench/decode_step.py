@@ -29,7 +29,6 @@ from mtp_speed import Clock, copy_bandwidth, model_configs, step_bytes  # noqa: 
 
 from gemma4_model.engine import Engine, SchedulerLimits  # noqa: E402
 from gemma4_model.kernels.fused import PDL_ON  # noqa: E402
-from gemma4_model.kernels.gemv import PREFETCH_K, SMALL_M_ON  # noqa: E402
 from gemma4_model.kernels.l2_prefetch import WeightPrefetch  # noqa: E402
 from gemma4_model.kv_cache import PagedKVCache  # noqa: E402
 from gemma4_model.random_weights import random_text_decoder  # noqa: E402
@@ -135,7 +134,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         sys.argv[1:] if argv is None else argv), "commit": args.commit, "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "dtype": str(dtype),
         "context": args.context, "copy_bandwidth_gbps": round(bandwidth, 1), "dependent_launch": PDL_ON,
-        "small_m_products": SMALL_M_ON, "gemv_prefetch_k": PREFETCH_K,
         "timing": "wall clock of Engine.step between device synchronisations (batch build, forward, sampling); "
                   "overlap: no synchronisation between steps (overlap scheduling: the host's work of a step "
                   "runs while the device runs the next)",
