@@ -14,8 +14,8 @@ the next layer's qkv; no attention, norms or per-layer embeddings between them).
 Per model and row count, each variant's chain (every decoder layer's four products at the
 config's shapes, distinct weights, optionally the lm_head) is captured in one CUDA graph; the
 median of the replays, timed with CUDA events, over the weight bytes gives its effective TB/s.
-Every Triton variant's final output equals the plain launches' exactly (the same kernels and
-tiles) and is checked; cuBLAS's is compared by relative error.
+Every Triton variant's final output (one more run outside the graph) equals the plain launches'
+exactly (the same kernels and tiles) and is checked; cuBLAS's is compared by relative error.
 
     PYTHONPATH=. python bench/gemv_chain.py --commit <sha> --out bench/results/gemv_chain_h200.json
 """
@@ -25,22 +25,23 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "bench"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 from gemma4_model.config import parse_config  # noqa: E402
 from gemma4_model.kernels.fused import gelu_mul  # noqa: E402
 from gemma4_model.kernels.gemv import default_tiles, small_m_gate_up_gelu, small_m_linear  # noqa: E402
+from gemv_sweep import graph_us  # noqa: E402
 
 CONFIGS = ROOT / "tests" / "fixtures" / "hf_configs"
 MODELS = {"e4b": "gemma-4-E4B-it", "26b_a4b": "gemma-4-26B-A4B-it"}
@@ -52,7 +53,7 @@ def chain_weights(model: str, device: torch.device, lm_head: bool, layers: int |
     dense MLP for an MoE model (its experts are not here); then the lm_head if asked."""
     cfg = parse_config(json.loads((CONFIGS / f"{MODELS[model]}.json").read_text())).text
     h = cfg.hidden_size
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = None if device.type == "meta" else torch.Generator(device=device).manual_seed(0)  # meta: shapes only
 
     def weight(rows, k):
         return (torch.randn((rows, k), generator=gen, device=device) * k**-0.5).to(torch.bfloat16)
@@ -86,39 +87,16 @@ def run_chain(x: torch.Tensor, weights: list[tuple[str, torch.Tensor]], variant:
     return h
 
 
-def graph_ms(call: Callable[[], torch.Tensor], reps: int) -> tuple[float, torch.Tensor]:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        out = call()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    result = out.clone()
-    del graph
-    return statistics.median(times), result
-
-
 def measure(model: str, rows: int, lm_head: bool, layers: int | None, reps: int, device: torch.device) -> dict:
     weights = chain_weights(model, device, lm_head, layers)
     nbytes = sum(w.numel() * w.element_size() for _, w in weights)
     x = torch.randn((rows, weights[0][1].shape[1]), generator=torch.Generator(device=device).manual_seed(1),
                     device=device).to(torch.bfloat16)
     variants = [("cublas", 0), ("triton", 0)] + [("triton_pdl", p) for p in PREFETCHES]
-    results, outputs = [], {}
+    results, outputs, stream = [], {}, torch.cuda.Stream()
     for variant, prefetch_k in variants:
-        ms, out = graph_ms(lambda: run_chain(x, weights, variant, prefetch_k), reps)
-        outputs[(variant, prefetch_k)] = out
+        ms = graph_us([lambda: run_chain(x, weights, variant, prefetch_k)], reps, stream) / 1e3
+        outputs[(variant, prefetch_k)] = run_chain(x, weights, variant, prefetch_k)
         results.append(dict(variant=variant, prefetch_k=prefetch_k, ms=round(ms, 4),
                             tbs=round(nbytes / ms / 1e9, 3)))
     plain = outputs[("triton", 0)]

@@ -201,6 +201,21 @@ def test_sweep_needs_a_device(tmp_path):
         load_bench("gemv_sweep").main(["--out", str(tmp_path / "out.json"), "--quick"])
 
 
+def test_chain_shapes_and_needing_a_device(tmp_path):
+    """bench/gemv_chain.py's chain: each product reads the one before's output (its K no wider),
+    four products a layer, the lm_head last; without CUDA it exits saying so."""
+    chain = load_bench("gemv_chain")
+    weights = chain.chain_weights("e4b", torch.device("meta"), lm_head=True, layers=6)
+    assert [kind for kind, _ in weights[:4]] == ["linear", "linear", "gate_up", "linear"] and len(weights) == 25
+    width = 2560
+    for kind, w in weights:
+        assert w.shape[1] <= width
+        width = w.shape[0] // 2 if kind == "gate_up" else w.shape[0]
+    assert weights[-1][1].shape == (262144, 2560)
+    with pytest.raises(SystemExit, match="CUDA"):
+        chain.main(["--out", str(tmp_path / "out.json")])
+
+
 # ---- on the device ------------------------------------------------------------------------------------------
 
 E4B_26B = [(6144, 2560), (2560, 10240), (256, 2560), (2560, 256), (128, 2816), (2816, 8192), (262144, 2560)]
