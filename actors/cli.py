@@ -4,13 +4,14 @@
                  [--api-key KEY] [--trace-dir DIR] [--speculative-draft-model-path PATH
                  [--speculative-num-steps K]]
     tandem node --topology FILE --node NAME [...]
-    tandem trace DIR [--chrome OUT.json]
+    tandem trace DIR [--chrome OUT.json] [--steps OUT.json]
     tandem keys DIR
 
 `serve` runs the launcher for a topology (by default the CPU colocated example with the embedded
 default model) until SIGINT / SIGTERM; `node` runs one node's share of a multi-node topology
 (start one per node, each with the same file); `trace` prints the per-request, per-stage time
-breakdown of the spans a `--trace-dir` run wrote (and can merge them into a Chrome trace); `keys`
+breakdown of the spans a `--trace-dir` run wrote (and can merge them into a Chrome trace, and
+summarise each engine actor's step timeline: step times, host gaps between steps); `keys`
 writes the ZeroMQ CURVE certificates a topology's `[security] curve_keys` names.
 """
 
@@ -180,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     trace = sub.add_parser("trace", help="print the per-request stage times of a --trace-dir run")
     trace.add_argument("dir", type=Path, help="the run's trace directory (the actors' *.jsonl files)")
     trace.add_argument("--chrome", type=Path, help="also write the merged Chrome-trace JSON here")
+    trace.add_argument("--steps", type=Path, help="also write each engine actor's step timeline summary (JSON) here")
     args = ap.parse_args(argv)
     if args.command == "trace":
-        return print_trace(args.dir, args.chrome)
+        return print_trace(args.dir, args.chrome, args.steps)
     if args.command == "keys":
         from .security import make_keys
 
@@ -202,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     return launcher.run_until_signalled()
 
 
-def print_trace(trace_dir: Path, chrome: Path | None) -> int:
-    from .tracing import draft_summary, format_breakdown, merge_chrome_trace, read_spans, stage_breakdown
+def print_trace(trace_dir: Path, chrome: Path | None, steps: Path | None = None) -> int:
+    from .tracing import draft_summary, format_breakdown, merge_chrome_trace, read_spans, stage_breakdown, step_summary
 
     spans = read_spans(trace_dir) if trace_dir.is_dir() else []
     if not spans:
@@ -216,6 +218,9 @@ def print_trace(trace_dir: Path, chrome: Path | None) -> int:
     if chrome is not None:
         merge_chrome_trace(trace_dir, chrome)
         print(f"Chrome trace: {chrome}")
+    if steps is not None:
+        steps.write_text(json.dumps(step_summary(spans), indent=1), encoding="utf-8")
+        print(f"step timeline: {steps}")
     return 0
 
 

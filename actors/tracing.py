@@ -222,6 +222,54 @@ def draft_summary(spans: Iterable[Span]) -> str | None:
             f"{accepted / max(runs, 1):.2f} accepted per verify run over {runs}")
 
 
+STEP_STAGES = ("prefill", "decode")
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return {"n": 0}
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"n": len(ordered), "mean": round(sum(ordered) / len(ordered), 3), "median": round(pick(0.5), 3),
+            "p90": round(pick(0.9), 3), "p99": round(pick(0.99), 3)}
+
+
+def step_summary(spans: Iterable[Span]) -> dict[str, Any]:
+    """Per engine actor, its steps' timeline: a step is the `prefill`/`decode` spans that share
+    one start and end. Step wall times (ms) split into decode-only steps and steps that also ran
+    prompt tokens; the host's time between steps (`gaps_ms`: the actor loop around `step`, where
+    the device idles unless a launched step is running); the share of the busy stretch spent
+    inside steps; decode batch sizes; and the garbage collector's recorded pauses."""
+    steps: dict[str, dict[tuple[int, int], dict[str, int]]] = {}
+    gc_ms: dict[str, float] = {}
+    for s in spans:
+        if s.stage in STEP_STAGES:
+            step = steps.setdefault(s.actor, {}).setdefault((s.start_ns, s.end_ns), {})
+            step[s.stage] = int(s.attrs.get("tokens", 0))
+            if s.stage == "decode":
+                step["batch"] = int(s.attrs.get("batch", 0))
+        elif s.stage == "gc":
+            gc_ms[s.actor] = gc_ms.get(s.actor, 0.0) + (s.end_ns - s.start_ns) / 1e6
+    out: dict[str, Any] = {}
+    for actor, by_time in sorted(steps.items(), key=lambda kv: _actor_key(kv[0])):
+        timeline = sorted(by_time.items())
+        decode_only = [(end - start) / 1e6 for (start, end), w in timeline if "prefill" not in w]
+        mixed = [(end - start) / 1e6 for (start, end), w in timeline if "prefill" in w]
+        gaps = [(b[0][0] - a[0][1]) / 1e6 for a, b in zip(timeline, timeline[1:])]
+        busy = [g for g in gaps if g < 50.0]  # longer: the actor had nothing to run
+        inside = sum(end - start for (start, end), _ in timeline) / 1e6
+        batches = [w["batch"] for _, w in timeline if "batch" in w]
+        out[actor] = {
+            "steps": len(timeline), "decode_only_ms": _quantiles(decode_only), "with_prefill_ms": _quantiles(mixed),
+            "prefill_tokens": sum(w.get("prefill", 0) for _, w in timeline),
+            "decode_tokens": sum(w.get("decode", 0) for _, w in timeline),
+            "decode_batch": _quantiles([float(b) for b in batches]),
+            "gaps_ms": _quantiles(busy), "in_steps_share": round(inside / max(inside + sum(busy), 1e-9), 4),
+            "gc_ms": round(gc_ms.get(actor, 0.0), 3),
+        }
+    return out
+
+
 def format_breakdown(breakdown: list[RequestBreakdown]) -> str:
     """A text table: one row per request, one column per stage (milliseconds, and the number
     of spans where more than one), the request's wall time, and its handoff bytes."""

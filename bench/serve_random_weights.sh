@@ -9,7 +9,8 @@
 # widened to the model's vocabulary (prompts are token ids below 1024; outputs are random ids).
 # A topology on cuda:0: preprocess and one engine, or with SPLIT=1 a prefill and a decode process
 # sharing the GPU (KV pages over CUDA IPC).
-# Profiling (both optional): TRACE=1 serves with --trace-dir OUT_DIR/trace (per-stage spans);
+# Profiling (both optional): TRACE=1 serves with --trace-dir OUT_DIR/trace (per-stage spans; at the
+# end OUT_DIR/trace_breakdown.txt and the step timeline OUT_DIR/steps.json);
 # PYSPY_S=N samples every actor process with py-spy for N seconds from 20 s into the throughput run
 # (collapsed stacks in OUT_DIR/pyspy-<actor>.txt; needs py-spy on the PATH). RUNS picks among
 # "latency", "throughput" (the default: both) and "image" (SGLang's image run at concurrency 1: two
@@ -133,3 +134,7 @@ if [[ $runs == *" image "* ]]; then  # SGLang's image run at concurrency 1: two 
     --image-resolution 720p --random-input-len 128 --random-output-len 1024 --output-file "$out/image.json"
 fi
 python3 bench/anchors.py $(ls "$out"/{latency,throughput,image}.json 2> /dev/null)  # SGLang's figures beside ours
+if [ -n "${TRACE:-}" ]; then  # the server's spans flushed at its exit: per-request stages and the step timeline
+  kill $server 2>/dev/null || true; wait $server 2>/dev/null || true
+  python3 -m actors.cli trace "$out/trace" --steps "$out/steps.json" > "$out/trace_breakdown.txt" || true
+fi

@@ -15,7 +15,8 @@ from actors.cli import main as tandem
 from actors.engine_actor import EngineActor
 from actors.messages import GenerateRequest, PrefillJob, SamplingSpec, TokenBatch, per_request
 from actors.preprocess import Preprocessor, PreprocessActor
-from actors.tracing import Span, Tracer, chrome_trace, format_breakdown, merge_chrome_trace, read_spans, stage_breakdown
+from actors.tracing import (Span, Tracer, chrome_trace, format_breakdown, merge_chrome_trace, read_spans, stage_breakdown,
+                            step_summary)
 from actors.transport import pull, push
 from default_model import CHECKPOINT
 from gemma4_model.engine import Engine, SchedulerLimits
@@ -90,6 +91,37 @@ def test_breakdown_sums_each_requests_stages():
                                 "wall", "kv", "bytes"]
     assert table[2].split() == ["a", "1.00", "3.00", "1.00", "1.00", "5.00", "x2", "12.00", "1000"]
     assert table[3].split() == ["b", "1.00", "3.00", "-", "-", "-", "4.00", "0"]
+
+
+def test_step_summary_splits_steps_gaps_and_batches_per_engine_actor(tmp_path, capsys):
+    ms = 1_000_000
+    spans = [  # engine-0: a mixed step, two decode-only steps; a 2 ms, a 1 ms and a 900 ms (idle) gap
+        Span("engine-0", "prefill", 0, 10 * ms, ("c",), {"tokens": 512, "batch": 1}),
+        Span("engine-0", "decode", 0, 10 * ms, ("a", "b"), {"tokens": 2, "batch": 2}),
+        Span("engine-0", "decode", 12 * ms, 16 * ms, ("a", "b", "c"), {"tokens": 3, "batch": 3}),
+        Span("engine-0", "decode", 17 * ms, 23 * ms, ("a", "b", "c"), {"tokens": 3, "batch": 3}),
+        Span("engine-0", "gc", 23 * ms, 25 * ms, (), {"generation": 2}),
+        Span("engine-0", "prefill", 923 * ms, 925 * ms, ("d",), {"tokens": 7, "batch": 1}),
+        Span("preprocess-0", "tokenize", 0, 1 * ms, ("a",), {"tokens": 9}),
+    ]
+    summary = step_summary(spans)
+    assert list(summary) == ["engine-0"]
+    e = summary["engine-0"]
+    assert e["steps"] == 4 and e["prefill_tokens"] == 519 and e["decode_tokens"] == 8
+    assert e["decode_only_ms"]["n"] == 2 and e["decode_only_ms"]["mean"] == 5.0
+    assert e["with_prefill_ms"]["n"] == 2 and e["with_prefill_ms"]["median"] == 10.0
+    assert e["gaps_ms"]["n"] == 2 and e["gaps_ms"]["mean"] == 1.5  # the idle 900 ms is not host overhead
+    assert e["in_steps_share"] == round(22 / 25, 4) and e["gc_ms"] == 2.0
+    assert e["decode_batch"]["median"] == 3.0
+    tracers = {actor: Tracer(actor, tmp_path) for actor in ("engine-0", "preprocess-0")}
+    for s in spans:
+        tracers[s.actor].record(s.stage, s.start_ns, s.end_ns, s.requests, **s.attrs)
+    for tracer in tracers.values():
+        tracer.flush()
+    out = tmp_path / "steps.json"
+    assert tandem(["trace", str(tmp_path), "--steps", str(out)]) == 0
+    assert json.loads(out.read_text()) == json.loads(json.dumps(summary))
+    assert "step timeline" in capsys.readouterr().out
 
 
 def test_chrome_trace_has_one_named_track_per_actor():
