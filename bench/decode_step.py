@@ -33,6 +33,7 @@ from gemma4_model.kernels.l2_prefetch import WeightPrefetch  # noqa: E402
 from gemma4_model.kv_cache import PagedKVCache  # noqa: E402
 from gemma4_model.random_weights import random_text_decoder  # noqa: E402
 from gemma4_model.sampling import SamplingParams  # noqa: E402
+from topology.config import KV_CACHE_DTYPES  # noqa: E402
 
 MODES = ("eager", "kernels", "graphs", "overlap", "prefetch", "prefetch_mlp")
 # prefetch: graphs with weights read into L2 ahead of their products (kernels/l2_prefetch.py);
@@ -87,13 +88,14 @@ def prefilled_engine(model, cfg, batch: int, context: int, max_new: int, page_si
     return engine, capture_s
 
 
-def measure(model, cfg, batch: int, mode: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+def measure(model, cfg, batch: int, mode: str, args, device: torch.device, dtype: torch.dtype,
+            kv_dtype: torch.dtype | None = None) -> dict:
     model.set_kernels(mode != "eager")
     prefetch = mode.startswith("prefetch")
     model.weight_prefetch = WeightPrefetch(device, max_rows=max(batch, 1), mlp_fraction=args.prefetch_mlp_fraction
                                            if mode == "prefetch_mlp" else 0.0) if prefetch else None
     engine, capture_s = prefilled_engine(model, cfg, batch, args.context, args.steps + args.warmup + 4, args.page_size,
-                                         device, dtype, overlap=mode == "overlap",
+                                         device, kv_dtype or dtype, overlap=mode == "overlap",
                                          graphs=mode in ("graphs", "overlap") or prefetch)
     time_steps(engine, args.warmup, device)
     times = time_steps(engine, args.steps, device)
@@ -121,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--kv-dtypes", default="auto", help="KV cache storage, comma-separated: auto (the model's "
+                    "dtype), fp8_e4m3")
     ap.add_argument("--prefetch-mlp-fraction", type=float, default=0.15, help="prefetch_mlp mode: share of each "
                     "gate|up row read into L2 with the o projection")
     ap.add_argument("--smoke", action="store_true", help="CPU, float32, a tiny config, eager only")
@@ -145,13 +149,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         cfg = target.text
         model = random_text_decoder(cfg, device, dtype, seed=0)
         for batch in (int(b) for b in args.batches.split(",")):
-            floor_ms = step_bytes(model, cfg, batch, 1, args.context, dtype.itemsize) / (bandwidth * 1e9) * 1e3
-            for mode in modes:
+            for kv_name, mode in ((k, m) for k in args.kv_dtypes.split(",") for m in modes):
+                kv_dtype = KV_CACHE_DTYPES[kv_name] and getattr(torch, KV_CACHE_DTYPES[kv_name])
+                floor_ms = step_bytes(model, cfg, batch, 1, args.context, dtype.itemsize,
+                                      (kv_dtype or dtype).itemsize) / (bandwidth * 1e9) * 1e3
                 try:
-                    result = measure(model, cfg, batch, mode, args, device, dtype)
+                    result = measure(model, cfg, batch, mode, args, device, dtype, kv_dtype)
                 except Exception as exc:  # a record of what failed, the rest still measured
                     result = {"error": f"{type(exc).__name__}: {exc}"}
-                record = {"model": name, "config": source, "batch": batch, "mode": mode,
+                record = {"model": name, "config": source, "batch": batch, "mode": mode, "kv_dtype": kv_name,
                           "floor_ms": round(floor_ms, 3), **result}
                 if "median_ms" in result:
                     record["over_floor"] = round(result["median_ms"] / floor_ms, 2)
@@ -160,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         record["sglang_tpot_ms"] = SGLANG_H200[MODEL_KEYS[name]][0]
                         record["tpot_speedup_vs_sglang"] = round(record["sglang_tpot_ms"] / result["median_ms"], 3)
                 records.append(record)
-                say(f"{name} batch {batch} {mode}: " + (f"{result['median_ms']:.2f} ms/step (floor {floor_ms:.2f})"
+                say(f"{name} batch {batch} {mode} kv {kv_name}: " + (f"{result['median_ms']:.2f} ms/step (floor {floor_ms:.2f})"
                                                          if "median_ms" in result else result["error"]))
                 args.out.write_text(json.dumps({"header": header, "records": records}, indent=1))
         del model

@@ -198,10 +198,11 @@ def shape_of(cfg: TextConfig) -> dict:
 
 
 def step_bytes(model: torch.nn.Module, cfg: TextConfig, batch: int, tokens_per_seq: int, context: int,
-               element: int) -> int:
+               element: int, kv_element: int | None = None) -> int:
     """Bytes one step must read at least: every weight it touches once (the tied head once; PLE and
     embedding rows are gathered, not streamed; MoE experts expected to be hit under uniform
-    routing of all query tokens) plus each layer's visible KV."""
+    routing of all query tokens) plus each layer's visible KV (`kv_element` bytes a value; default
+    the weights' `element`)."""
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     gathered = sum(p.numel() for n, p in model.named_parameters() if n.startswith("embed_tokens_per_layer"))
     dense = sum(p.numel() for p in model.parameters()) - experts - gathered
@@ -214,7 +215,7 @@ def step_bytes(model: torch.nn.Module, cfg: TextConfig, batch: int, tokens_per_s
         seen = context + tokens_per_seq if layer.sliding_window is None else min(context + tokens_per_seq,
                                                                                   layer.sliding_window)
         kv += 2 * owner.num_kv_heads * owner.head_dim * seen
-    return dense * element + kv * element * batch
+    return dense * element + kv * (kv_element or element) * batch
 
 
 def copy_bandwidth(device: torch.device, clock: Clock, smoke: bool) -> float:

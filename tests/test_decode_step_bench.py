@@ -13,3 +13,13 @@ def test_smoke_run_records_each_batch(tmp_path):
     for r in records:
         assert r["median_ms"] > 0 and r["floor_ms"] > 0 and len(r["times_ms"]) == 2 and r["graph_replays"] == 0
     assert out.exists() and result["header"]["device"] == "cpu"
+
+
+def test_smoke_run_per_kv_cache_dtype_with_its_floor(tmp_path):
+    bench = load_bench("decode_step")
+    result = bench.main(["--smoke", "--batches", "2", "--steps", "2", "--warmup", "1", "--context", "64",
+                         "--kv-dtypes", "auto,fp8_e4m3", "--out", str(tmp_path / "ds.json")])
+    auto, fp8 = result["records"]
+    assert (auto["kv_dtype"], fp8["kv_dtype"]) == ("auto", "fp8_e4m3")
+    assert "error" not in fp8 and fp8["median_ms"] > 0
+    assert fp8["floor_ms"] < auto["floor_ms"]  # the KV part of the floor at one byte a value
