@@ -1,6 +1,7 @@
 """Registers, spill stores and shared memory of the decode attention kernel's launches on sm_90,
 from Triton's compiler and its own ptxas (`-v`): no GPU needed.
 
+Compiled as a launch specialises them: aligned pointers, strides that are multiples of 16.
 A launch whose tiles need more than 255 registers a thread spills to local memory, and at 255 one
 8-warp program fills an SM's register file: both slow a kernel that should stream K and V at the
 memory's rate. Variants: head dim (256 sliding, 512 full), keys per block, head-dim columns of K
@@ -38,6 +39,21 @@ def constexprs(head_dim: int, block_n: int, block_dk: int, prefetch_v: bool) -> 
                 SPLIT_KEYS=64, SPLIT_PROGRAMS=16, IEEE=False, PREFETCH_V=prefetch_v, PDL=False)
 
 
+def launch_alignment(kernel, const: dict) -> dict:
+    """What a real launch tells the compiler about the arguments: 16-byte-aligned cache, query and
+    output pointers and strides that are multiples of 16 (a launch specialises on both; without
+    them the K/V loads compile to 2-byte scalar loads and the register count is not the one a
+    launch gets). The batch's int32 metadata and the page-table stride are left unspecialised,
+    as the kernel's decorator says."""
+    attrs = {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in const or name in INT32_ARGS or name == "stride_table":
+            continue
+        if name.endswith("_ptr") or name.startswith("stride_") or name == "num_heads":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
 def report(variant: tuple) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -50,7 +66,7 @@ def report(variant: tuple) -> dict:
     const = constexprs(head_dim, block_n, block_dk, prefetch_v)
     types = {a: "constexpr" if a in const else "*i32" if a in INT32_ARGS else "*fp32" if a in ("part_ptr", "lse_ptr")
              else "*bf16" if a.endswith("_ptr") else "i32" for a in kernel.arg_names}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=const),
+    compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=const, attrs=launch_alignment(kernel, const)),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     ptxas = get_ptxas(90)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
@@ -58,11 +74,13 @@ def report(variant: tuple) -> dict:
         f.flush()
         log = subprocess.run([getattr(ptxas, "path", None) or ptxas[0], "-v", "--gpu-name=sm_90a", f.name, "-o",
                               "/dev/null"], capture_output=True, text=True, check=True).stderr
+    loads = re.findall(r"ld\.global[.a-z0-9]*", compiled.asm["ptx"])
     registers = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
     return {"head_dim": head_dim, "block_n": block_n, "block_dk": block_dk, "num_warps": warps, "num_stages": stages,
             "prefetch_v": prefetch_v, "registers": int(registers.group(1)) if registers else None,
-            "spill_store_bytes": int(spills.group(1)) if spills else 0, "shared_bytes": compiled.metadata.shared}
+            "spill_store_bytes": int(spills.group(1)) if spills else 0, "shared_bytes": compiled.metadata.shared,
+            "global_loads_16B": sum(1 for op in loads if ".v4." in op), "global_loads_2B": loads.count("ld.global.b16")}
 
 
 def main() -> None:
@@ -79,7 +97,8 @@ def main() -> None:
     for r in rows:
         print(f"d{r['head_dim']} n{r['block_n']} dk{r['block_dk']} w{r['num_warps']} s{r['num_stages']} "
               f"pv{int(r['prefetch_v'])}: {r['registers']} registers, {r['spill_store_bytes']} B spilled, "
-              f"{r['shared_bytes']} B shared", flush=True)
+              f"{r['shared_bytes']} B shared, {r['global_loads_16B']} 16-byte and {r['global_loads_2B']} 2-byte loads",
+              flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "attention_registers", "triton": triton.__version__,
                                     "target": "sm_90a", "command": " ".join(["python"] + sys.argv), "rows": rows},
