@@ -35,18 +35,21 @@ from gemma4_model.config import parse_config  # noqa: E402
 from gemma4_model.kernels.paged_attention import DECODE_TILES, MAX_SPLITS, DecodeTiles, paged_attention_triton  # noqa: E402
 from gemma4_model.kv_cache import KVGroup  # noqa: E402
 from gemma4_model.page_pool import PagePool  # noqa: E402
+from topology.config import KV_CACHE_DTYPES  # noqa: E402
 
 CONFIGS = {"26b_a4b": "gemma-4-26B-A4B-it.json", "e4b": "gemma-4-E4B-it.json"}
 PAGE = 16
 
 
-def decode_case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, window: int | None):
-    """q [batch, heads, head_dim] at position context-1 of each sequence, and its KV group and batch."""
+def decode_case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, window: int | None,
+                kv_dtype: torch.dtype = torch.bfloat16):
+    """q [batch, heads, head_dim] at position context-1 of each sequence, and its KV group (K and V
+    stored as `kv_dtype`) and batch."""
     g = torch.Generator(device="cuda").manual_seed(0)
     per_seq = -(-context // PAGE)
     pages = batch * per_seq + 1
-    k = torch.randn((1, pages, PAGE, kv_heads, head_dim), generator=g, device="cuda").to(torch.bfloat16)
-    v = torch.randn((1, pages, PAGE, kv_heads, head_dim), generator=g, device="cuda").to(torch.bfloat16)
+    k = torch.randn((1, pages, PAGE, kv_heads, head_dim), generator=g, device="cuda").to(kv_dtype)
+    v = torch.randn((1, pages, PAGE, kv_heads, head_dim), generator=g, device="cuda").to(kv_dtype)
     group = KVGroup("bench", (0,), window, PagePool(pages), k, v)
     order = torch.randperm(pages - 1, generator=torch.Generator().manual_seed(0))
     tables = order.reshape(batch, per_seq).to("cuda")
@@ -93,6 +96,8 @@ def main() -> None:
                     "and KV head) to try")
     ap.add_argument("--split-programs", default="0", help="programs over a sequence's splits to try (0: one a split)")
     ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--kv-dtype", default="auto", choices=sorted(KV_CACHE_DTYPES), help="K/V storage (auto: bf16)")
+    ap.add_argument("--fp16-products", default="1", help="over an fp8 cache, products in float16 (1), in bf16 (0), or both")
     ap.add_argument("--stages", default="1,2,3")
     ap.add_argument("--reps", type=int, default=20, help="graph replays timed (the median is kept)")
     ap.add_argument("--calls", type=int, default=10, help="calls captured in one graph (launch overhead left out)")
@@ -103,18 +108,21 @@ def main() -> None:
     stream = torch.cuda.Stream()
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     prefetch_v = [bool(x) for x in ints(args.prefetch_v)]
-    variants = [(DecodeTiles(w, s, p, n, k, g, block_dk=dk), splits) for w, s, p, n, dk, k, g, splits in
+    kv_dtype = getattr(torch, KV_CACHE_DTYPES[args.kv_dtype] or "bfloat16")
+    fp16 = [bool(x) for x in ints(args.fp16_products)] if kv_dtype.itemsize == 1 else [True]
+    variants = [(DecodeTiles(w, s, p, n, k, g, block_dk=dk, fp8_products_in_fp16=f), splits)
+                for w, s, p, n, dk, k, g, splits, f in
                 itertools.product(ints(args.warps), ints(args.stages), prefetch_v, ints(args.block_ns),
                                   ints(args.block_dks), ints(args.split_keys), ints(args.split_programs),
-                                  ints(args.num_splits))]
+                                  ints(args.num_splits), fp16)]
     records = []
     for model in args.models.split(","):
         for layer, (heads, kv_heads, head_dim, window) in layer_shapes(model).items():
             for batch in map(int, args.batches.split(",")):
                 for context in map(int, args.contexts.split(",")):
-                    q, group, fb = decode_case(batch, context, heads, kv_heads, head_dim, window)
+                    q, group, fb = decode_case(batch, context, heads, kv_heads, head_dim, window, kv_dtype)
                     visible = min(context, window or context)
-                    floor_bytes = batch * visible * kv_heads * head_dim * 2 * 2
+                    floor_bytes = batch * visible * kv_heads * head_dim * 2 * kv_dtype.itemsize
                     want = paged_attention_triton(q, group, 0, fb, "bench")
                     timings = []
                     for tiles, splits in variants:
@@ -130,7 +138,8 @@ def main() -> None:
                     best = min(timings, key=lambda t: t["us"])
                     default = next((t for t in timings if t["num_splits"] == MAX_SPLITS and DecodeTiles(
                         **{k: t[k] for k in DECODE_TILES.__dict__}) == DECODE_TILES), None)
-                    rec = {"model": model, "layer": layer, "batch": batch, "context": context, "heads": heads,
+                    rec = {"model": model, "layer": layer, "batch": batch, "context": context, "kv_dtype": args.kv_dtype,
+                           "heads": heads,
                            "kv_heads": kv_heads, "head_dim": head_dim, "window": window, "floor_bytes": floor_bytes,
                            "floor_us": round(floor_bytes / args.peak_gbps / 1e3, 2), "default": default, "best": best,
                            "variants": timings}
@@ -138,7 +147,8 @@ def main() -> None:
                     print(f"{model:8s} {layer:7s} b{batch:<3d} c{context:<5d} floor {rec['floor_us']:7.1f} us  "
                           f"default {default['us'] if default else float('nan'):7.1f}  best {best['us']:7.1f} "
                           f"(w{best['num_warps']} s{best['num_stages']} pv{int(best['prefetch_v'])} "
-                          f"n{best['block_n']} dk{best['block_dk']} k{best['split_keys']} x{best['num_splits']} g{best['split_programs']})", flush=True)
+                          f"n{best['block_n']} dk{best['block_dk']} k{best['split_keys']} x{best['num_splits']} g{best['split_programs']}"
+                          f" f16 {int(best['fp8_products_in_fp16'])})", flush=True)
                     del q, group, fb
                     write(args, records)  # after every case: a run stopped at its time limit keeps what it measured
 

@@ -46,14 +46,15 @@ def build(fn, constexprs, kv="*bf16", warps=4, stages=2):
     ptx = compiled.asm["ptx"]
     return [len(compiled.asm["cubin"]), "mma" in ptx and (not constexprs["PDL"] or "griddepcontrol.wait" in ptx)]
 
-def attention(head_dim, block_m, block_n, splits, programs, span_mode=0, split_keys=64, pdl=False, prefetch_v=False):
+def attention(head_dim, block_m, block_n, splits, programs, span_mode=0, split_keys=64, pdl=False, prefetch_v=False,
+              fp16=False):
     d_pad = max(16, triton.next_power_of_2(head_dim))
     block_dk = min(d_pad, 256)
     block_dv = d_pad if block_m <= 16 else min(d_pad, 256)
     return dict(HEAD_DIM=head_dim, REP=2, REP_PAD=2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
                 NUM_DK=d_pad // block_dk, BLOCK_DV=block_dv, NUM_DV=d_pad // block_dv, PAGE=16, SPAN_MODE=span_mode,
                 NUM_SPLITS=splits, SPLIT_KEYS=split_keys, SPLIT_PROGRAMS=programs, IEEE=False, PREFETCH_V=prefetch_v,
-                PDL=pdl)
+                PDL=pdl, MMA_FP16=fp16)
 
 built = {
     "decode-256": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 16)),
@@ -64,6 +65,8 @@ built = {
     "decode-256-pdl": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 16, pdl=True)),
     "decode-512-programs4": build(pa._paged_attention_kernel, attention(512, 16, 32, 16, 4)),
     "decode-256-fp8": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 4), kv="*fp8e4nv"),
+    "decode-256-fp8-fp16": build(pa._paged_attention_kernel, attention(256, 16, 32, 16, 16, prefetch_v=True, fp16=True),
+                                 kv="*fp8e4nv", stages=1),
     "prefill-512-spans": build(pa._paged_attention_kernel, attention(512, 32, 32, 1, 1, span_mode=2), warps=8),
     "prefill-256-windowed": build(pa._paged_attention_kernel, attention(256, 64, 32, 1, 1, span_mode=1), warps=8),
 }
@@ -92,7 +95,7 @@ print(json.dumps(built))
 @pytest.mark.skipif(not _ptxas(), reason="this Triton build ships no ptxas to compile for sm_90 with")
 def test_attention_and_prefetch_kernels_compile_for_sm90():
     built = compile_in_subprocess(SCRIPT)
-    assert len(built) == 13
+    assert len(built) == 14
     # tensor cores (attention); the prefetch's L2 loads; the dependent-launch instructions (PDL variants)
     assert all(size > 1000 and ok for size, ok in built.values()), built
 

@@ -205,6 +205,21 @@ def test_half_precision_inputs_against_the_float32_twin():
     torch.testing.assert_close(got.float(), twin_fp32(q, group, batch, "none"), atol=2e-3, rtol=1e-2)
 
 
+@pytest.mark.parametrize("split", [1, 2])
+def test_fp8_cache_with_bfloat16_queries_against_the_float32_twin(split):
+    """An e4m3 cache under bfloat16 queries with `fp8_products_in_fp16`: the products take float16
+    operands (e4m3 and the queries convert to them exactly), accumulation in float32, the output in
+    bfloat16."""
+    q, group, batch = make_case([Seq(300, 1), Seq(40, 30), Seq(5, 3)], heads=8, kv_heads=2, head_dim=256, page=16,
+                                window=128, dtype=torch.bfloat16, q_scale=256**-0.5)
+    fp8 = torch.float8_e4m3fn
+    group = KVGroup(group.layer_type, group.layers, group.window, group.pool, group.k.to(fp8), group.v.to(fp8))
+    tiles = DecodeTiles(fp8_products_in_fp16=True)
+    got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=split, tiles=tiles)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), twin_fp32(q, group, batch, "none"), atol=1e-2, rtol=2e-2)
+
+
 def test_rows_selected_after_the_last_kv_owning_layer():
     """`select_rows` keeps only logits rows: positions of a sequence's rows are then not consecutive."""
     q, group, batch = make_case([Seq(8, 10), Seq(20, 1), Seq(5, 3)], heads=2, kv_heads=1, head_dim=16, page=4)

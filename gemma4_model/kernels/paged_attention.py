@@ -46,7 +46,8 @@ class DecodeTiles:
     loaded with K, keys per block (0: by head dim), head-dim columns of K per score chunk (0: up to
     256; fewer hold fewer K values in registers at once), the fewest keys of a split (a multiple of 64:
     more make fewer, longer splits), and the programs that take a sequence's splits (fewer than
-    the splits: each takes every so-many-th; the partition, so the result, is the same)."""
+    the splits: each takes every so-many-th; the partition, so the result, is the same), and over
+    an fp8 cache whether the products take float16 operands."""
 
     # the defaults, from sweeps of 26B-A4B's and E4B's layers at 800 keys on an H100
     # (bench/results/attention_sweep_decode_h100*.json): sliding layers at batches 8 to 96 the
@@ -63,6 +64,9 @@ class DecodeTiles:
     # fewer programs as the batch grows: a power of two, 1 to the splits); 0: one per split
     target_programs: int = 0
     block_dk: int = 0
+    # over an fp8 (e4m3) cache with 16-bit queries: the products in float16 (e4m3 -> float16 is one
+    # exact conversion a pair; bfloat16 takes a second), or in the queries' dtype (False, until measured)
+    fp8_products_in_fp16: bool = False
 
     def __post_init__(self):
         if self.block_dk and (self.block_dk < 16 or self.block_dk & (self.block_dk - 1) or self.block_dk > 256):
@@ -111,6 +115,7 @@ def _paged_attention_kernel(
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
     PAGE: tl.constexpr, SPAN_MODE: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_KEYS: tl.constexpr,
     SPLIT_PROGRAMS: tl.constexpr, IEEE: tl.constexpr, PREFETCH_V: tl.constexpr, PDL: tl.constexpr,
+    MMA_FP16: tl.constexpr,
 ):
     _pdl_release(PDL)
     _pdl_wait(PDL)
@@ -152,6 +157,8 @@ def _paged_attention_kernel(
     if NUM_DK == 1:  # the whole query tile stays in registers
         offs_d = tl.arange(0, BLOCK_DK)
         q_tile = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        if MMA_FP16:
+            q_tile = q_tile.to(tl.float16)
     if SPAN_MODE == 0:  # placeholders: no spans
         chunk_start = 0
         span_base = spans_ptr
@@ -163,14 +170,14 @@ def _paged_attention_kernel(
                       offs_dv, window, chunk_start, span_base, span_len, q_span, k_ptr, v_ptr, out_ptr, part_ptr,
                       lse_ptr, num_rows, num_heads, stride_ot, stride_oh, stride_kp, stride_ks, stride_kh, stride_vp,
                       stride_vs, stride_vh, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, BLOCK_DV, PAGE, SPAN_MODE,
-                      NUM_SPLITS, IEEE, PREFETCH_V)
+                      NUM_SPLITS, IEEE, PREFETCH_V, MMA_FP16)
     else:  # each program takes every SPLIT_PROGRAMS-th split: the same partition, fewer programs
         for split in range(tl.program_id(2), NUM_SPLITS, SPLIT_PROGRAMS):
             _attend_split(split, lo, hi, per_split, q_tile, q_rows, rows, heads, row_ok, pos, table, kv_head, dv,
                           offs_dv, window, chunk_start, span_base, span_len, q_span, k_ptr, v_ptr, out_ptr, part_ptr,
                           lse_ptr, num_rows, num_heads, stride_ot, stride_oh, stride_kp, stride_ks, stride_kh,
                           stride_vp, stride_vs, stride_vh, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, BLOCK_DV, PAGE,
-                          SPAN_MODE, NUM_SPLITS, IEEE, PREFETCH_V)
+                          SPAN_MODE, NUM_SPLITS, IEEE, PREFETCH_V, MMA_FP16)
 
 
 @triton.jit
@@ -179,9 +186,13 @@ def _attend_split(split, lo, hi, per_split, q_tile, q_rows, rows, heads, row_ok,
                   num_rows, num_heads, stride_ot, stride_oh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs,
                   stride_vh, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PAGE: tl.constexpr,
-                  SPAN_MODE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, PREFETCH_V: tl.constexpr):
+                  SPAN_MODE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, PREFETCH_V: tl.constexpr,
+                  MMA_FP16: tl.constexpr):
     """One split's keys [lo + split * per_split, ...) folded into an online softmax: the output
-    (one split) or the split's partial result and log2-sum-exp2."""
+    (one split) or the split's partial result and log2-sum-exp2. With MMA_FP16 (an fp8 cache) the
+    products take float16 operands: e4m3 converts to float16 in one instruction a pair and exactly,
+    where bfloat16 needs a second conversion."""
+    mma_ty: tl.constexpr = tl.float16 if MMA_FP16 else out_ptr.dtype.element_ty
     split_lo = lo + split * per_split
     split_hi = tl.minimum(hi, split_lo + per_split)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked row stays NaN-free
@@ -196,7 +207,7 @@ def _attend_split(split, lo, hi, per_split, q_tile, q_rows, rows, heads, row_ok,
         v_slots = v_ptr + page * stride_vp + (keys % PAGE).to(tl.int64) * stride_vs + kv_head * stride_vh
         v_ok = key_ok[:, None] & (offs_dv < HEAD_DIM)[None, :]
         if PREFETCH_V:  # V's loads issued with K's, before the scores need K
-            v_tile = tl.load(v_slots[:, None] + offs_dv[None, :], mask=v_ok, other=0.0).to(out_ptr.dtype.element_ty)
+            v_tile = tl.load(v_slots[:, None] + offs_dv[None, :], mask=v_ok, other=0.0).to(mma_ty)
         scores = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for c in tl.static_range(NUM_DK):
             offs_d = c * BLOCK_DK + tl.arange(0, BLOCK_DK)
@@ -206,7 +217,7 @@ def _attend_split(split, lo, hi, per_split, q_tile, q_rows, rows, heads, row_ok,
             else:
                 q_chunk = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             k_tile = tl.load(k_slots[:, None] + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-            scores += _dot(q_chunk, tl.trans(k_tile.to(q_chunk.dtype)), IEEE)
+            scores += _dot(q_chunk.to(mma_ty), tl.trans(k_tile.to(mma_ty)), IEEE)
 
         diff = pos[:, None] - keys[None, :]
         in_window = diff < window
@@ -226,7 +237,7 @@ def _attend_split(split, lo, hi, per_split, q_tile, q_rows, rows, heads, row_ok,
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if not PREFETCH_V:
-            v_tile = tl.load(v_slots[:, None] + offs_dv[None, :], mask=v_ok, other=0.0).to(out_ptr.dtype.element_ty)
+            v_tile = tl.load(v_slots[:, None] + offs_dv[None, :], mask=v_ok, other=0.0).to(mma_ty)
         acc = acc * alpha[:, None] + _dot(p.to(v_tile.dtype), v_tile, IEEE)
         m_i = m_new
 
@@ -352,6 +363,7 @@ def paged_attention_triton(
                      SPAN_MODE=SPAN_MODES[span_mode], NUM_SPLITS=splits,
                      SPLIT_KEYS=decode.split_keys if block_m <= 16 else SPLIT_KEYS, SPLIT_PROGRAMS=split_programs,
                      IEEE=q.dtype == torch.float32, PREFETCH_V=prefetch_v, PDL=pdl(q), launch_pdl=pdl(q),
+                     MMA_FP16=k.element_size() == 1 and q.element_size() == 2 and (block_m > 16 or decode.fp8_products_in_fp16),
                      num_warps=num_warps, num_stages=num_stages))
     return out
 
