@@ -64,7 +64,7 @@ class DecodeTiles:
     # fewer programs as the batch grows: a power of two, 1 to the splits); 0: one per split
     target_programs: int = 0
     block_dk: int = 0
-    # over an fp8 (e4m3) cache with 16-bit queries: the products in float16 (e4m3 -> float16 is one
+    # over an fp8 (e4m3) cache with 16-bit queries (any tile): the products in float16 (e4m3 -> float16 is one
     # exact conversion a pair; bfloat16 takes a second), or in the queries' dtype (False, until measured)
     fp8_products_in_fp16: bool = False
 
@@ -363,7 +363,7 @@ def paged_attention_triton(
                      SPAN_MODE=SPAN_MODES[span_mode], NUM_SPLITS=splits,
                      SPLIT_KEYS=decode.split_keys if block_m <= 16 else SPLIT_KEYS, SPLIT_PROGRAMS=split_programs,
                      IEEE=q.dtype == torch.float32, PREFETCH_V=prefetch_v, PDL=pdl(q), launch_pdl=pdl(q),
-                     MMA_FP16=k.element_size() == 1 and q.element_size() == 2 and (block_m > 16 or decode.fp8_products_in_fp16),
+                     MMA_FP16=k.element_size() == 1 and q.element_size() == 2 and decode.fp8_products_in_fp16,
                      num_warps=num_warps, num_stages=num_stages))
     return out
 
