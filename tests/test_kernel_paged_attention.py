@@ -163,6 +163,13 @@ def test_decode_tile_launches_give_the_default_result():
     for block_dk in (8, 48, 512):
         with pytest.raises(ValueError, match="block_dk"):
             DecodeTiles(block_dk=block_dk)
+    # V's head dim over two or four programs, each with all of K: each column summed alike
+    for block_dv in (16,):
+        torch.testing.assert_close(paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16,
+                                                          tiles=DecodeTiles(block_dv=block_dv)), want, atol=1e-6, rtol=1e-6)
+    for block_dv in (8, 24):
+        with pytest.raises(ValueError, match="block_dv"):
+            DecodeTiles(block_dv=block_dv)
 
 
 def test_splits_past_a_rows_keys_store_nothing_the_merge_reads(monkeypatch):

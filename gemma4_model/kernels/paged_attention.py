@@ -47,7 +47,8 @@ class DecodeTiles:
     256; fewer hold fewer K values in registers at once), the fewest keys of a split (a multiple of 64:
     more make fewer, longer splits), and the programs that take a sequence's splits (fewer than
     the splits: each takes every so-many-th; the partition, so the result, is the same), and over
-    an fp8 cache whether the products take float16 operands."""
+    an fp8 cache whether the products take float16 operands; `block_dv` splits the head dim of V
+    over programs."""
 
     # the defaults, from sweeps of 26B-A4B's and E4B's layers at 800 keys on an H100
     # (bench/results/attention_sweep_decode_h100*.json): sliding layers at batches 8 to 96 the
@@ -64,6 +65,9 @@ class DecodeTiles:
     # fewer programs as the batch grows: a power of two, 1 to the splits); 0: one per split
     target_programs: int = 0
     block_dk: int = 0
+    # head-dim columns of V (and of the output) per program (0: the whole head dim); fewer put a
+    # sequence's keys under more programs, each reading all of K for its slice of V
+    block_dv: int = 0
     # over an fp8 (e4m3) cache with 16-bit queries (any tile): the products in float16 (e4m3 -> float16 is one
     # exact conversion a pair; bfloat16 takes a second), or in the queries' dtype (False, until measured)
     fp8_products_in_fp16: bool = False
@@ -71,6 +75,8 @@ class DecodeTiles:
     def __post_init__(self):
         if self.block_dk and (self.block_dk < 16 or self.block_dk & (self.block_dk - 1) or self.block_dk > 256):
             raise ValueError(f"block_dk is 0 or a power of two from 16 to 256, got {self.block_dk}")
+        if self.block_dv and (self.block_dv < 16 or self.block_dv & (self.block_dv - 1)):
+            raise ValueError(f"block_dv is 0 or a power of two of at least 16, got {self.block_dv}")
         if self.split_keys <= 0 or self.split_keys % 64:
             raise ValueError(f"split_keys is a positive multiple of 64, got {self.split_keys}")
         if self.split_programs < 0 or self.target_programs < 0:
@@ -343,7 +349,7 @@ def paged_attention_triton(
     block_dk = min(d_pad, decode.block_dk or 256) if block_m <= 16 else min(d_pad, 256)
     if q.element_size() > 2:  # float32 (tests, the CPU): halve the tiles' bytes
         block_n, block_dk = 32, min(block_dk, 128)
-    block_dv = d_pad if block_m <= 16 else min(d_pad, 256)
+    block_dv = min(d_pad, decode.block_dv or d_pad) if block_m <= 16 else min(d_pad, 256)
     splits = num_splits if num_splits is not None else default_num_splits(batch, kv_heads, block_m, q.device)
     schedule = layout.schedule(block_m // rep_pad)
     programs = schedule.shape[1]
