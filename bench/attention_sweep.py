@@ -110,7 +110,7 @@ def main() -> None:
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     prefetch_v = [bool(x) for x in ints(args.prefetch_v)]
     kv_dtype = getattr(torch, KV_CACHE_DTYPES[args.kv_dtype] or "bfloat16")
-    fp16 = [bool(x) for x in ints(args.fp16_products)] if kv_dtype.itemsize == 1 else [True]
+    fp16 = [bool(x) for x in ints(args.fp16_products)] if kv_dtype.itemsize == 1 else [DECODE_TILES.fp8_products_in_fp16]
     variants = [(DecodeTiles(w, s, p, n, k, g, block_dk=dk, block_dv=dv, fp8_products_in_fp16=f), splits)
                 for w, s, p, n, dk, k, g, splits, f, dv in
                 itertools.product(ints(args.warps), ints(args.stages), prefetch_v, ints(args.block_ns),
