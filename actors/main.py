@@ -48,7 +48,7 @@ class ActorContext:
     @property
     def device(self) -> str:
         spec = self.topology.actor(self.actor.kind)
-        return spec.device if spec else "cpu"
+        return spec.device_of(self.actor.replica) if spec else "cpu"
 
 
 def checkpoint_dir(topology: Topology) -> Path:

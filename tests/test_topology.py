@@ -11,13 +11,47 @@ from topology.config import EXAMPLES, TopologyError, load_topology, parse_topolo
 def test_every_example_loads():
     loaded = {p.stem: load_topology(p) for p in sorted(EXAMPLES.glob("*.toml"))}
     assert set(loaded) == {"cpu_colocated", "cpu_disaggregated", "cpu_two_node", "gpu_colocated",
-                           "gpu_split", "gpu_two", "gpu_two_node"}
+                           "gpu_split", "gpu_two", "gpu_two_node", "gpu_two_replicas"}
     assert loaded["cpu_colocated"].colocated and loaded["cpu_colocated"].transfer is None
     assert loaded["cpu_colocated"].api.host == "127.0.0.1"
     assert loaded["cpu_disaggregated"].transfer == "shm"
     assert loaded["cpu_two_node"].transfer == "tcp" and loaded["cpu_two_node"].actor("decode").node == "back"
     assert loaded["gpu_two"].actor("decode").device == "cuda:1" and loaded["gpu_two"].transfer == "cuda_ipc"
     assert loaded["gpu_two_node"].transfer == "nccl"
+    replicas = loaded["gpu_two_replicas"]
+    assert replicas.colocated and replicas.transfer is None
+    for kind in ("engine", "vision_encoder"):
+        spec = replicas.actor(kind)
+        assert spec.replicas == 2 and [spec.device_of(r) for r in range(2)] == ["cuda:0", "cuda:1"]
+
+
+def test_a_device_per_replica(tmp_path):
+    from actors.main import ActorContext
+    from topology.wiring import ActorId, plan_wiring
+
+    raw = copy.deepcopy(BASE)
+    raw["actors"][2].update(replicas=3, device=["cpu", "cpu", "cpu"])
+    topology = parse_topology(raw)
+    decode = topology.actor("decode")
+    assert decode.all_devices == ("cpu",) * 3 and decode.device == "cpu"
+    assert topology.actor("prefill").all_devices == ("cpu",) and topology.actor("prefill").device_of(0) == "cpu"
+    gpus = load_topology(EXAMPLES / "gpu_two_replicas.toml")
+    wiring = plan_wiring(gpus, tmp_path)
+    assert [ActorContext(gpus, wiring, ActorId("engine", r), "run", None, None).device for r in range(2)] == [
+        "cuda:0", "cuda:1"]
+    with pytest.raises(TopologyError, match="one per replica") as err:
+        parse_topology(edited(lambda r: r["actors"][2].update(replicas=2, device=["cpu"])))
+    assert err.value.field == "actors[2].device"
+    with pytest.raises(TopologyError, match="or a list of them"):
+        parse_topology(edited(lambda r: r["actors"][2].update(replicas=2, device=["cpu", "gpu"])))
+    with pytest.raises(TopologyError, match="preprocess runs on the CPU"):
+        parse_topology(edited(lambda r: r["actors"][0].update(device=["cuda:0"])))
+    # nccl joins processes on different GPUs only: a decode replica on the prefill's GPU is refused
+    two_gpus = edited(lambda r: (r["actors"][1].update(device="cuda:0"),
+                                 r["actors"][2].update(replicas=2, device=["cuda:1", "cuda:0"]),
+                                 r["transfer"].update(backend="nccl")))
+    with pytest.raises(TopologyError, match="cannot join two processes on one GPU"):
+        parse_topology(two_gpus)
 
 
 BASE = tomllib.loads((EXAMPLES / "cpu_disaggregated.toml").read_text())

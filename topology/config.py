@@ -126,9 +126,18 @@ class Node:
 class ActorSpec:
     kind: str
     node: str
-    device: str
+    device: str  # every replica's device, or the first replica's where `devices` lists one per replica
     replicas: int
     threads: int | None = None  # CPU threads of each replica's torch ops; None: torch's default (all cores)
+    devices: tuple[str, ...] = ()  # one device per replica (e.g. two colocated engines on two GPUs); () : `device`
+
+    def device_of(self, replica: int) -> str:
+        """The device replica `replica` runs on."""
+        return self.devices[replica] if self.devices else self.device
+
+    @property
+    def all_devices(self) -> tuple[str, ...]:
+        return self.devices or (self.device,)
 
 
 @dataclass(frozen=True)
@@ -424,13 +433,21 @@ def _actor(i: int, a: Any, nodes: Mapping[str, Node]) -> ActorSpec:
     node = a.get("node", next(iter(nodes)))
     if not isinstance(node, str) or node not in nodes:
         raise TopologyError(where + "node", f"{node!r} is not declared under [nodes]; declared: {sorted(nodes)}")
+    replicas = _int(a, where, "replicas", 1, 1, 64)
     device = a.get("device", "cpu")
-    if not isinstance(device, str) or not _DEVICE.match(device):
-        raise TopologyError(where + "device", f"expected 'cpu' or 'cuda:N', got {device!r}")
-    if kind == "preprocess" and device != "cpu":
+    listed = isinstance(device, list)  # one device per replica
+    for d in device if listed else [device]:
+        if not isinstance(d, str) or not _DEVICE.match(d):
+            raise TopologyError(where + "device", f"expected 'cpu' or 'cuda:N' (or a list of them, one per replica), "
+                                                  f"got {device!r}")
+    if listed and len(device) != replicas:
+        raise TopologyError(where + "device", f"lists {len(device)} devices for {replicas} replicas; list one per "
+                                              "replica")
+    devices = tuple(device) if listed else ()
+    if kind == "preprocess" and set(devices or [device]) != {"cpu"}:
         raise TopologyError(where + "device", "preprocess runs on the CPU")
     threads = _int(a, where, "threads", 0, 0, 1024) or None  # 0 / absent: torch's default
-    return ActorSpec(kind, node, device, _int(a, where, "replicas", 1, 1, 64), threads)
+    return ActorSpec(kind, node, devices[0] if listed else device, replicas, threads, devices)
 
 
 def _transfer(t: Mapping[str, Any], actors: tuple[ActorSpec, ...], nodes: Mapping[str, Node]) -> str | None:
@@ -445,15 +462,16 @@ def _transfer(t: Mapping[str, Any], actors: tuple[ActorSpec, ...], nodes: Mappin
         raise TopologyError("transfer.backend", f"expected one of {list(BACKENDS)}, got {backend!r}")
     prefill, decode = by_kind["prefill"], by_kind["decode"]
     same_node = prefill.node == decode.node
-    on_gpu = prefill.device.startswith("cuda") and decode.device.startswith("cuda")
+    on_gpu = all(d.startswith("cuda") for d in prefill.all_devices + decode.all_devices)
     if backend == "shm" and not same_node:
         raise TopologyError("transfer.backend", "'shm' needs prefill and decode on one node; use 'tcp'")
     if backend in ("cuda_ipc", "nccl") and not on_gpu:
         raise TopologyError("transfer.backend", f"{backend!r} needs prefill and decode on cuda devices")
     if backend == "cuda_ipc" and not same_node:
         raise TopologyError("transfer.backend", "'cuda_ipc' needs prefill and decode on one node; use 'nccl'")
-    if backend == "nccl" and same_node and prefill.device == decode.device:
-        raise TopologyError("transfer.backend", f"'nccl' cannot join two processes on one GPU ({decode.device}); "
+    shared = sorted(set(prefill.all_devices) & set(decode.all_devices))
+    if backend == "nccl" and same_node and shared:
+        raise TopologyError("transfer.backend", f"'nccl' cannot join two processes on one GPU ({shared[0]}); "
                                                 "use 'cuda_ipc'")
     if backend in ("shm", "tcp") and on_gpu:
         raise TopologyError("transfer.backend", f"{backend!r} is a CPU backend; GPU actors use 'cuda_ipc' or 'nccl'")
