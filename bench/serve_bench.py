@@ -1,7 +1,7 @@
 """Serving benchmark: load any OpenAI-compatible server and report what sglang.bench_serving reports.
 
     python bench/serve_bench.py --base-url http://127.0.0.1:8000 [--model NAME] [--tokenizer PATH]
-        [--api completions|chat] [--dataset-name random|image] [--num-prompts N]
+        [--api completions|chat] [--dataset-name random|image|mixed] [--image-fraction F] [--num-prompts N]
         [--random-input-len N] [--random-output-len N] [--random-range-ratio R]
         [--image-count N] [--image-resolution 720p|HxW] [--image-format jpeg|png] [--image-content random|blank]
         [--max-concurrency C] [--request-rate R] [--warmup-requests N] [--seed S] [--request-timeout S]
@@ -12,7 +12,8 @@ Random text (default): lengths as sglang's random dataset (defaults 1024 / 1024,
 seed 1), prompts of exact token length from the served model's tokenizer (default: the embedded
 model's), sent as token ids to /v1/completions, or as text with `--api chat`. Image: N images
 (default two 720p, random pixels, JPEG) plus text (default 128 tokens) per chat request, 1024
-output tokens. Output length is forced (ignore_eos, max_tokens = min_tokens) unless
+output tokens. Mixed: chat requests of random text (defaults 512 / 512), a seeded `--image-fraction`
+of them (default 0.5) with the images too. Output length is forced (ignore_eos, max_tokens = min_tokens) unless
 `--disable-ignore-eos`. Streams every request (usage included) to time TTFT and each chunk.
 
 A sweep runs the workload at each concurrency and writes one JSON with every point plus
@@ -48,7 +49,7 @@ from bench.loadgen.runner import LoadConfig, WarmupFailed, run_load  # noqa: E40
 from bench.loadgen.workload import Workload, WorkloadConfig, parse_resolution  # noqa: E402
 
 # Per dataset: (input length, output length, range ratio) unless given.
-DEFAULT_LENGTHS = {"random": (1024, 1024, 0.0), "image": (128, 1024, 1.0)}
+DEFAULT_LENGTHS = {"random": (1024, 1024, 0.0), "image": (128, 1024, 1.0), "mixed": (512, 512, 0.0)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,13 +66,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "chat: text to /v1/chat/completions (image needs it)")
     server.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default $OPENAI_API_KEY")
     work = ap.add_argument_group("workload")
-    work.add_argument("--dataset-name", "--workload", dest="dataset", choices=("random", "image"), default="random")
+    work.add_argument("--dataset-name", "--workload", dest="dataset", choices=("random", "image", "mixed"),
+                      default="random")
     work.add_argument("--num-prompts", type=int, default=1000)
     work.add_argument("--random-input-len", type=int, help="text tokens per prompt (random 1024, image 128)")
     work.add_argument("--random-output-len", type=int, help="output tokens per request (1024)")
     work.add_argument("--random-range-ratio", type=float,
                       help="lengths drawn in [len * ratio, len] (random 0.0 as SGLang; image 1.0: fixed)")
     work.add_argument("--image-count", type=int, default=2)
+    work.add_argument("--image-fraction", type=float, default=0.5, help="mixed: the share of requests with images")
     work.add_argument("--image-resolution", default="720p", help="4k, 1080p, 720p, 360p or HEIGHTxWIDTH (SGLang's order)")
     work.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg")
     work.add_argument("--image-content", choices=("random", "blank"), default="random")
@@ -99,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="extra metadata (repeatable)")
     out.add_argument("--disable-tqdm", action="store_true")
     args = ap.parse_args(argv)
-    args.api = args.api or ("chat" if args.dataset == "image" else "completions")
+    args.api = args.api or ("chat" if args.dataset in ("image", "mixed") else "completions")
     in_len, out_len, ratio = DEFAULT_LENGTHS[args.dataset]
     args.random_input_len = args.random_input_len or in_len
     args.random_output_len = args.random_output_len or out_len
@@ -133,7 +136,8 @@ def workload_config(args: argparse.Namespace, num_prompts: int) -> WorkloadConfi
                           input_len=args.random_input_len, output_len=args.random_output_len,
                           range_ratio=args.random_range_ratio, seed=args.seed, image_count=args.image_count,
                           image_height=height, image_width=width, image_format=args.image_format,
-                          image_content=args.image_content, ignore_eos=not args.disable_ignore_eos,
+                          image_content=args.image_content, image_fraction=args.image_fraction,
+                          ignore_eos=not args.disable_ignore_eos,
                           temperature=args.temperature, extra_body=args.extra_request_body)
 
 

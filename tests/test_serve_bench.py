@@ -5,6 +5,7 @@ already has a server up.)"""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import math
@@ -105,6 +106,27 @@ def test_image_workload_defaults_to_two_720p_images(tokenizer):
         assert url.startswith("data:image/jpeg;base64,")
         assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (1280, 720)
     assert TokenSource(tokenizer).count(content[-1]["text"]) == 128
+
+
+def test_mixed_workload_gives_a_seeded_share_of_requests_images(tokenizer):
+    args = parse_args(["--dataset-name", "mixed", "--num-prompts", "200", "--image-fraction", "0.3",
+                       "--image-resolution", "64x96"])
+    config = workload_config(args, 200)
+    assert (args.api, config.input_len, config.output_len, config.image_fraction) == ("chat", 512, 512, 0.3)
+    workload = Workload(config, tokenizer)
+    flags = [workload.has_images(i) for i in range(200)]
+    assert 40 <= sum(flags) <= 80 and flags == [Workload(config, tokenizer).has_images(i) for i in range(200)]
+    for i in (flags.index(True), flags.index(False)):
+        request = workload.request(i, "m")
+        content = json.loads(request.body)["messages"][0]["content"]
+        assert request.route == "/v1/chat/completions" and request.images == (2 if flags[i] else 0)
+        text = content[-1]["text"] if flags[i] else content
+        assert TokenSource(tokenizer).count(text) == workload.input_lens[i]
+    assert not any(Workload(dataclasses.replace(config, image_fraction=0.0), tokenizer).has_images(i) for i in range(50))
+    with pytest.raises(ValueError, match="needs --api chat"):
+        WorkloadConfig(dataset="mixed", api="completions")
+    with pytest.raises(ValueError, match="image_fraction"):
+        WorkloadConfig(dataset="mixed", api="chat", image_fraction=1.5)
 
 
 def test_event_stream_splits_events_across_any_pieces():

@@ -31,7 +31,9 @@ RESOLUTIONS = {"4k": (2160, 3840), "1080p": (1080, 1920), "720p": (720, 1280), "
 
 @dataclass(frozen=True)
 class WorkloadConfig:
-    """What each request asks for; `dataset` "random" (text) or "image" (images + text, chat)."""
+    """What each request asks for; `dataset` "random" (text), "image" (images + text, chat) or
+    "mixed" (chat: each request carries the images with probability `image_fraction`, drawn per
+    request from the seed, and the drawn text either way)."""
 
     dataset: str = "random"
     api: str = "completions"  # "completions" (token-id prompts) or "chat" (text)
@@ -45,17 +47,20 @@ class WorkloadConfig:
     image_width: int = 1280
     image_format: str = "jpeg"  # "jpeg" or "png"
     image_content: str = "random"  # "random" pixels or "blank" (white)
+    image_fraction: float = 0.5  # mixed: the share of requests with images
     ignore_eos: bool = True  # force the output length: ignore_eos + max_tokens + min_tokens
     temperature: float = 0.0
     extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every body
 
     def __post_init__(self) -> None:
-        if self.dataset not in ("random", "image"):
-            raise ValueError(f"unknown dataset {self.dataset!r} (random or image)")
+        if self.dataset not in ("random", "image", "mixed"):
+            raise ValueError(f"unknown dataset {self.dataset!r} (random, image or mixed)")
         if self.api not in ("completions", "chat"):
             raise ValueError(f"unknown api {self.api!r} (completions or chat)")
-        if self.dataset == "image" and self.api != "chat":
-            raise ValueError("the image dataset needs --api chat")
+        if self.dataset in ("image", "mixed") and self.api != "chat":
+            raise ValueError(f"the {self.dataset} dataset needs --api chat")
+        if not 0.0 <= self.image_fraction <= 1.0:
+            raise ValueError("image_fraction must be in [0, 1]")
         if self.num_prompts < 1 or self.input_len < 1 or self.output_len < 1:
             raise ValueError("num_prompts, input_len and output_len must be at least 1")
         if not 0.0 <= self.range_ratio <= 1.0:
@@ -199,6 +204,14 @@ class Workload:
     def __len__(self) -> int:
         return self.config.num_prompts
 
+    def has_images(self, index: int) -> bool:
+        """Whether request `index` carries images: every one of the image dataset, a seeded
+        `image_fraction` of the mixed one's."""
+        config = self.config
+        if config.dataset == "mixed":
+            return bool(np.random.default_rng([config.seed, index, 2]).random() < config.image_fraction)
+        return config.dataset == "image"
+
     def request(self, index: int, model: str, output_len: int | None = None) -> PreparedRequest:
         """Request `index`; `output_len` overrides the drawn length (warm-up requests use it)."""
         config = self.config
@@ -207,7 +220,7 @@ class Workload:
                                 "stream": True, "stream_options": {"include_usage": True}}
         if config.ignore_eos:
             body.update(ignore_eos=True, min_tokens=out)
-        images = config.image_count if config.dataset == "image" else 0
+        images = config.image_count if self.has_images(index) else 0
         if config.api == "completions":
             body["prompt"] = self.prompts[index]
         elif images:
