@@ -18,10 +18,15 @@
 # torch.compile'd unless COMPILE_VISION=0). KV_PAGES (16384) and KV_DTYPE (auto; fp8_e4m3) size the KV cache,
 # e.g. to fit 26B-A4B's bf16 weights on an 80 GB card; PROMPTS (1000) sets the throughput run's prompts;
 # PREFETCH_BS=N reads weights into L2 ahead of their products at decode batches of up to N (0: off);
+# GPUS=2 uses two GPUs: with SPLIT=1 prefill (and the vision encoder) on cuda:0 and decode on cuda:1,
+# else two colocated replicas (an engine and a vision encoder on each GPU). RUNS "goodput" runs the
+# mixed workload (chat, 512 in / 256 out, IMAGE_FRACTION (0.5) of the requests with two 720p images)
+# under Poisson arrivals at each of GOODPUT_RATES (4 8 12 16 requests/s, GOODPUT_PROMPTS (300) each)
+# and counts the requests meeting TTFT_MS (1000) and TPOT_MS (30): the targets, stated before the run;
 # TANDEM_PDL=1 (inherited by the actors) launches the decode path's Triton kernels dependently;
 # DETAILS=1 keeps each request's timings in the JSONs (serve_bench.py --output-details).
 set -euo pipefail
-server_command="SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} COMPILE_VISION=${COMPILE_VISION:-}\
+server_command="GPUS=${GPUS:-} GOODPUT_RATES='${GOODPUT_RATES:-}' TTFT_MS=${TTFT_MS:-} TPOT_MS=${TPOT_MS:-} SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} COMPILE_VISION=${COMPILE_VISION:-}\
  KV_PAGES=${KV_PAGES:-} KV_DTYPE=${KV_DTYPE:-} PREFETCH_BS=${PREFETCH_BS:-} TANDEM_PDL=${TANDEM_PDL:-} PROMPTS=${PROMPTS:-} DETAILS=${DETAILS:-} bash $0 $*"
 out=${1:?output directory}
 key=${2:-gemma-4-E4B-it}
@@ -81,13 +86,19 @@ kind = "preprocess"
 
 EOF
 runs=" ${RUNS:-latency throughput} "
-if [[ $runs == *" image "* ]]; then  # the image run: a vision encoder (random weights too) on the GPU
-  printf '\n[[actors]]\nkind = "vision_encoder"\ndevice = "cuda:0"\n' >> "$topology"
-fi
-if [ "${SPLIT:-}" = 1 ]; then  # prefill and decode in two processes on the one GPU, KV pages over CUDA IPC
-  printf '\n[[actors]]\nkind = "prefill"\ndevice = "cuda:0"\n\n[[actors]]\nkind = "decode"\ndevice = "cuda:0"\n\n[transfer]\nbackend = "cuda_ipc"\n' >> "$topology"
+last=$([ "${GPUS:-1}" = 2 ] && echo "cuda:1" || echo "cuda:0")  # decode's GPU when split
+if [ "${GPUS:-1}" = 2 ] && [ "${SPLIT:-}" != 1 ]; then  # two colocated replicas, an engine and an encoder a GPU
+  printf '\n[[actors]]\nkind = "vision_encoder"\nreplicas = 2\ndevice = ["cuda:0", "cuda:1"]\n' >> "$topology"
+  printf '\n[[actors]]\nkind = "engine"\nreplicas = 2\ndevice = ["cuda:0", "cuda:1"]\n' >> "$topology"
 else
-  printf '\n[[actors]]\nkind = "engine"\ndevice = "cuda:0"\n' >> "$topology"
+  if [[ $runs == *" image "* || $runs == *" goodput "* ]]; then  # a vision encoder (random weights too) on cuda:0
+    printf '\n[[actors]]\nkind = "vision_encoder"\ndevice = "cuda:0"\n' >> "$topology"
+  fi
+  if [ "${SPLIT:-}" = 1 ]; then  # prefill and decode in two processes (on one GPU, or decode on the second), KV over CUDA IPC
+    printf '\n[[actors]]\nkind = "prefill"\ndevice = "cuda:0"\n\n[[actors]]\nkind = "decode"\ndevice = "%s"\n\n[transfer]\nbackend = "cuda_ipc"\n' "$last" >> "$topology"
+  else
+    printf '\n[[actors]]\nkind = "engine"\ndevice = "cuda:0"\n' >> "$topology"
+  fi
 fi
 port=8123
 trace=()
@@ -107,7 +118,7 @@ bench() {
   python3 bench/serve_bench.py --base-url "http://127.0.0.1:$port" --disable-tqdm --meta "model_shape=$key" \
     --extra-request-body '{"return_token_ids": true}' \
     --meta "weights=random (--load-format dummy)" --meta "commit=$commit" \
-    --meta "topology=$([ "${SPLIT:-}" = 1 ] && echo split || echo colocated)" \
+    --meta "topology=$([ "${SPLIT:-}" = 1 ] && echo split || echo colocated)$([ "${GPUS:-1}" = 2 ] && echo ' on two GPUs')" \
     --meta "traces=$([ -n "${TRACE:-}" ] && echo on || echo off)" \
     --meta "device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null | head -1)" \
     --meta "server_command=${server_command}" $([ "${DETAILS:-}" = 1 ] && echo --output-details) "$@"
@@ -132,6 +143,13 @@ fi
 if [[ $runs == *" image "* ]]; then  # SGLang's image run at concurrency 1: two 720p images, 128 text tokens
   bench --label image --dataset-name image --num-prompts 10 --max-concurrency 1 --image-count 2 \
     --image-resolution 720p --random-input-len 128 --random-output-len 1024 --output-file "$out/image.json"
+fi
+if [[ $runs == *" goodput "* ]]; then  # the mixed workload under Poisson arrivals, goodput under targets set here
+  for rate in ${GOODPUT_RATES:-4 8 12 16}; do
+    bench --label "goodput-$rate" --dataset-name mixed --image-fraction "${IMAGE_FRACTION:-0.5}" \
+      --num-prompts "${GOODPUT_PROMPTS:-300}" --request-rate "$rate" --random-input-len 512 --random-output-len 256 \
+      --goodput ttft:"${TTFT_MS:-1000}" tpot:"${TPOT_MS:-30}" --output-file "$out/goodput_$rate.json"
+  done
 fi
 python3 bench/anchors.py $(ls "$out"/{latency,throughput,image}.json 2> /dev/null)  # SGLang's figures beside ours
 if [ -n "${TRACE:-}" ]; then  # the server's spans flushed at its exit: per-request stages and the step timeline
