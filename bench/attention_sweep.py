@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--split-programs", default="0", help="programs over a sequence's splits to try (0: one a split)")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--kv-dtype", default="auto", choices=sorted(KV_CACHE_DTYPES), help="K/V storage (auto: bf16)")
+    ap.add_argument("--tma-stages", default="0", help="pure decode pages read by TMA, this many in flight (0: off)")
     ap.add_argument("--block-dvs", default="0", help="head-dim columns of V per program to try (0: the whole head dim)")
     ap.add_argument("--fp16-products", default="1", help="over an fp8 cache, products in float16 (1), in bf16 (0), or both")
     ap.add_argument("--stages", default="1,2,3")
@@ -111,11 +112,11 @@ def main() -> None:
     prefetch_v = [bool(x) for x in ints(args.prefetch_v)]
     kv_dtype = getattr(torch, KV_CACHE_DTYPES[args.kv_dtype] or "bfloat16")
     fp16 = [bool(x) for x in ints(args.fp16_products)] if kv_dtype.itemsize == 1 else [DECODE_TILES.fp8_products_in_fp16]
-    variants = [(DecodeTiles(w, s, p, n, k, g, block_dk=dk, block_dv=dv, fp8_products_in_fp16=f), splits)
-                for w, s, p, n, dk, k, g, splits, f, dv in
+    variants = [(DecodeTiles(w, s, p, n, k, g, block_dk=dk, block_dv=dv, fp8_products_in_fp16=f, tma_stages=t), splits)
+                for w, s, p, n, dk, k, g, splits, f, dv, t in
                 itertools.product(ints(args.warps), ints(args.stages), prefetch_v, ints(args.block_ns),
                                   ints(args.block_dks), ints(args.split_keys), ints(args.split_programs),
-                                  ints(args.num_splits), fp16, ints(args.block_dvs))]
+                                  ints(args.num_splits), fp16, ints(args.block_dvs), ints(args.tma_stages))]
     records = []
     for model in args.models.split(","):
         for layer, (heads, kv_heads, head_dim, window) in layer_shapes(model).items():
@@ -149,7 +150,8 @@ def main() -> None:
                           f"default {default['us'] if default else float('nan'):7.1f}  best {best['us']:7.1f} "
                           f"(w{best['num_warps']} s{best['num_stages']} pv{int(best['prefetch_v'])} "
                           f"n{best['block_n']} dk{best['block_dk']} k{best['split_keys']} x{best['num_splits']} g{best['split_programs']}"
-                          f" dv{best['block_dv']} f16 {int(best['fp8_products_in_fp16'])})", flush=True)
+                          f" dv{best['block_dv']} f16 {int(best['fp8_products_in_fp16'])} tma{best['tma_stages']})",
+                          flush=True)
                     del q, group, fb
                     write(args, records)  # after every case: a run stopped at its time limit keeps what it measured
 

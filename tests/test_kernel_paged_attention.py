@@ -172,6 +172,34 @@ def test_decode_tile_launches_give_the_default_result():
             DecodeTiles(block_dv=block_dv)
 
 
+@pytest.mark.parametrize("splits", [1, 16])
+@pytest.mark.parametrize("heads, kv_heads, window", [(4, 2, 700), (8, 2, None), (2, 2, 40)])
+def test_tma_decode_pages_against_the_twin(splits, heads, kv_heads, window):
+    """`DecodeTiles(tma_stages=3)`: pure decode rows read a page at a time through tensor descriptors
+    (released pages below the window read as zeros and are masked): the twin's result."""
+    seqs = [Seq(1100, 1), Seq(3, 1), Seq(150, 1), Seq(16, 1), Seq(47, 1)]
+    q, group, batch = make_case(seqs, heads=heads, kv_heads=kv_heads, head_dim=32, page=16, window=window)
+    want = paged_attention(q, group, 0, batch, LAYER, "none")
+    got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=splits, tiles=DecodeTiles(tma_stages=3))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    # a reused page may hold anything past a sequence's keys: no trace of it in the result
+    group.v[0][batch.groups[LAYER].page_tables[1, 0]] = float("inf")  # holds positions 0..3 of a 4-key sequence
+    group.v[0][batch.groups[LAYER].page_tables[1, 0], 4:] = float("nan")
+    group.v[0][batch.groups[LAYER].page_tables[1, 0], :4] = want.new_zeros(()).float()
+    assert paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=splits,
+                                  tiles=DecodeTiles(tma_stages=3)).isfinite().all()
+
+
+def test_tma_decode_over_fp8_pages_with_float16_products():
+    q, group, batch = make_case([Seq(300, 1), Seq(40, 1), Seq(5, 1)], heads=8, kv_heads=2, head_dim=256, page=16,
+                                window=128, dtype=torch.bfloat16, q_scale=256**-0.5)
+    fp8 = torch.float8_e4m3fn
+    group = KVGroup(group.layer_type, group.layers, group.window, group.pool, group.k.to(fp8), group.v.to(fp8))
+    got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16,
+                                 tiles=DecodeTiles(tma_stages=3, fp8_products_in_fp16=True))
+    torch.testing.assert_close(got.float(), twin_fp32(q, group, batch, "none"), atol=1e-2, rtol=2e-2)
+
+
 def test_splits_past_a_rows_keys_store_nothing_the_merge_reads(monkeypatch):
     """A split that saw none of a row's keys writes only its -inf log-sum-exp: buffers that
     start as NaN (fresh device memory may hold anything) leave the merged result finite."""

@@ -48,7 +48,7 @@ class DecodeTiles:
     more make fewer, longer splits), and the programs that take a sequence's splits (fewer than
     the splits: each takes every so-many-th; the partition, so the result, is the same), and over
     an fp8 cache whether the products take float16 operands; `block_dv` splits the head dim of V
-    over programs."""
+    over programs; `tma_stages` reads pure decode steps' pages by TMA."""
 
     # the defaults, from sweeps of 26B-A4B's and E4B's layers at 800 keys on an H100
     # (bench/results/attention_sweep_decode_h100*.json): sliding layers at batches 8 to 96 the
@@ -68,6 +68,10 @@ class DecodeTiles:
     # head-dim columns of V (and of the output) per program (0: the whole head dim); fewer put a
     # sequence's keys under more programs, each reading all of K for its slice of V
     block_dv: int = 0
+    # pure decode steps at head dims up to 256: K and V pages read whole by the tensor memory
+    # accelerator (TMA) into shared memory, this many pages in flight (`_paged_decode_tma_kernel`;
+    # 0: off, the gathering kernel)
+    tma_stages: int = 0
     # over an fp8 (e4m3) cache with 16-bit queries (any tile): the products in float16 (e4m3 -> float16 is one
     # exact conversion a pair; bfloat16 takes a second), or in the queries' dtype (False, until measured)
     fp8_products_in_fp16: bool = False
@@ -79,6 +83,8 @@ class DecodeTiles:
             raise ValueError(f"block_dv is 0 or a power of two of at least 16, got {self.block_dv}")
         if self.split_keys <= 0 or self.split_keys % 64:
             raise ValueError(f"split_keys is a positive multiple of 64, got {self.split_keys}")
+        if self.tma_stages < 0:
+            raise ValueError(f"tma_stages is a count of pages in flight (0: off), got {self.tma_stages}")
         if self.split_programs < 0 or self.target_programs < 0:
             raise ValueError(f"split_programs and target_programs are counts (0: off), got {self.split_programs}, "
                              f"{self.target_programs}")
@@ -262,6 +268,85 @@ def _attend_split(split, lo, hi, per_split, q_tile, q_rows, rows, heads, row_ok,
             tl.store(lse_ptr + cell, lse, mask=row_ok)
 
 
+@triton.jit(do_not_specialize=["num_programs", "num_rows", "stride_table"],
+            do_not_specialize_on_alignment=["tables_ptr", "positions_ptr", "schedule_ptr", "query_starts_ptr",
+                                            "kv_lens_ptr"])
+def _paged_decode_tma_kernel(
+    q_ptr, out_ptr, k_desc, v_desc, tables_ptr, positions_ptr, schedule_ptr, query_starts_ptr, kv_lens_ptr,
+    part_ptr, lse_ptr, num_programs, num_rows, num_heads, window,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_table,
+    HEAD_DIM: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, PAGE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLIT_KEYS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    MMA_FP16: tl.constexpr,
+):
+    """Decode rows (one query token a sequence) of one KV head over one split of their keys, a
+    page at a time: each page's K and V rows of this head are one [PAGE, HEAD_DIM] box of the cache
+    viewed as [pages * PAGE, kv_heads * HEAD_DIM], loaded by TMA (a released page, -1, lies outside
+    the view and reads as zeros). Splits start at page boundaries; keys outside the split, the
+    window or the sequence are masked, and V's rows there are zeroed (a reused page may hold
+    anything past the sequence). Same outputs as `_attend_split`: the result, or per split the
+    partial result and its log2-sum-exp2 for `_merge_splits_kernel`."""
+    _pdl_release(PDL)
+    _pdl_wait(PDL)
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    mma_ty: tl.constexpr = tl.float16 if MMA_FP16 else out_ptr.dtype.element_ty
+    seq = tl.load(schedule_ptr + pid)
+    row0 = tl.load(schedule_ptr + num_programs + pid)
+    row_end = tl.load(query_starts_ptr + seq + 1)
+    kv_len = tl.load(kv_lens_ptr + seq)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = row0 + offs_m // REP_PAD
+    group_head = offs_m % REP_PAD
+    row_ok = (rows < row_end) & (group_head < REP)
+    heads = kv_head * REP + group_head
+    pos = tl.load(positions_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+    pos_min = tl.min(tl.where(row_ok, pos, _FAR), axis=0)
+    pos_max = tl.max(tl.where(row_ok, pos, -1), axis=0)
+    lo = tl.maximum(pos_min - window + 1, 0)
+    hi = tl.minimum(kv_len, pos_max + 1)
+    first = lo - lo % PAGE  # splits of whole pages from the page holding the window's first key
+    per_split = tl.maximum(SPLIT_KEYS, tl.cdiv(tl.cdiv(tl.maximum(hi - first, 0), NUM_SPLITS), PAGE) * PAGE)
+    split_lo = first + split * per_split
+    split_hi = tl.minimum(hi, split_lo + per_split)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(mma_ty)
+    table = tables_ptr + seq.to(tl.int64) * stride_table
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    col = kv_head * HEAD_DIM
+    for start in range(split_lo, split_hi, PAGE):
+        page = tl.load(table + start // PAGE).to(tl.int32)
+        k = k_desc.load([page * PAGE, col]).to(mma_ty)
+        v = v_desc.load([page * PAGE, col]).to(mma_ty)
+        keys = start + tl.arange(0, PAGE)
+        key_ok = (keys >= lo) & (keys < split_hi) & (page >= 0)
+        scores = _dot(q, tl.trans(k), IEEE)
+        diff = pos[:, None] - keys[None, :]
+        allowed = (diff >= 0) & (diff < window) & key_ok[None, :] & row_ok[:, None]
+        scores = tl.where(allowed, scores * _LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.where(key_ok[:, None], v, 0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(mma_ty), v, IEEE)
+        m_i = m_new
+    norm = tl.where(l_i > 0, l_i, 1.0)
+    out_ok = row_ok[:, None]
+    if NUM_SPLITS == 1:
+        out = out_ptr + rows.to(tl.int64)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out, (acc / norm[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        cell = (split * num_rows + rows.to(tl.int64)) * num_heads + heads
+        tl.store(part_ptr + cell[:, None] * HEAD_DIM + offs_d[None, :], acc / norm[:, None],
+                 mask=out_ok & (l_i > 0)[:, None])
+        tl.store(lse_ptr + cell, tl.where(l_i > 0, m_i + tl.log2(norm), float("-inf")), mask=row_ok)
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_rows, num_heads, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
@@ -352,8 +437,13 @@ def paged_attention_triton(
     block_dv = min(d_pad, decode.block_dv or d_pad) if block_m <= 16 else min(d_pad, 256)
     splits = num_splits if num_splits is not None else default_num_splits(batch, kv_heads, block_m, q.device)
     schedule = layout.schedule(block_m // rep_pad)
+    if (decode.tma_stages and block_m <= 16 and layout.max_query_len == 1 and head_dim == d_pad <= 256 and page >= 16
+            and k.is_contiguous() and v.is_contiguous()):
+        _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad, block_m, window_of(group),
+                    decode, decode.split_keys)
+        return out
     programs = schedule.shape[1]
-    window = NO_WINDOW if group.window is None else group.window
+    window = window_of(group)
     if splits > 1:
         part = torch.empty((splits, T, heads, head_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((splits, T, heads), dtype=torch.float32, device=q.device)
@@ -372,6 +462,39 @@ def paged_attention_triton(
                      MMA_FP16=k.element_size() == 1 and q.element_size() == 2 and decode.fp8_products_in_fp16,
                      num_warps=num_warps, num_stages=num_stages))
     return out
+
+
+def window_of(group: KVGroup) -> int:
+    return NO_WINDOW if group.window is None else group.window
+
+
+def _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad, block_m, window, tiles,
+                split_keys) -> None:
+    """`_paged_decode_tma_kernel` over a pure decode batch, then the merge of its splits."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    T, heads, head_dim = q.shape
+    pages, page, kv_heads, _ = k.shape
+    descs = [TensorDescriptor(c.view(pages * page, kv_heads * head_dim), [pages * page, kv_heads * head_dim],
+                              [kv_heads * head_dim, 1], [page, head_dim]) for c in (k, v)]
+    if splits > 1:
+        part = torch.empty((splits, T, heads, head_dim), dtype=torch.float32, device=q.device)
+        lse = torch.empty((splits, T, heads), dtype=torch.float32, device=q.device)
+    else:
+        part = lse = out  # unused
+    tables, layout, programs = batch.groups[layer_type].page_tables, batch.layout, schedule.shape[1]
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _paged_decode_tma_kernel[(programs, kv_heads, splits)](
+            q, out, *descs, tables, batch.positions, schedule, layout.query_starts, layout.kv_lens, part, lse,
+            programs, T, heads, window, q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
+            HEAD_DIM=head_dim, REP=rep, REP_PAD=rep_pad, BLOCK_M=block_m, PAGE=page, NUM_SPLITS=splits,
+            SPLIT_KEYS=split_keys, IEEE=q.dtype == torch.float32, PDL=pdl(q),
+            MMA_FP16=k.element_size() == 1 and q.element_size() == 2 and tiles.fp8_products_in_fp16,
+            launch_pdl=pdl(q), num_warps=tiles.num_warps, num_stages=tiles.tma_stages)
+        if splits > 1:
+            _merge_splits_kernel[(T, heads)](
+                part, lse, out, T, heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=splits,
+                SPLITS_PAD=max(2, _pow2(splits)), BLOCK_D=head_dim, PDL=pdl(q), launch_pdl=pdl(q))
 
 
 def _launch(grid, q, out, k, v, tables, batch, schedule, part, lse, programs, window, splits, meta) -> None:
