@@ -119,3 +119,50 @@ def test_default_decode_launch_streams_16_byte_loads_without_spilling():
     for r in (sliding, full):
         assert r["global_loads_16B"] >= 8 and r["global_loads_2B"] == 0, got
     assert sliding["registers"] < 255 and sliding["spill_store_bytes"] == 0, got
+
+
+TMA = r"""
+import json, re, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from gemma4_model.kernels.paged_attention import _paged_decode_tma_kernel as kernel
+
+INT32 = {"tables_ptr", "positions_ptr", "schedule_ptr", "query_starts_ptr", "kv_lens_ptr"}
+ALIGNED = {"q_ptr", "out_ptr", "part_ptr", "lse_ptr", "stride_qt", "stride_qh", "stride_ot", "stride_oh", "num_heads"}
+
+def build(kv, fp16):
+    const = dict(HEAD_DIM=256, REP=2, REP_PAD=2, BLOCK_M=16, PAGE=16, NUM_SPLITS=16, SPLIT_KEYS=64, IEEE=False,
+                 PDL=False, MMA_FP16=fp16)
+    types = {a: "constexpr" if a in const else "*i32" if a in INT32 else "*fp32" if a in ("part_ptr", "lse_ptr")
+             else f"tensordesc<{kv}[16,256]>" if a.endswith("_desc") else "*bf16" if a.endswith("_ptr") else "i32"
+             for a in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if a in ALIGNED}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=const, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    ptx = compiled.asm["ptx"]
+    ptxas = get_ptxas(90)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        log = subprocess.run([getattr(ptxas, "path", None) or ptxas[0], "-v", "--gpu-name=sm_90a", f.name, "-o",
+                              "/dev/null"], capture_output=True, text=True, check=True).stderr
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return {"tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "mma": "mma" in ptx,
+            "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
+            "spill_store_bytes": int(spills.group(1)) if spills else 0}
+
+print(json.dumps({"bf16": build("bf16", False), "fp8": build("fp8e4nv", False), "fp8-fp16": build("fp8e4nv", True)}))
+"""
+
+
+@pytest.mark.skipif(not _ptxas(), reason="this Triton build ships no ptxas to compile for sm_90 with")
+def test_tma_decode_kernel_compiles_to_pipelined_tensor_loads():
+    """The TMA decode kernel (DecodeTiles.tma_stages) for sm_90 at head dim 256 over bf16 and fp8
+    pages: its K/V reads are bulk tensor copies, pipelined (more than the two a page of K and V
+    take), on the tensor cores, in fewer registers than the gathering kernel's 162, nothing spilled."""
+    got = compile_in_subprocess(TMA)
+    for variant in got.values():
+        assert variant["tma_loads"] > 2 and variant["mma"], got
+        assert variant["registers"] < 162 and variant["spill_store_bytes"] == 0, got
