@@ -173,11 +173,11 @@ def test_decode_tile_launches_give_the_default_result():
 
 
 @pytest.mark.parametrize("splits", [1, 16])
-@pytest.mark.parametrize("heads, kv_heads, window", [(4, 2, 700), (8, 2, None), (2, 2, 40)])
+@pytest.mark.parametrize("heads, kv_heads, window", [(4, 2, 200), (8, 2, None), (2, 2, 40)])
 def test_tma_decode_pages_against_the_twin(splits, heads, kv_heads, window):
     """`DecodeTiles(tma_stages=3)`: pure decode rows read a page at a time through tensor descriptors
     (released pages below the window read as zeros and are masked): the twin's result."""
-    seqs = [Seq(1100, 1), Seq(3, 1), Seq(150, 1), Seq(16, 1), Seq(47, 1)]
+    seqs = [Seq(300, 1), Seq(3, 1), Seq(150, 1), Seq(16, 1), Seq(47, 1)]
     q, group, batch = make_case(seqs, heads=heads, kv_heads=kv_heads, head_dim=32, page=16, window=window)
     want = paged_attention(q, group, 0, batch, LAYER, "none")
     got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=splits, tiles=DecodeTiles(tma_stages=3))
@@ -341,15 +341,29 @@ def assert_bf16_close(got, want):
     assert err < 2e-2 and rel < 1e-2, f"max abs error {err}, relative error {rel}"
 
 
-def gpu_check(seqs, heads, kv_heads, head_dim, window, span_mode="none", num_splits=None, seed=0):
+def gpu_check(seqs, heads, kv_heads, head_dim, window, span_mode="none", num_splits=None, seed=0, tiles=None):
     # q scaled so scores are about unit normal: soft attention over thousands of keys, the hard case
     # for accumulation (unscaled random q, k give nearly one-hot attention).
     for q_scale in (head_dim**-0.5, 1.0):
         q, group, batch = make_case(seqs, heads=heads, kv_heads=kv_heads, head_dim=head_dim, page=16, window=window,
                                     dtype=torch.bfloat16, device="cuda", seed=seed, q_scale=q_scale)
         want = twin_fp32(q, group, batch, span_mode)
-        assert_bf16_close(paged_attention_triton(q, group, 0, batch, LAYER, span_mode, num_splits=num_splits), want)
+        assert_bf16_close(paged_attention_triton(q, group, 0, batch, LAYER, span_mode, num_splits=num_splits,
+                                                 tiles=tiles), want)
         del group, want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["e4b", "31b"])
+@pytest.mark.parametrize("batch_size", [1, 64])
+def test_gpu_tma_decode_up_to_8k(model, batch_size):
+    """`DecodeTiles(tma_stages=3)` on sliding layers (head dim 256) against the float32 twin."""
+    spec = {"e4b": E4B, "31b": G31B}[model]
+    kv_heads, head_dim, window = spec["sliding"]
+    lens = torch.randint(1, 8192, (batch_size,), generator=torch.Generator().manual_seed(batch_size)).tolist()
+    seqs = [Seq(n, 1) for n in [8191, *lens[1:]]]
+    for splits in (None, 1):
+        gpu_check(seqs, spec["heads"], kv_heads, head_dim, window, num_splits=splits, tiles=DecodeTiles(tma_stages=3))
 
 
 @pytest.mark.gpu

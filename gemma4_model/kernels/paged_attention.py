@@ -444,11 +444,7 @@ def paged_attention_triton(
         return out
     programs = schedule.shape[1]
     window = window_of(group)
-    if splits > 1:
-        part = torch.empty((splits, T, heads, head_dim), dtype=torch.float32, device=q.device)
-        lse = torch.empty((splits, T, heads), dtype=torch.float32, device=q.device)
-    else:
-        part = lse = out  # unused
+    part, lse = _split_buffers(q, out, splits)
     tables = batch.groups[layer_type].page_tables
     split_programs = decode.programs_per_sequence(splits, programs, kv_heads) if block_m <= 16 else splits
     grid = (programs, kv_heads * (d_pad // block_dv), split_programs)
@@ -468,6 +464,26 @@ def window_of(group: KVGroup) -> int:
     return NO_WINDOW if group.window is None else group.window
 
 
+def _split_buffers(q: torch.Tensor, out: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial results [splits, T, heads, head_dim] and log2-sum-exp2s [splits, T, heads] of
+    flash-decoding splits (float32); with one split, `out` stands in for both (unused)."""
+    if splits == 1:
+        return out, out
+    T, heads, head_dim = q.shape
+    return (torch.empty((splits, T, heads, head_dim), dtype=torch.float32, device=q.device),
+            torch.empty((splits, T, heads), dtype=torch.float32, device=q.device))
+
+
+def _merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, splits: int) -> None:
+    """`_merge_splits_kernel` into `out` [T, heads, head_dim] where there are splits to merge."""
+    if splits == 1:
+        return
+    T, heads, head_dim = out.shape
+    _merge_splits_kernel[(T, heads)](
+        part, lse, out, T, heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=splits,
+        SPLITS_PAD=max(2, _pow2(splits)), BLOCK_D=max(16, _pow2(head_dim)), PDL=pdl(out), launch_pdl=pdl(out))
+
+
 def _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad, block_m, window, tiles,
                 split_keys) -> None:
     """`_paged_decode_tma_kernel` over a pure decode batch, then the merge of its splits."""
@@ -477,11 +493,7 @@ def _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad,
     pages, page, kv_heads, _ = k.shape
     descs = [TensorDescriptor(c.view(pages * page, kv_heads * head_dim), [pages * page, kv_heads * head_dim],
                               [kv_heads * head_dim, 1], [page, head_dim]) for c in (k, v)]
-    if splits > 1:
-        part = torch.empty((splits, T, heads, head_dim), dtype=torch.float32, device=q.device)
-        lse = torch.empty((splits, T, heads), dtype=torch.float32, device=q.device)
-    else:
-        part = lse = out  # unused
+    part, lse = _split_buffers(q, out, splits)
     tables, layout, programs = batch.groups[layer_type].page_tables, batch.layout, schedule.shape[1]
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _paged_decode_tma_kernel[(programs, kv_heads, splits)](
@@ -491,10 +503,7 @@ def _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad,
             SPLIT_KEYS=split_keys, IEEE=q.dtype == torch.float32, PDL=pdl(q),
             MMA_FP16=k.element_size() == 1 and q.element_size() == 2 and tiles.fp8_products_in_fp16,
             launch_pdl=pdl(q), num_warps=tiles.num_warps, num_stages=tiles.tma_stages)
-        if splits > 1:
-            _merge_splits_kernel[(T, heads)](
-                part, lse, out, T, heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=splits,
-                SPLITS_PAD=max(2, _pow2(splits)), BLOCK_D=head_dim, PDL=pdl(q), launch_pdl=pdl(q))
+        _merge_splits(part, lse, out, splits)
 
 
 def _launch(grid, q, out, k, v, tables, batch, schedule, part, lse, programs, window, splits, meta) -> None:
@@ -508,9 +517,4 @@ def _launch(grid, q, out, k, v, tables, batch, schedule, part, lse, programs, wi
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), tables.stride(0), **meta,
     )
-    if splits > 1:
-        _merge_splits_kernel[(T, heads)](
-            part, lse, out, T, heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
-            NUM_SPLITS=splits, SPLITS_PAD=max(2, _pow2(splits)), BLOCK_D=max(16, _pow2(head_dim)), PDL=pdl(q),
-            launch_pdl=pdl(q),
-        )
+    _merge_splits(part, lse, out, splits)
