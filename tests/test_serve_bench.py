@@ -109,20 +109,22 @@ def test_image_workload_defaults_to_two_720p_images(tokenizer):
 
 
 def test_mixed_workload_gives_a_seeded_share_of_requests_images(tokenizer):
-    args = parse_args(["--dataset-name", "mixed", "--num-prompts", "200", "--image-fraction", "0.3",
-                       "--image-resolution", "64x96"])
-    config = workload_config(args, 200)
-    assert (args.api, config.input_len, config.output_len, config.image_fraction) == ("chat", 512, 512, 0.3)
+    args = parse_args(["--dataset-name", "mixed", "--num-prompts", "100", "--image-fraction", "0.3"])
+    assert (args.api, workload_config(args, 100).input_len, workload_config(args, 100).output_len) == ("chat", 512, 512)
+    args = parse_args(["--dataset-name", "mixed", "--num-prompts", "100", "--image-fraction", "0.3",
+                       "--image-resolution", "64x96", "--random-input-len", "12"])
+    config = workload_config(args, 100)
+    assert config.image_fraction == 0.3
     workload = Workload(config, tokenizer)
-    flags = [workload.has_images(i) for i in range(200)]
-    assert 40 <= sum(flags) <= 80 and flags == [Workload(config, tokenizer).has_images(i) for i in range(200)]
+    flags = [workload.has_images(i) for i in range(100)]
+    assert 15 <= sum(flags) <= 45 and flags == [Workload(config, tokenizer).has_images(i) for i in range(100)]
     for i in (flags.index(True), flags.index(False)):
         request = workload.request(i, "m")
         content = json.loads(request.body)["messages"][0]["content"]
         assert request.route == "/v1/chat/completions" and request.images == (2 if flags[i] else 0)
         text = content[-1]["text"] if flags[i] else content
         assert TokenSource(tokenizer).count(text) == workload.input_lens[i]
-    assert not any(Workload(dataclasses.replace(config, image_fraction=0.0), tokenizer).has_images(i) for i in range(50))
+    assert not any(Workload(dataclasses.replace(config, image_fraction=0.0), tokenizer).has_images(i) for i in range(100))
     with pytest.raises(ValueError, match="needs --api chat"):
         WorkloadConfig(dataset="mixed", api="completions")
     with pytest.raises(ValueError, match="image_fraction"):
