@@ -3,6 +3,7 @@ on CPU, in bf16 at real Gemma 4 shapes in the `gpu` tests), and the decoder with
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -188,6 +189,17 @@ def test_tma_decode_pages_against_the_twin(splits, heads, kv_heads, window):
     group.v[0][batch.groups[LAYER].page_tables[1, 0], :4] = want.new_zeros(()).float()
     assert paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=splits,
                                   tiles=DecodeTiles(tma_stages=3)).isfinite().all()
+
+
+def test_tma_stages_from_the_environment():
+    import subprocess
+    import sys
+
+    script = "from gemma4_model.kernels.paged_attention import DECODE_TILES as t; print(t.tma_stages)"
+    for env, want in (({"TANDEM_TMA_STAGES": "3"}, "3"), ({}, "0")):
+        environ = {k: v for k, v in os.environ.items() if k != "TANDEM_TMA_STAGES"} | env
+        done = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == want
 
 
 def test_tma_decode_over_fp8_pages_with_float16_products():

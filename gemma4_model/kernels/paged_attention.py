@@ -99,7 +99,9 @@ class DecodeTiles:
         return min(splits, 1 << (share.bit_length() - 1))
 
 
-DECODE_TILES = DecodeTiles()
+# TANDEM_TMA_STAGES=N (read once, at import) turns the TMA decode path on with N pages in flight: it
+# is measured on a GPU before it becomes the default.
+DECODE_TILES = DecodeTiles(tma_stages=int(os.environ.get("TANDEM_TMA_STAGES", "0")))
 
 
 @triton.jit
