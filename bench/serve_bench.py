@@ -12,9 +12,9 @@ Random text (default): lengths as sglang's random dataset (defaults 1024 / 1024,
 seed 1), prompts of exact token length from the served model's tokenizer (default: the embedded
 model's), sent as token ids to /v1/completions, or as text with `--api chat`. Image: N images
 (default two 720p, random pixels, JPEG) plus text (default 128 tokens) per chat request, 1024
-output tokens. Mixed: chat requests of random text (defaults 512 / 512), a seeded `--image-fraction`
-of them (default 0.5) with the images too. Output length is forced (ignore_eos, max_tokens = min_tokens) unless
-`--disable-ignore-eos`. Streams every request (usage included) to time TTFT and each chunk.
+output tokens. Mixed: chat requests of random text (defaults 512 / 512), a seeded
+`--image-fraction` of them (default 0.5) with the images too. Output length is forced (ignore_eos,
+max_tokens = min_tokens) unless `--disable-ignore-eos`. Streams every request (usage included) to time TTFT and each chunk.
 
 A sweep runs the workload at each concurrency and writes one JSON with every point plus
 `<output>_ttft.png`, `<output>_tpot.png` and `<output>_throughput.png`. The JSON names the command,
