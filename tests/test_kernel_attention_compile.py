@@ -132,9 +132,9 @@ from gemma4_model.kernels.paged_attention import _paged_decode_tma_kernel as ker
 INT32 = {"tables_ptr", "positions_ptr", "schedule_ptr", "query_starts_ptr", "kv_lens_ptr"}
 ALIGNED = {"q_ptr", "out_ptr", "part_ptr", "lse_ptr", "stride_qt", "stride_qh", "stride_ot", "stride_oh", "num_heads"}
 
-def build(kv, fp16):
-    const = dict(HEAD_DIM=256, REP=2, REP_PAD=2, BLOCK_M=16, PAGE=16, NUM_SPLITS=16, SPLIT_KEYS=64, IEEE=False,
-                 PDL=False, MMA_FP16=fp16)
+def build(kv, fp16, head_dim=256):
+    const = dict(HEAD_DIM=head_dim, BOX_D=min(head_dim, 256), REP=2, REP_PAD=2, BLOCK_M=16, PAGE=16, NUM_SPLITS=16,
+                 SPLIT_KEYS=64, IEEE=False, PDL=False, MMA_FP16=fp16)
     types = {a: "constexpr" if a in const else "*i32" if a in INT32 else "*fp32" if a in ("part_ptr", "lse_ptr")
              else f"tensordesc<{kv}[16,256]>" if a.endswith("_desc") else "*bf16" if a.endswith("_ptr") else "i32"
              for a in kernel.arg_names}
@@ -153,7 +153,8 @@ def build(kv, fp16):
             "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
             "spill_store_bytes": int(spills.group(1)) if spills else 0}
 
-print(json.dumps({"bf16": build("bf16", False), "fp8": build("fp8e4nv", False), "fp8-fp16": build("fp8e4nv", True)}))
+print(json.dumps({"bf16": build("bf16", False), "fp8": build("fp8e4nv", False), "fp8-fp16": build("fp8e4nv", True),
+                  "bf16-512": build("bf16", False, 512)}))
 """
 
 
@@ -161,8 +162,10 @@ print(json.dumps({"bf16": build("bf16", False), "fp8": build("fp8e4nv", False), 
 def test_tma_decode_kernel_compiles_to_pipelined_tensor_loads():
     """The TMA decode kernel (DecodeTiles.tma_stages) for sm_90 at head dim 256 over bf16 and fp8
     pages: its K/V reads are bulk tensor copies, pipelined (more than the two a page of K and V
-    take), on the tensor cores, in fewer registers than the gathering kernel's 162, nothing spilled."""
+    take), on the tensor cores, in fewer registers than the gathering kernel's 162, nothing spilled;
+    at head dim 512 two boxes a page (more copies), still within the register file."""
     got = compile_in_subprocess(TMA)
-    for variant in got.values():
+    for name, variant in got.items():
         assert variant["tma_loads"] > 2 and variant["mma"], got
-        assert variant["registers"] < 162 and variant["spill_store_bytes"] == 0, got
+        assert variant["spill_store_bytes"] == 0 and (variant["registers"] < 162 or name == "bf16-512"), got
+    assert got["bf16-512"]["tma_loads"] > got["bf16"]["tma_loads"] and got["bf16-512"]["registers"] < 255, got

@@ -191,6 +191,16 @@ def test_tma_decode_pages_against_the_twin(splits, heads, kv_heads, window):
                                   tiles=DecodeTiles(tma_stages=3)).isfinite().all()
 
 
+def test_tma_decode_at_head_dim_512_reads_two_boxes_a_page():
+    """Full layers' head dim (512) is two 256-wide TMA boxes of K and of V a page."""
+    q, group, batch = make_case([Seq(40, 1), Seq(17, 1)], heads=4, kv_heads=2, head_dim=512, page=16)
+    want = paged_attention(q, group, 0, batch, LAYER, "none")
+    for splits in (1, 4):
+        got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=splits,
+                                     tiles=DecodeTiles(tma_stages=3))
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
 def test_tma_stages_from_the_environment():
     import subprocess
     import sys
@@ -367,11 +377,12 @@ def gpu_check(seqs, heads, kv_heads, head_dim, window, span_mode="none", num_spl
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("model", ["e4b", "31b"])
+@pytest.mark.parametrize("layer", ["sliding", "full"])
 @pytest.mark.parametrize("batch_size", [1, 64])
-def test_gpu_tma_decode_up_to_8k(model, batch_size):
-    """`DecodeTiles(tma_stages=3)` on sliding layers (head dim 256) against the float32 twin."""
+def test_gpu_tma_decode_up_to_8k(model, layer, batch_size):
+    """`DecodeTiles(tma_stages=3)` (head dims 256 and 512) against the float32 twin."""
     spec = {"e4b": E4B, "31b": G31B}[model]
-    kv_heads, head_dim, window = spec["sliding"]
+    kv_heads, head_dim, window = spec[layer]
     lens = torch.randint(1, 8192, (batch_size,), generator=torch.Generator().manual_seed(batch_size)).tolist()
     seqs = [Seq(n, 1) for n in [8191, *lens[1:]]]
     for splits in (None, 1):

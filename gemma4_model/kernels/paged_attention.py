@@ -68,7 +68,7 @@ class DecodeTiles:
     # head-dim columns of V (and of the output) per program (0: the whole head dim); fewer put a
     # sequence's keys under more programs, each reading all of K for its slice of V
     block_dv: int = 0
-    # pure decode steps at head dims up to 256: K and V pages read whole by the tensor memory
+    # pure decode steps (head dims up to 512): K and V pages read whole by the tensor memory
     # accelerator (TMA) into shared memory, this many pages in flight (`_paged_decode_tma_kernel`;
     # 0: off, the gathering kernel)
     tma_stages: int = 0
@@ -277,23 +277,25 @@ def _paged_decode_tma_kernel(
     q_ptr, out_ptr, k_desc, v_desc, tables_ptr, positions_ptr, schedule_ptr, query_starts_ptr, kv_lens_ptr,
     part_ptr, lse_ptr, num_programs, num_rows, num_heads, window,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_table,
-    HEAD_DIM: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, PAGE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLIT_KEYS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BOX_D: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_KEYS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     MMA_FP16: tl.constexpr,
 ):
     """Decode rows (one query token a sequence) of one KV head over one split of their keys, a
-    page at a time: each page's K and V rows of this head are one [PAGE, HEAD_DIM] box of the cache
-    viewed as [pages * PAGE, kv_heads * HEAD_DIM], loaded by TMA (a released page, -1, lies outside
-    the view and reads as zeros). Splits start at page boundaries; keys outside the split, the
-    window or the sequence are masked, and V's rows there are zeroed (a reused page may hold
-    anything past the sequence). Same outputs as `_attend_split`: the result, or per split the
-    partial result and its log2-sum-exp2 for `_merge_splits_kernel`."""
+    page at a time: each page's K and V rows of this head are [PAGE, BOX_D] boxes of the cache
+    viewed as [pages * PAGE, kv_heads * HEAD_DIM] (one box, or two at head dim 512 as a box is at
+    most 256 wide), loaded by TMA (a released page, -1, lies outside the view and reads as zeros).
+    Splits start at page boundaries; keys outside the split, the window or the sequence are
+    masked, and V's rows there are zeroed (a reused page may hold anything past the sequence).
+    Same outputs as `_attend_split`: the result, or per split the partial result and its
+    log2-sum-exp2 for `_merge_splits_kernel`."""
     _pdl_release(PDL)
     _pdl_wait(PDL)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     mma_ty: tl.constexpr = tl.float16 if MMA_FP16 else out_ptr.dtype.element_ty
+    TWO: tl.constexpr = HEAD_DIM > BOX_D  # the head dim in two boxes
     seq = tl.load(schedule_ptr + pid)
     row0 = tl.load(schedule_ptr + num_programs + pid)
     row_end = tl.load(query_starts_ptr + seq + 1)
@@ -312,21 +314,24 @@ def _paged_decode_tma_kernel(
     per_split = tl.maximum(SPLIT_KEYS, tl.cdiv(tl.cdiv(tl.maximum(hi - first, 0), NUM_SPLITS), PAGE) * PAGE)
     split_lo = first + split * per_split
     split_hi = tl.minimum(hi, split_lo + per_split)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0).to(mma_ty)
+    offs_d = tl.arange(0, BOX_D)
+    q_base = q_ptr + rows.to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+    q0 = tl.load(q_base, mask=row_ok[:, None], other=0.0).to(mma_ty)
+    acc0 = tl.zeros([BLOCK_M, BOX_D], dtype=tl.float32)
+    if TWO:
+        q1 = tl.load(q_base + BOX_D, mask=row_ok[:, None], other=0.0).to(mma_ty)
+        acc1 = tl.zeros([BLOCK_M, BOX_D], dtype=tl.float32)
     table = tables_ptr + seq.to(tl.int64) * stride_table
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     col = kv_head * HEAD_DIM
     for start in range(split_lo, split_hi, PAGE):
         page = tl.load(table + start // PAGE).to(tl.int32)
-        k = k_desc.load([page * PAGE, col]).to(mma_ty)
-        v = v_desc.load([page * PAGE, col]).to(mma_ty)
         keys = start + tl.arange(0, PAGE)
         key_ok = (keys >= lo) & (keys < split_hi) & (page >= 0)
-        scores = _dot(q, tl.trans(k), IEEE)
+        scores = _dot(q0, tl.trans(k_desc.load([page * PAGE, col]).to(mma_ty)), IEEE)
+        if TWO:
+            scores += _dot(q1, tl.trans(k_desc.load([page * PAGE, col + BOX_D]).to(mma_ty)), IEEE)
         diff = pos[:, None] - keys[None, :]
         allowed = (diff >= 0) & (diff < window) & key_ok[None, :] & row_ok[:, None]
         scores = tl.where(allowed, scores * _LOG2E, float("-inf"))
@@ -334,19 +339,34 @@ def _paged_decode_tma_kernel(
         p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.where(key_ok[:, None], v, 0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(mma_ty), v, IEEE)
+        p = p.to(mma_ty)
+        v0 = tl.where(key_ok[:, None], v_desc.load([page * PAGE, col]).to(mma_ty), 0.0)
+        acc0 = acc0 * alpha[:, None] + _dot(p, v0, IEEE)
+        if TWO:
+            v1 = tl.where(key_ok[:, None], v_desc.load([page * PAGE, col + BOX_D]).to(mma_ty), 0.0)
+            acc1 = acc1 * alpha[:, None] + _dot(p, v1, IEEE)
         m_i = m_new
     norm = tl.where(l_i > 0, l_i, 1.0)
-    out_ok = row_ok[:, None]
-    if NUM_SPLITS == 1:
-        out = out_ptr + rows.to(tl.int64)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(out, (acc / norm[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
-    else:
-        cell = (split * num_rows + rows.to(tl.int64)) * num_heads + heads
-        tl.store(part_ptr + cell[:, None] * HEAD_DIM + offs_d[None, :], acc / norm[:, None],
-                 mask=out_ok & (l_i > 0)[:, None])
+    cell = (split * num_rows + rows.to(tl.int64)) * num_heads + heads
+    out_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_ot + heads[:, None] * stride_oh
+    _tma_store(acc0, norm, l_i, offs_d, out_rows, part_ptr, cell, row_ok, HEAD_DIM, NUM_SPLITS)
+    if TWO:
+        _tma_store(acc1, norm, l_i, offs_d + BOX_D, out_rows, part_ptr, cell, row_ok, HEAD_DIM, NUM_SPLITS)
+    if NUM_SPLITS > 1:
         tl.store(lse_ptr + cell, tl.where(l_i > 0, m_i + tl.log2(norm), float("-inf")), mask=row_ok)
+
+
+@triton.jit
+def _tma_store(acc, norm, l_i, offs_d, out_rows, part_ptr, cell, row_ok, HEAD_DIM: tl.constexpr,
+               NUM_SPLITS: tl.constexpr):
+    """Head-dim columns `offs_d` of the rows' result: the output (one split), or the split's
+    partial result where the split saw keys."""
+    if NUM_SPLITS == 1:
+        tl.store(out_rows + offs_d[None, :], (acc / norm[:, None]).to(out_rows.dtype.element_ty),
+                 mask=row_ok[:, None])
+    else:
+        tl.store(part_ptr + cell[:, None] * HEAD_DIM + offs_d[None, :], acc / norm[:, None],
+                 mask=row_ok[:, None] & (l_i > 0)[:, None])
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -439,7 +459,7 @@ def paged_attention_triton(
     block_dv = min(d_pad, decode.block_dv or d_pad) if block_m <= 16 else min(d_pad, 256)
     splits = num_splits if num_splits is not None else default_num_splits(batch, kv_heads, block_m, q.device)
     schedule = layout.schedule(block_m // rep_pad)
-    if (decode.tma_stages and block_m <= 16 and layout.max_query_len == 1 and head_dim == d_pad <= 256 and page >= 16
+    if (decode.tma_stages and block_m <= 16 and layout.max_query_len == 1 and head_dim == d_pad <= 512 and page >= 16
             and k.is_contiguous() and v.is_contiguous()):
         _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad, block_m, window_of(group),
                     decode, decode.split_keys)
@@ -493,16 +513,17 @@ def _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad,
 
     T, heads, head_dim = q.shape
     pages, page, kv_heads, _ = k.shape
+    box = min(head_dim, 256)  # a TMA box is at most 256 elements wide
     descs = [TensorDescriptor(c.view(pages * page, kv_heads * head_dim), [pages * page, kv_heads * head_dim],
-                              [kv_heads * head_dim, 1], [page, head_dim]) for c in (k, v)]
+                              [kv_heads * head_dim, 1], [page, box]) for c in (k, v)]
     part, lse = _split_buffers(q, out, splits)
     tables, layout, programs = batch.groups[layer_type].page_tables, batch.layout, schedule.shape[1]
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _paged_decode_tma_kernel[(programs, kv_heads, splits)](
             q, out, *descs, tables, batch.positions, schedule, layout.query_starts, layout.kv_lens, part, lse,
             programs, T, heads, window, q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
-            HEAD_DIM=head_dim, REP=rep, REP_PAD=rep_pad, BLOCK_M=block_m, PAGE=page, NUM_SPLITS=splits,
-            SPLIT_KEYS=split_keys, IEEE=q.dtype == torch.float32, PDL=pdl(q),
+            HEAD_DIM=head_dim, BOX_D=box, REP=rep, REP_PAD=rep_pad, BLOCK_M=block_m, PAGE=page,
+            NUM_SPLITS=splits, SPLIT_KEYS=split_keys, IEEE=q.dtype == torch.float32, PDL=pdl(q),
             MMA_FP16=k.element_size() == 1 and q.element_size() == 2 and tiles.fp8_products_in_fp16,
             launch_pdl=pdl(q), num_warps=tiles.num_warps, num_stages=tiles.tma_stages)
         _merge_splits(part, lse, out, splits)
