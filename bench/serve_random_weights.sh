@@ -27,7 +27,7 @@
 # TANDEM_TMA_STAGES=N reads the decode attention's pages by TMA, N in flight;
 # DETAILS=1 keeps each request's timings in the JSONs (serve_bench.py --output-details).
 set -euo pipefail
-server_command="GPUS=${GPUS:-} GOODPUT_RATES='${GOODPUT_RATES:-}' TTFT_MS=${TTFT_MS:-} TPOT_MS=${TPOT_MS:-} SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} COMPILE_VISION=${COMPILE_VISION:-}\
+server_command="GPUS=${GPUS:-} GOODPUT_RATES='${GOODPUT_RATES:-}' GOODPUT_PROMPTS=${GOODPUT_PROMPTS:-} IMAGE_FRACTION=${IMAGE_FRACTION:-} TTFT_MS=${TTFT_MS:-} TPOT_MS=${TPOT_MS:-} SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} COMPILE_VISION=${COMPILE_VISION:-}\
  KV_PAGES=${KV_PAGES:-} KV_DTYPE=${KV_DTYPE:-} PREFETCH_BS=${PREFETCH_BS:-} TANDEM_PDL=${TANDEM_PDL:-} TANDEM_TMA_STAGES=${TANDEM_TMA_STAGES:-} PROMPTS=${PROMPTS:-} DETAILS=${DETAILS:-} bash $0 $*"
 out=${1:?output directory}
 key=${2:-gemma-4-E4B-it}
