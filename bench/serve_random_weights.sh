@@ -64,43 +64,10 @@ tokenizer.add_tokens([f"<r{i}>" for i in range(len(tokenizer), vocab)])
 tokenizer.save_pretrained(ckpt)
 PY
 topology="$ckpt/topology.toml"
-cat > "$topology" <<EOF
-name = "random-weights"
-
-[model]
-path = "$ckpt"
-dtype = "bfloat16"
-load_format = "dummy"
-compile_vision_encoder = $([ "${COMPILE_VISION:-1}" = 1 ] && echo true || echo false)
-max_num_batched_tokens = 8192
-chunked_prefill_size = 4096
-max_running_requests = 128
-kv_pages = ${KV_PAGES:-16384}
-kv_cache_dtype = "${KV_DTYPE:-auto}"
-weight_prefetch_max_bs = ${PREFETCH_BS:-0}
-
-[nodes.local]
-host = "127.0.0.1"
-
-[[actors]]
-kind = "preprocess"
-
-EOF
 runs=" ${RUNS:-latency throughput} "
-last=$([ "${GPUS:-1}" = 2 ] && echo "cuda:1" || echo "cuda:0")  # decode's GPU when split
-if [ "${GPUS:-1}" = 2 ] && [ "${SPLIT:-}" != 1 ]; then  # two colocated replicas, an engine and an encoder a GPU
-  printf '\n[[actors]]\nkind = "vision_encoder"\nreplicas = 2\ndevice = ["cuda:0", "cuda:1"]\n' >> "$topology"
-  printf '\n[[actors]]\nkind = "engine"\nreplicas = 2\ndevice = ["cuda:0", "cuda:1"]\n' >> "$topology"
-else
-  if [[ $runs == *" image "* || $runs == *" goodput "* ]]; then  # a vision encoder (random weights too) on cuda:0
-    printf '\n[[actors]]\nkind = "vision_encoder"\ndevice = "cuda:0"\n' >> "$topology"
-  fi
-  if [ "${SPLIT:-}" = 1 ]; then  # prefill and decode in two processes (on one GPU, or decode on the second), KV over CUDA IPC
-    printf '\n[[actors]]\nkind = "prefill"\ndevice = "cuda:0"\n\n[[actors]]\nkind = "decode"\ndevice = "%s"\n\n[transfer]\nbackend = "cuda_ipc"\n' "$last" >> "$topology"
-  else
-    printf '\n[[actors]]\nkind = "engine"\ndevice = "cuda:0"\n' >> "$topology"
-  fi
-fi
+python3 bench/random_weights_topology.py "$topology" "$ckpt" --gpus "${GPUS:-1}" $([ "${SPLIT:-}" = 1 ] && echo --split) \
+  $([[ $runs == *" image "* || $runs == *" goodput "* ]] && echo --vision) --kv-pages "${KV_PAGES:-16384}" \
+  --kv-dtype "${KV_DTYPE:-auto}" --prefetch-bs "${PREFETCH_BS:-0}" --compile-vision "${COMPILE_VISION:-1}"
 port=8123
 trace=()
 [ -n "${TRACE:-}" ] && trace=(--trace-dir "$out/trace")
