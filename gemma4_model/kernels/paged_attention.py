@@ -114,6 +114,29 @@ def _dot(a, b, IEEE: tl.constexpr):
 # Batch-dependent integers are not specialised (Triton would compile a variant for each of "1",
 # "a multiple of 16" and "other" of each), nor the alignment of the batch's metadata (views into one
 # packed tensor, at offsets that follow the batch size): one compiled kernel serves every batch.
+@triton.jit
+def _program_rows(pid, kv_head, schedule_ptr, num_programs, query_starts_ptr, kv_lens_ptr, positions_ptr, window,
+                  REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A program's sequence and tile rows (token, query head of `kv_head`'s group), which rows are
+    real, their positions, the keys they may see [lo, hi) (window and causal bounds), and the
+    sequence's length in the cache."""
+    seq = tl.load(schedule_ptr + pid)
+    row0 = tl.load(schedule_ptr + num_programs + pid)
+    row_end = tl.load(query_starts_ptr + seq + 1)
+    kv_len = tl.load(kv_lens_ptr + seq)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = row0 + offs_m // REP_PAD
+    group_head = offs_m % REP_PAD
+    row_ok = (rows < row_end) & (group_head < REP)
+    heads = kv_head * REP + group_head
+    pos = tl.load(positions_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+    pos_min = tl.min(tl.where(row_ok, pos, _FAR), axis=0)
+    pos_max = tl.max(tl.where(row_ok, pos, -1), axis=0)
+    lo = tl.maximum(pos_min - window + 1, 0)
+    hi = tl.minimum(kv_len, pos_max + 1)
+    return seq, rows, heads, row_ok, pos, lo, hi, kv_len
+
+
 @triton.jit(do_not_specialize=["num_programs", "num_rows", "stride_table"],
             do_not_specialize_on_alignment=["tables_ptr", "positions_ptr", "schedule_ptr", "query_starts_ptr",
                                             "kv_lens_ptr", "chunk_starts_ptr", "span_offsets_ptr", "span_lens_ptr",
@@ -136,22 +159,9 @@ def _paged_attention_kernel(
     pid = tl.program_id(0)
     kv_head = tl.program_id(1) // NUM_DV
     dv = tl.program_id(1) % NUM_DV
-    seq = tl.load(schedule_ptr + pid)
-    row0 = tl.load(schedule_ptr + num_programs + pid)
-    row_end = tl.load(query_starts_ptr + seq + 1)
-    kv_len = tl.load(kv_lens_ptr + seq)
-
-    offs_m = tl.arange(0, BLOCK_M)
-    rows = row0 + offs_m // REP_PAD
-    group_head = offs_m % REP_PAD
-    row_ok = (rows < row_end) & (group_head < REP)
-    heads = kv_head * REP + group_head
-    pos = tl.load(positions_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-    pos_min = tl.min(tl.where(row_ok, pos, _FAR), axis=0)
-    pos_max = tl.max(tl.where(row_ok, pos, -1), axis=0)
-
-    lo = tl.maximum(pos_min - window + 1, 0)
-    hi = tl.minimum(kv_len, pos_max + 1)
+    seq, rows, heads, row_ok, pos, lo, hi, kv_len = _program_rows(
+        pid, kv_head, schedule_ptr, num_programs, query_starts_ptr, kv_lens_ptr, positions_ptr, window, REP, REP_PAD,
+        BLOCK_M)
     if SPAN_MODE != 0:
         chunk_start = tl.load(chunk_starts_ptr + seq)
         span_base = spans_ptr + tl.load(span_offsets_ptr + seq)
@@ -296,20 +306,9 @@ def _paged_decode_tma_kernel(
     split = tl.program_id(2)
     mma_ty: tl.constexpr = tl.float16 if MMA_FP16 else out_ptr.dtype.element_ty
     TWO: tl.constexpr = HEAD_DIM > BOX_D  # the head dim in two boxes
-    seq = tl.load(schedule_ptr + pid)
-    row0 = tl.load(schedule_ptr + num_programs + pid)
-    row_end = tl.load(query_starts_ptr + seq + 1)
-    kv_len = tl.load(kv_lens_ptr + seq)
-    offs_m = tl.arange(0, BLOCK_M)
-    rows = row0 + offs_m // REP_PAD
-    group_head = offs_m % REP_PAD
-    row_ok = (rows < row_end) & (group_head < REP)
-    heads = kv_head * REP + group_head
-    pos = tl.load(positions_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-    pos_min = tl.min(tl.where(row_ok, pos, _FAR), axis=0)
-    pos_max = tl.max(tl.where(row_ok, pos, -1), axis=0)
-    lo = tl.maximum(pos_min - window + 1, 0)
-    hi = tl.minimum(kv_len, pos_max + 1)
+    seq, rows, heads, row_ok, pos, lo, hi, kv_len = _program_rows(
+        pid, kv_head, schedule_ptr, num_programs, query_starts_ptr, kv_lens_ptr, positions_ptr, window, REP, REP_PAD,
+        BLOCK_M)
     first = lo - lo % PAGE  # splits of whole pages from the page holding the window's first key
     per_split = tl.maximum(SPLIT_KEYS, tl.cdiv(tl.cdiv(tl.maximum(hi - first, 0), NUM_SPLITS), PAGE) * PAGE)
     split_lo = first + split * per_split
