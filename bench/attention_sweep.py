@@ -8,8 +8,10 @@ pages scattered over a pool as the cache leaves them, 16-token pages. Shapes fro
 tests/fixtures/hf_configs: 26B-A4B and E4B sliding (head 256) and full (head 512) layers. Floor
 bytes: each sequence's visible keys (its window, or all) times K and V of every KV head, bf16.
 Each launch is checked against the default launch first (equal up to bf16 rounding: the same
-keys, partitioned otherwise by other split counts and sizes). Time: `--calls` calls captured in one CUDA graph (no
-host launch overhead), the median of `--reps` replays, per call.
+keys, partitioned otherwise by other split counts and sizes), each forced onto its kernel (gathering or TMA)
+whatever the batch; the default launch, whose kernel and split count follow the batch, is timed
+too. Time: `--calls` calls captured in one CUDA graph (no host launch overhead), the median of
+`--reps` replays, per call.
 
     PYTHONPATH=. python bench/attention_sweep.py --commit <sha> --out bench/results/attention_sweep_h200.json
 """
@@ -32,7 +34,8 @@ if str(ROOT) not in sys.path:
 from bench.gemv_sweep import graph_us  # noqa: E402
 from gemma4_model.batch import ForwardBatch, GroupView  # noqa: E402
 from gemma4_model.config import parse_config  # noqa: E402
-from gemma4_model.kernels.paged_attention import DECODE_TILES, MAX_SPLITS, DecodeTiles, paged_attention_triton  # noqa: E402
+from gemma4_model.kernels.paged_attention import (  # noqa: E402
+    DECODE_TILES, MAX_SPLITS, DecodeTiles, default_num_splits, paged_attention_triton)
 from gemma4_model.kv_cache import KVGroup  # noqa: E402
 from gemma4_model.page_pool import PagePool  # noqa: E402
 from topology.config import KV_CACHE_DTYPES  # noqa: E402
@@ -92,12 +95,12 @@ def main() -> None:
     ap.add_argument("--block-dks", default="0", help="head-dim columns of K per score chunk to try (0: up to 256)")
     ap.add_argument("--prefetch-v", default="0,1", help="V loaded with K (1), after the scores (0), or both")
     ap.add_argument("--split-keys", default="64,256", help="fewest keys per flash-decoding split to try")
-    ap.add_argument("--num-splits", default=str(MAX_SPLITS), help="flash-decoding splits (programs per sequence "
+    ap.add_argument("--num-splits", default=f"2,4,8,{MAX_SPLITS}", help="flash-decoding splits (programs per sequence "
                     "and KV head) to try")
     ap.add_argument("--split-programs", default="0", help="programs over a sequence's splits to try (0: one a split)")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--kv-dtype", default="auto", choices=sorted(KV_CACHE_DTYPES), help="K/V storage (auto: bf16)")
-    ap.add_argument("--tma-stages", default="0", help="pure decode pages read by TMA, this many in flight (0: off)")
+    ap.add_argument("--tma-stages", default="0,2", help="pure decode pages read by TMA, this many in flight (0: off)")
     ap.add_argument("--block-dvs", default="0", help="head-dim columns of V per program to try (0: the whole head dim)")
     ap.add_argument("--fp16-products", default="1", help="over an fp8 cache, products in float16 (1), in bf16 (0), or both")
     ap.add_argument("--stages", default="1,2,3")
@@ -112,7 +115,8 @@ def main() -> None:
     prefetch_v = [bool(x) for x in ints(args.prefetch_v)]
     kv_dtype = getattr(torch, KV_CACHE_DTYPES[args.kv_dtype] or "bfloat16")
     fp16 = [bool(x) for x in ints(args.fp16_products)] if kv_dtype.itemsize == 1 else [DECODE_TILES.fp8_products_in_fp16]
-    variants = [(DecodeTiles(w, s, p, n, k, g, block_dk=dk, block_dv=dv, fp8_products_in_fp16=f, tma_stages=t), splits)
+    variants = [(DecodeTiles(w, s, p, n, k, g, block_dk=dk, block_dv=dv, fp8_products_in_fp16=f, tma_stages=t,
+                             tma_min_sequences=1), splits)  # each variant on its own kernel at any batch
                 for w, s, p, n, dk, k, g, splits, f, dv, t in
                 itertools.product(ints(args.warps), ints(args.stages), prefetch_v, ints(args.block_ns),
                                   ints(args.block_dks), ints(args.split_keys), ints(args.split_programs),
@@ -138,8 +142,12 @@ def main() -> None:
                         timings.append({**tiles.__dict__, "num_splits": splits, "us": round(us, 2),
                                         "gbps": round(floor_bytes / us / 1e3, 1)})
                     best = min(timings, key=lambda t: t["us"])
-                    default = next((t for t in timings if t["num_splits"] == MAX_SPLITS and DecodeTiles(
-                        **{k: t[k] for k in DECODE_TILES.__dict__}) == DECODE_TILES), None)
+                    # the default launch at this batch (its split count and kernel chosen by batch size)
+                    default_call = functools.partial(paged_attention_triton, q, group, 0, fb, "bench")
+                    default_us = graph_us([default_call] * args.calls, args.reps, stream)
+                    default = {**DECODE_TILES.__dict__, "tma": DECODE_TILES.use_tma(batch),
+                               "num_splits": default_num_splits(fb, kv_heads, 16, q.device, DECODE_TILES),
+                               "us": round(default_us, 2), "gbps": round(floor_bytes / default_us / 1e3, 1)}
                     rec = {"model": model, "layer": layer, "batch": batch, "context": context, "kv_dtype": args.kv_dtype,
                            "heads": heads,
                            "kv_heads": kv_heads, "head_dim": head_dim, "window": window, "floor_bytes": floor_bytes,
@@ -147,7 +155,7 @@ def main() -> None:
                            "variants": timings}
                     records.append(rec)
                     print(f"{model:8s} {layer:7s} b{batch:<3d} c{context:<5d} floor {rec['floor_us']:7.1f} us  "
-                          f"default {default['us'] if default else float('nan'):7.1f}  best {best['us']:7.1f} "
+                          f"default {default['us']:7.1f} (x{default['num_splits']})  best {best['us']:7.1f} "
                           f"(w{best['num_warps']} s{best['num_stages']} pv{int(best['prefetch_v'])} "
                           f"n{best['block_n']} dk{best['block_dk']} k{best['split_keys']} x{best['num_splits']} g{best['split_programs']}"
                           f" dv{best['block_dv']} f16 {int(best['fp8_products_in_fp16'])} tma{best['tma_stages']})",

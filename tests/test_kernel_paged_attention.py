@@ -12,7 +12,7 @@ import torch
 
 from gemma4_model.attention import paged_attention
 from gemma4_model.batch import ForwardBatch, GroupView
-from gemma4_model.kernels.paged_attention import DecodeTiles, paged_attention_triton
+from gemma4_model.kernels.paged_attention import MAX_SPLITS, DecodeTiles, decode_splits, paged_attention_triton
 from gemma4_model.kv_cache import NO_PAGE, KVGroup
 from gemma4_model.page_pool import PagePool
 
@@ -193,15 +193,39 @@ def test_tma_decode_at_head_dim_512_reads_two_boxes_a_page():
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-def test_tma_stages_from_the_environment():
+def test_decode_tiles_from_the_environment():
     import subprocess
     import sys
 
-    script = "from gemma4_model.kernels.paged_attention import DECODE_TILES as t; print(t.tma_stages)"
-    for env, want in (({"TANDEM_TMA_STAGES": "3"}, "3"), ({}, "0")):
-        environ = {k: v for k, v in os.environ.items() if k != "TANDEM_TMA_STAGES"} | env
+    script = "from gemma4_model.kernels.paged_attention import DECODE_TILES as t; print(t.tma_stages, t.programs_per_sm)"
+    names = ("TANDEM_TMA_STAGES", "TANDEM_DECODE_PROGRAMS_PER_SM")
+    base = DecodeTiles()
+    for env, want in (({names[0]: "3", names[1]: "0"}, "3 0"), ({}, f"{base.tma_stages} {base.programs_per_sm}")):
+        environ = {k: v for k, v in os.environ.items() if k not in names} | env
         done = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, check=True)
         assert done.stdout.strip() == want
+
+
+def test_decode_splits_give_about_the_target_programs_and_tma_waits_for_a_batch():
+    sms, per_sm = 132, 3
+    assert decode_splits(1, 2, 0, sms) == decode_splits(500, 8, 0, sms) == MAX_SPLITS  # off: every batch alike
+    assert decode_splits(1, 2, per_sm, sms) == MAX_SPLITS  # one sequence: all the splits
+    assert decode_splits(96, 8, per_sm, sms) == 2  # 26B-A4B's sliding layers at batch 96: the fewest
+    assert decode_splits(96, 2, per_sm, sms) == 3  # its full layers: 576 programs, the first count past 396
+    last = MAX_SPLITS
+    for sequences in range(1, 300):
+        for kv_heads in (1, 2, 8):
+            splits = decode_splits(sequences, kv_heads, per_sm, sms)
+            assert 2 <= splits <= MAX_SPLITS
+            assert splits == MAX_SPLITS or sequences * kv_heads * splits >= per_sm * sms
+            assert splits == 2 or sequences * kv_heads * (splits - 1) < per_sm * sms  # the fewest that do
+        assert decode_splits(sequences, 2, per_sm, sms) <= last
+        last = decode_splits(sequences, 2, per_sm, sms)
+    tiles = DecodeTiles(tma_stages=2, tma_min_sequences=8)
+    assert not tiles.use_tma(7) and tiles.use_tma(8) and not DecodeTiles(tma_stages=0).use_tma(100)
+    for bad in (dict(tma_min_sequences=0), dict(programs_per_sm=-1), dict(tma_stages=-1)):
+        with pytest.raises(ValueError, match="counts"):
+            DecodeTiles(**bad)
 
 
 def test_tma_decode_over_fp8_pages_with_float16_products():

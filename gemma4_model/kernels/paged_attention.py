@@ -21,6 +21,7 @@ fixed batch size launches the same grid whatever its sequences' lengths.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -48,7 +49,9 @@ class DecodeTiles:
     more make fewer, longer splits), and the programs that take a sequence's splits (fewer than
     the splits: each takes every so-many-th; the partition, so the result, is the same), and over
     an fp8 cache whether the products take float16 operands; `block_dv` splits the head dim of V
-    over programs; `tma_stages` reads pure decode steps' pages by TMA."""
+    over programs; `tma_stages` reads pure decode steps' pages by TMA (batches of at least
+    `tma_min_sequences`); `programs_per_sm` sets the flash-decoding splits by batch
+    (`decode_splits`)."""
 
     # the defaults, from sweeps of 26B-A4B's and E4B's layers at 800 keys on an H100
     # (bench/results/attention_sweep_decode_h100*.json): sliding layers at batches 8 to 96 the
@@ -71,7 +74,15 @@ class DecodeTiles:
     # pure decode steps (head dims up to 512): K and V pages read whole by the tensor memory
     # accelerator (TMA) into shared memory, this many pages in flight (`_paged_decode_tma_kernel`;
     # 0: off, the gathering kernel)
-    tma_stages: int = 0
+    # (measured on an H100, bench/results/attention_sweep_tma_*_h100_50c1847.json: two pages in
+    # flight; 26B-A4B at batch 96 and 768 keys, sliding layers 250 -> 220 us, full 164 -> 114 with
+    # the splits below; E4B at batch 32 a tenth faster; at batch 1 8-15% slower, hence the minimum)
+    tma_stages: int = 2
+    tma_min_sequences: int = 8
+    # flash-decoding splits per sequence and KV head: the fewest (at least two) that give about
+    # this many programs per multiprocessor, at most MAX_SPLITS (`decode_splits`); 0: MAX_SPLITS at
+    # every batch. At batch 96 two splits beat sixteen by 12% (sliding) to 30% (full layers)
+    programs_per_sm: int = 3
     # over an fp8 (e4m3) cache with 16-bit queries (any tile): the products in float16 (e4m3 -> float16 is one
     # exact conversion a pair; bfloat16 takes a second), or in the queries' dtype (False, until measured)
     fp8_products_in_fp16: bool = False
@@ -83,8 +94,10 @@ class DecodeTiles:
             raise ValueError(f"block_dv is 0 or a power of two of at least 16, got {self.block_dv}")
         if self.split_keys <= 0 or self.split_keys % 64:
             raise ValueError(f"split_keys is a positive multiple of 64, got {self.split_keys}")
-        if self.tma_stages < 0:
-            raise ValueError(f"tma_stages is a count of pages in flight (0: off), got {self.tma_stages}")
+        if self.tma_stages < 0 or self.tma_min_sequences < 1 or self.programs_per_sm < 0:
+            raise ValueError(f"tma_stages (pages in flight, 0: off), tma_min_sequences (at least 1) and "
+                             f"programs_per_sm (0: off) are counts, got {self.tma_stages}, {self.tma_min_sequences}, "
+                             f"{self.programs_per_sm}")
         if self.split_programs < 0 or self.target_programs < 0:
             raise ValueError(f"split_programs and target_programs are counts (0: off), got {self.split_programs}, "
                              f"{self.target_programs}")
@@ -99,9 +112,20 @@ class DecodeTiles:
         return min(splits, 1 << (share.bit_length() - 1))
 
 
-# TANDEM_TMA_STAGES=N (read once, at import) turns the TMA decode path on with N pages in flight: it
-# is measured on a GPU before it becomes the default.
-DECODE_TILES = DecodeTiles(tma_stages=int(os.environ.get("TANDEM_TMA_STAGES", "0")))
+    def use_tma(self, sequences: int) -> bool:
+        return bool(self.tma_stages) and sequences >= self.tma_min_sequences
+
+
+def _tiles_from_environment() -> DecodeTiles:
+    """The default tiles, where TANDEM_TMA_STAGES=N (0: the gathering kernel at every batch) and
+    TANDEM_DECODE_PROGRAMS_PER_SM=N (0: MAX_SPLITS at every batch) override theirs: read once, at
+    import, so a benchmark can run the earlier launches beside the new ones."""
+    base = DecodeTiles()
+    return DecodeTiles(tma_stages=int(os.environ.get("TANDEM_TMA_STAGES", base.tma_stages)),
+                       programs_per_sm=int(os.environ.get("TANDEM_DECODE_PROGRAMS_PER_SM", base.programs_per_sm)))
+
+
+DECODE_TILES = _tiles_from_environment()
 
 
 @triton.jit
@@ -397,13 +421,30 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_num_splits(batch: ForwardBatch, kv_heads: int, block_m: int, device: torch.device) -> int:
-    """Flash-decoding splits: `MAX_SPLITS` for decode-like tiles on a GPU, whatever the batch
-    (so a captured graph and an eager step split alike, and a row's result does not depend on
-    its batch mates); 1 otherwise. Splits past a sequence's keys exit at once."""
+def default_num_splits(batch: ForwardBatch, kv_heads: int, block_m: int, device: torch.device,
+                       tiles: DecodeTiles) -> int:
+    """Flash-decoding splits: for decode-like tiles on a GPU `decode_splits` of the batch's
+    sequences (a captured graph's are its padded batch); 1 otherwise."""
     if block_m > 16 or device.type != "cuda":
         return 1
-    return MAX_SPLITS
+    return decode_splits(batch.num_seqs, kv_heads, tiles.programs_per_sm, _multiprocessors(device))
+
+
+def decode_splits(sequences: int, kv_heads: int, programs_per_sm: int, multiprocessors: int) -> int:
+    """The splits of each sequence's keys: the fewest, at least two, that give `programs_per_sm`
+    programs per multiprocessor (sequences x KV heads x splits), at most `MAX_SPLITS`; with
+    `programs_per_sm` 0, MAX_SPLITS whatever the batch. A row's partition, so its result, depends
+    on its batch only through that count: rows of batches with the same count agree bit for bit.
+    Splits past a sequence's keys exit at once."""
+    if not programs_per_sm:
+        return MAX_SPLITS
+    want = -(-programs_per_sm * multiprocessors // max(1, sequences * kv_heads))
+    return min(MAX_SPLITS, max(2, want))
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def paged_attention_triton(
@@ -419,9 +460,8 @@ def paged_attention_triton(
     """q [T, heads, head_dim] -> output [T, heads, head_dim] in q's dtype; softmax scale 1.
 
     Same contract as `attention.paged_attention`. `num_splits` (keys of each sequence split over
-    that many programs, then merged) defaults to a choice by batch size; a captured decode graph
-    passes a fixed one. `tiles` overrides the decode-like tiles' launch (`DECODE_TILES`; for
-    `bench/attention_sweep.py`).
+    that many programs, then merged) defaults to `default_num_splits`, a choice by batch size.
+    `tiles` overrides the decode-like tiles' launch (`DECODE_TILES`; for `bench/attention_sweep.py`).
     """
     if not q.is_cuda and not _interpreting():
         raise ValueError("paged_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
@@ -456,9 +496,9 @@ def paged_attention_triton(
     if q.element_size() > 2:  # float32 (tests, the CPU): halve the tiles' bytes
         block_n, block_dk = 32, min(block_dk, 128)
     block_dv = min(d_pad, decode.block_dv or d_pad) if block_m <= 16 else min(d_pad, 256)
-    splits = num_splits if num_splits is not None else default_num_splits(batch, kv_heads, block_m, q.device)
+    splits = num_splits if num_splits is not None else default_num_splits(batch, kv_heads, block_m, q.device, decode)
     schedule = layout.schedule(block_m // rep_pad)
-    if (decode.tma_stages and block_m <= 16 and layout.max_query_len == 1 and head_dim == d_pad <= 512 and page >= 16
+    if (decode.use_tma(batch.num_seqs) and block_m <= 16 and layout.max_query_len == 1 and head_dim == d_pad <= 512 and page >= 16
             and k.is_contiguous() and v.is_contiguous()):
         _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad, block_m, window_of(group),
                     decode, decode.split_keys)
