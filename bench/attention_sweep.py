@@ -145,8 +145,9 @@ def main() -> None:
                     # the default launch at this batch (its split count and kernel chosen by batch size)
                     default_call = functools.partial(paged_attention_triton, q, group, 0, fb, "bench")
                     default_us = graph_us([default_call] * args.calls, args.reps, stream)
-                    default = {**DECODE_TILES.__dict__, "tma": DECODE_TILES.use_tma(batch),
-                               "num_splits": default_num_splits(fb, kv_heads, 16, q.device, DECODE_TILES),
+                    splits = default_num_splits(fb, kv_heads, 16, q.device, DECODE_TILES)
+                    default = {**DECODE_TILES.__dict__, "tma": DECODE_TILES.use_tma(batch, head_dim, splits),
+                               "num_splits": splits,
                                "us": round(default_us, 2), "gbps": round(floor_bytes / default_us / 1e3, 1)}
                     rec = {"model": model, "layer": layer, "batch": batch, "context": context, "kv_dtype": args.kv_dtype,
                            "heads": heads,

@@ -12,7 +12,8 @@ import torch
 
 from gemma4_model.attention import paged_attention
 from gemma4_model.batch import ForwardBatch, GroupView
-from gemma4_model.kernels.paged_attention import MAX_SPLITS, DecodeTiles, decode_splits, paged_attention_triton
+from gemma4_model.kernels.paged_attention import (
+    DECODE_TILES, MAX_SPLITS, DecodeTiles, decode_splits, paged_attention_triton)
 from gemma4_model.kv_cache import NO_PAGE, KVGroup
 from gemma4_model.page_pool import PagePool
 
@@ -206,23 +207,24 @@ def test_decode_tiles_from_the_environment():
         assert done.stdout.strip() == want
 
 
-def test_decode_splits_give_about_the_target_programs_and_tma_waits_for_a_batch():
-    sms, per_sm = 132, 3
+def test_decode_splits_by_batch_and_when_tma_reads_the_pages():
+    sms, per_sm = 132, 2
     assert decode_splits(1, 2, 0, sms) == decode_splits(500, 8, 0, sms) == MAX_SPLITS  # off: every batch alike
     assert decode_splits(1, 2, per_sm, sms) == MAX_SPLITS  # one sequence: all the splits
-    assert decode_splits(96, 8, per_sm, sms) == 2  # 26B-A4B's sliding layers at batch 96: the fewest
-    assert decode_splits(96, 2, per_sm, sms) == 3  # its full layers: 576 programs, the first count past 396
-    last = MAX_SPLITS
-    for sequences in range(1, 300):
-        for kv_heads in (1, 2, 8):
+    assert decode_splits(96, 8, per_sm, sms) == decode_splits(96, 2, per_sm, sms) == 2  # 26B-A4B at batch 96
+    assert decode_splits(32, 2, per_sm, sms) == 4  # 64 programs a split: 4.1 per multiprocessor wanted
+    for kv_heads in (1, 2, 8):
+        last = MAX_SPLITS
+        for sequences in range(1, 300):
             splits = decode_splits(sequences, kv_heads, per_sm, sms)
-            assert 2 <= splits <= MAX_SPLITS
-            assert splits == MAX_SPLITS or sequences * kv_heads * splits >= per_sm * sms
-            assert splits == 2 or sequences * kv_heads * (splits - 1) < per_sm * sms  # the fewest that do
-        assert decode_splits(sequences, 2, per_sm, sms) <= last
-        last = decode_splits(sequences, 2, per_sm, sms)
+            assert splits in (2, 4, 8, 16) and splits <= last  # one compiled variant per count
+            want = per_sm * sms / (sequences * kv_heads)
+            assert splits in (2, MAX_SPLITS) or 2**-0.5 <= want / splits <= 2**0.5  # the nearest by ratio
+            last = splits
     tiles = DecodeTiles(tma_stages=2, tma_min_sequences=8)
-    assert not tiles.use_tma(7) and tiles.use_tma(8) and not DecodeTiles(tma_stages=0).use_tma(100)
+    assert tiles.use_tma(8, 512, 16) and tiles.use_tma(8, 256, 2)
+    assert not tiles.use_tma(7, 512, 2) and not tiles.use_tma(8, 256, 4) and not DecodeTiles(tma_stages=0).use_tma(
+        100, 512, 2)
     for bad in (dict(tma_min_sequences=0), dict(programs_per_sm=-1), dict(tma_stages=-1)):
         with pytest.raises(ValueError, match="counts"):
             DecodeTiles(**bad)
@@ -492,8 +494,17 @@ def test_gpu_batches_of_any_size_reuse_the_compiled_kernels():
                                     dtype=torch.bfloat16, device="cuda")
         paged_attention_triton(q, group, 0, batch, LAYER)
 
-    kernels = (module._paged_attention_kernel, module._merge_splits_kernel)
-    for tile, shapes in (("decode", [[Seq(37 * i + 3, 1) for i in range(n)] for n in (1, 2, 15, 16, 17, 33)]),
+    kernels = (module._paged_attention_kernel, module._merge_splits_kernel, module._paged_decode_tma_kernel)
+    # decode batches compile one variant per split count (and kernel) at most: sizes that give each
+    # count first, then other sizes and lengths
+    first = [[Seq(37 * i + 3, 1) for i in range(n)] for n in (1, 4, 8, 20, 40, 80)]
+    decode = [[Seq(53 * i + 7, 1) for i in range(n)] for n in (2, 3, 15, 16, 17, 33, 64, 100, 130)]
+    for seqs in first:
+        run(seqs)
+    counts = {decode_splits(len(seqs), kv_heads, DECODE_TILES.programs_per_sm, module._multiprocessors(
+        torch.device("cuda"))) for seqs in first + decode}
+    assert len(counts) == 4, counts  # the sizes above reach every count
+    for tile, shapes in (("decode", [first[-1]] + decode),
                          ("prefill", [[Seq(0, 100)], [Seq(16, 64)], [Seq(300, 65), Seq(5, 1)],
                                       [Seq(1, 16), Seq(2, 16), Seq(4000, 16), Seq(9, 33)]])):
         run(shapes[0])

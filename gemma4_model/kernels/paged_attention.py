@@ -38,7 +38,7 @@ NO_WINDOW = 1 << 30  # a window no sequence reaches: the causal mask alone
 _FAR = tl.constexpr(NO_WINDOW)
 _LOG2E = tl.constexpr(1.4426950408889634)
 SPLIT_KEYS = 64  # the fewest keys of a flash-decoding split (a multiple of every BLOCK_N) by default
-MAX_SPLITS = 16  # the splits of every decode-like launch on a GPU
+MAX_SPLITS = 16  # the most splits of a decode-like launch on a GPU (a power of two)
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,8 @@ class DecodeTiles:
     more make fewer, longer splits), and the programs that take a sequence's splits (fewer than
     the splits: each takes every so-many-th; the partition, so the result, is the same), and over
     an fp8 cache whether the products take float16 operands; `block_dv` splits the head dim of V
-    over programs; `tma_stages` reads pure decode steps' pages by TMA (batches of at least
-    `tma_min_sequences`); `programs_per_sm` sets the flash-decoding splits by batch
-    (`decode_splits`)."""
+    over programs; `tma_stages` reads pure decode steps' pages by TMA (`use_tma`);
+    `programs_per_sm` sets the flash-decoding splits by batch (`decode_splits`)."""
 
     # the defaults, from sweeps of 26B-A4B's and E4B's layers at 800 keys on an H100
     # (bench/results/attention_sweep_decode_h100*.json): sliding layers at batches 8 to 96 the
@@ -74,15 +73,16 @@ class DecodeTiles:
     # pure decode steps (head dims up to 512): K and V pages read whole by the tensor memory
     # accelerator (TMA) into shared memory, this many pages in flight (`_paged_decode_tma_kernel`;
     # 0: off, the gathering kernel)
-    # (measured on an H100, bench/results/attention_sweep_tma_*_h100_50c1847.json: two pages in
-    # flight; 26B-A4B at batch 96 and 768 keys, sliding layers 250 -> 220 us, full 164 -> 114 with
-    # the splits below; E4B at batch 32 a tenth faster; at batch 1 8-15% slower, hence the minimum)
+    # (`use_tma`; measured on an H100, bench/results/attention_sweep_splits_h100_e371888.json: two
+    # pages in flight; at batch 96 and 768 keys, full layers (head dim 512) 129 -> 114 us at two
+    # splits, 26B-A4B's sliding layers at batch 32 98 -> 78; at batch 8 and below, and over more
+    # than two splits at head dim 256, the gathering kernel is as fast or up to 15% faster)
     tma_stages: int = 2
     tma_min_sequences: int = 8
-    # flash-decoding splits per sequence and KV head: the fewest (at least two) that give about
-    # this many programs per multiprocessor, at most MAX_SPLITS (`decode_splits`); 0: MAX_SPLITS at
-    # every batch. At batch 96 two splits beat sixteen by 12% (sliding) to 30% (full layers)
-    programs_per_sm: int = 3
+    # flash-decoding splits per sequence and KV head: the power of two nearest to this many
+    # programs per multiprocessor, 2 to MAX_SPLITS (`decode_splits`); 0: MAX_SPLITS at every batch.
+    # At batch 96 two splits beat sixteen by 12% (sliding layers) to 20% (full ones)
+    programs_per_sm: int = 2
     # over an fp8 (e4m3) cache with 16-bit queries (any tile): the products in float16 (e4m3 -> float16 is one
     # exact conversion a pair; bfloat16 takes a second), or in the queries' dtype (False, until measured)
     fp8_products_in_fp16: bool = False
@@ -112,8 +112,10 @@ class DecodeTiles:
         return min(splits, 1 << (share.bit_length() - 1))
 
 
-    def use_tma(self, sequences: int) -> bool:
-        return bool(self.tma_stages) and sequences >= self.tma_min_sequences
+    def use_tma(self, sequences: int, head_dim: int, splits: int) -> bool:
+        """Whether a pure decode batch reads its pages by TMA: at `tma_min_sequences` or more, at
+        head dims past 256 or over two splits at most (long runs of pages a program)."""
+        return bool(self.tma_stages) and sequences >= self.tma_min_sequences and (head_dim > 256 or splits <= 2)
 
 
 def _tiles_from_environment() -> DecodeTiles:
@@ -431,15 +433,19 @@ def default_num_splits(batch: ForwardBatch, kv_heads: int, block_m: int, device:
 
 
 def decode_splits(sequences: int, kv_heads: int, programs_per_sm: int, multiprocessors: int) -> int:
-    """The splits of each sequence's keys: the fewest, at least two, that give `programs_per_sm`
-    programs per multiprocessor (sequences x KV heads x splits), at most `MAX_SPLITS`; with
-    `programs_per_sm` 0, MAX_SPLITS whatever the batch. A row's partition, so its result, depends
-    on its batch only through that count: rows of batches with the same count agree bit for bit.
-    Splits past a sequence's keys exit at once."""
+    """The splits of each sequence's keys: the power of two nearest (by ratio) to the count that
+    gives `programs_per_sm` programs per multiprocessor (sequences x KV heads x splits), from 2
+    to `MAX_SPLITS`; with `programs_per_sm` 0, MAX_SPLITS whatever the batch. A row's partition,
+    so its result, depends on its batch only through that count (rows of batches with the same
+    count agree bit for bit), and the kernels compile one variant per count. Splits past a
+    sequence's keys exit at once."""
     if not programs_per_sm:
         return MAX_SPLITS
-    want = -(-programs_per_sm * multiprocessors // max(1, sequences * kv_heads))
-    return min(MAX_SPLITS, max(2, want))
+    want = programs_per_sm * multiprocessors / max(1, sequences * kv_heads)
+    splits = 2
+    while splits < MAX_SPLITS and splits * 1.4142135 < want:  # past the geometric midpoint to the next
+        splits *= 2
+    return splits
 
 
 @functools.cache
@@ -498,7 +504,7 @@ def paged_attention_triton(
     block_dv = min(d_pad, decode.block_dv or d_pad) if block_m <= 16 else min(d_pad, 256)
     splits = num_splits if num_splits is not None else default_num_splits(batch, kv_heads, block_m, q.device, decode)
     schedule = layout.schedule(block_m // rep_pad)
-    if (decode.use_tma(batch.num_seqs) and block_m <= 16 and layout.max_query_len == 1 and head_dim == d_pad <= 512 and page >= 16
+    if (decode.use_tma(batch.num_seqs, head_dim, splits) and block_m <= 16 and layout.max_query_len == 1 and head_dim == d_pad <= 512 and page >= 16
             and k.is_contiguous() and v.is_contiguous()):
         _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad, block_m, window_of(group),
                     decode, decode.split_keys)
