@@ -49,9 +49,10 @@ def test_bucketed_inputs_give_the_same_soft_tokens(encoder):
 
 
 def test_compiled_layer_is_one_graph_for_every_layer_and_gives_the_plain_pass():
-    """`compile_vision_encoder`'s layer, compiled here for the CPU (float32): no graph breaks
-    (fullgraph), one compile for all layers and for four images then two (symbolic sizes, none
-    tied to another dimension), the plain pass's values."""
+    """`compile_vision_encoder`'s layer, traced here on the CPU (float32; dynamo and AOTAutograd
+    without inductor's code generation, which the GPU tests run): no graph breaks (fullgraph), one
+    graph for all layers and for four images then two (symbolic sizes, none tied to another
+    dimension), the plain pass's values."""
     from torch._dynamo.utils import counters
 
     from pathlib import Path
@@ -61,7 +62,7 @@ def test_compiled_layer_is_one_graph_for_every_layer_and_gives_the_plain_pass():
     encoder = load_image_encoder(Path(__file__).resolve().parents[1] / "default_model" / "checkpoint")  # two layers
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(run_layer, dynamic=True, fullgraph=True)
+    compiled = torch.compile(run_layer, dynamic=True, fullgraph=True, backend="aot_eager")
     tower = encoder.vision_tower
     assert len(tower.encoder.layers) > 1
     for sizes in ([(100, 160), (64, 64), (40, 200), (90, 90)], [(100, 160), (64, 64)]):
@@ -121,7 +122,7 @@ def test_gpu_compiled_layers_are_as_close_to_float32_as_the_plain_bf16_ones():
     pixels, positions = TowerGraphs(None, bf16.cfg.pooling_kernel_size).bucketed(pixels, positions)
     key_ok = ~_padding_mask(positions)
     assert not key_ok.all()
-    compiled = torch.compile(run_layer, dynamic=True, fullgraph=True)
+    compiled = torch.compile(run_layer, dynamic=True, fullgraph=True, backend="aot_eager")
     with torch.inference_mode():
         tower32 = fp32.vision_tower
         h = tower32.patch_embedder(pixels, positions)
