@@ -26,11 +26,15 @@ def test_each_topology_loads_with_its_devices(tmp_path, gpus, split, vision, wan
     assert topology.transfer == ("cuda_ipc" if split else None)
     assert topology.model.kv_pages == 1000 and topology.model.kv_cache_dtype == "fp8_e4m3"
     assert topology.model.load_format == "dummy"
+    bench.main(args + ["--gpus", str(gpus), "--preprocess", "4"])
+    assert next(a for a in load_topology(out).actors if a.kind == "preprocess").replicas == 4
 
 
 def test_bad_settings_are_refused(tmp_path):
     bench = load_bench("random_weights_topology")
     with pytest.raises(ValueError, match="gpus is 1 or 2"):
         bench.topology_text(str(tmp_path), gpus=3)
+    with pytest.raises(ValueError, match="preprocess replicas"):
+        bench.topology_text(str(tmp_path), preprocess=0)
     with pytest.raises(TopologyError):
         bench.main([str(tmp_path / "t.toml"), str(tmp_path), "--kv-dtype", "int4"])
