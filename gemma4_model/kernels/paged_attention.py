@@ -74,7 +74,7 @@ class DecodeTiles:
     # accelerator (TMA) into shared memory, this many pages in flight (`_paged_decode_tma_kernel`;
     # 0: off, the gathering kernel)
     # (`use_tma`; measured on an H100, bench/results/attention_sweep_splits_h100_e371888.json: two
-    # pages in flight; at batch 96 and 768 keys, full layers (head dim 512) 129 -> 114 us at two
+    # pages in flight; at batch 96 and 768 keys, full layers (head dim 512) 150 -> 114 us at two
     # splits, 26B-A4B's sliding layers at batch 32 98 -> 78; at batch 8 and below, and over more
     # than two splits at head dim 256, the gathering kernel is as fast or up to 15% faster)
     tma_stages: int = 2
@@ -504,8 +504,8 @@ def paged_attention_triton(
     block_dv = min(d_pad, decode.block_dv or d_pad) if block_m <= 16 else min(d_pad, 256)
     splits = num_splits if num_splits is not None else default_num_splits(batch, kv_heads, block_m, q.device, decode)
     schedule = layout.schedule(block_m // rep_pad)
-    if (decode.use_tma(batch.num_seqs, head_dim, splits) and block_m <= 16 and layout.max_query_len == 1 and head_dim == d_pad <= 512 and page >= 16
-            and k.is_contiguous() and v.is_contiguous()):
+    if (decode.use_tma(batch.num_seqs, head_dim, splits) and block_m <= 16 and layout.max_query_len == 1
+            and head_dim == d_pad <= 512 and page >= 16 and k.is_contiguous() and v.is_contiguous()):
         _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad, block_m, window_of(group),
                     decode, decode.split_keys)
         return out
