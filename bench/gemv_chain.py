@@ -1,6 +1,6 @@
 """The weight products of a whole decode step at one to a few rows, as a chain: cuBLAS against the
-`kernels.gemv` Triton kernels launched plainly, programmatically dependent, and dependent with
-an L2 prefetch of each program's weights ahead of its wait (CUDA only).
+`kernels.gemv` Triton kernels launched plainly, with tensor-descriptor (TMA) loads, programmatically
+dependent, and dependent with an L2 prefetch of each program's weights ahead of its wait (CUDA only).
 
 A decode step at batch 1 streams every weight once, and each of its ~170 products (E4B) pays a
 ramp and a tail of a few microseconds in which the memory system idles: a 10 MB o_proj takes
@@ -82,7 +82,9 @@ def run_chain(x: torch.Tensor, weights: list[tuple[str, torch.Tensor]], variant:
                 h = F.linear(inp, w)
             continue
         tiles = replace(default_tiles(kind, w.shape[0], w.shape[1]), prefetch_k=prefetch_k)
-        dependent = variant != "triton"
+        if variant == "triton_tma":  # tensor-descriptor loads, chunks of at most 256 columns
+            tiles = replace(tiles, block_k=min(tiles.block_k, 256), tma=True)
+        dependent = variant == "triton_pdl"
         h = (small_m_gate_up_gelu if kind == "gate_up" else small_m_linear)(inp, w, tiles, dependent=dependent)
     return h
 
@@ -92,7 +94,7 @@ def measure(model: str, rows: int, lm_head: bool, layers: int | None, reps: int,
     nbytes = sum(w.numel() * w.element_size() for _, w in weights)
     x = torch.randn((rows, weights[0][1].shape[1]), generator=torch.Generator(device=device).manual_seed(1),
                     device=device).to(torch.bfloat16)
-    variants = [("cublas", 0), ("triton", 0)] + [("triton_pdl", p) for p in PREFETCHES]
+    variants = [("cublas", 0), ("triton", 0), ("triton_tma", 0)] + [("triton_pdl", p) for p in PREFETCHES]
     results, outputs, stream = [], {}, torch.cuda.Stream()
     for variant, prefetch_k in variants:
         ms = graph_us([lambda: run_chain(x, weights, variant, prefetch_k)], reps, stream) / 1e3

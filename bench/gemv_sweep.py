@@ -46,7 +46,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -164,13 +164,19 @@ def candidate_tiles(kind: str, rows: int, k: int, quick: bool = False, sms: int 
     return out
 
 
+def with_tma(tiles: list[GemvTiles], which: str) -> list[GemvTiles]:
+    """The tiles as they are ("0"), their tensor-descriptor twins where a TMA box allows ("1"), or both."""
+    tma = [replace(t, tma=True) for t in tiles if t.block_k <= 256 and t.block_n <= 256]
+    return {"0": tiles, "1": tma, "both": tiles + tma}[which]
+
+
 # ---- compiling ahead, in worker processes ----------------------------------------------------------
 
 
 def _compile_key(kind: str, rows: int, k: int, tiles: GemvTiles) -> tuple:
     """What a compiled variant depends on here (every model shape is a multiple of 16)."""
     return (kind, tiles.block_n, tiles.block_k, tiles.num_warps, tiles.num_stages, effective_splits(k, tiles),
-            k % tiles.block_k == 0, rows % 32 == 0, k % 16 == 0)
+            k % tiles.block_k == 0, rows % 32 == 0, k % 16 == 0, tiles.tma)
 
 
 def _compile_worker(jobs: list[tuple[str, int, int, GemvTiles]]) -> list[dict]:
@@ -238,15 +244,16 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def tiles_name(tiles: GemvTiles | None) -> str:
     if tiles is None:
         return "default"
-    return f"n{tiles.block_n}_k{tiles.block_k}_s{tiles.split_k}_w{tiles.num_warps}_st{tiles.num_stages}"
+    return (f"n{tiles.block_n}_k{tiles.block_k}_s{tiles.split_k}_w{tiles.num_warps}_st{tiles.num_stages}"
+            + ("_tma" if tiles.tma else ""))
 
 
 def parse_tiles_name(name: str) -> GemvTiles:
     """The tiles of a `tiles_name`."""
-    found = re.fullmatch(r"n(\d+)_k(\d+)_s(\d+)_w(\d+)_st(\d+)", name)
+    found = re.fullmatch(r"n(\d+)_k(\d+)_s(\d+)_w(\d+)_st(\d+)(_tma)?", name)
     if found is None:
         raise ValueError(f"not a tiles name: {name!r}")
-    return GemvTiles(*(int(v) for v in found.groups()))
+    return GemvTiles(*(int(v) for v in found.groups()[:5]), tma=found.group(6) is not None)
 
 
 def measure(shape: Shape, kind: str, m: int, x: torch.Tensor, copies: list[torch.Tensor], tiles_list: list[GemvTiles],
@@ -352,8 +359,15 @@ def suggested_table(records: list[dict]) -> list[dict]:
 def table_literal(table: list[dict]) -> str:
     """The suggested table as `gemv.DEFAULT_TILES` source lines."""
     return "\n".join(f"    ({row['kernel']!r}, {row['bucket'][0]}, {row['bucket'][1]}): GemvTiles("
-                     f"{', '.join(str(v) for k, v in row['tiles'].items() if k != 'prefetch_k' or v)}),  # {', '.join(row['shapes'])}"
-                     for row in table)
+                     f"{_tiles_arguments(row['tiles'])}),  # {', '.join(row['shapes'])}" for row in table)
+
+
+def _tiles_arguments(tiles: dict) -> str:
+    """GemvTiles' five leading fields by position, the rest by name where not their default."""
+    defaults = GemvTiles(16, 16)
+    leading = ("block_n", "block_k", "split_k", "num_warps", "num_stages")
+    return ", ".join([str(tiles[k]) for k in leading] + [f"{k}={v!r}" for k, v in tiles.items()
+                                                          if k not in leading and v != getattr(defaults, k)])
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -364,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--ms", default="1,2,4,8,16", help="row counts (at most 16)")
     ap.add_argument("--quick", action="store_true", help="sweep about a dozen tiles a shape instead of about 60")
     ap.add_argument("--only", default="", help="only shapes whose name contains this")
+    ap.add_argument("--tma", choices=("0", "1", "both"), default="0", help="the tiles with tensor-descriptor loads "
+                    "(GemvTiles.tma; chunks of at most 256 columns), without them (0), or both")
     ap.add_argument("--calls", type=int, default=20, help="calls per captured graph (more for small weights)")
     ap.add_argument("--reps", type=int, default=5, help="timed graph replays (the median is kept)")
     ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compile processes (0: none)")
@@ -377,7 +393,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     shapes = [s for s in model_shapes(args.models.split(",")) if args.only in s.name]
-    plan = [(s, kind, candidate_tiles(kind, s.rows, s.k, args.quick, sms)) for s in shapes for kind in s.kernels]
+    plan = [(s, kind, with_tma(candidate_tiles(kind, s.rows, s.k, args.quick, sms), args.tma))
+            for s in shapes for kind in s.kernels]
     t0 = time.perf_counter()
     failed = precompile(plan, args.jobs)
     compile_s = time.perf_counter() - t0

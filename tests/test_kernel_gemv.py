@@ -34,6 +34,9 @@ INTERPRETED = [
     (40, 72, GemvTiles(8, 16, 3)),  # 5 chunks in splits of 2, 2 and 1, the last ragged
     (33, 64, GemvTiles(16, 32, 2)),  # K whole chunks, split in two
     (24, 48, None),  # the defaults (the heuristic, for float32)
+    (40, 72, GemvTiles(8, 16, 3, tma=True)),  # tensor-descriptor loads: zeros past K, rows and N
+    (33, 64, GemvTiles(16, 32, 2, tma=True)),
+    (40, 70, GemvTiles(16, 32, 1, tma=True)),  # rows of 280 bytes, not 16-byte aligned: the gathering loads
 ]
 
 
@@ -114,10 +117,27 @@ def test_no_rows_no_k_and_clear_errors(monkeypatch):
         small_m_gate_up_gelu(x, w)
 
 
+def test_tma_tiles_take_the_descriptor_kernel_where_the_strides_allow(monkeypatch):
+    from gemma4_model.kernels import gemv
+
+    class Refused:
+        def __getitem__(self, grid):
+            raise AssertionError("the gathering kernel ran")
+
+    monkeypatch.setattr(gemv, "_gemv_kernel", Refused())
+    tiles = GemvTiles(16, 32, 2, tma=True)
+    x, w = case(3, 40, 64)
+    torch.testing.assert_close(small_m_linear(x, w, tiles), small_m_linear_torch(x, w), atol=1e-5, rtol=1e-5)
+    x, w = case(3, 40, 70)  # rows of 280 bytes
+    with pytest.raises(AssertionError, match="gathering kernel ran"):
+        small_m_linear(x, w, tiles)
+
+
 def test_tiles_validation_and_defaults():
     for bad in (dict(block_n=12, block_k=64), dict(block_n=4, block_k=64), dict(block_n=16, block_k=8),
                 dict(block_n=16, block_k=64, split_k=0), dict(block_n=16, block_k=64, num_warps=3),
-                dict(block_n=16, block_k=64, prefetch_k=96), dict(block_n=16, block_k=64, prefetch_k=-64)):
+                dict(block_n=16, block_k=64, prefetch_k=96), dict(block_n=16, block_k=64, prefetch_k=-64),
+                dict(block_n=16, block_k=512, tma=True)):
         with pytest.raises(ValueError, match="GemvTiles"):
             GemvTiles(**bad)
     for (kind, rows, k), tiles in DEFAULT_TILES.items():
@@ -169,6 +189,8 @@ def test_sweep_shapes_and_pruned_tiles():
                 for t in tiles:
                     assert sweep.effective_splits(s.k, t) == t.split_k
                     assert sweep.parse_tiles_name(sweep.tiles_name(t)) == t
+                for t in sweep.with_tma(tiles, "1"):
+                    assert t.tma and t.block_k <= 256 and sweep.parse_tiles_name(sweep.tiles_name(t)) == t
     assert total[True] < 300 and total[False] < 1300, total  # the sweep's time budget
 
 
@@ -333,3 +355,50 @@ def test_gpu_batches_of_any_size_reuse_the_compiled_kernels():
     for m in range(2, 17):
         run(m)
     assert [_compiled(k) for k in kernels] == before
+
+
+# ---- the tensor-descriptor kernel for Hopper, without a device --------------------------------------------
+
+TMA_SCRIPT = r"""
+import json, re, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from gemma4_model.kernels.gemv import _gemv_tma_kernel as kernel
+
+def build(gate_up, partial, block_n=32, stages=4):
+    const = dict(BLOCK_N=block_n, BLOCK_K=256, GATE_UP=gate_up, PARTIAL=partial, IEEE=False, PDL=False)
+    types = {a: "constexpr" if a in const else "tensordesc<bf16[16,256]>" if a == "x_desc"
+             else f"tensordesc<bf16[{block_n},256]>" if a == "w_desc" else "*fp32" if a == "part_ptr"
+             else "*bf16" if a.endswith("_ptr") else "i32" for a in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if a in ("out_ptr", "part_ptr")}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=const, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
+    ptx = compiled.asm["ptx"]
+    ptxas = get_ptxas(90)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        log = subprocess.run([getattr(ptxas, "path", None) or ptxas[0], "-v", "--gpu-name=sm_90a", f.name, "-o",
+                              "/dev/null"], capture_output=True, text=True, check=True).stderr
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return {"tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "mma": "mma" in ptx,
+            "spill_store_bytes": int(spills.group(1)) if spills else 0}
+
+print(json.dumps({"linear": build(False, False), "split": build(False, True), "gate_up": build(True, False)}))
+"""
+
+
+def test_tma_gemv_compiles_to_pipelined_tensor_loads():
+    """`_gemv_tma_kernel` for sm_90 (bf16, 32 columns by 256-column chunks, four stages): its x and
+    weight chunks are bulk tensor copies, pipelined (more copies than one chunk's), on the tensor
+    cores, nothing spilled; gate|up issues more (the up rows' chunks)."""
+    from test_kernel_moe_compile import _ptxas, compile_in_subprocess
+
+    if not _ptxas():
+        pytest.skip("this Triton build ships no ptxas to compile for sm_90 with")
+    got = compile_in_subprocess(TMA_SCRIPT)
+    for variant in got.values():
+        assert variant["tma_loads"] > 2 and variant["mma"] and variant["spill_store_bytes"] == 0, got
+    assert got["gate_up"]["tma_loads"] > got["linear"]["tma_loads"], got

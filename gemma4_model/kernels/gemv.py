@@ -58,7 +58,10 @@ class GemvTiles:
     """One launch configuration: output columns per program, K per loop step, programs per column
     block along K (1: no split), warps per program, the depth of the load pipeline, and in a
     programmatically dependent launch the K columns of its weight rows each program asks L2 for
-    before it waits for the launch before it (0: none; at most its split's columns)."""
+    before it waits for the launch before it (0: none; at most its split's columns). With `tma`
+    the weight's [block_n, block_k] chunks and x's [16, block_k] ones are tensor-descriptor loads
+    (bulk copies by the tensor memory accelerator, `_gemv_tma_kernel`) where the strides allow it
+    (16-byte aligned rows), without the L2 prefetch."""
 
     block_n: int
     block_k: int
@@ -66,6 +69,7 @@ class GemvTiles:
     num_warps: int = 4
     num_stages: int = 3
     prefetch_k: int = 0
+    tma: bool = False
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "num_warps"):
@@ -78,6 +82,8 @@ class GemvTiles:
             raise ValueError(f"GemvTiles.prefetch_k must be 0 or a power of two, got {self.prefetch_k}")
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError(f"GemvTiles needs split_k >= 1 and num_stages >= 1, got {self}")
+        if self.tma and (self.block_k > 256 or self.block_n > 256):
+            raise ValueError(f"GemvTiles with tma takes blocks of at most 256 (a TMA box's side), got {self}")
 
 
 def _pow2(n: int) -> int:
@@ -223,6 +229,44 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offse
 
 
 @triton.jit(do_not_specialize=["M"])
+def _gemv_tma_kernel(x_desc, w_desc, out_ptr, part_ptr, M, N, K, k_per_split, stride_o,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
+                     IEEE: tl.constexpr, PDL: tl.constexpr):
+    """`_gemv_kernel` with its chunks loaded through tensor descriptors: x [M, K] in [16, BLOCK_K]
+    boxes and the weight [N rows (2N with GATE_UP), K] in [BLOCK_N, BLOCK_K] boxes, the up rows'
+    box N rows below the gate rows'. Whatever lies outside a descriptor reads as zeros (x's padding
+    rows, K past its end), so no load takes a mask; a gate box past row N reads up rows, whose
+    columns are never stored."""
+    _pdl_release(PDL)
+    _pdl_wait(PDL)
+    split = tl.program_id(1)
+    rows = tl.arange(0, _ROWS)
+    n0 = tl.program_id(0) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    acc = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        x = x_desc.load([0, k0])
+        acc += _dot(x, tl.trans(w_desc.load([n0, k0])), IEEE)
+        if GATE_UP:
+            acc_up += _dot(x, tl.trans(w_desc.load([N + n0, k0])), IEEE)
+    out_ok = (rows < M)[:, None] & (offs_n < N)[None, :]
+    if PARTIAL:  # the same float32 partial sums as _gemv_kernel's, for _split_reduce_kernel
+        width = 2 * N if GATE_UP else N
+        cells = part_ptr + (split * M + rows).to(tl.int64)[:, None] * width + offs_n[None, :]
+        tl.store(cells, acc, mask=out_ok)
+        if GATE_UP:
+            tl.store(cells + N, acc_up, mask=out_ok)
+    else:
+        dt = out_ptr.dtype.element_ty
+        if GATE_UP:
+            acc = _gelu_times(acc, acc_up, dt)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_o + offs_n[None, :], acc.to(dt), mask=out_ok)
+
+
+@triton.jit(do_not_specialize=["M"])
 def _split_reduce_kernel(part_ptr, out_ptr, M, N, stride_o, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
                          GATE_UP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (row, column block): the splits' partial sums added in split order, rounded once
@@ -273,6 +317,12 @@ def _check(name: str, x: torch.Tensor, w: torch.Tensor) -> None:
         raise ValueError(f"{name} takes x and weight with unit column stride")
 
 
+def _descriptor_ready(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x and w can be tensor descriptors: 16-byte aligned bases and row strides (the
+    element size divides 16 in every dtype taken)."""
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, w))
+
+
 def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, tiles: GemvTiles, gate_up: bool,
             dependent: bool | None) -> None:
     M, K = x.shape
@@ -285,12 +335,23 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
     on = pdl(x) if dependent is None else dependent and x.is_cuda
     line = max(1, 128 // w.element_size())
     prefetch_k = min(tiles.prefetch_k, _pow2(k_per_split)) if on else 0
+    grid = (triton.cdiv(n_out, tiles.block_n), splits)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _gemv_kernel[(triton.cdiv(n_out, tiles.block_n), splits)](
-            x, w, out, part, M, n_out, K, k_per_split, n_out * w.stride(0), x.stride(0), w.stride(0), out.stride(0),
-            BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1, EVEN_K=K % block_k == 0,
-            IEEE=x.dtype == torch.float32, PDL=on, PREFETCH_K=prefetch_k if prefetch_k >= line else 0, LINE=line,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
+        if tiles.tma and _descriptor_ready(x, w):
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            x_desc = TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [MAX_ROWS, block_k])
+            w_desc = TensorDescriptor(w, list(w.shape), [w.stride(0), 1], [tiles.block_n, block_k])
+            _gemv_tma_kernel[grid](
+                x_desc, w_desc, out, part, M, n_out, K, k_per_split, out.stride(0), BLOCK_N=tiles.block_n,
+                BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1, IEEE=x.dtype == torch.float32, PDL=on,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
+        else:
+            _gemv_kernel[grid](
+                x, w, out, part, M, n_out, K, k_per_split, n_out * w.stride(0), x.stride(0), w.stride(0), out.stride(0),
+                BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1, EVEN_K=K % block_k == 0,
+                IEEE=x.dtype == torch.float32, PDL=on, PREFETCH_K=prefetch_k if prefetch_k >= line else 0, LINE=line,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
         if splits > 1:
             block = min(1024, _pow2(n_out))
             _split_reduce_kernel[(M, triton.cdiv(n_out, block))](
