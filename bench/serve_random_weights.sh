@@ -21,15 +21,17 @@
 # GPUS=2 uses two GPUs: with SPLIT=1 prefill (and the vision encoder) on cuda:0 and decode on cuda:1,
 # else two colocated replicas (an engine and a vision encoder on each GPU). RUNS "goodput" runs the
 # mixed workload (chat, 512 in / 256 out, IMAGE_FRACTION (0.5) of the requests with two 720p images)
-# under Poisson arrivals at each of GOODPUT_RATES (4 8 16 32 48 requests/s, GOODPUT_PROMPTS (300) each:
-# past where one GPU's prefill and decode keep up) with PREPROCESS preprocess replicas (4 on two GPUs)
+# under Poisson arrivals at each of GOODPUT_RATES (8 16 32 48 64 96 requests/s: past where one GPU's
+# prefill and decode keep up; GOODPUT_PROMPTS each, by default 20 s of arrivals and at least 200)
+# with PREPROCESS preprocess replicas (4 on two GPUs); VISION_GPU=1 puts the split topology's vision
+# encoder beside decode on cuda:1
 # and counts the requests meeting TTFT_MS (1000) and TPOT_MS (30): the targets, stated before the run;
 # TANDEM_PDL=1 (inherited by the actors) launches the decode path's Triton kernels dependently;
 # TANDEM_TMA_STAGES=N sets the decode attention's TMA pages in flight (0: off) and
 # TANDEM_DECODE_PROGRAMS_PER_SM=N its split count by batch (0: 16 splits at every batch);
 # DETAILS=1 keeps each request's timings in the JSONs (serve_bench.py --output-details).
 set -euo pipefail
-server_command="GPUS=${GPUS:-} PREPROCESS=${PREPROCESS:-} GOODPUT_RATES='${GOODPUT_RATES:-}' GOODPUT_PROMPTS=${GOODPUT_PROMPTS:-} IMAGE_FRACTION=${IMAGE_FRACTION:-} TTFT_MS=${TTFT_MS:-} TPOT_MS=${TPOT_MS:-} SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} COMPILE_VISION=${COMPILE_VISION:-}\
+server_command="GPUS=${GPUS:-} PREPROCESS=${PREPROCESS:-} VISION_GPU=${VISION_GPU:-} GOODPUT_RATES='${GOODPUT_RATES:-}' GOODPUT_PROMPTS=${GOODPUT_PROMPTS:-} IMAGE_FRACTION=${IMAGE_FRACTION:-} TTFT_MS=${TTFT_MS:-} TPOT_MS=${TPOT_MS:-} SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} COMPILE_VISION=${COMPILE_VISION:-}\
  KV_PAGES=${KV_PAGES:-} KV_DTYPE=${KV_DTYPE:-} PREFETCH_BS=${PREFETCH_BS:-} TANDEM_PDL=${TANDEM_PDL:-} TANDEM_TMA_STAGES=${TANDEM_TMA_STAGES:-} TANDEM_DECODE_PROGRAMS_PER_SM=${TANDEM_DECODE_PROGRAMS_PER_SM:-} PROMPTS=${PROMPTS:-} DETAILS=${DETAILS:-} bash $0 $*"
 out=${1:?output directory}
 key=${2:-gemma-4-E4B-it}
@@ -70,7 +72,7 @@ runs=" ${RUNS:-latency throughput} "
 python3 bench/random_weights_topology.py "$topology" "$ckpt" --gpus "${GPUS:-1}" $([ "${SPLIT:-}" = 1 ] && echo --split) \
   $([[ $runs == *" image "* || $runs == *" goodput "* ]] && echo --vision) --kv-pages "${KV_PAGES:-16384}" \
   --kv-dtype "${KV_DTYPE:-auto}" --prefetch-bs "${PREFETCH_BS:-0}" --compile-vision "${COMPILE_VISION:-1}" \
-  --preprocess "${PREPROCESS:-$([ "${GPUS:-1}" = 2 ] && echo 4 || echo 1)}"
+  --preprocess "${PREPROCESS:-$([ "${GPUS:-1}" = 2 ] && echo 4 || echo 1)}" --vision-gpu "${VISION_GPU:-0}"
 port=8123
 trace=()
 [ -n "${TRACE:-}" ] && trace=(--trace-dir "$out/trace")
@@ -116,9 +118,9 @@ if [[ $runs == *" image "* ]]; then  # SGLang's image run at concurrency 1: two 
     --image-resolution 720p --random-input-len 128 --random-output-len 1024 --output-file "$out/image.json"
 fi
 if [[ $runs == *" goodput "* ]]; then  # the mixed workload under Poisson arrivals, goodput under targets set here
-  for rate in ${GOODPUT_RATES:-4 8 16 32 48}; do
+  for rate in ${GOODPUT_RATES:-8 16 32 48 64 96}; do
     bench --label "goodput-$rate" --dataset-name mixed --image-fraction "${IMAGE_FRACTION:-0.5}" \
-      --num-prompts "${GOODPUT_PROMPTS:-300}" --request-rate "$rate" --random-input-len 512 --random-output-len 256 \
+      --num-prompts "${GOODPUT_PROMPTS:-$(( rate * 20 > 200 ? rate * 20 : 200 ))}" --request-rate "$rate" --random-input-len 512 --random-output-len 256 \
       --goodput ttft:"${TTFT_MS:-1000}" tpot:"${TPOT_MS:-30}" --output-file "$out/goodput_$rate.json"
   done
 fi

@@ -36,5 +36,16 @@ def test_bad_settings_are_refused(tmp_path):
         bench.topology_text(str(tmp_path), gpus=3)
     with pytest.raises(ValueError, match="preprocess replicas"):
         bench.topology_text(str(tmp_path), preprocess=0)
+    for gpus, split, vision_gpu in ((1, True, 1), (2, False, 1), (2, True, 2)):
+        with pytest.raises(ValueError, match="vision_gpu"):
+            bench.topology_text(str(tmp_path), gpus=gpus, split=split, vision=True, vision_gpu=vision_gpu)
+
+
+def test_the_split_topology_may_put_the_vision_encoder_beside_decode(tmp_path):
+    bench = load_bench("random_weights_topology")
+    out = tmp_path / "topology.toml"
+    bench.main([str(out), str(tmp_path), "--gpus", "2", "--split", "--vision", "--vision-gpu", "1"])
+    devices = {a.kind: a.device_of(0) for a in load_topology(out).actors}
+    assert devices == {"preprocess": "cpu", "vision_encoder": "cuda:1", "prefill": "cuda:0", "decode": "cuda:1"}
     with pytest.raises(TopologyError):
         bench.main([str(tmp_path / "t.toml"), str(tmp_path), "--kv-dtype", "int4"])
