@@ -57,7 +57,6 @@ def launch_alignment(kernel, const: dict) -> dict:
 def report(variant: tuple) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
     from gemma4_model.kernels.paged_attention import _paged_attention_kernel as kernel
@@ -68,19 +67,27 @@ def report(variant: tuple) -> dict:
              else "*bf16" if a.endswith("_ptr") else "i32" for a in kernel.arg_names}
     compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=const, attrs=launch_alignment(kernel, const)),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    loads = re.findall(r"ld\.global[.a-z0-9]*", compiled.asm["ptx"])
+    return {"head_dim": head_dim, "block_n": block_n, "block_dk": block_dk, "num_warps": warps, "num_stages": stages,
+            "prefetch_v": prefetch_v, **ptxas_usage(compiled.asm["ptx"]), "shared_bytes": compiled.metadata.shared,
+            "global_loads_16B": sum(1 for op in loads if ".v4." in op), "global_loads_2B": loads.count("ld.global.b16")}
+
+
+def ptxas_usage(ptx: str) -> dict:
+    """Registers a thread (None if ptxas reports none) and spill-store bytes of sm_90a PTX, from
+    the ptxas that Triton ships (`-v`)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
     ptxas = get_ptxas(90)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(compiled.asm["ptx"])
+        f.write(ptx)
         f.flush()
         log = subprocess.run([getattr(ptxas, "path", None) or ptxas[0], "-v", "--gpu-name=sm_90a", f.name, "-o",
                               "/dev/null"], capture_output=True, text=True, check=True).stderr
-    loads = re.findall(r"ld\.global[.a-z0-9]*", compiled.asm["ptx"])
     registers = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
-    return {"head_dim": head_dim, "block_n": block_n, "block_dk": block_dk, "num_warps": warps, "num_stages": stages,
-            "prefetch_v": prefetch_v, "registers": int(registers.group(1)) if registers else None,
-            "spill_store_bytes": int(spills.group(1)) if spills else 0, "shared_bytes": compiled.metadata.shared,
-            "global_loads_16B": sum(1 for op in loads if ".v4." in op), "global_loads_2B": loads.count("ld.global.b16")}
+    return {"registers": int(registers.group(1)) if registers else None,
+            "spill_store_bytes": int(spills.group(1)) if spills else 0}
 
 
 def main() -> None:

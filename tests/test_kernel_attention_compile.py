@@ -122,11 +122,11 @@ def test_default_decode_launch_streams_16_byte_loads_without_spilling():
 
 
 TMA = r"""
-import json, re, subprocess, tempfile
+import json, re
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
+from bench.attention_registers import ptxas_usage
 from gemma4_model.kernels.paged_attention import _paged_decode_tma_kernel as kernel
 
 INT32 = {"tables_ptr", "positions_ptr", "schedule_ptr", "query_starts_ptr", "kv_lens_ptr"}
@@ -142,16 +142,7 @@ def build(kv, fp16, head_dim=256):
     compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=const, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     ptx = compiled.asm["ptx"]
-    ptxas = get_ptxas(90)
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        log = subprocess.run([getattr(ptxas, "path", None) or ptxas[0], "-v", "--gpu-name=sm_90a", f.name, "-o",
-                              "/dev/null"], capture_output=True, text=True, check=True).stderr
-    spills = re.search(r"(\d+) bytes spill stores", log)
-    return {"tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "mma": "mma" in ptx,
-            "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
-            "spill_store_bytes": int(spills.group(1)) if spills else 0}
+    return {"tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "mma": "mma" in ptx, **ptxas_usage(ptx)}
 
 print(json.dumps({"bf16": build("bf16", False), "fp8": build("fp8e4nv", False), "fp8-fp16": build("fp8e4nv", True),
                   "bf16-512": build("bf16", False, 512)}))

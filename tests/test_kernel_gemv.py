@@ -360,11 +360,11 @@ def test_gpu_batches_of_any_size_reuse_the_compiled_kernels():
 # ---- the tensor-descriptor kernel for Hopper, without a device --------------------------------------------
 
 TMA_SCRIPT = r"""
-import json, re, subprocess, tempfile
+import json, re
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
+from bench.attention_registers import ptxas_usage
 from gemma4_model.kernels.gemv import _gemv_tma_kernel as kernel
 
 def build(gate_up, partial, block_n=32, stages=4):
@@ -376,15 +376,7 @@ def build(gate_up, partial, block_n=32, stages=4):
     compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=const, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
     ptx = compiled.asm["ptx"]
-    ptxas = get_ptxas(90)
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        log = subprocess.run([getattr(ptxas, "path", None) or ptxas[0], "-v", "--gpu-name=sm_90a", f.name, "-o",
-                              "/dev/null"], capture_output=True, text=True, check=True).stderr
-    spills = re.search(r"(\d+) bytes spill stores", log)
-    return {"tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "mma": "mma" in ptx,
-            "spill_store_bytes": int(spills.group(1)) if spills else 0}
+    return {"tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "mma": "mma" in ptx, **ptxas_usage(ptx)}
 
 print(json.dumps({"linear": build(False, False), "split": build(False, True), "gate_up": build(True, False)}))
 """

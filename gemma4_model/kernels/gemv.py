@@ -214,8 +214,16 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offse
             acc_up += _dot(x, tl.trans(w_up), IEEE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    out_ok = row_ok[:, None] & n_ok[None, :]
-    if PARTIAL:  # float32 partial sums [splits, M, N (2N with GATE_UP)], added by _split_reduce_kernel
+    _store_products(acc, acc_up, out_ptr, part_ptr, rows, offs_n, row_ok[:, None] & n_ok[None, :], split, M, N,
+                    stride_o, GATE_UP, PARTIAL)
+
+
+@triton.jit
+def _store_products(acc, acc_up, out_ptr, part_ptr, rows, offs_n, out_ok, split, M, N, stride_o,
+                    GATE_UP: tl.constexpr, PARTIAL: tl.constexpr):
+    """A program's products: float32 partial sums [splits, M, N (2N with GATE_UP)] for
+    _split_reduce_kernel, or the rounded result (gelu_tanh(gate) * up with GATE_UP)."""
+    if PARTIAL:
         width = 2 * N if GATE_UP else N
         cells = part_ptr + (split * M + rows).to(tl.int64)[:, None] * width + offs_n[None, :]
         tl.store(cells, acc, mask=out_ok)
@@ -252,18 +260,8 @@ def _gemv_tma_kernel(x_desc, w_desc, out_ptr, part_ptr, M, N, K, k_per_split, st
         acc += _dot(x, tl.trans(w_desc.load([n0, k0])), IEEE)
         if GATE_UP:
             acc_up += _dot(x, tl.trans(w_desc.load([N + n0, k0])), IEEE)
-    out_ok = (rows < M)[:, None] & (offs_n < N)[None, :]
-    if PARTIAL:  # the same float32 partial sums as _gemv_kernel's, for _split_reduce_kernel
-        width = 2 * N if GATE_UP else N
-        cells = part_ptr + (split * M + rows).to(tl.int64)[:, None] * width + offs_n[None, :]
-        tl.store(cells, acc, mask=out_ok)
-        if GATE_UP:
-            tl.store(cells + N, acc_up, mask=out_ok)
-    else:
-        dt = out_ptr.dtype.element_ty
-        if GATE_UP:
-            acc = _gelu_times(acc, acc_up, dt)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_o + offs_n[None, :], acc.to(dt), mask=out_ok)
+    _store_products(acc, acc_up, out_ptr, part_ptr, rows, offs_n, (rows < M)[:, None] & (offs_n < N)[None, :], split,
+                    M, N, stride_o, GATE_UP, PARTIAL)
 
 
 @triton.jit(do_not_specialize=["M"])
