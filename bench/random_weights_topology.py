@@ -7,9 +7,10 @@
 One GPU: preprocess and an engine on cuda:0, or with --split a prefill and a decode process on it
 (KV pages over CUDA IPC); --vision adds a vision encoder on cuda:0. Two GPUs: with --split, prefill
 and the vision encoder on cuda:0 (cuda:1 with --vision-gpu 1, beside decode) and decode on cuda:1;
-without, two colocated replicas, an engine and a vision encoder on each GPU. --preprocess sets the preprocess replicas (CPU processes that
-decode and resize images; the api deals requests to them in turn), so that an image-heavy load
-measures the GPUs, not one CPU process. The file is checked by loading it before it is written.
+without, two colocated replicas, an engine and a vision encoder on each GPU. --preprocess sets the
+preprocess replicas (CPU processes that decode and resize images; the api deals requests to them in
+turn), so that an image-heavy load measures the GPUs, not one CPU process. The file is checked by
+loading it before it is written.
 """
 
 from __future__ import annotations
