@@ -152,6 +152,7 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     from gemma4_model.kernels.l2_prefetch import WeightPrefetch
     from gemma4_model.kv_cache import PagedKVCache
     from gemma4_model.loader import checkpoint_config, load_text_decoder
+    from gemma4_model.memory import available_bytes, check_headroom
     from gemma4_model.random_weights import random_text_decoder
 
     from transfer.backend import make_receiver, make_sender
@@ -189,6 +190,9 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
             engine.capture_decode_graphs(graph_bs)
         if ctx.actor.kind != "decode":  # prompt chunks (a decode actor's only come after a preemption)
             engine.capture_chunk_graphs()
+    if torch.device(ctx.device).type == "cuda":  # a too-large KV pool fails here, not at the first big batch
+        check_headroom(available_bytes(ctx.device), limits.max_running, config.text.vocab_size,
+                       f"{ctx.actor.kind} {ctx.actor.replica} on {ctx.device}")
     inbox = pull(zctx, ctx.wiring.inboxes[ctx.actor], drop_malformed=True)
     outbox = push(zctx, ctx.wiring.results)
     role, backend = ctx.actor.kind, ctx.topology.transfer
