@@ -92,14 +92,21 @@ def add_scheduler_options(command: argparse.ArgumentParser) -> None:
     group.add_argument("--weight-prefetch-max-bs", type=int, metavar="N",
                        help="with --attention-backend triton, CUDA decode steps of up to N sequences read each "
                             "layer's next weights into L2 on a side stream (default 0: off)")
+    group.add_argument("--mem-fraction-static", "--gpu-memory-utilization", type=float, metavar="F",
+                       dest="mem_fraction_static",
+                       help="CUDA engines size their KV pool to fill this share of their GPU's memory with the "
+                            "weights and KV pages (default: the topology's kv_pages)")
+    group.add_argument("--max-total-tokens", type=int, metavar="N",
+                       help="the KV pool in tokens (kv_pages = N / page_size, rounded up)")
     group.add_argument("--load-format", choices=("auto", "dummy"),
                        help="auto: the checkpoint's weights (default); dummy: seeded random weights at the "
                             "checkpoint's shape for the text decoder and the encoders (speed measurements)")
 
 
-def scheduler_overrides(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
+def scheduler_overrides(args: argparse.Namespace) -> tuple[tuple[str, int | float | str | bool], ...]:
     names = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
-             "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule", "load_format", "weight_prefetch_max_bs")
+             "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule", "load_format", "weight_prefetch_max_bs",
+             "mem_fraction_static", "max_total_tokens")
     return tuple((name, getattr(args, name)) for name in names if getattr(args, name) is not None)
 
 

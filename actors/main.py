@@ -152,7 +152,7 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     from gemma4_model.kernels.l2_prefetch import WeightPrefetch
     from gemma4_model.kv_cache import PagedKVCache
     from gemma4_model.loader import checkpoint_config, load_text_decoder
-    from gemma4_model.memory import available_bytes, check_headroom
+    from gemma4_model.memory import available_bytes, check_headroom, kv_pages_for_share
     from gemma4_model.random_weights import random_text_decoder
 
     from transfer.backend import make_receiver, make_sender
@@ -167,8 +167,14 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     else:
         config, model = load_text_decoder(checkpoint_dir(ctx.topology), device=ctx.device, dtype=dtype)
     kv_dtype = KV_CACHE_DTYPES[model_section.kv_cache_dtype]
-    cache = PagedKVCache(config.text, page_size=model_section.page_size, num_pages=model_section.kv_pages,
-                         device=ctx.device, dtype=dtype if kv_dtype is None else getattr(torch, kv_dtype))
+    kv_dtype = dtype if kv_dtype is None else getattr(torch, kv_dtype)
+    kv_pages = model_section.kv_pages
+    if model_section.mem_fraction_static is not None and torch.device(ctx.device).type == "cuda":
+        free, total = torch.cuda.mem_get_info(ctx.device)  # the weights are loaded
+        kv_pages = kv_pages_for_share(free, total, model_section.mem_fraction_static,
+                                      PagedKVCache.page_bytes(config.text, model_section.page_size, kv_dtype))
+    cache = PagedKVCache(config.text, page_size=model_section.page_size, num_pages=kv_pages, device=ctx.device,
+                         dtype=kv_dtype)
     checkpoint = checkpoint_dir(ctx.topology)
     grammars = GrammarBook.from_checkpoint(checkpoint, config.text.vocab_size,
                                            sorted(set(stop_token_ids(checkpoint)) | set(config.text.eos_token_ids)))

@@ -86,6 +86,13 @@ class PagedKVCache:
             )
         self._seqs: dict[int, SequenceKV] = {}
 
+    @staticmethod
+    def page_bytes(config: TextConfig, page_size: int, dtype: torch.dtype) -> int:
+        """Device bytes one page number takes over every group (K and V of each owning layer)."""
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum(2 * page_size * l.num_kv_heads * l.head_dim * size for l in config.kv_layers
+                   if l.layer_type in (SLIDING, "full_attention"))
+
     # --- capacity -------------------------------------------------------------------------
     def pages_for(self, layer_type: str, start: int, end: int) -> int:
         """Pages a sequence holds in a group while positions [start, end) are being computed."""

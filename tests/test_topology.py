@@ -119,6 +119,31 @@ def test_scheduler_fields_their_flags_and_the_engine_they_reach():
     assert err.value.field == "model.chunked_prefill_size"
 
 
+def test_kv_pool_by_share_of_the_gpu_or_by_tokens():
+    from actors.cli import add_scheduler_options, scheduler_overrides
+    from topology.config import with_model_overrides
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    add_scheduler_options(ap)
+    for flag in ("--mem-fraction-static", "--gpu-memory-utilization"):  # SGLang's and vLLM's names
+        assert dict(scheduler_overrides(ap.parse_args([flag, "0.85"]))) == {"mem_fraction_static": 0.85}
+    two = load_topology(EXAMPLES / "gpu_two.toml")  # prefill on cuda:0, decode on cuda:1
+    assert two.model.mem_fraction_static is None
+    assert with_model_overrides(two, {"mem_fraction_static": 0.85}).model.mem_fraction_static == 0.85
+    with pytest.raises(TopologyError, match=r"engines share \['cuda:0'\]"):  # prefill and decode on one GPU
+        with_model_overrides(load_topology(EXAMPLES / "gpu_split.toml"), {"mem_fraction_static": 0.85})
+    for bad in (0, 1, 1.5, "0.8", True):
+        with pytest.raises(TopologyError, match="mem_fraction_static"):
+            with_model_overrides(two, {"mem_fraction_static": bad})
+    tokens = dict(scheduler_overrides(ap.parse_args(["--max-total-tokens", "100001"])))
+    model = with_model_overrides(two, tokens).model
+    assert model.max_total_tokens == 100001 and model.kv_pages == -(-100001 // model.page_size)
+    raw = copy.deepcopy(BASE)
+    raw["model"]["max_total_tokens"] = 1000
+    assert parse_topology(raw).model.kv_pages == -(-1000 // parse_topology(BASE).model.page_size)
+
+
 def edited(edit):
     raw = copy.deepcopy(BASE)
     edit(raw)

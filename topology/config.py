@@ -68,6 +68,12 @@ class ModelSection:
     # weights into L2 on a side stream while attention and the layer's tail run
     # (gemma4_model/kernels/l2_prefetch.py); 0: off
     weight_prefetch_max_bs: int = 0
+    # the share of its GPU's memory a CUDA engine takes for its weights and KV pages (SGLang's
+    # mem_fraction_static, vLLM's gpu_memory_utilization): its KV pages are what the free memory left
+    # after the weights holds past the rest of the device, in place of kv_pages; None: kv_pages
+    mem_fraction_static: float | None = None
+    # the KV pool in tokens (SGLang's max_total_tokens): kv_pages is this over page_size, rounded up
+    max_total_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ class ApiSection:
 
 SCHEDULER_FIELDS = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
                     "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule", "load_format",
-                    "compile_vision_encoder", "weight_prefetch_max_bs")
+                    "compile_vision_encoder", "weight_prefetch_max_bs", "mem_fraction_static", "max_total_tokens")
 LOAD_FORMATS = ("auto", "dummy")
 KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}
 ATTENTION_BACKENDS = ("torch_native", "triton")
@@ -215,7 +221,9 @@ def parse_topology(raw: Mapping[str, Any]) -> Topology:
     name = raw.get("name", "unnamed")
     if not isinstance(name, str):
         raise TopologyError("name", f"expected a string, got {name!r}")
-    return Topology(name, _model(_table(raw, "model")), _api(_table(raw, "api"), nodes), nodes, actors, transfer,
+    model = _model(_table(raw, "model"))
+    _check_memory_shares(model, actors)
+    return Topology(name, model, _api(_table(raw, "api"), nodes), nodes, actors, transfer,
                     _speculative(_table(raw, "speculative")), _security(_table(raw, "security")))
 
 
@@ -293,19 +301,37 @@ def _model(t: Mapping[str, Any]) -> ModelSection:
     kv_dtype = t.get("kv_cache_dtype", "auto")
     if kv_dtype not in KV_CACHE_DTYPES:
         raise TopologyError("model.kv_cache_dtype", f"expected one of {list(KV_CACHE_DTYPES)}, got {kv_dtype!r}")
+    page_size = _int(t, "model.", "page_size", 16, 1, 1024)
+    max_total = None if t.get("max_total_tokens") is None else _int(t, "model.", "max_total_tokens", 1, 1, 1 << 34)
+    kv_pages = -(-max_total // page_size) if max_total else _int(t, "model.", "kv_pages", 2048, 1, 1 << 24)
+    fraction = t.get("mem_fraction_static")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not 0 < fraction < 1):
+        raise TopologyError("model.mem_fraction_static", f"expected a share of GPU memory in (0, 1), got {fraction!r}")
     batched = _int(t, "model.", "max_num_batched_tokens", 512, 1, 1 << 20)
     chunk = _int(t, "model.", "chunked_prefill_size", min(256, batched), 1, 1 << 20)
     if chunk > batched:
         raise TopologyError("model.chunked_prefill_size", f"{chunk} is more than max_num_batched_tokens ({batched})")
-    return ModelSection(path, dtype, _int(t, "model.", "page_size", 16, 1, 1024),
-                        _int(t, "model.", "kv_pages", 2048, 1, 1 << 24), batched, chunk,
+    return ModelSection(path, dtype, page_size, kv_pages, batched, chunk,
                         _int(t, "model.", "max_running_requests", 64, 1, 1 << 16), attention_backend=backend,
                         kv_cache_dtype=kv_dtype, cuda_graph_max_bs=None if t.get("cuda_graph_max_bs") is None
                         else _int(t, "model.", "cuda_graph_max_bs", 0, 0, 4096),
                         disable_overlap_schedule=_bool(t, "model.", "disable_overlap_schedule", False),
                         load_format=load_format,
                         compile_vision_encoder=_bool(t, "model.", "compile_vision_encoder", True),
-                        weight_prefetch_max_bs=_int(t, "model.", "weight_prefetch_max_bs", 0, 0, 4096))
+                        weight_prefetch_max_bs=_int(t, "model.", "weight_prefetch_max_bs", 0, 0, 4096),
+                        mem_fraction_static=None if fraction is None else float(fraction), max_total_tokens=max_total)
+
+
+def _check_memory_shares(model: ModelSection, actors: tuple[ActorSpec, ...]) -> None:
+    """mem_fraction_static is each engine's share of its GPU: two engines on one GPU would take it twice."""
+    if model.mem_fraction_static is None:
+        return
+    engines = [a.device_of(r) for a in actors if a.kind in ("engine", "prefill", "decode") for r in range(a.replicas)]
+    shared = sorted({d for d in engines if d.startswith("cuda") and engines.count(d) > 1})
+    if shared:
+        raise TopologyError("model.mem_fraction_static", f"engines share {shared}: each would take that share of the "
+                                                         "whole GPU; size their KV with kv_pages or max_total_tokens")
 
 
 def _api(t: Mapping[str, Any], nodes: Mapping[str, Node]) -> ApiSection:
@@ -395,7 +421,9 @@ def with_model_overrides(topology: Topology, overrides: Mapping[str, Any]) -> To
     """The topology with [model] fields replaced (command-line flags), validated as in a file."""
     if not overrides:
         return topology
-    return replace(topology, model=_model({**vars(topology.model), **overrides}))
+    model = _model({k: v for k, v in {**vars(topology.model), **overrides}.items() if v is not None})
+    _check_memory_shares(model, topology.actors)
+    return replace(topology, model=model)
 
 
 def with_api_overrides(topology: Topology, overrides: Mapping[str, Any]) -> Topology:
