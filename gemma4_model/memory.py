@@ -33,7 +33,8 @@ def check_headroom(available: int, max_rows: int, vocab: int, where: str) -> Non
         raise HeadroomError(
             f"{where}: {available / 2**30:.2f} GiB of device memory is left after the weights, KV pages and "
             f"CUDA graphs, and a step of {max_rows} sequences needs about {need / 2**30:.2f} GiB more for its "
-            f"logits and sampling: lower the topology's model.kv_pages or mem_fraction_static (or max_running_requests)")
+            f"logits and sampling: lower the topology's model.kv_pages or mem_fraction_static (or "
+            f"max_running_requests)")
 
 
 def kv_pages_for_share(free: int, total: int, share: float, page_bytes: int) -> int:

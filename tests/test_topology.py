@@ -131,11 +131,13 @@ def test_kv_pool_by_share_of_the_gpu_or_by_tokens():
     two = load_topology(EXAMPLES / "gpu_two.toml")  # prefill on cuda:0, decode on cuda:1
     assert two.model.mem_fraction_static is None
     assert with_model_overrides(two, {"mem_fraction_static": 0.85}).model.mem_fraction_static == 0.85
-    with pytest.raises(TopologyError, match=r"engines share \['cuda:0'\]"):  # prefill and decode on one GPU
+    with pytest.raises(TopologyError, match=r"engines share \['local:cuda:0'\]"):  # prefill and decode on one GPU
         with_model_overrides(load_topology(EXAMPLES / "gpu_split.toml"), {"mem_fraction_static": 0.85})
     for bad in (0, 1, 1.5, "0.8", True):
         with pytest.raises(TopologyError, match="mem_fraction_static"):
             with_model_overrides(two, {"mem_fraction_static": bad})
+    two_nodes = load_topology(EXAMPLES / "gpu_two_node.toml")  # cuda:0 of two machines: no GPU shared
+    assert with_model_overrides(two_nodes, {"mem_fraction_static": 0.9}).model.mem_fraction_static == 0.9
     tokens = dict(scheduler_overrides(ap.parse_args(["--max-total-tokens", "100001"])))
     model = with_model_overrides(two, tokens).model
     assert model.max_total_tokens == 100001 and model.kv_pages == -(-100001 // model.page_size)

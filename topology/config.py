@@ -327,8 +327,9 @@ def _check_memory_shares(model: ModelSection, actors: tuple[ActorSpec, ...]) -> 
     """mem_fraction_static is each engine's share of its GPU: two engines on one GPU would take it twice."""
     if model.mem_fraction_static is None:
         return
-    engines = [a.device_of(r) for a in actors if a.kind in ("engine", "prefill", "decode") for r in range(a.replicas)]
-    shared = sorted({d for d in engines if d.startswith("cuda") and engines.count(d) > 1})
+    engines = [(a.node, a.device_of(r)) for a in actors if a.kind in ("engine", "prefill", "decode")
+               for r in range(a.replicas)]
+    shared = sorted({f"{node}:{d}" for node, d in engines if d.startswith("cuda") and engines.count((node, d)) > 1})
     if shared:
         raise TopologyError("model.mem_fraction_static", f"engines share {shared}: each would take that share of the "
                                                          "whole GPU; size their KV with kv_pages or max_total_tokens")
