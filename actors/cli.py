@@ -98,6 +98,8 @@ def add_scheduler_options(command: argparse.ArgumentParser) -> None:
                             "weights and KV pages (default: the topology's kv_pages)")
     group.add_argument("--max-total-tokens", type=int, metavar="N",
                        help="the KV pool in tokens (kv_pages = N / page_size, rounded up)")
+    group.add_argument("--context-length", "--max-model-len", type=int, metavar="N", dest="context_length",
+                       help="the longest request, prompt and output (default and at most: the model's)")
     group.add_argument("--load-format", choices=("auto", "dummy"),
                        help="auto: the checkpoint's weights (default); dummy: seeded random weights at the "
                             "checkpoint's shape for the text decoder and the encoders (speed measurements)")
@@ -106,7 +108,7 @@ def add_scheduler_options(command: argparse.ArgumentParser) -> None:
 def scheduler_overrides(args: argparse.Namespace) -> tuple[tuple[str, int | float | str | bool], ...]:
     names = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
              "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule", "load_format", "weight_prefetch_max_bs",
-             "mem_fraction_static", "max_total_tokens")
+             "mem_fraction_static", "max_total_tokens", "context_length")
     return tuple((name, getattr(args, name)) for name in names if getattr(args, name) is not None)
 
 

@@ -181,7 +181,7 @@ def run_engine(zctx: zmq.Context, ctx: ActorContext, stop: threading.Event, trac
     drafting = make_drafter(ctx, config, model, dtype) if ctx.actor.kind != "prefill" else {}
     # a prefill actor keeps the KV its decode actor's assistant will read, and hands on the hidden state
     limits = SchedulerLimits(model_section.max_num_batched_tokens, model_section.max_running_requests,
-                             model_section.chunked_prefill_size)
+                             model_section.chunked_prefill_size, model_section.context_length)
     model.set_kernels(model_section.attention_backend == "triton" and model.embed_tokens.weight.is_cuda)
     if model.kernels and model.embed_tokens.weight.is_cuda and model_section.weight_prefetch_max_bs > 0:
         model.weight_prefetch = WeightPrefetch(model.embed_tokens.weight.device,

@@ -122,6 +122,9 @@ class SchedulerLimits:
     max_batch_tokens: int = 512  # query tokens per step (prefill chunks + decodes)
     max_running: int = 64
     chunk_size: int = 256  # longest prefill chunk of one sequence per step
+    # the longest a sequence (prompt + output) may grow, at most the model's max_position_embeddings
+    # (SGLang's context_length, vLLM's max_model_len); None: the model's
+    max_model_len: int | None = None
 
 
 @dataclass(frozen=True)
@@ -366,7 +369,8 @@ class Engine:
         self.media_tokens = media_tokens if media_tokens is not None else MediaTokens.from_text_config(model.cfg)
         self.grammars = grammars  # None: requests with a grammar are refused
         self.cache = cache
-        self.scheduler = Scheduler(cache, limits, model.cfg.max_position_embeddings)
+        longest = model.cfg.max_position_embeddings
+        self.scheduler = Scheduler(cache, limits, min(longest, limits.max_model_len or longest))
         self.drafter = drafter
         self.scheduler.num_speculative_tokens = num_speculative_tokens if drafter is not None else 0
         self.scheduler.draft_context = drafter is not None or draft_context

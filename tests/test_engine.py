@@ -60,6 +60,12 @@ def test_request_that_can_never_fit_is_refused_with_a_typed_error(model):
     with pytest.raises(ValueError):
         engine.add_request([], SamplingParams(max_tokens=8))
     assert not engine.scheduler.has_work()
+    # a context length below the model's (SGLang's --context-length) refuses what passes the model's
+    capped = Engine(model, PagedKVCache(model.cfg, page_size=4, num_pages=64), SchedulerLimits(max_model_len=40))
+    with pytest.raises(RequestTooLargeError, match="= 41 exceeds the model length 40"):
+        capped.add_request(list(range(2, 35)), SamplingParams(max_tokens=8))
+    capped.add_request(list(range(2, 34)), SamplingParams(max_tokens=8))  # 40: fits
+    assert Engine(model, cache, SchedulerLimits(max_model_len=10**6)).scheduler.max_model_len == 256  # the model's
 
 
 def test_stop_tokens_eos_and_length(model):

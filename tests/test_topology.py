@@ -141,6 +141,11 @@ def test_kv_pool_by_share_of_the_gpu_or_by_tokens():
     tokens = dict(scheduler_overrides(ap.parse_args(["--max-total-tokens", "100001"])))
     model = with_model_overrides(two, tokens).model
     assert model.max_total_tokens == 100001 and model.kv_pages == -(-100001 // model.page_size)
+    for flag in ("--context-length", "--max-model-len"):  # SGLang's and vLLM's names
+        flags = dict(scheduler_overrides(ap.parse_args([flag, "8192"])))
+        assert flags == {"context_length": 8192} and with_model_overrides(two, flags).model.context_length == 8192
+    with pytest.raises(TopologyError, match="context_length"):
+        with_model_overrides(two, {"context_length": 0})
     raw = copy.deepcopy(BASE)
     raw["model"]["max_total_tokens"] = 1000
     assert parse_topology(raw).model.kv_pages == -(-1000 // parse_topology(BASE).model.page_size)

@@ -74,6 +74,9 @@ class ModelSection:
     mem_fraction_static: float | None = None
     # the KV pool in tokens (SGLang's max_total_tokens): kv_pages is this over page_size, rounded up
     max_total_tokens: int | None = None
+    # the longest a request (prompt + output) may grow, at most the model's max_position_embeddings
+    # (SGLang's context_length, vLLM's max_model_len); longer requests are refused. None: the model's
+    context_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,8 @@ class ApiSection:
 
 SCHEDULER_FIELDS = ("max_num_batched_tokens", "chunked_prefill_size", "max_running_requests", "attention_backend",
                     "cuda_graph_max_bs", "kv_cache_dtype", "disable_overlap_schedule", "load_format",
-                    "compile_vision_encoder", "weight_prefetch_max_bs", "mem_fraction_static", "max_total_tokens")
+                    "compile_vision_encoder", "weight_prefetch_max_bs", "mem_fraction_static", "max_total_tokens",
+                    "context_length")
 LOAD_FORMATS = ("auto", "dummy")
 KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}
 ATTENTION_BACKENDS = ("torch_native", "triton")
@@ -320,7 +324,9 @@ def _model(t: Mapping[str, Any]) -> ModelSection:
                         load_format=load_format,
                         compile_vision_encoder=_bool(t, "model.", "compile_vision_encoder", True),
                         weight_prefetch_max_bs=_int(t, "model.", "weight_prefetch_max_bs", 0, 0, 4096),
-                        mem_fraction_static=None if fraction is None else float(fraction), max_total_tokens=max_total)
+                        mem_fraction_static=None if fraction is None else float(fraction), max_total_tokens=max_total,
+                        context_length=None if t.get("context_length") is None
+                        else _int(t, "model.", "context_length", 1, 1, 1 << 24))
 
 
 def _check_memory_shares(model: ModelSection, actors: tuple[ActorSpec, ...]) -> None:
