@@ -15,6 +15,7 @@ from gemma4_model.kernels.gemv import (
     small_m_linear, small_m_linear_torch, tiles_bucket,
 )
 from gemma4_model.layers import MLP
+from test_kernel_moe_compile import _ptxas, compile_in_subprocess
 
 
 def rand(*shape, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
@@ -382,14 +383,11 @@ print(json.dumps({"linear": build(False, False), "split": build(False, True), "g
 """
 
 
+@pytest.mark.skipif(not _ptxas(), reason="this Triton build ships no ptxas to compile for sm_90 with")
 def test_tma_gemv_compiles_to_pipelined_tensor_loads():
     """`_gemv_tma_kernel` for sm_90 (bf16, 32 columns by 256-column chunks, four stages): its x and
     weight chunks are bulk tensor copies, pipelined (more copies than one chunk's), on the tensor
     cores, nothing spilled; gate|up issues more (the up rows' chunks)."""
-    from test_kernel_moe_compile import _ptxas, compile_in_subprocess
-
-    if not _ptxas():
-        pytest.skip("this Triton build ships no ptxas to compile for sm_90 with")
     got = compile_in_subprocess(TMA_SCRIPT)
     for variant in got.values():
         assert variant["tma_loads"] > 2 and variant["mma"] and variant["spill_store_bytes"] == 0, got
