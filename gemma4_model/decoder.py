@@ -19,6 +19,7 @@ from .attention import paged_attention, write_kv
 from .batch import ForwardBatch
 from .config import LayerSpec, TextConfig
 from .kernels.fused import KVWrite, gelu_mul, head_norm_rope, ple_combine, ple_combine_torch, residual_norm
+from .kernels.gemv import decode_gate_up_gelu, decode_linear
 from .kernels.l2_prefetch import WeightPrefetch
 from .kernels.ple_tail import PleTail
 from .kernels.moe import moe_combine, moe_combine_tail, moe_expert_rows, moe_route
@@ -75,7 +76,7 @@ class Attention(nn.Module):
         group = cache.groups[spec.layer_type]
         slot = group.slot_of(spec.kv_owner)
         eps = self.q_norm.eps
-        qkv = F.linear(y, self.input_weight())
+        qkv = decode_linear(y, self.input_weight())
         if after_qkv is not None:
             after_qkv()
         if spec.owns_kv:
@@ -86,7 +87,7 @@ class Attention(nn.Module):
         else:
             q = head_norm_rope(qkv, self.heads, spec.head_dim, self.q_norm.weight, cos, sin, eps)
         out = paged_attention_triton(q, group, slot, batch, spec.layer_type, self.span_mode)
-        return self.o_proj(out.reshape(y.shape[0], -1))
+        return decode_linear(out.reshape(y.shape[0], -1), self.o_proj.weight)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         spec = self.spec
@@ -163,9 +164,7 @@ class DecoderLayer(nn.Module):
         h, y = residual_norm(attn, x, self.post_attention_layernorm.weight, eps,
                              next_weight=self.pre_feedforward_layernorm.weight)
         mlp = self.mlp
-        gate_up = F.linear(y, mlp.packed_gate_up())
-        inter = mlp.gate_proj.weight.shape[0]
-        m = mlp.down_proj(gelu_mul(gate_up[:, :inter], gate_up[:, inter:]))
+        m = decode_linear(decode_gate_up_gelu(y, mlp.packed_gate_up()), mlp.down_proj.weight)
         if self.moe:  # routing, two grouped matrix products and the combination; no host read: capturable
             expert_in, weights, experts = moe_route(h, self.router, self.pre_feedforward_layernorm_2)
             rows = moe_expert_rows(expert_in, weights, experts, self.experts.gate_up_proj, self.experts.down_proj)
@@ -256,7 +255,7 @@ class TextDecoder(nn.Module):
     def head(self, normed: torch.Tensor) -> torch.Tensor:
         """(Tied) lm_head and softcapping over final-norm hidden states."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(normed, weight)
+        logits = decode_linear(normed, weight)
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

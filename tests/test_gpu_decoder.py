@@ -57,6 +57,42 @@ def test_cuda_bfloat16_default_model_answers_like_float32_cpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dependent,prefetch_k,tma", [(False, 0, False), (True, 0, False), (True, 2048, False),
+                                                    (False, 0, True)])
+def test_cuda_small_m_products_answer_like_cublas(monkeypatch, dependent, prefetch_k, tma):
+    """The decoder's products through `kernels.gemv` (TANDEM_SMALL_M), plain or dependent launches
+    with the L2 prefetch (TANDEM_PDL, TANDEM_GEMV_PREFETCH_K) or tensor-descriptor loads
+    (TANDEM_GEMV_TMA), CUDA graphs on: the trained model's answers that cuBLAS's products get
+    right come out the same."""
+    from transformers import AutoTokenizer
+
+    from default_model import CHECKPOINT
+    from default_model.formatting import Renderer, answer_text
+    from default_model.tasks import make_set
+    from gemma4_model.kernels import fused, gemv
+
+    tok = AutoTokenizer.from_pretrained(CHECKPOINT)
+    instances = make_set(11, 12, heldout=True, kinds=("add", "copy", "reverse", "json"))
+    prompts = [Renderer(tok, None, None).render(i, with_answer=False).prompt_ids for i in instances]
+    params = SamplingParams(max_tokens=40, stop_token_ids=(1, tok.convert_tokens_to_ids("<turn|>")))
+    outputs = []
+    for small_m in (False, True):
+        monkeypatch.setattr(gemv, "SMALL_M_ON", small_m)
+        monkeypatch.setattr(gemv, "PREFETCH_K", prefetch_k)
+        monkeypatch.setattr(gemv, "TMA_ON", tma and small_m)
+        monkeypatch.setattr(fused, "PDL_ON", dependent and small_m)
+        config, model = load_text_decoder(CHECKPOINT, device="cuda", dtype=torch.bfloat16)
+        model.set_kernels(True)
+        cache = PagedKVCache(config.text, page_size=16, num_pages=256, device="cuda", dtype=torch.bfloat16)
+        engine = Engine(model, cache)
+        engine.capture_decode_graphs(8)
+        outputs.append([s.output for s in engine.generate(prompts, params)])
+    right = [i for i, out in enumerate(outputs[0]) if tok.decode(out) == answer_text(instances[i])]
+    assert len(right) >= 9
+    assert [outputs[1][i] for i in right] == [outputs[0][i] for i in right]
+
+
+@pytest.mark.gpu
 def test_cuda_bfloat16_image_and_audio_prompts_answer_like_float32_cpu():
     """Tandem's encoders and decoder on CUDA in bf16: the default model's image and audio tasks
     give the tokens they give on the CPU in float32."""

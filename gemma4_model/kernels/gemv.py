@@ -38,17 +38,26 @@ them on the device.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .fused import _gelu_tanh, _pdl_release, _pdl_wait, _round, _use_kernel, gelu_mul_torch, pdl
+from .fused import _gelu_tanh, _pdl_release, _pdl_wait, _round, _use_kernel, gelu_mul, gelu_mul_torch, pdl
 from .paged_attention import _dot
 
 MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
+# The decoder's products of up to MAX_ROWS rows on CUDA go through these kernels instead of cuBLAS
+# with TANDEM_SMALL_M=1, each program asking L2 for TANDEM_GEMV_PREFETCH_K weight columns ahead of
+# its wait when launches are dependent (TANDEM_PDL=1), or loading through tensor descriptors with
+# TANDEM_GEMV_TMA=1 (no prefetch then). All read once, at import; off until measured
+# (bench/gemv_chain.py, bench/decode_step.py).
+SMALL_M_ON = os.environ.get("TANDEM_SMALL_M", "0") == "1"
+PREFETCH_K = int(os.environ.get("TANDEM_GEMV_PREFETCH_K", "0"))
+TMA_ON = os.environ.get("TANDEM_GEMV_TMA", "0") == "1"
 _ROWS = tl.constexpr(MAX_ROWS)
 TARGET_SMS = 132  # the H200's multiprocessors, which `heuristic_tiles` aims to fill
 
@@ -391,3 +400,31 @@ def small_m_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor, tiles: GemvTil
         return out.zero_()  # gelu(0) * 0
     _launch(x, w_packed, out, inter, tiles or default_tiles("gate_up", 2 * inter, K, x.dtype), True, dependent)
     return out
+
+
+def _decode_kernels(x: torch.Tensor) -> bool:
+    return SMALL_M_ON and x.is_cuda and 0 < x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _decode_tiles(kind: str, w: torch.Tensor) -> GemvTiles:
+    tiles = default_tiles(kind, w.shape[0], w.shape[1], w.dtype)
+    if TMA_ON:
+        return replace(tiles, block_k=min(tiles.block_k, 256), tma=True)
+    return replace(tiles, prefetch_k=PREFETCH_K)
+
+
+def decode_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T: `small_m_linear` where the TANDEM_SMALL_M switch takes x's rows, `F.linear` else."""
+    if _decode_kernels(x) and x.stride(-1) == 1 and w.stride(-1) == 1:
+        return small_m_linear(x, w, _decode_tiles("linear", w))
+    return F.linear(x, w)
+
+
+def decode_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up of the packed gate|up weight: `small_m_gate_up_gelu` where the
+    TANDEM_SMALL_M switch takes x's rows, else `F.linear` then the fused `gelu_mul`."""
+    if _decode_kernels(x) and x.stride(-1) == 1 and w_packed.stride(-1) == 1:
+        return small_m_gate_up_gelu(x, w_packed, _decode_tiles("gate_up", w_packed))
+    both = F.linear(x, w_packed)
+    inter = w_packed.shape[0] // 2
+    return gelu_mul(both[:, :inter], both[:, inter:])
