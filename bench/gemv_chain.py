@@ -89,12 +89,14 @@ def run_chain(x: torch.Tensor, weights: list[tuple[str, torch.Tensor]], variant:
     return h
 
 
-def measure(model: str, rows: int, lm_head: bool, layers: int | None, reps: int, device: torch.device) -> dict:
+def measure(model: str, rows: int, lm_head: bool, layers: int | None, reps: int, device: torch.device,
+            only: Sequence[str] = ()) -> dict:
     weights = chain_weights(model, device, lm_head, layers)
     nbytes = sum(w.numel() * w.element_size() for _, w in weights)
     x = torch.randn((rows, weights[0][1].shape[1]), generator=torch.Generator(device=device).manual_seed(1),
                     device=device).to(torch.bfloat16)
     variants = [("cublas", 0), ("triton", 0), ("triton_tma", 0)] + [("triton_pdl", p) for p in PREFETCHES]
+    variants = [v for v in variants if not only or v[0] in only or v[0] == "triton"]  # plain triton: the reference
     results, outputs, stream = [], {}, torch.cuda.Stream()
     for variant, prefetch_k in variants:
         ms = graph_us([lambda: run_chain(x, weights, variant, prefetch_k)], reps, stream) / 1e3
@@ -119,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--rows", default="1,4")
     ap.add_argument("--layers", type=int, default=None, help="the first N decoder layers only")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--variants", default="", help="comma-separated: cublas, triton_tma, triton_pdl (plain triton "
+                    "always runs); empty: all")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gemv_chain.py measures CUDA launches: no CUDA device here")
@@ -127,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for model in args.models.split(","):
         for rows in (int(r) for r in args.rows.split(",")):
             for lm_head in (False, True):
-                record = measure(model, rows, lm_head, args.layers, args.reps, device)
+                record = measure(model, rows, lm_head, args.layers, args.reps, device,
+                                 [v for v in args.variants.split(",") if v])
                 records.append(record)
                 best = min(record["variants"], key=lambda r: r["ms"])
                 print(model, rows, "lm_head" if lm_head else "layers", record["weight_gb"], "GB:",
