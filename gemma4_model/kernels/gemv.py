@@ -105,24 +105,24 @@ def tiles_bucket(rows: int, k: int) -> tuple[int, int]:
 
 
 # Keyed by (kernel, *tiles_bucket(weight rows, K)) for bf16 weights: "linear" for `small_m_linear`,
-# "gate_up" for `small_m_gate_up_gelu` (rows = 2I). Guesses for the buckets of the E4B and 26B-A4B
-# decode shapes (the shapes in each bucket in the comments); bench/gemv_sweep.py's
-# "suggested_table" gives measured ones.
+# "gate_up" for `small_m_gate_up_gelu` (rows = 2I). Per bucket the tiles of least summed time over
+# its shapes and 1-16 rows, weighted by calls per decode step, in bench/gemv_sweep.py's sweep on an
+# H200 (bench/results/gemv_sweep_h200.json, "suggested_table"; the shapes it saw in the comments).
 DEFAULT_TILES: dict[tuple[str, int, int], GemvTiles] = {
-    ("linear", 128, 4096): GemvTiles(16, 256, 4),  # 26B router 128 x 2816
-    ("linear", 256, 4096): GemvTiles(16, 256, 4),  # E4B per-layer-input gate 256 x 2560
-    ("linear", 2048, 4096): GemvTiles(16, 256, 2),  # E4B q of a KV-sharing sliding layer 2048 x 2560
-    ("linear", 4096, 256): GemvTiles(16, 256, 1),  # E4B per-layer projection 2560 x 256
-    ("linear", 4096, 2048): GemvTiles(16, 256, 2),  # E4B sliding o_proj 2560 x 2048
-    ("linear", 4096, 4096): GemvTiles(16, 256, 2),  # qkv 3072/4096 x 2560, E4B full o_proj, 26B o_proj/down
-    ("linear", 4096, 16384): GemvTiles(16, 256, 2),  # E4B down 2560 x 10240
-    ("linear", 4096, 8192): GemvTiles(16, 256, 2),  # 26B full o_proj 2816 x 8192
-    ("linear", 8192, 4096): GemvTiles(16, 256, 1),  # E4B full qkv 6144 x 2560, 26B qkv 8192, gate_up 4224
-    ("linear", 16384, 4096): GemvTiles(32, 256, 1),  # 26B full qkv 9216 x 2816, E4B PLE model proj 10752
-    ("linear", 32768, 4096): GemvTiles(32, 256, 1),  # E4B gate_up 20480 x 2560
-    ("linear", 262144, 4096): GemvTiles(64, 256, 1),  # lm_head 262144 x 2560 / 2816
-    ("gate_up", 8192, 4096): GemvTiles(16, 256, 2),  # 26B gate_up 4224 x 2816 (I = 2112)
-    ("gate_up", 32768, 4096): GemvTiles(32, 256, 1),  # E4B gate_up 20480 x 2560 (I = 10240)
+    ("gate_up", 8192, 4096): GemvTiles(32, 256, 1, 4, 4),  # 26b_a4b:mlp_gate_up
+    ("gate_up", 32768, 4096): GemvTiles(64, 128, 1, 4, 3),  # e4b:mlp_gate_up
+    ("linear", 128, 4096): GemvTiles(8, 256, 4, 4, 4),  # 26b_a4b:router
+    ("linear", 256, 4096): GemvTiles(16, 128, 4, 4, 4),  # e4b:ple_gate
+    ("linear", 2048, 4096): GemvTiles(64, 128, 4, 4, 4),  # e4b:q_sliding_kv_shared
+    ("linear", 4096, 256): GemvTiles(32, 128, 1, 4, 3),  # e4b:ple_projection
+    ("linear", 4096, 2048): GemvTiles(64, 256, 2, 4, 4),  # e4b:o_proj_sliding
+    ("linear", 4096, 4096): GemvTiles(64, 256, 2, 4, 4),  # 26b_a4b:mlp_down, o_proj_sliding; e4b:o_proj_full, q_full_kv_shared, qkv_sliding
+    ("linear", 4096, 8192): GemvTiles(64, 256, 2, 4, 4),  # 26b_a4b:o_proj_full
+    ("linear", 4096, 16384): GemvTiles(64, 256, 2, 4, 4),  # e4b:mlp_down
+    ("linear", 8192, 4096): GemvTiles(64, 256, 1, 4, 4),  # 26b_a4b:mlp_gate_up, 26b_a4b:qkv_sliding, e4b:qkv_full
+    ("linear", 16384, 4096): GemvTiles(64, 256, 1, 4, 3),  # 26b_a4b:qkv_full, e4b:ple_model_projection
+    ("linear", 32768, 4096): GemvTiles(64, 256, 1, 4, 4),  # e4b:mlp_gate_up
+    ("linear", 262144, 4096): GemvTiles(64, 256, 1, 4, 3),  # 26b_a4b:lm_head, e4b:lm_head
 }
 
 
