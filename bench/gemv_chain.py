@@ -14,8 +14,11 @@ the next layer's qkv; no attention, norms or per-layer embeddings between them).
 Per model and row count, each variant's chain (every decoder layer's four products at the
 config's shapes, distinct weights, optionally the lm_head) is captured in one CUDA graph; the
 median of the replays, timed with CUDA events, over the weight bytes gives its effective TB/s.
-Every Triton variant's final output (one more run outside the graph) equals the plain launches'
-exactly (the same kernels and tiles) and is checked; cuBLAS's is compared by relative error.
+Outputs are checked over the first layer's four products (one more run outside the graph): every
+Triton variant's equals the plain launches' exactly (the same kernels and tiles) or not, and each is
+compared with cuBLAS's by relative error. Not over the whole chain: with random weights and no
+norms between layers each gate|up's gelu_tanh(gate) * up shrinks the values, and after a dozen
+layers they are zeros, where any two variants agree.
 
     PYTHONPATH=. python bench/gemv_chain.py --commit <sha> --out bench/results/gemv_chain_h200.json
 """
@@ -46,6 +49,7 @@ from gemv_sweep import graph_us  # noqa: E402
 CONFIGS = ROOT / "tests" / "fixtures" / "hf_configs"
 MODELS = {"e4b": "gemma-4-E4B-it", "26b_a4b": "gemma-4-26B-A4B-it"}
 PREFETCHES = (0, 512, 2048, 16384)  # K columns a program asks L2 for ahead of its wait (16384: its whole split)
+CHECKED = 4  # products whose output is checked: the first layer's (deeper, random chains decay to zeros)
 
 
 def chain_weights(model: str, device: torch.device, lm_head: bool, layers: int | None) -> list[tuple[str, torch.Tensor]]:
@@ -100,7 +104,7 @@ def measure(model: str, rows: int, lm_head: bool, layers: int | None, reps: int,
     results, outputs, stream = [], {}, torch.cuda.Stream()
     for variant, prefetch_k in variants:
         ms = graph_us([lambda: run_chain(x, weights, variant, prefetch_k)], reps, stream) / 1e3
-        outputs[(variant, prefetch_k)] = run_chain(x, weights, variant, prefetch_k)
+        outputs[(variant, prefetch_k)] = run_chain(x, weights[:CHECKED], variant, prefetch_k)
         results.append(dict(variant=variant, prefetch_k=prefetch_k, ms=round(ms, 4),
                             tbs=round(nbytes / ms / 1e9, 3)))
     plain = outputs[("triton", 0)]
@@ -110,7 +114,7 @@ def measure(model: str, rows: int, lm_head: bool, layers: int | None, reps: int,
         r["equals_plain_triton"] = bool(torch.equal(out, plain))
         r["rel_err_vs_cublas"] = round(((out.float() - cublas).norm() / cublas.norm()).item(), 5)
     return dict(model=model, rows=rows, lm_head=lm_head, products=len(weights), weight_gb=round(nbytes / 1e9, 3),
-                variants=results)
+                checked_products=CHECKED, variants=results)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
