@@ -23,7 +23,7 @@ from .kernels.gemv import decode_gate_up_gelu, decode_linear
 from .kernels.l2_prefetch import WeightPrefetch
 from .kernels.ple_tail import PleTail
 from .kernels.moe import moe_combine, moe_combine_tail, moe_expert_rows, moe_route
-from .kernels.paged_attention import paged_attention_triton
+from .kernels.paged_attention import SplitCounters, paged_attention_triton
 from .kv_cache import PagedKVCache
 from .layers import (MLP, Experts, RMSNorm, RotaryEmbedding, Router, add_sandwich_norms, apply_rope, gelu_tanh,
                      is_packed, pack_rows)
@@ -54,6 +54,7 @@ class Attention(nn.Module):
             self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
         self._qkv: torch.Tensor | None = None  # q|k|v rows, once packed
+        self.split_counters = SplitCounters()  # the attention launch's split-merge counters (decode batches)
 
     def packed_qkv(self) -> torch.Tensor:
         """One weight of q|k|v rows, q_proj/k_proj/v_proj made views of it (packed again if a
@@ -86,7 +87,8 @@ class Attention(nn.Module):
             q = head_norm_rope(qkv, self.heads, spec.head_dim, self.q_norm.weight, cos, sin, eps, kv)
         else:
             q = head_norm_rope(qkv, self.heads, spec.head_dim, self.q_norm.weight, cos, sin, eps)
-        out = paged_attention_triton(q, group, slot, batch, spec.layer_type, self.span_mode)
+        out = paged_attention_triton(q, group, slot, batch, spec.layer_type, self.span_mode,
+                                     counters=self.split_counters)
         return decode_linear(out.reshape(y.shape[0], -1), self.o_proj.weight)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
@@ -100,8 +102,11 @@ class Attention(nn.Module):
             raw_v = raw_k if self.v_proj is None else self.v_proj(x).view(T, spec.num_kv_heads, spec.head_dim)
             k = apply_rope(self.k_norm(raw_k), cos, sin)
             write_kv(group, slot, batch.groups[spec.layer_type].write_slots, k, self.v_norm(raw_v))
-        attend = paged_attention_triton if self.kernels else paged_attention
-        out = attend(q, group, slot, batch, spec.layer_type, self.span_mode)
+        if self.kernels:
+            out = paged_attention_triton(q, group, slot, batch, spec.layer_type, self.span_mode,
+                                         counters=self.split_counters)
+        else:
+            out = paged_attention(q, group, slot, batch, spec.layer_type, self.span_mode)
         return self.o_proj(out.reshape(T, -1))
 
 
