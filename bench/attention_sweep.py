@@ -35,7 +35,8 @@ from bench.gemv_sweep import graph_us  # noqa: E402
 from gemma4_model.batch import ForwardBatch, GroupView  # noqa: E402
 from gemma4_model.config import parse_config  # noqa: E402
 from gemma4_model.kernels.paged_attention import (  # noqa: E402
-    DECODE_TILES, MAX_SPLITS, DecodeTiles, SplitCounters, default_num_splits, paged_attention_triton)
+    DECODE_TILES, MAX_SPLITS, DecodeTiles, default_num_splits, paged_attention_triton)
+from gemma4_model.kernels.counters import LaunchCounters  # noqa: E402
 from gemma4_model.kv_cache import KVGroup  # noqa: E402
 from gemma4_model.page_pool import PagePool  # noqa: E402
 from topology.config import KV_CACHE_DTYPES  # noqa: E402
@@ -124,7 +125,7 @@ def main() -> None:
                                   ints(args.block_dks), ints(args.split_keys), ints(args.split_programs),
                                   ints(args.num_splits), fp16, ints(args.block_dvs), ints(args.tma_stages),
                                   ints(args.fold_merge))]
-    counters = SplitCounters()  # for the variants that fold the merge
+    counters = LaunchCounters()  # for the variants that fold the merge
     records = []
     for model in args.models.split(","):
         for layer, (heads, kv_heads, head_dim, window) in layer_shapes(model).items():

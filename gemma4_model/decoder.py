@@ -20,10 +20,11 @@ from .batch import ForwardBatch
 from .config import LayerSpec, TextConfig
 from .kernels.fused import KVWrite, gelu_mul, head_norm_rope, ple_combine, ple_combine_torch, residual_norm
 from .kernels.gemv import decode_gate_up_gelu, decode_linear
+from .kernels.counters import LaunchCounters
 from .kernels.l2_prefetch import WeightPrefetch
 from .kernels.ple_tail import PleTail
 from .kernels.moe import moe_combine, moe_combine_tail, moe_expert_rows, moe_route
-from .kernels.paged_attention import SplitCounters, paged_attention_triton
+from .kernels.paged_attention import paged_attention_triton
 from .kv_cache import PagedKVCache
 from .layers import (MLP, Experts, RMSNorm, RotaryEmbedding, Router, add_sandwich_norms, apply_rope, gelu_tanh,
                      is_packed, pack_rows)
@@ -54,7 +55,7 @@ class Attention(nn.Module):
             self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
         self._qkv: torch.Tensor | None = None  # q|k|v rows, once packed
-        self.split_counters = SplitCounters()  # the attention launch's split-merge counters (decode batches)
+        self.counters = LaunchCounters()  # for its launches that merge their splits themselves (TANDEM_FOLD_MERGE)
 
     def packed_qkv(self) -> torch.Tensor:
         """One weight of q|k|v rows, q_proj/k_proj/v_proj made views of it (packed again if a
@@ -77,7 +78,7 @@ class Attention(nn.Module):
         group = cache.groups[spec.layer_type]
         slot = group.slot_of(spec.kv_owner)
         eps = self.q_norm.eps
-        qkv = decode_linear(y, self.input_weight())
+        qkv = decode_linear(y, self.input_weight(), self.counters)
         if after_qkv is not None:
             after_qkv()
         if spec.owns_kv:
@@ -88,8 +89,8 @@ class Attention(nn.Module):
         else:
             q = head_norm_rope(qkv, self.heads, spec.head_dim, self.q_norm.weight, cos, sin, eps)
         out = paged_attention_triton(q, group, slot, batch, spec.layer_type, self.span_mode,
-                                     counters=self.split_counters)
-        return decode_linear(out.reshape(y.shape[0], -1), self.o_proj.weight)
+                                     counters=self.counters)
+        return decode_linear(out.reshape(y.shape[0], -1), self.o_proj.weight, self.counters)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         spec = self.spec
@@ -104,7 +105,7 @@ class Attention(nn.Module):
             write_kv(group, slot, batch.groups[spec.layer_type].write_slots, k, self.v_norm(raw_v))
         if self.kernels:
             out = paged_attention_triton(q, group, slot, batch, spec.layer_type, self.span_mode,
-                                         counters=self.split_counters)
+                                         counters=self.counters)
         else:
             out = paged_attention(q, group, slot, batch, spec.layer_type, self.span_mode)
         return self.o_proj(out.reshape(T, -1))
@@ -140,6 +141,7 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = nn.Linear(cfg.ple_dim, h, bias=False)
             self.post_per_layer_input_norm = RMSNorm(h, eps)
             self.ple_tail = PleTail()  # the fused tail's row counters (decode batch sizes)
+        self.counters = LaunchCounters()  # the feed-forward products' (TANDEM_FOLD_MERGE)
 
     def forward(self, x, ple_input, cos, sin, batch, cache):
         h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, batch, cache))
@@ -169,7 +171,8 @@ class DecoderLayer(nn.Module):
         h, y = residual_norm(attn, x, self.post_attention_layernorm.weight, eps,
                              next_weight=self.pre_feedforward_layernorm.weight)
         mlp = self.mlp
-        m = decode_linear(decode_gate_up_gelu(y, mlp.packed_gate_up()), mlp.down_proj.weight)
+        m = decode_linear(decode_gate_up_gelu(y, mlp.packed_gate_up(), self.counters), mlp.down_proj.weight,
+                          self.counters)
         if self.moe:  # routing, two grouped matrix products and the combination; no host read: capturable
             expert_in, weights, experts = moe_route(h, self.router, self.pre_feedforward_layernorm_2)
             rows = moe_expert_rows(expert_in, weights, experts, self.experts.gate_up_proj, self.experts.down_proj)

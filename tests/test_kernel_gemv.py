@@ -10,6 +10,7 @@ import torch
 
 from tests.bench_scripts import load_bench
 from gemma4_model.kernels import gemv
+from gemma4_model.kernels.counters import LaunchCounters
 from gemma4_model.kernels.gemv import (
     DEFAULT_TILES, GemvTiles, default_tiles, heuristic_tiles, small_m_gate_up_gelu, small_m_gate_up_gelu_torch,
     small_m_linear, small_m_linear_torch, tiles_bucket,
@@ -92,6 +93,28 @@ def test_splits_agree_and_repeat_exactly():
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
     assert torch.equal(small_m_linear(x, w, GemvTiles(16, 16, 4)), outs[2])  # deterministic
+
+
+@pytest.mark.parametrize("tiles", [GemvTiles(8, 16, 3), GemvTiles(16, 32, 2), GemvTiles(8, 16, 3, tma=True)],
+                         ids=["three", "two", "tma"])
+def test_splits_added_in_the_products_launch(tiles, monkeypatch):
+    """With the call site's counters each column block's last split program adds the splits (no
+    second launch), linear and gate|up alike, and leaves its counter zero: a second call (a graph's
+    next replay) agrees. Too few counters for the column blocks: the second launch, counters untouched."""
+    x, w = case(5, 40, 72, seed=3)
+    counters = LaunchCounters()
+    with monkeypatch.context() as patch:
+        patch.setattr(gemv, "_split_reduce_kernel", None)  # no second launch
+        for _ in range(2):
+            torch.testing.assert_close(small_m_linear(x, w, tiles, counters=counters), small_m_linear_torch(x, w),
+                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(small_m_gate_up_gelu(x, w, tiles, counters=counters),
+                                       small_m_gate_up_gelu_torch(x, w), atol=1e-5, rtol=1e-5)
+            assert not counters.counter(x.device).any(), "every launch leaves its counters at zero"
+    few = LaunchCounters(2)  # 40 columns in blocks of 8 or 16: 3 to 5 blocks
+    torch.testing.assert_close(small_m_linear(x, w, tiles, counters=few), small_m_linear_torch(x, w),
+                               atol=1e-5, rtol=1e-5)
+    assert not few.counters
 
 
 def test_no_rows_no_k_and_clear_errors(monkeypatch):
@@ -277,13 +300,17 @@ def test_gpu_gate_up_at_real_shapes_against_the_float32_twin(rows, k):
 
 @pytest.mark.gpu
 def test_gpu_replayed_in_a_graph():
-    """Both kernels, split and unsplit, captured for 4 rows; new x at each replay gives the eager
-    result exactly (the same kernels, deterministic sums)."""
+    """Both kernels, split and unsplit, and split with the splits added in the launch (counters),
+    captured for 4 rows; new x at each replay gives the eager result exactly (the same kernels,
+    deterministic sums), and the counters are zero after each replay."""
     x = torch.zeros((4, 2560), dtype=torch.bfloat16, device="cuda")
     _, w = case(4, 2560, 2560, dtype=torch.bfloat16, device="cuda", seed=1)
     _, packed = case(4, 2048, 2560, dtype=torch.bfloat16, device="cuda", seed=2)
+    counters = LaunchCounters()  # K splits added in the product's launch, counted on them
     calls = [lambda: small_m_linear(x, w, GemvTiles(16, 256, 4)), lambda: small_m_linear(x, w, GemvTiles(32, 256, 1)),
-             lambda: small_m_gate_up_gelu(x, packed, GemvTiles(16, 256, 2)), lambda: small_m_gate_up_gelu(x, packed)]
+             lambda: small_m_gate_up_gelu(x, packed, GemvTiles(16, 256, 2)), lambda: small_m_gate_up_gelu(x, packed),
+             lambda: small_m_linear(x, w, GemvTiles(16, 256, 4), counters=counters),
+             lambda: small_m_gate_up_gelu(x, packed, GemvTiles(16, 256, 2, tma=True), counters=counters)]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -298,6 +325,9 @@ def test_gpu_replayed_in_a_graph():
         graph.replay()
         for out, call in zip(outs, calls):
             assert torch.equal(out, call())
+        torch.testing.assert_close(outs[4], outs[0], atol=1e-3, rtol=2**-7)  # the same four splits, summed in
+        # split order here and by a tree in the second launch: a rounding apart at most
+        assert not counters.counter(x.device).any()
 
 
 @pytest.mark.gpu
@@ -368,18 +398,21 @@ from triton.compiler import ASTSource
 from bench.attention_registers import ptxas_usage
 from gemma4_model.kernels.gemv import _gemv_tma_kernel as kernel
 
-def build(gate_up, partial, block_n=32, stages=4):
-    const = dict(BLOCK_N=block_n, BLOCK_K=256, GATE_UP=gate_up, PARTIAL=partial, IEEE=False, PDL=False)
+def build(gate_up, partial, block_n=32, stages=4, fold=0):
+    const = dict(BLOCK_N=block_n, BLOCK_K=256, GATE_UP=gate_up, PARTIAL=partial, IEEE=False, PDL=False,
+                 FOLD_SPLITS=fold)
     types = {a: "constexpr" if a in const else "tensordesc<bf16[16,256]>" if a == "x_desc"
              else f"tensordesc<bf16[{block_n},256]>" if a == "w_desc" else "*fp32" if a == "part_ptr"
-             else "*bf16" if a.endswith("_ptr") else "i32" for a in kernel.arg_names}
+             else "*i32" if a == "count_ptr" else "*bf16" if a.endswith("_ptr") else "i32" for a in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if a in ("out_ptr", "part_ptr")}
     compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=const, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
     ptx = compiled.asm["ptx"]
-    return {"tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "mma": "mma" in ptx, **ptxas_usage(ptx)}
+    return {"tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "mma": "mma" in ptx,
+            "acq_rel_count": bool(re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)), **ptxas_usage(ptx)}
 
-print(json.dumps({"linear": build(False, False), "split": build(False, True), "gate_up": build(True, False)}))
+print(json.dumps({"linear": build(False, False), "split": build(False, True), "gate_up": build(True, False),
+                  "split-fold": build(False, True, fold=2), "gate_up-split-fold": build(True, True, fold=4)}))
 """
 
 
@@ -392,3 +425,6 @@ def test_tma_gemv_compiles_to_pipelined_tensor_loads():
     for variant in got.values():
         assert variant["tma_loads"] > 2 and variant["mma"] and variant["spill_store_bytes"] == 0, got
     assert got["gate_up"]["tma_loads"] > got["linear"]["tma_loads"], got
+    # K splits added by each column block's last program (TANDEM_FOLD_MERGE): counted acquire-release
+    assert got["split-fold"]["acq_rel_count"] and got["gate_up-split-fold"]["acq_rel_count"], got
+    assert not got["split"]["acq_rel_count"], got

@@ -14,7 +14,8 @@ from gemma4_model.attention import paged_attention
 from gemma4_model.batch import ForwardBatch, GroupView
 from gemma4_model.kernels import paged_attention as attention_kernels
 from gemma4_model.kernels.paged_attention import (
-    DECODE_TILES, MAX_SPLITS, DecodeTiles, SplitCounters, decode_splits, paged_attention_triton)
+    DECODE_TILES, MAX_SPLITS, DecodeTiles, decode_splits, paged_attention_triton)
+from gemma4_model.kernels.counters import LaunchCounters
 from gemma4_model.kv_cache import NO_PAGE, KVGroup
 from gemma4_model.page_pool import PagePool
 
@@ -273,7 +274,7 @@ def test_split_merge_folded_into_the_attention_launch(tiles, monkeypatch):
     want = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16,
                                   tiles=replace(tiles, fold_merge=False))
     torch.testing.assert_close(want, paged_attention(q, group, 0, batch, LAYER, "none"), atol=2e-5, rtol=1e-4)
-    counters = SplitCounters()
+    counters = LaunchCounters()
     with monkeypatch.context() as patch:
         patch.setattr(attention_kernels, "_merge_splits_kernel", None)  # no second launch
         for _ in range(2):
@@ -284,20 +285,21 @@ def test_split_merge_folded_into_the_attention_launch(tiles, monkeypatch):
     assert list(counters.counters) == [q.device]
 
 
-def test_split_merge_stays_a_second_launch_without_counters_or_room(monkeypatch):
-    """Without counters, with one split, or past `FOLD_CELLS` (row block, KV head) cells, the
-    folding tiles merge in the second launch and never touch the counters."""
+def test_split_merge_stays_a_second_launch_without_counters_or_room():
+    """Without counters, with one split, or with fewer counters than (row block, KV head) cells,
+    the folding tiles merge in the second launch and never touch the counters."""
     q, group, batch = make_case([Seq(300, 1), Seq(40, 1), Seq(5, 1)], heads=4, kv_heads=2, head_dim=32, page=16)
     tiles = DecodeTiles(fold_merge=True, tma_stages=0)
     want = paged_attention(q, group, 0, batch, LAYER, "none")
-    counters = SplitCounters()
+    counters = LaunchCounters()
     for kwargs in (dict(num_splits=16), dict(num_splits=1, counters=counters)):
         got = paged_attention_triton(q, group, 0, batch, LAYER, "none", tiles=tiles, **kwargs)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-    monkeypatch.setattr(attention_kernels, "FOLD_CELLS", 5)  # 3 sequences x 2 KV heads
-    got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16, tiles=tiles, counters=counters)
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     assert not counters.counters
+    few = LaunchCounters(5)  # 3 sequences x 2 KV heads
+    got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16, tiles=tiles, counters=few)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert not few.counters
 
 
 def test_splits_past_a_rows_keys_store_nothing_the_merge_reads(monkeypatch):
@@ -481,7 +483,7 @@ def test_gpu_folded_split_merge_up_to_8k(model, layer, batch_size):
     q, group, batch = make_case(seqs, heads=spec["heads"], kv_heads=kv_heads, head_dim=head_dim, page=16,
                                 window=window, dtype=torch.bfloat16, device="cuda", q_scale=head_dim**-0.5)
     want = twin_fp32(q, group, batch, "none")
-    counters = SplitCounters()
+    counters = LaunchCounters()
     for tma in (0, 2):
         tiles = DecodeTiles(tma_stages=tma, tma_min_sequences=1, fold_merge=True)
         merged = paged_attention_triton(q, group, 0, batch, LAYER, "none", tiles=replace(tiles, fold_merge=False))

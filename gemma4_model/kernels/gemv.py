@@ -8,7 +8,9 @@ range is cut into that many block-aligned pieces, each program writes float32 pa
 workspace [splits, M, N] and a second small kernel adds them in a fixed order and rounds
 (deterministic: no atomics). `small_m_gate_up_gelu` does the MLP's packed gate|up product the
 same way, each program taking matching gate and up column blocks, with gelu_tanh(gate) * up in
-its epilogue (the [M, 2I] product never goes to memory).
+its epilogue (the [M, 2I] product never goes to memory). Given the call site's counters
+(`kernels.counters`), each column block's last split program adds the splits instead of the
+second kernel.
 
 Each chunk is multiplied with `tl.dot`, the x rows padded to 16 (the padding rows re-read row
 M-1, from L1, and are never stored; ragged column blocks likewise re-read the last weight row,
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .counters import FOLD_ON, LaunchCounters
 from .fused import _gelu_tanh, _pdl_release, _pdl_wait, _round, _use_kernel, gelu_mul, gelu_mul_torch, pdl
 from .paged_attention import _dot
 
@@ -173,10 +176,10 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offset, stride_x, stride_w, stride_o,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, M, N, K, k_per_split, up_offset, stride_x, stride_w,
+                 stride_o, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
                  EVEN_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
-                 LINE: tl.constexpr):
+                 LINE: tl.constexpr, FOLD_SPLITS: tl.constexpr):
     """Program (column block, split): out[:M, block] (or its float32 partial sums over the split's
     K range) = x[:M, range] @ w[block, range].T. N: output columns; with GATE_UP the up rows start
     at weight row N (`up_offset` elements on) and the output is gelu_tanh(gate) * up. With PDL the
@@ -223,21 +226,39 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offse
             acc_up += _dot(x, tl.trans(w_up), IEEE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    _store_products(acc, acc_up, out_ptr, part_ptr, rows, offs_n, row_ok[:, None] & n_ok[None, :], split, M, N,
-                    stride_o, GATE_UP, PARTIAL)
+    _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n, row_ok[:, None] & n_ok[None, :], split,
+                    M, N, stride_o, GATE_UP, PARTIAL, FOLD_SPLITS)
 
 
 @triton.jit
-def _store_products(acc, acc_up, out_ptr, part_ptr, rows, offs_n, out_ok, split, M, N, stride_o,
-                    GATE_UP: tl.constexpr, PARTIAL: tl.constexpr):
+def _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n, out_ok, split, M, N, stride_o,
+                    GATE_UP: tl.constexpr, PARTIAL: tl.constexpr, FOLD_SPLITS: tl.constexpr):
     """A program's products: float32 partial sums [splits, M, N (2N with GATE_UP)] for
-    _split_reduce_kernel, or the rounded result (gelu_tanh(gate) * up with GATE_UP)."""
+    _split_reduce_kernel (or, with FOLD_SPLITS splits, for the column block's last program, which
+    counts on `count_ptr`'s counter of its block: `kernels.counters`), or the rounded result
+    (gelu_tanh(gate) * up with GATE_UP)."""
     if PARTIAL:
         width = 2 * N if GATE_UP else N
         cells = part_ptr + (split * M + rows).to(tl.int64)[:, None] * width + offs_n[None, :]
         tl.store(cells, acc, mask=out_ok)
         if GATE_UP:
             tl.store(cells + N, acc_up, mask=out_ok)
+        if FOLD_SPLITS > 0:
+            tl.debug_barrier()  # every thread's stores issued before the count releases them
+            counter = count_ptr + tl.program_id(0)
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == FOLD_SPLITS - 1:
+                tl.debug_barrier()
+                acc = tl.zeros_like(acc)
+                acc_up = tl.zeros_like(acc_up)
+                base = part_ptr + rows.to(tl.int64)[:, None] * width + offs_n[None, :]
+                for s in tl.static_range(FOLD_SPLITS):  # in split order, past L1
+                    cells = base + (s * M).to(tl.int64) * width
+                    acc += tl.load(cells, mask=out_ok, other=0.0, cache_modifier=".cg")
+                    if GATE_UP:
+                        acc_up += tl.load(cells + N, mask=out_ok, other=0.0, cache_modifier=".cg")
+                _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n, out_ok, split, M, N,
+                                stride_o, GATE_UP, False, 0)
+                tl.atomic_xchg(counter, 0)  # ready for the next launch
     else:
         dt = out_ptr.dtype.element_ty
         if GATE_UP:
@@ -246,9 +267,9 @@ def _store_products(acc, acc_up, out_ptr, part_ptr, rows, offs_n, out_ok, split,
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_tma_kernel(x_desc, w_desc, out_ptr, part_ptr, M, N, K, k_per_split, stride_o,
+def _gemv_tma_kernel(x_desc, w_desc, out_ptr, part_ptr, count_ptr, M, N, K, k_per_split, stride_o,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
-                     IEEE: tl.constexpr, PDL: tl.constexpr):
+                     IEEE: tl.constexpr, PDL: tl.constexpr, FOLD_SPLITS: tl.constexpr):
     """`_gemv_kernel` with its chunks loaded through tensor descriptors: x [M, K] in [16, BLOCK_K]
     boxes and the weight [N rows (2N with GATE_UP), K] in [BLOCK_N, BLOCK_K] boxes, the up rows'
     box N rows below the gate rows'. Whatever lies outside a descriptor reads as zeros (x's padding
@@ -269,8 +290,8 @@ def _gemv_tma_kernel(x_desc, w_desc, out_ptr, part_ptr, M, N, K, k_per_split, st
         acc += _dot(x, tl.trans(w_desc.load([n0, k0])), IEEE)
         if GATE_UP:
             acc_up += _dot(x, tl.trans(w_desc.load([N + n0, k0])), IEEE)
-    _store_products(acc, acc_up, out_ptr, part_ptr, rows, offs_n, (rows < M)[:, None] & (offs_n < N)[None, :], split,
-                    M, N, stride_o, GATE_UP, PARTIAL)
+    _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n,
+                    (rows < M)[:, None] & (offs_n < N)[None, :], split, M, N, stride_o, GATE_UP, PARTIAL, FOLD_SPLITS)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -331,7 +352,7 @@ def _descriptor_ready(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, tiles: GemvTiles, gate_up: bool,
-            dependent: bool | None) -> None:
+            dependent: bool | None, counters: LaunchCounters | None) -> None:
     M, K = x.shape
     block_k = tiles.block_k
     chunks = triton.cdiv(K, block_k)
@@ -343,6 +364,8 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
     line = max(1, 128 // w.element_size())
     prefetch_k = min(tiles.prefetch_k, _pow2(k_per_split)) if on else 0
     grid = (triton.cdiv(n_out, tiles.block_n), splits)
+    fold = splits if splits > 1 and counters is not None and counters.fits(grid[0]) else 0
+    count = counters.counter(x.device) if fold else part  # (a placeholder where the splits are not folded)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if tiles.tma and _descriptor_ready(x, w):
             from triton.tools.tensor_descriptor import TensorDescriptor
@@ -350,16 +373,17 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
             x_desc = TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [MAX_ROWS, block_k])
             w_desc = TensorDescriptor(w, list(w.shape), [w.stride(0), 1], [tiles.block_n, block_k])
             _gemv_tma_kernel[grid](
-                x_desc, w_desc, out, part, M, n_out, K, k_per_split, out.stride(0), BLOCK_N=tiles.block_n,
+                x_desc, w_desc, out, part, count, M, n_out, K, k_per_split, out.stride(0), BLOCK_N=tiles.block_n,
                 BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1, IEEE=x.dtype == torch.float32, PDL=on,
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
+                FOLD_SPLITS=fold, num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
         else:
             _gemv_kernel[grid](
-                x, w, out, part, M, n_out, K, k_per_split, n_out * w.stride(0), x.stride(0), w.stride(0), out.stride(0),
-                BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1, EVEN_K=K % block_k == 0,
-                IEEE=x.dtype == torch.float32, PDL=on, PREFETCH_K=prefetch_k if prefetch_k >= line else 0, LINE=line,
+                x, w, out, part, count, M, n_out, K, k_per_split, n_out * w.stride(0), x.stride(0), w.stride(0),
+                out.stride(0), BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1,
+                EVEN_K=K % block_k == 0, IEEE=x.dtype == torch.float32, PDL=on,
+                PREFETCH_K=prefetch_k if prefetch_k >= line else 0, LINE=line, FOLD_SPLITS=fold,
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
-        if splits > 1:
+        if splits > 1 and not fold:
             block = min(1024, _pow2(n_out))
             _split_reduce_kernel[(M, triton.cdiv(n_out, block))](
                 part, out, M, n_out, out.stride(0), SPLITS=splits, SPLITS_PAD=_pow2(splits), GATE_UP=gate_up,
@@ -367,10 +391,12 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
 
 
 def small_m_linear(x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles | None = None, *,
-                   dependent: bool | None = None) -> torch.Tensor:
+                   dependent: bool | None = None, counters: LaunchCounters | None = None) -> torch.Tensor:
     """x [M, K] @ w.T for a weight w [N, K] (an nn.Linear's), M <= 16: [M, N] in x's dtype, as
     `small_m_linear_torch`. `tiles` defaults to `default_tiles("linear", N, K, dtype)`; `dependent`
-    launches programmatically dependent (with `tiles.prefetch_k`), None as the `TANDEM_PDL` switch."""
+    launches programmatically dependent (with `tiles.prefetch_k`), None as the `TANDEM_PDL` switch.
+    With `counters` (the call site's, a counter per column block) the K splits are added in the
+    product's launch by each column block's last program, not by a second launch."""
     _check("small_m_linear", x, w)
     M, K = x.shape
     N = w.shape[0]
@@ -379,15 +405,16 @@ def small_m_linear(x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles | None = N
         return out
     if K == 0:
         return out.zero_()
-    _launch(x, w, out, N, tiles or default_tiles("linear", N, K, x.dtype), False, dependent)
+    _launch(x, w, out, N, tiles or default_tiles("linear", N, K, x.dtype), False, dependent, counters)
     return out
 
 
 def small_m_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor, tiles: GemvTiles | None = None, *,
-                         dependent: bool | None = None) -> torch.Tensor:
+                         dependent: bool | None = None, counters: LaunchCounters | None = None) -> torch.Tensor:
     """gelu_tanh(x @ gate.T) * (x @ up.T) [M, I] in x's dtype for w_packed [2I, K] (gate rows, then
     up rows), M <= 16, as `small_m_gate_up_gelu_torch`; gate and up in one pass over the weight.
-    `tiles` defaults to `default_tiles("gate_up", 2I, K, dtype)`; `dependent` as `small_m_linear`'s."""
+    `tiles` defaults to `default_tiles("gate_up", 2I, K, dtype)`; `dependent` and `counters` as
+    `small_m_linear`'s."""
     _check("small_m_gate_up_gelu", x, w_packed)
     if w_packed.shape[0] % 2:
         raise ValueError(f"small_m_gate_up_gelu takes gate and up rows packed [2I, K], got {w_packed.shape[0]} rows")
@@ -398,7 +425,8 @@ def small_m_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor, tiles: GemvTil
         return out
     if K == 0:
         return out.zero_()  # gelu(0) * 0
-    _launch(x, w_packed, out, inter, tiles or default_tiles("gate_up", 2 * inter, K, x.dtype), True, dependent)
+    _launch(x, w_packed, out, inter, tiles or default_tiles("gate_up", 2 * inter, K, x.dtype), True, dependent,
+            counters)
     return out
 
 
@@ -413,18 +441,21 @@ def _decode_tiles(kind: str, w: torch.Tensor) -> GemvTiles:
     return replace(tiles, prefetch_k=PREFETCH_K)
 
 
-def decode_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T: `small_m_linear` where the TANDEM_SMALL_M switch takes x's rows, `F.linear` else."""
+def decode_linear(x: torch.Tensor, w: torch.Tensor, counters: LaunchCounters | None = None) -> torch.Tensor:
+    """x @ w.T: `small_m_linear` where the TANDEM_SMALL_M switch takes x's rows, `F.linear` else;
+    with TANDEM_FOLD_MERGE=1 its K splits added in its launch on the call site's `counters`."""
     if _decode_kernels(x) and x.stride(-1) == 1 and w.stride(-1) == 1:
-        return small_m_linear(x, w, _decode_tiles("linear", w))
+        return small_m_linear(x, w, _decode_tiles("linear", w), counters=counters if FOLD_ON else None)
     return F.linear(x, w)
 
 
-def decode_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor) -> torch.Tensor:
+def decode_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor, counters: LaunchCounters | None = None) -> torch.Tensor:
     """gelu_tanh(gate) * up of the packed gate|up weight: `small_m_gate_up_gelu` where the
-    TANDEM_SMALL_M switch takes x's rows, else `F.linear` then the fused `gelu_mul`."""
+    TANDEM_SMALL_M switch takes x's rows, else `F.linear` then the fused `gelu_mul`; `counters` as
+    `decode_linear`'s."""
     if _decode_kernels(x) and x.stride(-1) == 1 and w_packed.stride(-1) == 1:
-        return small_m_gate_up_gelu(x, w_packed, _decode_tiles("gate_up", w_packed))
+        return small_m_gate_up_gelu(x, w_packed, _decode_tiles("gate_up", w_packed),
+                                    counters=counters if FOLD_ON else None)
     both = F.linear(x, w_packed)
     inter = w_packed.shape[0] // 2
     return gelu_mul(both[:, :inter], both[:, inter:])

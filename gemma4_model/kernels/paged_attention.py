@@ -13,7 +13,7 @@ tiles the output is split into head-dim slices over programs (each recomputes th
 accumulator stays in registers. For decode-only batches with few programs per SM the keys of each
 sequence are split over `num_splits` programs (flash decoding) and a second kernel merges their
 partial results by their log-sum-exp, or (`DecodeTiles.fold_merge`, with the caller's
-`SplitCounters`) the last of a row block's programs merges them in the same launch.
+`LaunchCounters`) the last of a row block's programs merges them in the same launch.
 
 The schedule and every length live in int32 tensors (`ForwardBatch.layout`): a decode step of
 fixed batch size launches the same grid whatever its sequences' lengths.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -32,6 +32,7 @@ import triton.language as tl
 
 from ..batch import ForwardBatch
 from ..kv_cache import KVGroup
+from .counters import FOLD_ON, LaunchCounters
 from .fused import _pdl_release, _pdl_wait, pdl
 
 SPAN_MODES = {"none": 0, "windowed": 1, "override": 2}
@@ -89,7 +90,7 @@ class DecodeTiles:
     fp8_products_in_fp16: bool = False
     # flash-decoding splits merged inside the attention launch: each program counts itself done on its
     # (row block, KV head) counter and the last one merges the splits' partial results
-    # (`_fold_merge`), where the caller gives counters (`SplitCounters`); off, `_merge_splits_kernel`
+    # (`_fold_merge`), where the caller gives counters (`LaunchCounters`); off, `_merge_splits_kernel`
     # merges them in a second launch
     fold_merge: bool = False
 
@@ -132,26 +133,9 @@ def _tiles_from_environment() -> DecodeTiles:
     base = DecodeTiles()
     return DecodeTiles(tma_stages=int(os.environ.get("TANDEM_TMA_STAGES", base.tma_stages)),
                        programs_per_sm=int(os.environ.get("TANDEM_DECODE_PROGRAMS_PER_SM", base.programs_per_sm)),
-                       fold_merge=os.environ.get("TANDEM_FOLD_MERGE", "1" if base.fold_merge else "0") == "1")
+                       fold_merge=FOLD_ON)
 
 
-FOLD_CELLS = 4096  # (row block, KV head) counters of a call site: launches with more merge in a second launch
-
-
-@dataclass
-class SplitCounters:
-    """One call site's counters for merging flash-decoding splits in the attention launch
-    (`DecodeTiles.fold_merge`): `FOLD_CELLS` int32 zeros on each device it has run on, which
-    every launch leaves zero. An attention layer owns one: launches of one call site follow each
-    other on the stream, so a counter is never counted by two launches at once."""
-
-    counters: dict[torch.device, torch.Tensor] = field(default_factory=dict)
-
-    def counter(self, device: torch.device) -> torch.Tensor:
-        found = self.counters.get(device)
-        if found is None:
-            found = self.counters[device] = torch.zeros(FOLD_CELLS, dtype=torch.int32, device=device)
-        return found
 
 
 DECODE_TILES = _tiles_from_environment()
@@ -538,7 +522,7 @@ def paged_attention_triton(
     span_mode: str = "none",
     num_splits: int | None = None,
     tiles: DecodeTiles | None = None,
-    counters: SplitCounters | None = None,
+    counters: LaunchCounters | None = None,
 ) -> torch.Tensor:
     """q [T, heads, head_dim] -> output [T, heads, head_dim] in q's dtype; softmax scale 1.
 
@@ -546,8 +530,8 @@ def paged_attention_triton(
     that many programs, then merged) defaults to `default_num_splits`, a choice by batch size.
     `tiles` overrides the decode-like tiles' launch (`DECODE_TILES`; for `bench/attention_sweep.py`).
     `counters` (the call site's) let the splits merge in the attention launch where the tiles fold
-    the merge (`DecodeTiles.fold_merge`) and the launch has at most `FOLD_CELLS` (row block, KV
-    head) cells; otherwise a second launch merges them.
+    the merge (`DecodeTiles.fold_merge`) and hold a counter for each (row block, KV head) of the
+    launch; otherwise a second launch merges them.
     """
     if not q.is_cuda and not _interpreting():
         raise ValueError("paged_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
@@ -586,7 +570,7 @@ def paged_attention_triton(
     schedule = layout.schedule(block_m // rep_pad)
     programs = schedule.shape[1]
     fold = (decode.fold_merge and counters is not None and splits > 1 and block_m <= 16
-            and programs * kv_heads <= FOLD_CELLS)
+            and counters.fits(programs * kv_heads))
     if (decode.use_tma(batch.num_seqs, head_dim, splits) and block_m <= 16 and layout.max_query_len == 1
             and head_dim == d_pad <= 512 and page >= 16 and k.is_contiguous() and v.is_contiguous()):
         _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad, block_m, window_of(group),

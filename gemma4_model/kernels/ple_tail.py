@@ -19,8 +19,8 @@ cost, about a fifth of an E4B decode step over the 42 layers. Here:
   workspace row and counts itself done on the row's counter (an acquire-release atomic after a
   barrier: the block's stores are visible to whoever counts last). The row's last program reads
   the whole p row back past L1 and runs the residual-norm epilogue; it then sets the counter back
-  to zero, so the next launch (and a captured CUDA graph's next replay) starts from zero. The
-  counters are the caller's (`PleTail`), one set per call site.
+  to zero, so the next launch (and a captured CUDA graph's next replay) starts from zero
+  (`kernels.counters`). The counters are the caller's (`PleTail`), one set per call site.
 
 Every product is element-wise multiplies and a float32 `tl.sum` over the whole K in one tile
 (K = hidden for the gate, ple_dim for the projection; each program's tile is at most 8192
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .counters import LaunchCounters
 from .fused import _pdl_release, _pdl_wait, _round, _use_kernel, gelu_mul_torch, pdl, residual_norm_torch
 from .gemv import _gelu_times
 
@@ -126,17 +127,13 @@ def ple_tail_torch(m: torch.Tensor, h: torch.Tensor, ff_norm: torch.Tensor, gate
 
 @dataclass
 class PleTail:
-    """One call site's row counters (`MAX_ROWS` int32 zeros on each device it has run on; every
-    launch leaves them zero). A decoder layer owns one: launches of one call site follow each
-    other on the stream, so their counters are never counted by two launches at once."""
+    """One call site's row counters (`LaunchCounters` of `MAX_ROWS`; every launch leaves them
+    zero). A decoder layer owns one."""
 
-    counters: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    rows: LaunchCounters = field(default_factory=lambda: LaunchCounters(MAX_ROWS))
 
     def counter(self, device: torch.device) -> torch.Tensor:
-        found = self.counters.get(device)
-        if found is None:
-            found = self.counters[device] = torch.zeros(MAX_ROWS, dtype=torch.int32, device=device)
-        return found
+        return self.rows.counter(device)
 
     @staticmethod
     def fits(m: torch.Tensor) -> bool:
