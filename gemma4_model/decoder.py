@@ -19,7 +19,7 @@ from .attention import paged_attention, write_kv
 from .batch import ForwardBatch
 from .config import LayerSpec, TextConfig
 from .kernels.fused import KVWrite, gelu_mul, head_norm_rope, ple_combine, ple_combine_torch, residual_norm
-from .kernels.gemv import decode_gate_up_gelu, decode_linear
+from .kernels.gemv import decode_gate_up_gelu, decode_linear, decode_linear_norm
 from .kernels.counters import LaunchCounters
 from .kernels.l2_prefetch import WeightPrefetch
 from .kernels.ple_tail import PleTail
@@ -74,6 +74,12 @@ class Attention(nn.Module):
         """`forward` on normed input `y` through the fused kernels (q, k, v in one product, their
         norms, RoPE and the cache write in one launch, then the Triton attention); `after_qkv` is
         called once the q|k|v product is queued (a weight prefetch's fork point)."""
+        return decode_linear(self.attend_kernels(y, cos, sin, batch, cache, after_qkv), self.o_proj.weight,
+                             self.counters)
+
+    def attend_kernels(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                       cache: PagedKVCache, after_qkv: Callable[[], None] | None = None) -> torch.Tensor:
+        """`forward_kernels` up to the o projection's input [T, heads * head_dim]."""
         spec = self.spec
         group = cache.groups[spec.layer_type]
         slot = group.slot_of(spec.kv_owner)
@@ -90,7 +96,7 @@ class Attention(nn.Module):
             q = head_norm_rope(qkv, self.heads, spec.head_dim, self.q_norm.weight, cos, sin, eps)
         out = paged_attention_triton(q, group, slot, batch, spec.layer_type, self.span_mode,
                                      counters=self.counters)
-        return decode_linear(out.reshape(y.shape[0], -1), self.o_proj.weight, self.counters)
+        return out.reshape(y.shape[0], -1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         spec = self.spec
@@ -167,12 +173,16 @@ class DecoderLayer(nn.Module):
         eps = self.input_layernorm.eps
         after_qkv = None if prefetch is None else partial(
             prefetch, self.self_attn.o_proj.weight, prefetch.mlp_head(self.mlp.packed_gate_up()))
-        attn = self.self_attn.forward_kernels(y, cos, sin, batch, cache, after_qkv)
-        h, y = residual_norm(attn, x, self.post_attention_layernorm.weight, eps,
-                             next_weight=self.pre_feedforward_layernorm.weight)
+        attn = self.self_attn
+        h, y = decode_linear_norm(attn.attend_kernels(y, cos, sin, batch, cache, after_qkv), attn.o_proj.weight,
+                                  attn.counters, x, self.post_attention_layernorm.weight, eps,
+                                  next_weight=self.pre_feedforward_layernorm.weight)
         mlp = self.mlp
-        m = decode_linear(decode_gate_up_gelu(y, mlp.packed_gate_up(), self.counters), mlp.down_proj.weight,
-                          self.counters)
+        act = decode_gate_up_gelu(y, mlp.packed_gate_up(), self.counters)
+        if not self.moe and not self.ple and prefetch is None:  # the down product and the norms in one launch
+            return decode_linear_norm(act, mlp.down_proj.weight, self.counters, h,
+                                      self.post_feedforward_layernorm.weight, eps, self.layer_scalar, next_norm)
+        m = decode_linear(act, mlp.down_proj.weight, self.counters)
         if self.moe:  # routing, two grouped matrix products and the combination; no host read: capturable
             expert_in, weights, experts = moe_route(h, self.router, self.pre_feedforward_layernorm_2)
             rows = moe_expert_rows(expert_in, weights, experts, self.experts.gate_up_proj, self.experts.down_proj)

@@ -5,6 +5,8 @@ every batch size); and a CPU smoke test of bench/gemv_sweep.py's shapes and tile
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -13,8 +15,9 @@ from gemma4_model.kernels import gemv
 from gemma4_model.kernels.counters import LaunchCounters
 from gemma4_model.kernels.gemv import (
     DEFAULT_TILES, GemvTiles, default_tiles, heuristic_tiles, small_m_gate_up_gelu, small_m_gate_up_gelu_torch,
-    small_m_linear, small_m_linear_torch, tiles_bucket,
+    small_m_linear, small_m_linear_norm, small_m_linear_torch, tiles_bucket,
 )
+from gemma4_model.kernels.fused import residual_norm, residual_norm_torch
 from gemma4_model.layers import MLP
 from test_kernel_moe_compile import _ptxas, compile_in_subprocess
 
@@ -115,6 +118,38 @@ def test_splits_added_in_the_products_launch(tiles, monkeypatch):
     torch.testing.assert_close(small_m_linear(x, w, tiles, counters=few), small_m_linear_torch(x, w),
                                atol=1e-5, rtol=1e-5)
     assert not few.counters
+
+
+@pytest.mark.parametrize("tiles", [GemvTiles(8, 16, 1), GemvTiles(8, 16, 3), GemvTiles(16, 32, 2, tma=True)],
+                         ids=["one", "three", "tma"])
+def test_residual_norm_in_the_products_launch(tiles, monkeypatch):
+    """`small_m_linear_norm`: the product, then `residual_norm` of its rows (residual, norm weight,
+    layer scalar, next norm) by the launch's last program: the unfused chain's (h, y) exactly,
+    with no second launch, and the counters left zero; with too few counters, the chain."""
+    x, w = case(5, 40, 72, seed=4)
+    residual, weight, next_weight = rand(5, 40, seed=5), rand(40, seed=6), rand(40, seed=7)
+    scalar = torch.tensor([0.75])
+    want = residual_norm_torch(small_m_linear(x, w, tiles), residual, weight, 1e-6, scalar, next_weight)
+    plain = residual_norm_torch(small_m_linear(x, w, tiles), residual, weight, 1e-6)[0]
+    counters = LaunchCounters()
+    with monkeypatch.context() as patch:
+        patch.setattr(gemv, "_split_reduce_kernel", None)  # no second launch
+        patch.setattr(gemv, "residual_norm", None)
+        for _ in range(2):
+            h, y = small_m_linear_norm(x, w, residual, weight, 1e-6, scalar, next_weight, tiles, counters=counters)
+            torch.testing.assert_close(h, want[0], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(y, want[1], atol=1e-6, rtol=1e-6)
+            h, y = small_m_linear_norm(x, w, residual, weight, 1e-6, tiles=tiles, counters=counters)
+            assert y is None
+            torch.testing.assert_close(h, plain, atol=1e-6, rtol=1e-6)
+            assert not counters.counter(x.device).any(), "every launch leaves its counters at zero"
+    blocks = -(-40 // tiles.block_n)
+    few = LaunchCounters(blocks)  # a counter per column block, none for the launch
+    h, y = small_m_linear_norm(x, w, residual, weight, 1e-6, scalar, next_weight, tiles, counters=few)
+    torch.testing.assert_close(h, want[0], atol=1e-6, rtol=1e-6)
+    assert not few.counters
+    with pytest.raises(ValueError, match="residual"):
+        small_m_linear_norm(x, w, residual[:, :8], weight, 1e-6, counters=counters)
 
 
 def test_no_rows_no_k_and_clear_errors(monkeypatch):
@@ -299,6 +334,35 @@ def test_gpu_gate_up_at_real_shapes_against_the_float32_twin(rows, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(2560, 2048), (5376, 21504)])  # E4B's o_proj, 31B's down
+@pytest.mark.parametrize("tma", [False, True])
+def test_gpu_residual_norm_in_the_products_launch(n, k, tma):
+    """`small_m_linear_norm` in bf16 at real shapes and the default tiles (K split in two for
+    both): the unfused chain's (h, y) up to a rounding of the norms' sums, eagerly and replayed
+    in a graph, the counters zero after each launch."""
+    counters = LaunchCounters()
+    for m in (1, 5, 16):
+        x, w = case(m, n, k, dtype=torch.bfloat16, device="cuda", seed=m)
+        residual = rand(m, n, dtype=torch.bfloat16, device="cuda", seed=m + 1)
+        weight, next_weight = (rand(n, dtype=torch.bfloat16, device="cuda", seed=m + s) for s in (2, 3))
+        scalar = torch.tensor([0.5], dtype=torch.bfloat16, device="cuda")
+        tiles = replace(default_tiles("linear", n, k), tma=tma)
+        chain = residual_norm(small_m_linear(x, w, tiles), residual, weight, 1e-6, scalar, next_weight)
+        got = small_m_linear_norm(x, w, residual, weight, 1e-6, scalar, next_weight, tiles, counters=counters)
+        for a, b in zip(got, chain):
+            torch.testing.assert_close(a, b, atol=2e-2, rtol=2**-7)
+        assert not counters.counter(x.device).any()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = small_m_linear_norm(x, w, residual, weight, 1e-6, scalar, next_weight, tiles, counters=counters)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed[0], got[0]) and torch.equal(replayed[1], got[1])
+        assert not counters.counter(x.device).any()
+
+
+@pytest.mark.gpu
 def test_gpu_replayed_in_a_graph():
     """Both kernels, split and unsplit, and split with the splits added in the launch (counters),
     captured for 4 rows; new x at each replay gives the eager result exactly (the same kernels,
@@ -398,12 +462,13 @@ from triton.compiler import ASTSource
 from bench.attention_registers import ptxas_usage
 from gemma4_model.kernels.gemv import _gemv_tma_kernel as kernel
 
-def build(gate_up, partial, block_n=32, stages=4, fold=0):
+def build(gate_up, partial, block_n=32, stages=4, fold=0, norm=False):
     const = dict(BLOCK_N=block_n, BLOCK_K=256, GATE_UP=gate_up, PARTIAL=partial, IEEE=False, PDL=False,
-                 FOLD_SPLITS=fold)
+                 FOLD_SPLITS=fold, NORM=norm, HAS_SCALAR=norm, HAS_NEXT=norm, BLOCK_ROW=4096 if norm else 16)
     types = {a: "constexpr" if a in const else "tensordesc<bf16[16,256]>" if a == "x_desc"
              else f"tensordesc<bf16[{block_n},256]>" if a == "w_desc" else "*fp32" if a == "part_ptr"
-             else "*i32" if a == "count_ptr" else "*bf16" if a.endswith("_ptr") else "i32" for a in kernel.arg_names}
+             else "*i32" if a == "count_ptr" else "*bf16" if a.endswith("_ptr") else "fp32" if a == "eps" else "i32"
+             for a in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if a in ("out_ptr", "part_ptr")}
     compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=const, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
@@ -412,7 +477,8 @@ def build(gate_up, partial, block_n=32, stages=4, fold=0):
             "acq_rel_count": bool(re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)), **ptxas_usage(ptx)}
 
 print(json.dumps({"linear": build(False, False), "split": build(False, True), "gate_up": build(True, False),
-                  "split-fold": build(False, True, fold=2), "gate_up-split-fold": build(True, True, fold=4)}))
+                  "split-fold": build(False, True, fold=2), "gate_up-split-fold": build(True, True, fold=4),
+                  "split-fold-norm": build(False, True, fold=2, norm=True), "norm": build(False, False, norm=True)}))
 """
 
 
@@ -428,3 +494,5 @@ def test_tma_gemv_compiles_to_pipelined_tensor_loads():
     # K splits added by each column block's last program (TANDEM_FOLD_MERGE): counted acquire-release
     assert got["split-fold"]["acq_rel_count"] and got["gate_up-split-fold"]["acq_rel_count"], got
     assert not got["split"]["acq_rel_count"], got
+    # and the rows' residual norm by the launch's last program (a 4096-wide row: still no spills)
+    assert got["norm"]["acq_rel_count"] and got["split-fold-norm"]["acq_rel_count"], got

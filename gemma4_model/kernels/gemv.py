@@ -49,7 +49,8 @@ import triton
 import triton.language as tl
 
 from .counters import FOLD_ON, LaunchCounters
-from .fused import _gelu_tanh, _pdl_release, _pdl_wait, _round, _use_kernel, gelu_mul, gelu_mul_torch, pdl
+from .fused import (_gelu_tanh, _pdl_release, _pdl_wait, _residual_norm_row, _round, _use_kernel, gelu_mul,
+                    gelu_mul_torch, pdl, residual_norm)
 from .paged_attention import _dot
 
 MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
@@ -176,10 +177,12 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, M, N, K, k_per_split, up_offset, stride_x, stride_w,
-                 stride_o, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr,
+                 M, N, K, k_per_split, up_offset, stride_x, stride_w, stride_o, stride_r, stride_h, stride_y, eps,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
                  EVEN_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
-                 LINE: tl.constexpr, FOLD_SPLITS: tl.constexpr):
+                 LINE: tl.constexpr, FOLD_SPLITS: tl.constexpr, NORM: tl.constexpr, HAS_SCALAR: tl.constexpr,
+                 HAS_NEXT: tl.constexpr, BLOCK_ROW: tl.constexpr):
     """Program (column block, split): out[:M, block] (or its float32 partial sums over the split's
     K range) = x[:M, range] @ w[block, range].T. N: output columns; with GATE_UP the up rows start
     at weight row N (`up_offset` elements on) and the output is gelu_tanh(gate) * up. With PDL the
@@ -228,6 +231,10 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, M, N, K, k_per_spli
         w_ptrs += BLOCK_K
     _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n, row_ok[:, None] & n_ok[None, :], split,
                     M, N, stride_o, GATE_UP, PARTIAL, FOLD_SPLITS)
+    if NORM:
+        _norm_rows(count_ptr + tl.num_programs(0), tl.num_programs(0) * tl.num_programs(1), out_ptr, res_ptr,
+                   norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, M, N, stride_o, stride_r, stride_h, stride_y, eps,
+                   HAS_SCALAR, HAS_NEXT, BLOCK_ROW)
 
 
 @triton.jit
@@ -267,9 +274,11 @@ def _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n, out
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_tma_kernel(x_desc, w_desc, out_ptr, part_ptr, count_ptr, M, N, K, k_per_split, stride_o,
+def _gemv_tma_kernel(x_desc, w_desc, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr,
+                     y_ptr, M, N, K, k_per_split, stride_o, stride_r, stride_h, stride_y, eps,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
-                     IEEE: tl.constexpr, PDL: tl.constexpr, FOLD_SPLITS: tl.constexpr):
+                     IEEE: tl.constexpr, PDL: tl.constexpr, FOLD_SPLITS: tl.constexpr, NORM: tl.constexpr,
+                     HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_ROW: tl.constexpr):
     """`_gemv_kernel` with its chunks loaded through tensor descriptors: x [M, K] in [16, BLOCK_K]
     boxes and the weight [N rows (2N with GATE_UP), K] in [BLOCK_N, BLOCK_K] boxes, the up rows'
     box N rows below the gate rows'. Whatever lies outside a descriptor reads as zeros (x's padding
@@ -292,6 +301,30 @@ def _gemv_tma_kernel(x_desc, w_desc, out_ptr, part_ptr, count_ptr, M, N, K, k_pe
             acc_up += _dot(x, tl.trans(w_desc.load([N + n0, k0])), IEEE)
     _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n,
                     (rows < M)[:, None] & (offs_n < N)[None, :], split, M, N, stride_o, GATE_UP, PARTIAL, FOLD_SPLITS)
+    if NORM:
+        _norm_rows(count_ptr + tl.num_programs(0), tl.num_programs(0) * tl.num_programs(1), out_ptr, res_ptr,
+                   norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, M, N, stride_o, stride_r, stride_h, stride_y, eps,
+                   HAS_SCALAR, HAS_NEXT, BLOCK_ROW)
+
+
+@triton.jit
+def _norm_rows(counter, programs, out_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, M, N, stride_o,
+               stride_r, stride_h, stride_y, eps, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr,
+               BLOCK_ROW: tl.constexpr):
+    """`fused.residual_norm` of the product's rows inside its launch: every program counts itself
+    done on the launch's counter (a column block's last split program only after adding its
+    splits), and the program that counts last, all outputs then stored, runs each row's residual
+    norm from the output read back past L1, then zeroes the counter."""
+    tl.debug_barrier()  # every thread's stores issued before the count releases them
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == programs - 1:
+        tl.debug_barrier()
+        offs = tl.arange(0, BLOCK_ROW)
+        ok = offs < N
+        for row in range(M):
+            x = tl.load(out_ptr + row * stride_o + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            _residual_norm_row(x, row, offs, ok, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, N, eps,
+                               stride_r, stride_h, stride_y, True, True, HAS_SCALAR, HAS_NEXT)
+        tl.atomic_xchg(counter, 0)  # ready for the next launch
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -351,8 +384,25 @@ def _descriptor_ready(x: torch.Tensor, w: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, w))
 
 
+@dataclass(frozen=True)
+class RowNorm:
+    """`fused.residual_norm`'s arguments and outputs, for a product that runs it in its launch:
+    h = (residual + rms_norm(product, weight)) * scalar, y = rms_norm(h, next_weight)."""
+
+    residual: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+    h: torch.Tensor
+    y: torch.Tensor
+    scalar: torch.Tensor | None = None
+    next_weight: torch.Tensor | None = None
+
+
 def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, tiles: GemvTiles, gate_up: bool,
-            dependent: bool | None, counters: LaunchCounters | None) -> None:
+            dependent: bool | None, counters: LaunchCounters | None, norm: RowNorm | None = None) -> bool:
+    """The product into `out`, and with `norm` its rows' residual norm in the same launch where
+    `counters` hold a counter per column block and one for the launch (returns whether it did;
+    else the caller runs `residual_norm`)."""
     M, K = x.shape
     block_k = tiles.block_k
     chunks = triton.cdiv(K, block_k)
@@ -364,8 +414,16 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
     line = max(1, 128 // w.element_size())
     prefetch_k = min(tiles.prefetch_k, _pow2(k_per_split)) if on else 0
     grid = (triton.cdiv(n_out, tiles.block_n), splits)
-    fold = splits if splits > 1 and counters is not None and counters.fits(grid[0]) else 0
-    count = counters.counter(x.device) if fold else part  # (a placeholder where the splits are not folded)
+    counted = counters is not None and counters.fits(grid[0] + (norm is not None))
+    fold = splits if splits > 1 and counted else 0
+    fused = norm is not None and counted
+    count = counters.counter(x.device) if fold or fused else part  # (a placeholder where nothing counts)
+    rn = norm if fused else RowNorm(out, out, 0.0, out, out)  # (placeholders without the norm)
+    norm_args = (rn.residual, rn.weight, rn.scalar if rn.scalar is not None else out,
+                 rn.next_weight if rn.next_weight is not None else out, rn.h, rn.y)
+    norm_meta = dict(NORM=fused, HAS_SCALAR=rn.scalar is not None, HAS_NEXT=rn.next_weight is not None,
+                     BLOCK_ROW=_pow2(n_out) if fused else 16)
+    strides = (rn.residual.stride(0), rn.h.stride(0), rn.y.stride(0), rn.eps)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if tiles.tma and _descriptor_ready(x, w):
             from triton.tools.tensor_descriptor import TensorDescriptor
@@ -373,21 +431,23 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
             x_desc = TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [MAX_ROWS, block_k])
             w_desc = TensorDescriptor(w, list(w.shape), [w.stride(0), 1], [tiles.block_n, block_k])
             _gemv_tma_kernel[grid](
-                x_desc, w_desc, out, part, count, M, n_out, K, k_per_split, out.stride(0), BLOCK_N=tiles.block_n,
-                BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1, IEEE=x.dtype == torch.float32, PDL=on,
-                FOLD_SPLITS=fold, num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
+                x_desc, w_desc, out, part, count, *norm_args, M, n_out, K, k_per_split, out.stride(0), *strides,
+                BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1,
+                IEEE=x.dtype == torch.float32, PDL=on, FOLD_SPLITS=fold, **norm_meta, num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages, launch_pdl=on)
         else:
             _gemv_kernel[grid](
-                x, w, out, part, count, M, n_out, K, k_per_split, n_out * w.stride(0), x.stride(0), w.stride(0),
-                out.stride(0), BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1,
-                EVEN_K=K % block_k == 0, IEEE=x.dtype == torch.float32, PDL=on,
-                PREFETCH_K=prefetch_k if prefetch_k >= line else 0, LINE=line, FOLD_SPLITS=fold,
+                x, w, out, part, count, *norm_args, M, n_out, K, k_per_split, n_out * w.stride(0), x.stride(0),
+                w.stride(0), out.stride(0), *strides, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up,
+                PARTIAL=splits > 1, EVEN_K=K % block_k == 0, IEEE=x.dtype == torch.float32, PDL=on,
+                PREFETCH_K=prefetch_k if prefetch_k >= line else 0, LINE=line, FOLD_SPLITS=fold, **norm_meta,
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
         if splits > 1 and not fold:
             block = min(1024, _pow2(n_out))
             _split_reduce_kernel[(M, triton.cdiv(n_out, block))](
                 part, out, M, n_out, out.stride(0), SPLITS=splits, SPLITS_PAD=_pow2(splits), GATE_UP=gate_up,
                 BLOCK=block, PDL=on, num_warps=4, launch_pdl=on)
+    return fused
 
 
 def small_m_linear(x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles | None = None, *,
@@ -407,6 +467,31 @@ def small_m_linear(x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles | None = N
         return out.zero_()
     _launch(x, w, out, N, tiles or default_tiles("linear", N, K, x.dtype), False, dependent, counters)
     return out
+
+
+def small_m_linear_norm(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                        scalar: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
+                        tiles: GemvTiles | None = None, *, dependent: bool | None = None,
+                        counters: LaunchCounters | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`fused.residual_norm(small_m_linear(x, w), residual, weight, eps, scalar, next_weight)`:
+    (h, y), in the product's launch where `counters` (the call site's) hold a counter per column
+    block and one more (the last program to finish runs the rows' norms), else in a second launch."""
+    _check("small_m_linear_norm", x, w)
+    M, K = x.shape
+    N = w.shape[0]
+    if residual.shape != (M, N) or residual.stride(1) != 1 or weight.shape != (N,):
+        raise ValueError(f"small_m_linear_norm takes a residual [{M}, {N}] (unit column stride) and a norm weight "
+                         f"[{N}], got {tuple(residual.shape)} and {tuple(weight.shape)}")
+    if M == 0 or N == 0 or K == 0:
+        return residual_norm(small_m_linear(x, w, tiles, dependent=dependent), residual, weight, eps, scalar,
+                             next_weight)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(out)
+    norm = RowNorm(residual, weight, eps, h, torch.empty_like(out) if next_weight is not None else h, scalar,
+                   next_weight)
+    if _launch(x, w, out, N, tiles or default_tiles("linear", N, K, x.dtype), False, dependent, counters, norm):
+        return h, (norm.y if next_weight is not None else None)
+    return residual_norm(out, residual, weight, eps, scalar, next_weight)
 
 
 def small_m_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor, tiles: GemvTiles | None = None, *,
@@ -447,6 +532,18 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, counters: LaunchCounters | N
     if _decode_kernels(x) and x.stride(-1) == 1 and w.stride(-1) == 1:
         return small_m_linear(x, w, _decode_tiles("linear", w), counters=counters if FOLD_ON else None)
     return F.linear(x, w)
+
+
+def decode_linear_norm(x: torch.Tensor, w: torch.Tensor, counters: LaunchCounters | None, residual: torch.Tensor,
+                       weight: torch.Tensor, eps: float, scalar: torch.Tensor | None = None,
+                       next_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`residual_norm(decode_linear(x, w), residual, weight, eps, scalar, next_weight)`: with
+    TANDEM_FOLD_MERGE=1 where the small-M products take x's rows, in the product's launch
+    (`small_m_linear_norm`, on the call site's `counters`)."""
+    if FOLD_ON and counters is not None and _decode_kernels(x) and x.stride(-1) == 1 and w.stride(-1) == 1:
+        return small_m_linear_norm(x, w, residual, weight, eps, scalar, next_weight, _decode_tiles("linear", w),
+                                   counters=counters)
+    return residual_norm(decode_linear(x, w, counters), residual, weight, eps, scalar, next_weight)
 
 
 def decode_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor, counters: LaunchCounters | None = None) -> torch.Tensor:
