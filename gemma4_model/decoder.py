@@ -19,7 +19,7 @@ from .attention import paged_attention, write_kv
 from .batch import ForwardBatch
 from .config import LayerSpec, TextConfig
 from .kernels.fused import KVWrite, gelu_mul, head_norm_rope, ple_combine, ple_combine_torch, residual_norm
-from .kernels.gemv import decode_gate_up_gelu, decode_linear, decode_linear_norm
+from .kernels.gemv import decode_gate_up_gelu, decode_linear, decode_linear_norm, decode_qkv_norm_rope
 from .kernels.counters import LaunchCounters
 from .kernels.l2_prefetch import WeightPrefetch
 from .kernels.ple_tail import PleTail
@@ -84,16 +84,18 @@ class Attention(nn.Module):
         group = cache.groups[spec.layer_type]
         slot = group.slot_of(spec.kv_owner)
         eps = self.q_norm.eps
-        qkv = decode_linear(y, self.input_weight(), self.counters)
-        if after_qkv is not None:
-            after_qkv()
+        kv = None
         if spec.owns_kv:
             shape = (-1, spec.num_kv_heads, spec.head_dim)
             kv = KVWrite(self.k_norm.weight, spec.num_kv_heads, spec.k_eq_v, group.k[slot].view(shape),
                          group.v[slot].view(shape), batch.groups[spec.layer_type].write_slots)
-            q = head_norm_rope(qkv, self.heads, spec.head_dim, self.q_norm.weight, cos, sin, eps, kv)
+        if after_qkv is None:  # the product and the heads' norms and RoPE in one launch where they can be
+            q = decode_qkv_norm_rope(y, self.input_weight(), self.counters, self.heads, spec.head_dim,
+                                     self.q_norm.weight, cos, sin, eps, kv)
         else:
-            q = head_norm_rope(qkv, self.heads, spec.head_dim, self.q_norm.weight, cos, sin, eps)
+            qkv = decode_linear(y, self.input_weight(), self.counters)
+            after_qkv()
+            q = head_norm_rope(qkv, self.heads, spec.head_dim, self.q_norm.weight, cos, sin, eps, kv)
         out = paged_attention_triton(q, group, slot, batch, spec.layer_type, self.span_mode,
                                      counters=self.counters)
         return out.reshape(y.shape[0], -1)

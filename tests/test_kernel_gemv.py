@@ -15,9 +15,9 @@ from gemma4_model.kernels import gemv
 from gemma4_model.kernels.counters import LaunchCounters
 from gemma4_model.kernels.gemv import (
     DEFAULT_TILES, GemvTiles, default_tiles, heuristic_tiles, small_m_gate_up_gelu, small_m_gate_up_gelu_torch,
-    small_m_linear, small_m_linear_norm, small_m_linear_torch, tiles_bucket,
+    small_m_linear, small_m_linear_norm, small_m_linear_torch, small_m_qkv_norm_rope, tiles_bucket,
 )
-from gemma4_model.kernels.fused import residual_norm, residual_norm_torch
+from gemma4_model.kernels.fused import KVWrite, head_norm_rope, head_norm_rope_torch, residual_norm, residual_norm_torch
 from gemma4_model.layers import MLP
 from test_kernel_moe_compile import _ptxas, compile_in_subprocess
 
@@ -150,6 +150,41 @@ def test_residual_norm_in_the_products_launch(tiles, monkeypatch):
     assert not few.counters
     with pytest.raises(ValueError, match="residual"):
         small_m_linear_norm(x, w, residual[:, :8], weight, 1e-6, counters=counters)
+
+
+@pytest.mark.parametrize("tiles", [GemvTiles(8, 16, 2), GemvTiles(16, 16, 1), GemvTiles(8, 16, 3, tma=True)],
+                         ids=["two", "one", "tma"])
+@pytest.mark.parametrize("kv_mode", ["none", "k_v", "k_eq_v"])
+def test_head_norms_and_rope_in_the_qkv_products_launch(tiles, kv_mode, monkeypatch):
+    """`small_m_qkv_norm_rope`: the q|k|v product, then each head's norms and RoPE (K and V into
+    the cache) by the last program over the head's columns: `head_norm_rope` of the product, with
+    no second launch and the counters left zero; head columns not whole blocks: the chain."""
+    heads, kv_heads, d, m = 4, 2, 16, 5
+    kv_width = {"none": 0, "k_v": 2 * kv_heads * d, "k_eq_v": kv_heads * d}[kv_mode]
+    x, w = case(m, heads * d + kv_width, 40, seed=8)
+    cos, sin = rand(m, d, seed=9), rand(m, d, seed=10)
+    wq, wk = rand(d, seed=11), rand(d, seed=12)
+    slots = torch.tensor([4, 9, 0, 33, 12])
+
+    def run(fn, **kw):
+        kv = None if kv_mode == "none" else KVWrite(wk, kv_heads, kv_mode == "k_eq_v", torch.zeros(40, kv_heads, d),
+                                                    torch.zeros(40, kv_heads, d), slots)
+        q = fn(x, w, heads, d, wq, cos, sin, 1e-6, kv, **kw)
+        return q, None if kv is None else (kv.k_cache, kv.v_cache)
+
+    want_q, want_kv = run(lambda x, w, *args: head_norm_rope_torch(small_m_linear_torch(x, w), *args))
+    counters = LaunchCounters()
+    with monkeypatch.context() as patch:
+        patch.setattr(gemv, "_split_reduce_kernel", None)  # no second launch
+        patch.setattr(gemv, "head_norm_rope", None)
+        for _ in range(2):
+            q, kv = run(small_m_qkv_norm_rope, tiles=tiles, counters=counters)
+            torch.testing.assert_close(q, want_q, atol=1e-5, rtol=1e-5)
+            for got, want in zip(kv or (), want_kv or ()):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert not counters.counter(x.device).any(), "every launch leaves its counters at zero"
+    q, _ = run(small_m_qkv_norm_rope, tiles=replace(tiles, block_n=32), counters=LaunchCounters())
+    torch.testing.assert_close(q, want_q, atol=1e-5, rtol=1e-5)  # 32-column blocks across 16-wide heads
 
 
 def test_no_rows_no_k_and_clear_errors(monkeypatch):
@@ -363,6 +398,36 @@ def test_gpu_residual_norm_in_the_products_launch(n, k, tma):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads,d,k_eq_v", [(8, 2, 256, False), (8, 1, 512, False), (32, 4, 512, True)])
+@pytest.mark.parametrize("tma", [False, True])
+def test_gpu_head_norms_in_the_qkv_products_launch(heads, kv_heads, d, k_eq_v, tma):
+    """`small_m_qkv_norm_rope` in bf16 at E4B's sliding and full and 31B's full q|k|v shapes, the
+    default tiles: `head_norm_rope` of the product (q, and K and V in the cache) up to a rounding,
+    the counters zero after each launch."""
+    hidden = 5376 if heads == 32 else 2560
+    counters = LaunchCounters()
+    for m in (1, 5, 16):
+        x, w = case(m, (heads + kv_heads * (1 if k_eq_v else 2)) * d, hidden, dtype=torch.bfloat16, device="cuda",
+                    seed=m)
+        cos, sin = (rand(m, d, dtype=torch.bfloat16, device="cuda", seed=m + s) for s in (1, 2))
+        wq, wk = (rand(d, dtype=torch.bfloat16, device="cuda", seed=m + s) for s in (3, 4))
+        slots = torch.randperm(64, device="cuda")[:m]
+        tiles = replace(default_tiles("linear", w.shape[0], hidden), tma=tma)
+        got, want = [], []
+        for fn, out in ((small_m_qkv_norm_rope, got), (None, want)):
+            kv = KVWrite(wk, kv_heads, k_eq_v, *(torch.zeros(64, kv_heads, d, dtype=torch.bfloat16, device="cuda")
+                                                 for _ in range(2)), slots)
+            if fn is None:
+                q = head_norm_rope(small_m_linear(x, w, tiles), heads, d, wq, cos, sin, 1e-6, kv)
+            else:
+                q = fn(x, w, heads, d, wq, cos, sin, 1e-6, kv, tiles, counters=counters)
+            out += [q, kv.k_cache, kv.v_cache]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=2e-2, rtol=2**-7)
+        assert not counters.counter(x.device).any()
+
+
+@pytest.mark.gpu
 def test_gpu_replayed_in_a_graph():
     """Both kernels, split and unsplit, and split with the splits added in the launch (counters),
     captured for 4 rows; new x at each replay gives the eager result exactly (the same kernels,
@@ -462,12 +527,14 @@ from triton.compiler import ASTSource
 from bench.attention_registers import ptxas_usage
 from gemma4_model.kernels.gemv import _gemv_tma_kernel as kernel
 
-def build(gate_up, partial, block_n=32, stages=4, fold=0, norm=False):
+def build(gate_up, partial, block_n=32, stages=4, fold=0, norm=False, heads=False):
     const = dict(BLOCK_N=block_n, BLOCK_K=256, GATE_UP=gate_up, PARTIAL=partial, IEEE=False, PDL=False,
-                 FOLD_SPLITS=fold, NORM=norm, HAS_SCALAR=norm, HAS_NEXT=norm, BLOCK_ROW=4096 if norm else 16)
+                 FOLD_SPLITS=fold, NORM=norm, HAS_SCALAR=norm, HAS_NEXT=norm, BLOCK_ROW=4096 if norm else 16,
+                 HEAD_NORMS=heads, HEADS=8, KV_HEADS=2, D=256, FP8=False, K_EQ_V=False)
     types = {a: "constexpr" if a in const else "tensordesc<bf16[16,256]>" if a == "x_desc"
              else f"tensordesc<bf16[{block_n},256]>" if a == "w_desc" else "*fp32" if a == "part_ptr"
-             else "*i32" if a == "count_ptr" else "*bf16" if a.endswith("_ptr") else "fp32" if a == "eps" else "i32"
+             else "*i32" if a == "count_ptr" else "*i64" if a == "slots_ptr" else "*bf16" if a.endswith("_ptr")
+             else "fp32" if a == "eps" else "i32"
              for a in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if a in ("out_ptr", "part_ptr")}
     compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=const, attrs=attrs),
@@ -478,7 +545,8 @@ def build(gate_up, partial, block_n=32, stages=4, fold=0, norm=False):
 
 print(json.dumps({"linear": build(False, False), "split": build(False, True), "gate_up": build(True, False),
                   "split-fold": build(False, True, fold=2), "gate_up-split-fold": build(True, True, fold=4),
-                  "split-fold-norm": build(False, True, fold=2, norm=True), "norm": build(False, False, norm=True)}))
+                  "split-fold-norm": build(False, True, fold=2, norm=True), "norm": build(False, False, norm=True),
+                  "split-fold-heads": build(False, True, fold=2, heads=True)}))
 """
 
 
@@ -496,3 +564,4 @@ def test_tma_gemv_compiles_to_pipelined_tensor_loads():
     assert not got["split"]["acq_rel_count"], got
     # and the rows' residual norm by the launch's last program (a 4096-wide row: still no spills)
     assert got["norm"]["acq_rel_count"] and got["split-fold-norm"]["acq_rel_count"], got
+    assert got["split-fold-heads"]["acq_rel_count"], got  # and the q|k|v heads' norms and RoPE

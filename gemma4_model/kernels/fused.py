@@ -165,9 +165,10 @@ def residual_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
 
 
 @triton.jit
-def _norm_rope(base, w_ptr, offs, partner, sign, ok, cos, sin, eps, D: tl.constexpr, dt: tl.constexpr):
-    x = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
-    xp = tl.load(base + partner, mask=ok, other=0.0).to(tl.float32)
+def _norm_rope(base, w_ptr, offs, partner, sign, ok, cos, sin, eps, D: tl.constexpr, dt: tl.constexpr,
+               CG: tl.constexpr):
+    x = tl.load(base + offs, mask=ok, other=0.0, cache_modifier=".cg" if CG else "").to(tl.float32)
+    xp = tl.load(base + partner, mask=ok, other=0.0, cache_modifier=".cg" if CG else "").to(tl.float32)
     r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     n = _round(x * r * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32), dt)
     n_partner = _round(xp * r * tl.load(w_ptr + partner, mask=ok, other=0.0).to(tl.float32), dt)
@@ -181,8 +182,19 @@ def _head_norm_rope_kernel(src_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, k_c
                            PDL: tl.constexpr):
     _pdl_release(PDL)
     _pdl_wait(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    _head_norm_rope_at(tl.program_id(0).to(tl.int64), tl.program_id(1), src_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr,
+                       sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, stride_src, stride_qt, stride_qh, stride_cos,
+                       stride_cs, stride_ch, k_off, v_off, eps, HEADS, D, BLOCK_D, FP8, False)
+
+
+@triton.jit
+def _head_norm_rope_at(t, head, src_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
+                       stride_src, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, eps,
+                       HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr,
+                       CG: tl.constexpr):
+    """Token t's head `head` of `head_norm_rope` (a q head below HEADS, else the KV head past
+    them, K and V into the cache); with CG the projections are read past L1 (another program
+    of the launch wrote them)."""
     half: tl.constexpr = D // 2
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
@@ -193,12 +205,12 @@ def _head_norm_rope_kernel(src_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, k_c
     sin = tl.load(sin_ptr + t * stride_cos + offs, mask=ok, other=0.0).to(tl.float32)
     row = src_ptr + t * stride_src
     if head < HEADS:
-        q = _norm_rope(row + head * D, wq_ptr, offs, partner, sign, ok, cos, sin, eps, D, dt)
+        q = _norm_rope(row + head * D, wq_ptr, offs, partner, sign, ok, cos, sin, eps, D, dt, CG)
         tl.store(q_ptr + t * stride_qt + head * stride_qh + offs, q.to(dt), mask=ok)
     else:
         j = head - HEADS
-        k = _norm_rope(row + k_off + j * D, wk_ptr, offs, partner, sign, ok, cos, sin, eps, D, dt)
-        v = tl.load(row + v_off + j * D + offs, mask=ok, other=0.0).to(tl.float32)
+        k = _norm_rope(row + k_off + j * D, wk_ptr, offs, partner, sign, ok, cos, sin, eps, D, dt, CG)
+        v = tl.load(row + v_off + j * D + offs, mask=ok, other=0.0, cache_modifier=".cg" if CG else "").to(tl.float32)
         v = _round(v * tl.rsqrt(tl.sum(v * v, axis=0) / D + eps), dt)
         slot = tl.load(slots_ptr + t).to(tl.int64)
         cache_dt = k_cache_ptr.dtype.element_ty

@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 
 from .counters import FOLD_ON, LaunchCounters
-from .fused import (_gelu_tanh, _pdl_release, _pdl_wait, _residual_norm_row, _round, _use_kernel, gelu_mul,
-                    gelu_mul_torch, pdl, residual_norm)
+from .fused import (KVWrite, _gelu_tanh, _head_norm_rope_at, _pdl_release, _pdl_wait, _residual_norm_row, _round,
+                    _use_kernel, gelu_mul, gelu_mul_torch, head_norm_rope, pdl, residual_norm)
 from .paged_attention import _dot
 
 MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
@@ -178,11 +178,14 @@ def _prefetch_l2(ptrs):
 
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr,
+                 q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr,
                  M, N, K, k_per_split, up_offset, stride_x, stride_w, stride_o, stride_r, stride_h, stride_y, eps,
+                 stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
                  EVEN_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
                  LINE: tl.constexpr, FOLD_SPLITS: tl.constexpr, NORM: tl.constexpr, HAS_SCALAR: tl.constexpr,
-                 HAS_NEXT: tl.constexpr, BLOCK_ROW: tl.constexpr):
+                 HAS_NEXT: tl.constexpr, BLOCK_ROW: tl.constexpr, HEAD_NORMS: tl.constexpr, HEADS: tl.constexpr,
+                 KV_HEADS: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr, K_EQ_V: tl.constexpr):
     """Program (column block, split): out[:M, block] (or its float32 partial sums over the split's
     K range) = x[:M, range] @ w[block, range].T. N: output columns; with GATE_UP the up rows start
     at weight row N (`up_offset` elements on) and the output is gelu_tanh(gate) * up. With PDL the
@@ -235,6 +238,10 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr
         _norm_rows(count_ptr + tl.num_programs(0), tl.num_programs(0) * tl.num_programs(1), out_ptr, res_ptr,
                    norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, M, N, stride_o, stride_r, stride_h, stride_y, eps,
                    HAS_SCALAR, HAS_NEXT, BLOCK_ROW)
+    if HEAD_NORMS:
+        _head_norms(count_ptr + tl.num_programs(0) + 1, out_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr,
+                    vc_ptr, slots_ptr, M, stride_o, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off,
+                    v_off, eps, BLOCK_N, HEADS, KV_HEADS, D, FP8, K_EQ_V)
 
 
 @triton.jit
@@ -275,10 +282,14 @@ def _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n, out
 
 @triton.jit(do_not_specialize=["M"])
 def _gemv_tma_kernel(x_desc, w_desc, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr,
-                     y_ptr, M, N, K, k_per_split, stride_o, stride_r, stride_h, stride_y, eps,
+                     y_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr,
+                     M, N, K, k_per_split, stride_o, stride_r, stride_h, stride_y, eps,
+                     stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
                      IEEE: tl.constexpr, PDL: tl.constexpr, FOLD_SPLITS: tl.constexpr, NORM: tl.constexpr,
-                     HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_ROW: tl.constexpr):
+                     HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_ROW: tl.constexpr,
+                     HEAD_NORMS: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+                     FP8: tl.constexpr, K_EQ_V: tl.constexpr):
     """`_gemv_kernel` with its chunks loaded through tensor descriptors: x [M, K] in [16, BLOCK_K]
     boxes and the weight [N rows (2N with GATE_UP), K] in [BLOCK_N, BLOCK_K] boxes, the up rows'
     box N rows below the gate rows'. Whatever lies outside a descriptor reads as zeros (x's padding
@@ -305,6 +316,10 @@ def _gemv_tma_kernel(x_desc, w_desc, out_ptr, part_ptr, count_ptr, res_ptr, norm
         _norm_rows(count_ptr + tl.num_programs(0), tl.num_programs(0) * tl.num_programs(1), out_ptr, res_ptr,
                    norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, M, N, stride_o, stride_r, stride_h, stride_y, eps,
                    HAS_SCALAR, HAS_NEXT, BLOCK_ROW)
+    if HEAD_NORMS:
+        _head_norms(count_ptr + tl.num_programs(0) + 1, out_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr,
+                    vc_ptr, slots_ptr, M, stride_o, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off,
+                    v_off, eps, BLOCK_N, HEADS, KV_HEADS, D, FP8, K_EQ_V)
 
 
 @triton.jit
@@ -324,6 +339,34 @@ def _norm_rows(counter, programs, out_ptr, res_ptr, norm_w_ptr, scalar_ptr, next
             x = tl.load(out_ptr + row * stride_o + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
             _residual_norm_row(x, row, offs, ok, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, N, eps,
                                stride_r, stride_h, stride_y, True, True, HAS_SCALAR, HAS_NEXT)
+        tl.atomic_xchg(counter, 0)  # ready for the next launch
+
+
+@triton.jit
+def _head_norms(counters, out_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, M, stride_o,
+                stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, eps, BLOCK_N: tl.constexpr,
+                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr,
+                K_EQ_V: tl.constexpr):
+    """`fused.head_norm_rope` of a q|k|v product inside its launch: a head's column blocks lie
+    inside it (BLOCK_N divides D); every program counts itself done on its head's counter (a V
+    head's columns on its K head's), and the program that counts last for a head runs that head's
+    norms and RoPE for every row from the output read past L1 (a K head: K and V into the cache),
+    then zeroes the counter."""
+    n0 = tl.program_id(0) * BLOCK_N
+    head = n0 // D
+    if head >= HEADS + KV_HEADS:  # V's columns (not with K_EQ_V): counted with their K head
+        head = HEADS + (n0 - v_off) // D
+    share = (D // BLOCK_N) * tl.num_programs(1)  # the programs over one head's columns
+    if head >= HEADS and not K_EQ_V:
+        share = 2 * share
+    counter = counters + head
+    tl.debug_barrier()  # every thread's stores issued before the count releases them
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == share - 1:
+        tl.debug_barrier()
+        for t in range(M):
+            _head_norm_rope_at(t, head, out_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr,
+                               stride_o, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, eps,
+                               HEADS, D, D, FP8, True)
         tl.atomic_xchg(counter, 0)  # ready for the next launch
 
 
@@ -398,11 +441,33 @@ class RowNorm:
     next_weight: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class HeadNorms:
+    """`fused.head_norm_rope`'s arguments and its q output, for a q|k|v product that runs it in
+    its launch."""
+
+    heads: int
+    head_dim: int
+    q_weight: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    eps: float
+    q: torch.Tensor
+    kv: KVWrite | None = None
+
+    def fits(self, block_n: int) -> bool:
+        """Whether a head's columns are whole column blocks of `block_n` (a power-of-two head dim)."""
+        d = self.head_dim
+        return d & (d - 1) == 0 and d % block_n == 0 and self.cos.stride(1) == 1 and self.sin.stride(0) == \
+            self.cos.stride(0)
+
+
 def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, tiles: GemvTiles, gate_up: bool,
-            dependent: bool | None, counters: LaunchCounters | None, norm: RowNorm | None = None) -> bool:
-    """The product into `out`, and with `norm` its rows' residual norm in the same launch where
-    `counters` hold a counter per column block and one for the launch (returns whether it did;
-    else the caller runs `residual_norm`)."""
+            dependent: bool | None, counters: LaunchCounters | None, norm: RowNorm | None = None,
+            heads: HeadNorms | None = None) -> bool:
+    """The product into `out`; with `norm` its rows' residual norm, or with `heads` its heads'
+    norms and RoPE, in the same launch where `counters` hold a counter per column block, one for
+    the launch and one per head (returns whether it did; else the caller runs the fused kernel)."""
     M, K = x.shape
     block_k = tiles.block_k
     chunks = triton.cdiv(K, block_k)
@@ -414,16 +479,30 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
     line = max(1, 128 // w.element_size())
     prefetch_k = min(tiles.prefetch_k, _pow2(k_per_split)) if on else 0
     grid = (triton.cdiv(n_out, tiles.block_n), splits)
-    counted = counters is not None and counters.fits(grid[0] + (norm is not None))
+    head_cells = 0 if heads is None or not heads.fits(tiles.block_n) else \
+        heads.heads + (0 if heads.kv is None else heads.kv.kv_heads)
+    counted = counters is not None and counters.fits(grid[0] + 1 + head_cells) and (heads is None or head_cells)
     fold = splits if splits > 1 and counted else 0
-    fused = norm is not None and counted
+    fused = (norm is not None or heads is not None) and counted
     count = counters.counter(x.device) if fold or fused else part  # (a placeholder where nothing counts)
-    rn = norm if fused else RowNorm(out, out, 0.0, out, out)  # (placeholders without the norm)
+    rn = norm if fused and norm is not None else RowNorm(out, out, 0.0, out, out)  # (placeholders without)
     norm_args = (rn.residual, rn.weight, rn.scalar if rn.scalar is not None else out,
                  rn.next_weight if rn.next_weight is not None else out, rn.h, rn.y)
-    norm_meta = dict(NORM=fused, HAS_SCALAR=rn.scalar is not None, HAS_NEXT=rn.next_weight is not None,
-                     BLOCK_ROW=_pow2(n_out) if fused else 16)
-    strides = (rn.residual.stride(0), rn.h.stride(0), rn.y.stride(0), rn.eps)
+    hn = heads if fused and heads is not None else HeadNorms(0, 16, out, out, out, rn.eps, out)
+    kv = hn.kv
+    k_cache = out if kv is None else kv.k_cache
+    k_off = hn.heads * hn.head_dim
+    norm_args += (hn.q, hn.q_weight, hn.q_weight if kv is None else kv.k_weight, hn.cos, hn.sin, k_cache,
+                  out if kv is None else kv.v_cache, hn.cos if kv is None else kv.slots)
+    norm_meta = dict(NORM=fused and norm is not None, HAS_SCALAR=rn.scalar is not None,
+                     HAS_NEXT=rn.next_weight is not None, BLOCK_ROW=_pow2(n_out) if fused and norm is not None else 16,
+                     HEAD_NORMS=fused and heads is not None, HEADS=hn.heads, KV_HEADS=0 if kv is None else kv.kv_heads,
+                     D=hn.head_dim, FP8=kv is not None and kv.k_cache.dtype == torch.float8_e4m3fn,
+                     K_EQ_V=kv is None or kv.k_eq_v)
+    strides = (rn.residual.stride(0), rn.h.stride(0), rn.y.stride(0), hn.eps if heads is not None else rn.eps,
+               hn.q.stride(0), hn.q.stride(1) if hn.q.dim() > 1 else 0, hn.cos.stride(0), k_cache.stride(0),
+               k_cache.stride(1) if k_cache.dim() > 1 else 0, k_off,
+               k_off if kv is None or kv.k_eq_v else k_off + kv.kv_heads * hn.head_dim)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if tiles.tma and _descriptor_ready(x, w):
             from triton.tools.tensor_descriptor import TensorDescriptor
@@ -532,6 +611,40 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, counters: LaunchCounters | N
     if _decode_kernels(x) and x.stride(-1) == 1 and w.stride(-1) == 1:
         return small_m_linear(x, w, _decode_tiles("linear", w), counters=counters if FOLD_ON else None)
     return F.linear(x, w)
+
+
+def small_m_qkv_norm_rope(x: torch.Tensor, w: torch.Tensor, heads: int, head_dim: int, q_weight: torch.Tensor,
+                          cos: torch.Tensor, sin: torch.Tensor, eps: float, kv: KVWrite | None = None,
+                          tiles: GemvTiles | None = None, *, dependent: bool | None = None,
+                          counters: LaunchCounters | None = None) -> torch.Tensor:
+    """`fused.head_norm_rope(small_m_linear(x, w), heads, head_dim, q_weight, cos, sin, eps, kv)`:
+    q [M, heads, head_dim] (K and V into `kv`'s cache), in the product's launch where `counters`
+    (the call site's) hold a counter per column block, one more and one per head and a head's
+    columns are whole column blocks; else in a second launch."""
+    _check("small_m_qkv_norm_rope", x, w)
+    M, K = x.shape
+    N = w.shape[0]
+    tiles = tiles or default_tiles("linear", N, K, x.dtype)
+    if not (M and N and K):
+        return head_norm_rope(small_m_linear(x, w, tiles, dependent=dependent), heads, head_dim, q_weight, cos, sin,
+                              eps, kv)
+    q = torch.empty((M, heads, head_dim), dtype=x.dtype, device=x.device)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if _launch(x, w, out, N, tiles, False, dependent, counters,
+               heads=HeadNorms(heads, head_dim, q_weight, cos, sin, eps, q, kv)):
+        return q
+    return head_norm_rope(out, heads, head_dim, q_weight, cos, sin, eps, kv)
+
+
+def decode_qkv_norm_rope(x: torch.Tensor, w: torch.Tensor, counters: LaunchCounters | None, heads: int,
+                         head_dim: int, q_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                         kv: KVWrite | None = None) -> torch.Tensor:
+    """`head_norm_rope(decode_linear(x, w), ...)`: with TANDEM_FOLD_MERGE=1 where the small-M
+    products take x's rows, in the product's launch (`small_m_qkv_norm_rope`)."""
+    if FOLD_ON and counters is not None and _decode_kernels(x) and x.stride(-1) == 1 and w.stride(-1) == 1:
+        return small_m_qkv_norm_rope(x, w, heads, head_dim, q_weight, cos, sin, eps, kv, _decode_tiles("linear", w),
+                                     counters=counters)
+    return head_norm_rope(decode_linear(x, w, counters), heads, head_dim, q_weight, cos, sin, eps, kv)
 
 
 def decode_linear_norm(x: torch.Tensor, w: torch.Tensor, counters: LaunchCounters | None, residual: torch.Tensor,
