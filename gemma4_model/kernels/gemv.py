@@ -232,8 +232,24 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr
             acc_up += _dot(x, tl.trans(w_up), IEEE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n, row_ok[:, None] & n_ok[None, :], split,
-                    M, N, stride_o, GATE_UP, PARTIAL, FOLD_SPLITS)
+    _finish(acc, acc_up, rows, offs_n, row_ok[:, None] & n_ok[None, :], split, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr,
+            y_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, M, N, stride_o, stride_r, stride_h,
+            stride_y, eps, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, BLOCK_N, GATE_UP,
+            PARTIAL, FOLD_SPLITS, NORM, HAS_SCALAR, HAS_NEXT, BLOCK_ROW, HEAD_NORMS, HEADS, KV_HEADS, D, FP8, K_EQ_V)
+
+
+@triton.jit
+def _finish(acc, acc_up, rows, offs_n, out_ok, split, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr,
+            next_w_ptr, h_ptr, y_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, M, N,
+            stride_o, stride_r, stride_h, stride_y, eps, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off,
+            v_off, BLOCK_N: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr, FOLD_SPLITS: tl.constexpr,
+            NORM: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_ROW: tl.constexpr,
+            HEAD_NORMS: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+            FP8: tl.constexpr, K_EQ_V: tl.constexpr):
+    """A program's products stored (`_store_products`), then the launch's epilogue it takes part
+    in: the rows' residual norm (NORM) or the heads' norms and RoPE (HEAD_NORMS)."""
+    _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n, out_ok, split, M, N, stride_o, GATE_UP,
+                    PARTIAL, FOLD_SPLITS)
     if NORM:
         _norm_rows(count_ptr + tl.num_programs(0), tl.num_programs(0) * tl.num_programs(1), out_ptr, res_ptr,
                    norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, M, N, stride_o, stride_r, stride_h, stride_y, eps,
@@ -310,16 +326,10 @@ def _gemv_tma_kernel(x_desc, w_desc, out_ptr, part_ptr, count_ptr, res_ptr, norm
         acc += _dot(x, tl.trans(w_desc.load([n0, k0])), IEEE)
         if GATE_UP:
             acc_up += _dot(x, tl.trans(w_desc.load([N + n0, k0])), IEEE)
-    _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n,
-                    (rows < M)[:, None] & (offs_n < N)[None, :], split, M, N, stride_o, GATE_UP, PARTIAL, FOLD_SPLITS)
-    if NORM:
-        _norm_rows(count_ptr + tl.num_programs(0), tl.num_programs(0) * tl.num_programs(1), out_ptr, res_ptr,
-                   norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, M, N, stride_o, stride_r, stride_h, stride_y, eps,
-                   HAS_SCALAR, HAS_NEXT, BLOCK_ROW)
-    if HEAD_NORMS:
-        _head_norms(count_ptr + tl.num_programs(0) + 1, out_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr,
-                    vc_ptr, slots_ptr, M, stride_o, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off,
-                    v_off, eps, BLOCK_N, HEADS, KV_HEADS, D, FP8, K_EQ_V)
+    _finish(acc, acc_up, rows, offs_n, (rows < M)[:, None] & (offs_n < N)[None, :], split, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr,
+            y_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, M, N, stride_o, stride_r, stride_h,
+            stride_y, eps, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, BLOCK_N, GATE_UP,
+            PARTIAL, FOLD_SPLITS, NORM, HAS_SCALAR, HAS_NEXT, BLOCK_ROW, HEAD_NORMS, HEADS, KV_HEADS, D, FP8, K_EQ_V)
 
 
 @triton.jit
