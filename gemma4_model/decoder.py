@@ -55,7 +55,7 @@ class Attention(nn.Module):
             self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
         self._qkv: torch.Tensor | None = None  # q|k|v rows, once packed
-        self.counters = LaunchCounters()  # for its launches that merge their splits themselves (TANDEM_FOLD_MERGE)
+        self.counters = LaunchCounters()  # for its launches that finish their own splits (kernels.counters)
 
     def packed_qkv(self) -> torch.Tensor:
         """One weight of q|k|v rows, q_proj/k_proj/v_proj made views of it (packed again if a
@@ -149,7 +149,7 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = nn.Linear(cfg.ple_dim, h, bias=False)
             self.post_per_layer_input_norm = RMSNorm(h, eps)
             self.ple_tail = PleTail()  # the fused tail's row counters (decode batch sizes)
-        self.counters = LaunchCounters()  # the feed-forward products' (TANDEM_FOLD_MERGE)
+        self.counters = LaunchCounters()  # the feed-forward products' (kernels.counters)
 
     def forward(self, x, ple_input, cos, sin, batch, cache):
         h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, batch, cache))

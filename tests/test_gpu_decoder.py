@@ -65,9 +65,9 @@ def test_cuda_bfloat16_default_model_answers_like_float32_cpu():
 def test_cuda_small_m_products_answer_like_cublas(monkeypatch, dependent, prefetch_k, tma, fold):
     """The decoder's products through `kernels.gemv` (TANDEM_SMALL_M), plain or dependent launches
     with the L2 prefetch (TANDEM_PDL, TANDEM_GEMV_PREFETCH_K) or tensor-descriptor loads
-    (TANDEM_GEMV_TMA), with their K splits and attention's splits merged in the launches that
-    made them (TANDEM_FOLD_MERGE), CUDA graphs on: the trained model's answers that cuBLAS's
-    products get right come out the same."""
+    (TANDEM_GEMV_TMA), with their K splits and norms, and attention's splits, finished in the
+    launches that made them (TANDEM_FOLD_MERGE, TANDEM_FOLD_ATTENTION), CUDA graphs on: the
+    trained model's answers that cuBLAS's products get right come out the same."""
     from transformers import AutoTokenizer
 
     from default_model import CHECKPOINT

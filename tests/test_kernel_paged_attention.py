@@ -202,7 +202,7 @@ def test_decode_tiles_from_the_environment():
 
     script = ("from gemma4_model.kernels.paged_attention import DECODE_TILES as t; "
               "print(t.tma_stages, t.programs_per_sm, int(t.fold_merge))")
-    names = ("TANDEM_TMA_STAGES", "TANDEM_DECODE_PROGRAMS_PER_SM", "TANDEM_FOLD_MERGE")
+    names = ("TANDEM_TMA_STAGES", "TANDEM_DECODE_PROGRAMS_PER_SM", "TANDEM_FOLD_ATTENTION")
     base = DecodeTiles()
     for env, want in (({names[0]: "3", names[1]: "0", names[2]: "1"}, "3 0 1"),
                       ({names[2]: "0"}, f"{base.tma_stages} {base.programs_per_sm} 0"),

@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-# TANDEM_FOLD_MERGE=1: the decoder's flash-decoding splits (`DecodeTiles.fold_merge`) and small-M
-# products' K splits (`gemv.decode_linear`) merge in the launch that made them. Read once, at
-# import (a benchmark runs both in separate processes); off until measured on a device.
+# TANDEM_FOLD_MERGE=1: the decoder's small-M products (`gemv.decode_linear` and its kin) add their K
+# splits and run the norms after them in their own launch; TANDEM_FOLD_ATTENTION=1: the flash-decoding
+# splits merge in the attention launch (`DecodeTiles.fold_merge`; on an H200 an E4B batch-1 step
+# took 4.32 ms with it against 4.16 without: bench/results/decode_step_e4b_*_h200_7886058.json).
+# Read once, at import (a benchmark runs each setting in its own process); off until measured to win.
 FOLD_ON = os.environ.get("TANDEM_FOLD_MERGE", "0") == "1"
+FOLD_ATTENTION_ON = os.environ.get("TANDEM_FOLD_ATTENTION", "0") == "1"
 
 
 @dataclass

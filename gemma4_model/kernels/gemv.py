@@ -232,10 +232,11 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr
             acc_up += _dot(x, tl.trans(w_up), IEEE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    _finish(acc, acc_up, rows, offs_n, row_ok[:, None] & n_ok[None, :], split, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr,
-            y_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, M, N, stride_o, stride_r, stride_h,
-            stride_y, eps, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, BLOCK_N, GATE_UP,
-            PARTIAL, FOLD_SPLITS, NORM, HAS_SCALAR, HAS_NEXT, BLOCK_ROW, HEAD_NORMS, HEADS, KV_HEADS, D, FP8, K_EQ_V)
+    _finish(acc, acc_up, rows, offs_n, row_ok[:, None] & n_ok[None, :], split,
+            out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, q_ptr, wq_ptr,
+            wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, M, N, stride_o, stride_r, stride_h, stride_y, eps,
+            stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, BLOCK_N, GATE_UP, PARTIAL,
+            FOLD_SPLITS, NORM, HAS_SCALAR, HAS_NEXT, BLOCK_ROW, HEAD_NORMS, HEADS, KV_HEADS, D, FP8, K_EQ_V)
 
 
 @triton.jit
@@ -326,10 +327,11 @@ def _gemv_tma_kernel(x_desc, w_desc, out_ptr, part_ptr, count_ptr, res_ptr, norm
         acc += _dot(x, tl.trans(w_desc.load([n0, k0])), IEEE)
         if GATE_UP:
             acc_up += _dot(x, tl.trans(w_desc.load([N + n0, k0])), IEEE)
-    _finish(acc, acc_up, rows, offs_n, (rows < M)[:, None] & (offs_n < N)[None, :], split, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr,
-            y_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, M, N, stride_o, stride_r, stride_h,
-            stride_y, eps, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, BLOCK_N, GATE_UP,
-            PARTIAL, FOLD_SPLITS, NORM, HAS_SCALAR, HAS_NEXT, BLOCK_ROW, HEAD_NORMS, HEADS, KV_HEADS, D, FP8, K_EQ_V)
+    _finish(acc, acc_up, rows, offs_n, (rows < M)[:, None] & (offs_n < N)[None, :], split,
+            out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, q_ptr, wq_ptr,
+            wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, M, N, stride_o, stride_r, stride_h, stride_y, eps,
+            stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, BLOCK_N, GATE_UP, PARTIAL,
+            FOLD_SPLITS, NORM, HAS_SCALAR, HAS_NEXT, BLOCK_ROW, HEAD_NORMS, HEADS, KV_HEADS, D, FP8, K_EQ_V)
 
 
 @triton.jit
@@ -669,7 +671,8 @@ def decode_linear_norm(x: torch.Tensor, w: torch.Tensor, counters: LaunchCounter
     return residual_norm(decode_linear(x, w, counters), residual, weight, eps, scalar, next_weight)
 
 
-def decode_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor, counters: LaunchCounters | None = None) -> torch.Tensor:
+def decode_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor,
+                        counters: LaunchCounters | None = None) -> torch.Tensor:
     """gelu_tanh(gate) * up of the packed gate|up weight: `small_m_gate_up_gelu` where the
     TANDEM_SMALL_M switch takes x's rows, else `F.linear` then the fused `gelu_mul`; `counters` as
     `decode_linear`'s."""

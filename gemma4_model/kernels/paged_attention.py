@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..batch import ForwardBatch
 from ..kv_cache import KVGroup
-from .counters import FOLD_ON, LaunchCounters
+from .counters import FOLD_ATTENTION_ON, LaunchCounters
 from .fused import _pdl_release, _pdl_wait, pdl
 
 SPAN_MODES = {"none": 0, "windowed": 1, "override": 2}
@@ -127,13 +127,13 @@ class DecodeTiles:
 
 def _tiles_from_environment() -> DecodeTiles:
     """The default tiles, where TANDEM_TMA_STAGES=N (0: the gathering kernel at every batch),
-    TANDEM_DECODE_PROGRAMS_PER_SM=N (0: MAX_SPLITS at every batch) and TANDEM_FOLD_MERGE=1 (the
+    TANDEM_DECODE_PROGRAMS_PER_SM=N (0: MAX_SPLITS at every batch) and TANDEM_FOLD_ATTENTION=1 (the
     splits merged in the attention launch) override theirs: read once, at import, so a benchmark
     can run the earlier launches beside the new ones."""
     base = DecodeTiles()
     return DecodeTiles(tma_stages=int(os.environ.get("TANDEM_TMA_STAGES", base.tma_stages)),
                        programs_per_sm=int(os.environ.get("TANDEM_DECODE_PROGRAMS_PER_SM", base.programs_per_sm)),
-                       fold_merge=FOLD_ON)
+                       fold_merge=FOLD_ATTENTION_ON)
 
 
 
