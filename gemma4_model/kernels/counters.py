@@ -6,7 +6,7 @@ with an acquire-release atomic (after a barrier: the block's stores are visible 
 last), and the program that counts last reads the parts back past L1, writes the result and sets
 the counter back to zero, so the next launch (and a captured CUDA graph's next replay) starts
 from zero. `kernels.ple_tail`, the flash-decoding merge of `kernels.paged_attention` and the K
-split of `kernels.gemv` count this way.
+splits and norm epilogues of `kernels.gemv` count this way.
 """
 
 from __future__ import annotations

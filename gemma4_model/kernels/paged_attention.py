@@ -634,7 +634,8 @@ def _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad,
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _paged_decode_tma_kernel[(programs, kv_heads, splits)](
             q, out, *descs, tables, batch.positions, schedule, layout.query_starts, layout.kv_lens, part, lse,
-            lse if count is None else count, programs, T, heads, window, q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
+            lse if count is None else count, programs, T, heads, window, q.stride(0), q.stride(1), out.stride(0),
+            out.stride(1), tables.stride(0),
             HEAD_DIM=head_dim, BOX_D=box, REP=rep, REP_PAD=rep_pad, BLOCK_M=block_m, PAGE=page,
             NUM_SPLITS=splits, SPLIT_KEYS=split_keys, IEEE=q.dtype == torch.float32, PDL=pdl(q),
             MMA_FP16=k.element_size() == 1 and q.element_size() == 2 and tiles.fp8_products_in_fp16,
