@@ -4,7 +4,8 @@ fewest keys per split, programs over the splits, split counts) timed against the
 must read, on the device (CUDA only).
 
 One decode row per sequence, every sequence at `--context` tokens (positions context-1), K/V
-pages scattered over a pool as the cache leaves them, 16-token pages. Shapes from
+pages scattered over a pool as the cache leaves them, `--page-sizes` tokens a page (16: the
+topology's default). Shapes from
 tests/fixtures/hf_configs: 26B-A4B and E4B sliding (head 256) and full (head 512) layers. Floor
 bytes: each sequence's visible keys (its window, or all) times K and V of every KV head, bf16.
 Each launch is checked against the default launch first (equal up to bf16 rounding: the same
@@ -42,18 +43,17 @@ from gemma4_model.page_pool import PagePool  # noqa: E402
 from topology.config import KV_CACHE_DTYPES  # noqa: E402
 
 CONFIGS = {"26b_a4b": "gemma-4-26B-A4B-it.json", "e4b": "gemma-4-E4B-it.json"}
-PAGE = 16
 
 
 def decode_case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, window: int | None,
-                kv_dtype: torch.dtype = torch.bfloat16):
+                kv_dtype: torch.dtype = torch.bfloat16, page: int = 16):
     """q [batch, heads, head_dim] at position context-1 of each sequence, and its KV group (K and V
-    stored as `kv_dtype`) and batch."""
+    stored as `kv_dtype`, `page` tokens a page) and batch."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    per_seq = -(-context // PAGE)
+    per_seq = -(-context // page)
     pages = batch * per_seq + 1
-    k = torch.randn((1, pages, PAGE, kv_heads, head_dim), generator=g, device="cuda").to(kv_dtype)
-    v = torch.randn((1, pages, PAGE, kv_heads, head_dim), generator=g, device="cuda").to(kv_dtype)
+    k = torch.randn((1, pages, page, kv_heads, head_dim), generator=g, device="cuda").to(kv_dtype)
+    v = torch.randn((1, pages, page, kv_heads, head_dim), generator=g, device="cuda").to(kv_dtype)
     group = KVGroup("bench", (0,), window, PagePool(pages), k, v)
     order = torch.randperm(pages - 1, generator=torch.Generator().manual_seed(0))
     tables = order.reshape(batch, per_seq).to("cuda")
@@ -62,7 +62,7 @@ def decode_case(batch: int, context: int, heads: int, kv_heads: int, head_dim: i
                       query_starts=tuple(range(batch + 1)), kv_lens=(context,) * batch,
                       chunk_starts=(context - 1,) * batch, chunk_spans=(None,) * batch,
                       groups={"bench": GroupView(tables, torch.zeros(batch, dtype=torch.long, device="cuda"))},
-                      logits_rows=torch.arange(batch, device="cuda"), page_size=PAGE)
+                      logits_rows=torch.arange(batch, device="cuda"), page_size=page)
     q = torch.randn((batch, heads, head_dim), generator=g, device="cuda").to(torch.bfloat16) * head_dim**-0.5
     return q, group, fb
 
@@ -82,7 +82,7 @@ def write(args, records: list[dict]) -> None:
     args.out.write_text(json.dumps({
         "benchmark": "attention_sweep", "commit": args.commit, "torch": torch.__version__,
         "device": torch.cuda.get_device_name(), "command": " ".join(["python"] + sys.argv),
-        "page_size": PAGE, "peak_gbps": args.peak_gbps, "records": records}, indent=1))
+        "page_sizes": args.page_sizes, "peak_gbps": args.peak_gbps, "records": records}, indent=1))
 
 
 def main() -> None:
@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--models", default="26b_a4b,e4b")
     ap.add_argument("--batches", default="1,32,64,96")
     ap.add_argument("--contexts", default="512,1024,2048")
+    ap.add_argument("--page-sizes", default="16", help="tokens per KV page (a topology's model.page_size)")
     ap.add_argument("--block-ns", default="0,32", help="keys per block to try (0: the default by head dim)")
     ap.add_argument("--block-dks", default="0", help="head-dim columns of K per score chunk to try (0: up to 256)")
     ap.add_argument("--prefetch-v", default="0,1", help="V loaded with K (1), after the scores (0), or both")
@@ -129,48 +130,47 @@ def main() -> None:
     records = []
     for model in args.models.split(","):
         for layer, (heads, kv_heads, head_dim, window) in layer_shapes(model).items():
-            for batch in map(int, args.batches.split(",")):
-                for context in map(int, args.contexts.split(",")):
-                    q, group, fb = decode_case(batch, context, heads, kv_heads, head_dim, window, kv_dtype)
-                    visible = min(context, window or context)
-                    floor_bytes = batch * visible * kv_heads * head_dim * 2 * kv_dtype.itemsize
-                    want = paged_attention_triton(q, group, 0, fb, "bench")
-                    timings = []
-                    for tiles, splits in variants:
-                        got = paged_attention_triton(q, group, 0, fb, "bench", num_splits=splits, tiles=tiles,
-                                                     counters=counters)
-                        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-                        if err > 2e-2:
-                            raise SystemExit(f"{model} {layer} b{batch} c{context} {tiles}: rel err {err:.3g}")
-                        call = functools.partial(paged_attention_triton, q, group, 0, fb, "bench", num_splits=splits,
-                                                 tiles=tiles, counters=counters)
-                        us = graph_us([call] * args.calls, args.reps, stream)
-                        timings.append({**tiles.__dict__, "num_splits": splits, "us": round(us, 2),
-                                        "gbps": round(floor_bytes / us / 1e3, 1)})
-                    best = min(timings, key=lambda t: t["us"])
-                    # the default launch at this batch (its split count and kernel chosen by batch size)
-                    default_call = functools.partial(paged_attention_triton, q, group, 0, fb, "bench",
-                                                     counters=counters)
-                    default_us = graph_us([default_call] * args.calls, args.reps, stream)
-                    splits = default_num_splits(fb, kv_heads, 16, q.device, DECODE_TILES)
-                    default = {**DECODE_TILES.__dict__, "tma": DECODE_TILES.use_tma(batch, head_dim, splits),
-                               "num_splits": splits,
-                               "us": round(default_us, 2), "gbps": round(floor_bytes / default_us / 1e3, 1)}
-                    rec = {"model": model, "layer": layer, "batch": batch, "context": context, "kv_dtype": args.kv_dtype,
-                           "heads": heads,
-                           "kv_heads": kv_heads, "head_dim": head_dim, "window": window, "floor_bytes": floor_bytes,
-                           "floor_us": round(floor_bytes / args.peak_gbps / 1e3, 2), "default": default, "best": best,
-                           "variants": timings}
-                    records.append(rec)
-                    print(f"{model:8s} {layer:7s} b{batch:<3d} c{context:<5d} floor {rec['floor_us']:7.1f} us  "
-                          f"default {default['us']:7.1f} (x{default['num_splits']})  best {best['us']:7.1f} "
-                          f"(w{best['num_warps']} s{best['num_stages']} pv{int(best['prefetch_v'])} "
-                          f"n{best['block_n']} dk{best['block_dk']} k{best['split_keys']} x{best['num_splits']} g{best['split_programs']}"
-                          f" dv{best['block_dv']} f16 {int(best['fp8_products_in_fp16'])} tma{best['tma_stages']}"
-                          f" fold{int(best['fold_merge'])})",
-                          flush=True)
-                    del q, group, fb
-                    write(args, records)  # after every case: a run stopped at its time limit keeps what it measured
+            for batch, context, page in itertools.product(ints(args.batches), ints(args.contexts),
+                                                          ints(args.page_sizes)):
+                q, group, fb = decode_case(batch, context, heads, kv_heads, head_dim, window, kv_dtype, page)
+                visible = min(context, window or context)
+                floor_bytes = batch * visible * kv_heads * head_dim * 2 * kv_dtype.itemsize
+                want = paged_attention_triton(q, group, 0, fb, "bench")
+                timings = []
+                for tiles, splits in variants:
+                    got = paged_attention_triton(q, group, 0, fb, "bench", num_splits=splits, tiles=tiles,
+                                                 counters=counters)
+                    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+                    if err > 2e-2:
+                        raise SystemExit(f"{model} {layer} b{batch} c{context} {tiles}: rel err {err:.3g}")
+                    call = functools.partial(paged_attention_triton, q, group, 0, fb, "bench", num_splits=splits,
+                                             tiles=tiles, counters=counters)
+                    us = graph_us([call] * args.calls, args.reps, stream)
+                    timings.append({**tiles.__dict__, "num_splits": splits, "us": round(us, 2),
+                                    "gbps": round(floor_bytes / us / 1e3, 1)})
+                best = min(timings, key=lambda t: t["us"])
+                # the default launch at this batch (its split count and kernel chosen by batch size)
+                default_call = functools.partial(paged_attention_triton, q, group, 0, fb, "bench",
+                                                 counters=counters)
+                default_us = graph_us([default_call] * args.calls, args.reps, stream)
+                splits = default_num_splits(fb, kv_heads, 16, q.device, DECODE_TILES)
+                default = {**DECODE_TILES.__dict__, "tma": DECODE_TILES.use_tma(batch, head_dim, splits),
+                           "num_splits": splits,
+                           "us": round(default_us, 2), "gbps": round(floor_bytes / default_us / 1e3, 1)}
+                rec = {"model": model, "layer": layer, "batch": batch, "context": context, "page_size": page,
+                       "kv_dtype": args.kv_dtype, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "window": window, "floor_bytes": floor_bytes,
+                       "floor_us": round(floor_bytes / args.peak_gbps / 1e3, 2), "default": default, "best": best,
+                       "variants": timings}
+                records.append(rec)
+                print(f"{model:8s} {layer:7s} b{batch:<3d} c{context:<5d} p{page:<3d} floor {rec['floor_us']:7.1f} us  "
+                      f"default {default['us']:7.1f} (x{default['num_splits']})  best {best['us']:7.1f} "
+                      f"(w{best['num_warps']} s{best['num_stages']} pv{int(best['prefetch_v'])} "
+                      f"n{best['block_n']} dk{best['block_dk']} k{best['split_keys']} x{best['num_splits']} g{best['split_programs']}"
+                      f" dv{best['block_dv']} f16 {int(best['fp8_products_in_fp16'])} tma{best['tma_stages']}"
+                      f" fold{int(best['fold_merge'])})",
+                      flush=True)
+                del q, group, fb
+                write(args, records)  # after every case: a run stopped at its time limit keeps what it measured
 
 
 if __name__ == "__main__":
