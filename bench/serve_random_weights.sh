@@ -15,7 +15,8 @@
 # (collapsed stacks in OUT_DIR/pyspy-<actor>.txt; needs py-spy on the PATH). RUNS picks among
 # "latency", "throughput" (the default: both) and "image" (SGLang's image run at concurrency 1: two
 # 720p images and 128 text tokens per request, 1024 out; adds a vision encoder on cuda:0, its tower
-# torch.compile'd unless COMPILE_VISION=0). KV_PAGES (16384) and KV_DTYPE (auto; fp8_e4m3) size the KV cache,
+# torch.compile'd unless COMPILE_VISION=0). KV_PAGES (16384 x 16 / PAGE_SIZE), PAGE_SIZE (16 tokens a page) and
+# KV_DTYPE (auto; fp8_e4m3) size the KV cache,
 # e.g. to fit 26B-A4B's bf16 weights on an 80 GB card; PROMPTS (1000) sets the throughput run's prompts;
 # PREFETCH_BS=N reads weights into L2 ahead of their products at decode batches of up to N (0: off);
 # GPUS=2 uses two GPUs: with SPLIT=1 prefill (and the vision encoder) on cuda:0 and decode on cuda:1,
@@ -35,7 +36,7 @@
 # DETAILS=1 keeps each request's timings in the JSONs (serve_bench.py --output-details).
 set -euo pipefail
 server_command="GPUS=${GPUS:-} PREPROCESS=${PREPROCESS:-} VISION_GPU=${VISION_GPU:-} GOODPUT_RATES='${GOODPUT_RATES:-}' GOODPUT_PROMPTS=${GOODPUT_PROMPTS:-} IMAGE_FRACTION=${IMAGE_FRACTION:-} TTFT_MS=${TTFT_MS:-} TPOT_MS=${TPOT_MS:-} SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} COMPILE_VISION=${COMPILE_VISION:-}\
- KV_PAGES=${KV_PAGES:-} KV_DTYPE=${KV_DTYPE:-} PREFETCH_BS=${PREFETCH_BS:-} TANDEM_PDL=${TANDEM_PDL:-} TANDEM_TMA_STAGES=${TANDEM_TMA_STAGES:-} TANDEM_DECODE_PROGRAMS_PER_SM=${TANDEM_DECODE_PROGRAMS_PER_SM:-} TANDEM_FOLD_MERGE=${TANDEM_FOLD_MERGE:-} TANDEM_FOLD_ATTENTION=${TANDEM_FOLD_ATTENTION:-} TANDEM_SMALL_M=${TANDEM_SMALL_M:-} TANDEM_GEMV_TMA=${TANDEM_GEMV_TMA:-} PROMPTS=${PROMPTS:-} DETAILS=${DETAILS:-} bash $0 $*"
+ KV_PAGES=${KV_PAGES:-} PAGE_SIZE=${PAGE_SIZE:-} KV_DTYPE=${KV_DTYPE:-} PREFETCH_BS=${PREFETCH_BS:-} TANDEM_PDL=${TANDEM_PDL:-} TANDEM_TMA_STAGES=${TANDEM_TMA_STAGES:-} TANDEM_DECODE_PROGRAMS_PER_SM=${TANDEM_DECODE_PROGRAMS_PER_SM:-} TANDEM_FOLD_MERGE=${TANDEM_FOLD_MERGE:-} TANDEM_FOLD_ATTENTION=${TANDEM_FOLD_ATTENTION:-} TANDEM_SMALL_M=${TANDEM_SMALL_M:-} TANDEM_GEMV_TMA=${TANDEM_GEMV_TMA:-} PROMPTS=${PROMPTS:-} DETAILS=${DETAILS:-} bash $0 $*"
 out=${1:?output directory}
 key=${2:-gemma-4-E4B-it}
 commit=${3:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -73,8 +74,9 @@ PY
 topology="$ckpt/topology.toml"
 runs=" ${RUNS:-latency throughput} "
 python3 bench/random_weights_topology.py "$topology" "$ckpt" --gpus "${GPUS:-1}" $([ "${SPLIT:-}" = 1 ] && echo --split) \
-  $([[ $runs == *" image "* || $runs == *" goodput "* ]] && echo --vision) --kv-pages "${KV_PAGES:-16384}" \
-  --kv-dtype "${KV_DTYPE:-auto}" --prefetch-bs "${PREFETCH_BS:-0}" --compile-vision "${COMPILE_VISION:-1}" \
+  $([[ $runs == *" image "* || $runs == *" goodput "* ]] && echo --vision) \
+  --kv-pages "${KV_PAGES:-$(( 262144 / ${PAGE_SIZE:-16} ))}" --page-size "${PAGE_SIZE:-16}" --kv-dtype "${KV_DTYPE:-auto}" \
+  --prefetch-bs "${PREFETCH_BS:-0}" --compile-vision "${COMPILE_VISION:-1}" \
   --preprocess "${PREPROCESS:-$([ "${GPUS:-1}" = 2 ] && echo 4 || echo 1)}" --vision-gpu "${VISION_GPU:-0}"
 port=8123
 trace=()

@@ -19,12 +19,14 @@ from topology.config import TopologyError, load_topology
 def test_each_topology_loads_with_its_devices(tmp_path, gpus, split, vision, want):
     bench = load_bench("random_weights_topology")
     out = tmp_path / "topology.toml"
-    args = [str(out), str(tmp_path), "--gpus", str(gpus), "--kv-pages", "1000", "--kv-dtype", "fp8_e4m3"]
+    args = [str(out), str(tmp_path), "--gpus", str(gpus), "--kv-pages", "1000", "--kv-dtype", "fp8_e4m3",
+            "--page-size", "64"]
     bench.main(args + (["--split"] if split else []) + (["--vision"] if vision else []))
     topology = load_topology(out)
     assert {a.kind: tuple(a.device_of(r) for r in range(a.replicas)) for a in topology.actors} == want
     assert topology.transfer == ("cuda_ipc" if split else None)
     assert topology.model.kv_pages == 1000 and topology.model.kv_cache_dtype == "fp8_e4m3"
+    assert topology.model.page_size == 64
     assert topology.model.load_format == "dummy"
     bench.main(args + ["--gpus", str(gpus), "--preprocess", "4"])
     assert next(a for a in load_topology(out).actors if a.kind == "preprocess").replicas == 4
