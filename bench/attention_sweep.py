@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -138,8 +139,12 @@ def main() -> None:
                 want = paged_attention_triton(q, group, 0, fb, "bench")
                 timings = []
                 for tiles, splits in variants:
-                    got = paged_attention_triton(q, group, 0, fb, "bench", num_splits=splits, tiles=tiles,
-                                                 counters=counters)
+                    try:
+                        got = paged_attention_triton(q, group, 0, fb, "bench", num_splits=splits, tiles=tiles,
+                                                     counters=counters)
+                    except OutOfResources as e:  # e.g. large pages' TMA stages past shared memory
+                        timings.append({**tiles.__dict__, "num_splits": splits, "skipped": str(e)})
+                        continue
                     err = ((got.float() - want.float()).norm() / want.float().norm()).item()
                     if err > 2e-2:
                         raise SystemExit(f"{model} {layer} b{batch} c{context} {tiles}: rel err {err:.3g}")
@@ -148,7 +153,7 @@ def main() -> None:
                     us = graph_us([call] * args.calls, args.reps, stream)
                     timings.append({**tiles.__dict__, "num_splits": splits, "us": round(us, 2),
                                     "gbps": round(floor_bytes / us / 1e3, 1)})
-                best = min(timings, key=lambda t: t["us"])
+                best = min((t for t in timings if "us" in t), key=lambda t: t["us"])
                 # the default launch at this batch (its split count and kernel chosen by batch size)
                 default_call = functools.partial(paged_attention_triton, q, group, 0, fb, "bench",
                                                  counters=counters)
