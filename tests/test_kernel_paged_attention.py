@@ -159,11 +159,15 @@ def test_decode_tile_launches_give_the_default_result():
     assert DecodeTiles(split_programs=4, target_programs=512).programs_per_sequence(16, 1, 2) == 4
     # longer splits partition the keys otherwise: the same result up to summation order
     # as do scores summed over head-dim chunks of K
-    for tiles in (DecodeTiles(split_keys=256), DecodeTiles(8, 2, True, 32, 512), DecodeTiles(block_dk=16)):
+    for tiles in (DecodeTiles(split_keys=256), DecodeTiles(split_keys=16), DecodeTiles(8, 2, True, 32, 512),
+                  DecodeTiles(block_dk=16)):
         torch.testing.assert_close(paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16,
                                                           tiles=tiles), want, atol=2e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="multiple of 64"):
-        DecodeTiles(split_keys=96)
+    # short splits, more of them than MAX_SPLITS (a batch of one over many programs)
+    torch.testing.assert_close(paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=64,
+                                                      tiles=DecodeTiles(split_keys=16)), want, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        DecodeTiles(split_keys=40)
     for block_dk in (8, 48, 512):
         with pytest.raises(ValueError, match="block_dk"):
             DecodeTiles(block_dk=block_dk)
@@ -184,6 +188,16 @@ def test_tma_decode_pages_against_the_twin(heads, kv_heads, window, splits):
     group.v[0][batch.groups[LAYER].page_tables[1, 0], :4] = want.new_zeros(()).float()
     assert paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=splits,
                                   tiles=DecodeTiles(tma_stages=3)).isfinite().all()
+
+
+def test_tma_decode_splits_take_whole_pages():
+    """Splits asked shorter than a page (split_keys 16 over 32-key pages, more splits than pages):
+    the TMA kernel's splits are whole pages, and the result is the twin's."""
+    q, group, batch = make_case([Seq(200, 1), Seq(33, 1)], heads=4, kv_heads=2, head_dim=32, page=32, window=150)
+    want = paged_attention(q, group, 0, batch, LAYER, "none")
+    got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=32,
+                                 tiles=DecodeTiles(tma_stages=2, split_keys=16))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 def test_tma_decode_at_head_dim_512_reads_two_boxes_a_page():

@@ -39,7 +39,7 @@ SPAN_MODES = {"none": 0, "windowed": 1, "override": 2}
 NO_WINDOW = 1 << 30  # a window no sequence reaches: the causal mask alone
 _FAR = tl.constexpr(NO_WINDOW)
 _LOG2E = tl.constexpr(1.4426950408889634)
-SPLIT_KEYS = 64  # the fewest keys of a flash-decoding split (a multiple of every BLOCK_N) by default
+SPLIT_KEYS = 64  # the fewest keys of a flash-decoding split by default (a multiple of 16)
 MAX_SPLITS = 16  # the most splits of a decode-like launch on a GPU (a power of two)
 
 
@@ -47,12 +47,13 @@ MAX_SPLITS = 16  # the most splits of a decode-like launch on a GPU (a power of 
 class DecodeTiles:
     """The launch of decode-like (16-row) tiles: warps, software-pipeline stages, whether V is
     loaded with K, keys per block (0: by head dim), head-dim columns of K per score chunk (0: up to
-    256; fewer hold fewer K values in registers at once), the fewest keys of a split (a multiple of 64:
-    more make fewer, longer splits), and the programs that take a sequence's splits (fewer than
-    the splits: each takes every so-many-th; the partition, so the result, is the same), and over
-    an fp8 cache whether the products take float16 operands; `block_dv` splits the head dim of V
-    over programs; `tma_stages` reads pure decode steps' pages by TMA (`use_tma`);
-    `programs_per_sm` sets the flash-decoding splits by batch (`decode_splits`)."""
+    256; fewer hold fewer K values in registers at once), the fewest keys of a split (a multiple of
+    16: more make fewer, longer splits; the TMA kernel's are whole pages whatever it is), and the
+    programs that take a sequence's splits (fewer than the splits: each takes every so-many-th; the
+    partition, so the result, is the same), and over an fp8 cache whether the products take
+    float16 operands; `block_dv` splits the head dim of V over programs; `tma_stages` reads pure
+    decode steps' pages by TMA (`use_tma`); `programs_per_sm` sets the flash-decoding splits by
+    batch (`decode_splits`)."""
 
     # the defaults, from sweeps of 26B-A4B's and E4B's layers at 800 keys on an H100
     # (bench/results/attention_sweep_decode_h100*.json): sliding layers at batches 8 to 96 the
@@ -99,8 +100,8 @@ class DecodeTiles:
             raise ValueError(f"block_dk is 0 or a power of two from 16 to 256, got {self.block_dk}")
         if self.block_dv and (self.block_dv < 16 or self.block_dv & (self.block_dv - 1)):
             raise ValueError(f"block_dv is 0 or a power of two of at least 16, got {self.block_dv}")
-        if self.split_keys <= 0 or self.split_keys % 64:
-            raise ValueError(f"split_keys is a positive multiple of 64, got {self.split_keys}")
+        if self.split_keys <= 0 or self.split_keys % 16:
+            raise ValueError(f"split_keys is a positive multiple of 16, got {self.split_keys}")
         if self.tma_stages < 0 or self.tma_min_sequences < 1 or self.programs_per_sm < 0:
             raise ValueError(f"tma_stages (pages in flight, 0: off), tma_min_sequences (at least 1) and "
                              f"programs_per_sm (0: off) are counts, got {self.tma_stages}, {self.tma_min_sequences}, "
