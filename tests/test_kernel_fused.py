@@ -172,3 +172,18 @@ def test_gpu_gelu_mul_and_ple_combine():
     a, b = gate_up[:, :10240], gate_up[:, 10240:]
     assert_matches(gelu_mul(a, b), gelu_mul_torch(a, b), torch.bfloat16)
     ple_case("cuda", torch.bfloat16, T=7, layers=42, P=256, hidden=2560, vocab=1000)
+
+
+def test_tensor_descriptor_loads_only_on_hopper(monkeypatch):
+    """`tma_capable`: CPU tensors (Triton's interpreter emulates TMA) and Hopper GPUs take the TMA
+    kernels; an older GPU (no tensor memory accelerator) keeps the gathering ones, whatever the
+    switches say."""
+    from types import SimpleNamespace
+
+    from gemma4_model.kernels import fused
+
+    assert fused.tma_capable(torch.zeros(1))
+    cuda = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
+    for capable in (True, False):
+        monkeypatch.setattr(fused, "_hopper", lambda index, capable=capable: capable)
+        assert fused.tma_capable(cuda) is capable

@@ -565,3 +565,15 @@ def test_tma_gemv_compiles_to_pipelined_tensor_loads():
     # and the rows' residual norm by the launch's last program (a 4096-wide row: still no spills)
     assert got["norm"]["acq_rel_count"] and got["split-fold-norm"]["acq_rel_count"], got
     assert got["split-fold-heads"]["acq_rel_count"], got  # and the q|k|v heads' norms and RoPE
+
+
+def test_decode_tiles_load_through_descriptors_only_where_tma_is(monkeypatch):
+    """TANDEM_GEMV_TMA picks the TMA kernel's tiles only on a device with TMA (`fused.tma_capable`);
+    elsewhere the gathering kernel's, with the prefetch setting."""
+    w = torch.zeros(2560, 2048, dtype=torch.bfloat16)
+    monkeypatch.setattr(gemv, "TMA_ON", True)
+    assert gemv._decode_tiles("linear", w).tma
+    monkeypatch.setattr(gemv, "tma_capable", lambda t: False)
+    tiles = gemv._decode_tiles("linear", w)
+    assert not tiles.tma and tiles == replace(gemv.default_tiles("linear", 2560, 2048, w.dtype),
+                                              prefetch_k=gemv.PREFETCH_K)

@@ -200,6 +200,18 @@ def test_tma_decode_splits_take_whole_pages():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+def test_tma_decode_only_where_the_device_has_tma(monkeypatch):
+    """Tiles that ask for TMA pages on a device without TMA (`fused.tma_capable`, before Hopper)
+    take the gathering kernel: the same result, no tensor descriptors."""
+    q, group, batch = make_case([Seq(90, 1), Seq(20, 1)], heads=4, kv_heads=2, head_dim=32, page=16)
+    want = paged_attention(q, group, 0, batch, LAYER, "none")
+    monkeypatch.setattr(attention_kernels, "tma_capable", lambda t: False)
+    monkeypatch.setattr(attention_kernels, "_launch_tma", lambda *a, **k: pytest.fail("a TMA launch"))
+    got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=2,
+                                 tiles=DecodeTiles(tma_stages=2, tma_min_sequences=1))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
 def test_tma_decode_at_head_dim_512_reads_two_boxes_a_page():
     """Full layers' head dim (512) is two 256-wide TMA boxes of K and of V a page."""
     q, group, batch = make_case([Seq(40, 1), Seq(17, 1)], heads=4, kv_heads=2, head_dim=512, page=16)

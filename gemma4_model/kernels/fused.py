@@ -53,8 +53,17 @@ def _hopper(index: int) -> bool:
 
 def pdl(t: torch.Tensor) -> bool:
     """Whether a launch on t's device is programmatically dependent (see PDL_ON)."""
-    return PDL_ON and t.is_cuda and _hopper(t.device.index if t.device.index is not None
-                                            else torch.cuda.current_device())
+    return PDL_ON and t.is_cuda and _hopper(_index(t))
+
+
+def tma_capable(t: torch.Tensor) -> bool:
+    """Whether kernels over t may load through tensor descriptors (TMA): on a Hopper or later GPU,
+    or off CUDA (Triton's interpreter, which emulates them)."""
+    return not t.is_cuda or _hopper(_index(t))
+
+
+def _index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
 @triton.jit

@@ -50,7 +50,7 @@ import triton.language as tl
 
 from .counters import FOLD_ON, LaunchCounters
 from .fused import (KVWrite, _gelu_tanh, _head_norm_rope_at, _pdl_release, _pdl_wait, _residual_norm_row, _round,
-                    _use_kernel, gelu_mul, gelu_mul_torch, head_norm_rope, pdl, residual_norm)
+                    _use_kernel, gelu_mul, gelu_mul_torch, head_norm_rope, pdl, residual_norm, tma_capable)
 from .paged_attention import _dot
 
 MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
@@ -612,7 +612,7 @@ def _decode_kernels(x: torch.Tensor) -> bool:
 
 def _decode_tiles(kind: str, w: torch.Tensor) -> GemvTiles:
     tiles = default_tiles(kind, w.shape[0], w.shape[1], w.dtype)
-    if TMA_ON:
+    if TMA_ON and tma_capable(w):
         return replace(tiles, block_k=min(tiles.block_k, 256), tma=True)
     return replace(tiles, prefetch_k=PREFETCH_K)
 

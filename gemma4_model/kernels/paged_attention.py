@@ -33,7 +33,7 @@ import triton.language as tl
 from ..batch import ForwardBatch
 from ..kv_cache import KVGroup
 from .counters import FOLD_ATTENTION_ON, LaunchCounters
-from .fused import _pdl_release, _pdl_wait, pdl
+from .fused import _pdl_release, _pdl_wait, pdl, tma_capable
 
 SPAN_MODES = {"none": 0, "windowed": 1, "override": 2}
 NO_WINDOW = 1 << 30  # a window no sequence reaches: the causal mask alone
@@ -573,7 +573,8 @@ def paged_attention_triton(
     fold = (decode.fold_merge and counters is not None and splits > 1 and block_m <= 16
             and counters.fits(programs * kv_heads))
     if (decode.use_tma(batch.num_seqs, head_dim, splits) and block_m <= 16 and layout.max_query_len == 1
-            and head_dim == d_pad <= 512 and page >= 16 and k.is_contiguous() and v.is_contiguous()):
+            and head_dim == d_pad <= 512 and page >= 16 and k.is_contiguous() and v.is_contiguous()
+            and tma_capable(q)):
         _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad, block_m, window_of(group),
                     decode, decode.split_keys, counters.counter(q.device) if fold else None)
         return out
