@@ -37,7 +37,7 @@ from bench.gemv_sweep import graph_us  # noqa: E402
 from gemma4_model.batch import ForwardBatch, GroupView  # noqa: E402
 from gemma4_model.config import parse_config  # noqa: E402
 from gemma4_model.kernels.paged_attention import (  # noqa: E402
-    DECODE_TILES, MAX_SPLITS, DecodeTiles, default_num_splits, paged_attention_triton)
+    DECODE_TILES, MAX_SPLITS, NO_WINDOW, DecodeTiles, default_num_splits, paged_attention_triton)
 from gemma4_model.kernels.counters import LaunchCounters  # noqa: E402
 from gemma4_model.kv_cache import KVGroup  # noqa: E402
 from gemma4_model.page_pool import PagePool  # noqa: E402
@@ -158,7 +158,7 @@ def main() -> None:
                 default_call = functools.partial(paged_attention_triton, q, group, 0, fb, "bench",
                                                  counters=counters)
                 default_us = graph_us([default_call] * args.calls, args.reps, stream)
-                splits = default_num_splits(fb, kv_heads, 16, q.device, DECODE_TILES)
+                splits = default_num_splits(fb, kv_heads, 16, q.device, DECODE_TILES, window or NO_WINDOW)
                 default = {**DECODE_TILES.__dict__, "tma": DECODE_TILES.use_tma(batch, head_dim, splits),
                            "num_splits": splits,
                            "us": round(default_us, 2), "gbps": round(floor_bytes / default_us / 1e3, 1)}

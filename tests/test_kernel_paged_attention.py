@@ -14,7 +14,7 @@ from gemma4_model.attention import paged_attention
 from gemma4_model.batch import ForwardBatch, GroupView
 from gemma4_model.kernels import paged_attention as attention_kernels
 from gemma4_model.kernels.paged_attention import (
-    DECODE_TILES, MAX_SPLITS, DecodeTiles, decode_splits, paged_attention_triton)
+    DECODE_TILES, FIXED_SPLITS, MAX_SPLITS, DecodeTiles, decode_splits, default_num_splits, paged_attention_triton)
 from gemma4_model.kernels.counters import LaunchCounters
 from gemma4_model.kv_cache import NO_PAGE, KVGroup
 from gemma4_model.page_pool import PagePool
@@ -163,7 +163,7 @@ def test_decode_tile_launches_give_the_default_result():
                   DecodeTiles(block_dk=16)):
         torch.testing.assert_close(paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16,
                                                           tiles=tiles), want, atol=2e-5, rtol=1e-4)
-    # short splits, more of them than MAX_SPLITS (a batch of one over many programs)
+    # short splits, more of them than a launch takes by default (a batch of one over many programs)
     torch.testing.assert_close(paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=64,
                                                       tiles=DecodeTiles(split_keys=16)), want, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="multiple of 16"):
@@ -238,20 +238,31 @@ def test_decode_tiles_from_the_environment():
         assert done.stdout.strip() == want
 
 
-def test_decode_splits_by_batch_and_when_tma_reads_the_pages():
+def test_decode_splits_by_batch_and_when_tma_reads_the_pages(monkeypatch):
     sms, per_sm = 132, 2
-    assert decode_splits(1, 2, 0, sms) == decode_splits(500, 8, 0, sms) == MAX_SPLITS  # off: every batch alike
-    assert decode_splits(1, 2, per_sm, sms) == MAX_SPLITS  # one sequence: all the splits
+    assert decode_splits(1, 2, 0, sms) == decode_splits(500, 8, 0, sms) == FIXED_SPLITS  # off: every batch alike
+    assert decode_splits(1, 2, per_sm, sms) == MAX_SPLITS == 32  # one sequence: all the splits
+    assert decode_splits(4, 2, per_sm, sms) == 32 and decode_splits(8, 2, per_sm, sms) == 16
     assert decode_splits(96, 8, per_sm, sms) == decode_splits(96, 2, per_sm, sms) == 2  # 26B-A4B at batch 96
     assert decode_splits(32, 2, per_sm, sms) == 4  # 64 programs a split: 4.1 per multiprocessor wanted
     for kv_heads in (1, 2, 8):
         last = MAX_SPLITS
         for sequences in range(1, 300):
             splits = decode_splits(sequences, kv_heads, per_sm, sms)
-            assert splits in (2, 4, 8, 16) and splits <= last  # one compiled variant per count
+            assert splits in (2, 4, 8, 16, 32) and splits <= last  # one compiled variant per count
             want = per_sm * sms / (sequences * kv_heads)
             assert splits in (2, MAX_SPLITS) or 2**-0.5 <= want / splits <= 2**0.5  # the nearest by ratio
             last = splits
+    # on a GPU, no more splits than a sliding window holds 32-key blocks: E4B's 512-key window 16 at batch 1
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(attention_kernels, "_multiprocessors", lambda device: sms)
+    one = ForwardBatch(token_ids=torch.zeros(1, dtype=torch.long), positions=torch.zeros(1, dtype=torch.long),
+                       query_starts=(0, 1), kv_lens=(1,), chunk_starts=(0,), chunk_spans=(None,), groups={},
+                       logits_rows=torch.zeros(1, dtype=torch.long), page_size=16)
+    assert [default_num_splits(one, 2, 16, cuda, DECODE_TILES, w) for w in (512, 1024, 100, 1, 1 << 30)] == [
+        16, 32, 4, 2, 32]
+    assert default_num_splits(one, 2, 64, cuda, DECODE_TILES, 512) == 1  # prefill tiles: no splits
+    assert default_num_splits(one, 2, 16, torch.device("cpu"), DECODE_TILES, 512) == 1
     tiles = DecodeTiles(tma_stages=2, tma_min_sequences=8)
     assert tiles.use_tma(8, 512, 16) and tiles.use_tma(8, 256, 2)
     assert not tiles.use_tma(7, 512, 2) and not tiles.use_tma(8, 256, 4) and not DecodeTiles(tma_stages=0).use_tma(
@@ -602,9 +613,10 @@ def test_gpu_batches_of_any_size_reuse_the_compiled_kernels():
     decode = [[Seq(53 * i + 7, 1) for i in range(n)] for n in (2, 3, 15, 16, 17, 33, 64, 100, 130)]
     for seqs in first:
         run(seqs)
-    counts = {decode_splits(len(seqs), kv_heads, DECODE_TILES.programs_per_sm, module._multiprocessors(
-        torch.device("cuda"))) for seqs in first + decode}
-    assert len(counts) == 4, counts  # the sizes above reach every count
+    cap = max(2, module._pow2(-(-window // module.SPLIT_BLOCK)))  # the window's (`default_num_splits`)
+    counts = {min(cap, decode_splits(len(seqs), kv_heads, DECODE_TILES.programs_per_sm, module._multiprocessors(
+        torch.device("cuda")))) for seqs in first + decode}
+    assert counts == {2, 4, 8, 16}, counts  # the sizes above reach every count under a 512-key window
     for tile, shapes in (("decode", [first[-1]] + decode),
                          ("prefill", [[Seq(0, 100)], [Seq(16, 64)], [Seq(300, 65), Seq(5, 1)],
                                       [Seq(1, 16), Seq(2, 16), Seq(4000, 16), Seq(9, 33)]])):

@@ -39,8 +39,13 @@ SPAN_MODES = {"none": 0, "windowed": 1, "override": 2}
 NO_WINDOW = 1 << 30  # a window no sequence reaches: the causal mask alone
 _FAR = tl.constexpr(NO_WINDOW)
 _LOG2E = tl.constexpr(1.4426950408889634)
-SPLIT_KEYS = 64  # the fewest keys of a flash-decoding split by default (a multiple of 16)
-MAX_SPLITS = 16  # the most splits of a decode-like launch on a GPU (a power of two)
+# the fewest keys of a flash-decoding split by default (a multiple of 16): splits then hold about one
+# 32-key block at batch 1 (H200, E4B at 768 keys, bench/results/attention_sweep_e4b_b1_splits_h200_c945b3a.json:
+# sliding layers 8.25 -> 6.0 us against 64-key splits, full layers 11.5 -> 8.6 us over 32 splits)
+SPLIT_KEYS = 16
+MAX_SPLITS = 32  # the most splits of a decode-like launch on a GPU (a power of two)
+FIXED_SPLITS = 16  # the splits at every batch where `DecodeTiles.programs_per_sm` is 0 (the earlier launch)
+SPLIT_BLOCK = 32  # keys a split is worth: no more splits than a sliding window holds such blocks
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ class DecodeTiles:
     tma_stages: int = 2
     tma_min_sequences: int = 8
     # flash-decoding splits per sequence and KV head: the power of two nearest to this many
-    # programs per multiprocessor, 2 to MAX_SPLITS (`decode_splits`); 0: MAX_SPLITS at every batch.
+    # programs per multiprocessor, 2 to MAX_SPLITS (`decode_splits`); 0: FIXED_SPLITS at every batch.
     # At batch 96 two splits beat sixteen by 12% (sliding layers) to 20% (full ones)
     programs_per_sm: int = 2
     # over an fp8 (e4m3) cache with 16-bit queries (any tile): the products in float16 (e4m3 -> float16 is one
@@ -128,7 +133,7 @@ class DecodeTiles:
 
 def _tiles_from_environment() -> DecodeTiles:
     """The default tiles, where TANDEM_TMA_STAGES=N (0: the gathering kernel at every batch),
-    TANDEM_DECODE_PROGRAMS_PER_SM=N (0: MAX_SPLITS at every batch) and TANDEM_FOLD_ATTENTION=1 (the
+    TANDEM_DECODE_PROGRAMS_PER_SM=N (0: FIXED_SPLITS at every batch) and TANDEM_FOLD_ATTENTION=1 (the
     splits merged in the attention launch) override theirs: read once, at import, so a benchmark
     can run the earlier launches beside the new ones."""
     base = DecodeTiles()
@@ -485,23 +490,25 @@ def _interpreting() -> bool:
 
 
 def default_num_splits(batch: ForwardBatch, kv_heads: int, block_m: int, device: torch.device,
-                       tiles: DecodeTiles) -> int:
+                       tiles: DecodeTiles, window: int = NO_WINDOW) -> int:
     """Flash-decoding splits: for decode-like tiles on a GPU `decode_splits` of the batch's
-    sequences (a captured graph's are its padded batch); 1 otherwise."""
+    sequences (a captured graph's are its padded batch), at most the power of two that covers a
+    sliding `window` in SPLIT_BLOCK-key splits (at least 2); 1 otherwise."""
     if block_m > 16 or device.type != "cuda":
         return 1
-    return decode_splits(batch.num_seqs, kv_heads, tiles.programs_per_sm, _multiprocessors(device))
+    splits = decode_splits(batch.num_seqs, kv_heads, tiles.programs_per_sm, _multiprocessors(device))
+    return min(splits, max(2, _pow2(-(-window // SPLIT_BLOCK))))
 
 
 def decode_splits(sequences: int, kv_heads: int, programs_per_sm: int, multiprocessors: int) -> int:
     """The splits of each sequence's keys: the power of two nearest (by ratio) to the count that
     gives `programs_per_sm` programs per multiprocessor (sequences x KV heads x splits), from 2
-    to `MAX_SPLITS`; with `programs_per_sm` 0, MAX_SPLITS whatever the batch. A row's partition,
+    to `MAX_SPLITS`; with `programs_per_sm` 0, FIXED_SPLITS whatever the batch. A row's partition,
     so its result, depends on its batch only through that count (rows of batches with the same
     count agree bit for bit), and the kernels compile one variant per count. Splits past a
     sequence's keys exit at once."""
     if not programs_per_sm:
-        return MAX_SPLITS
+        return FIXED_SPLITS
     want = programs_per_sm * multiprocessors / max(1, sequences * kv_heads)
     splits = 2
     while splits < MAX_SPLITS and splits * 1.4142135 < want:  # past the geometric midpoint to the next
@@ -567,7 +574,8 @@ def paged_attention_triton(
     if q.element_size() > 2:  # float32 (tests, the CPU): halve the tiles' bytes
         block_n, block_dk = 32, min(block_dk, 128)
     block_dv = min(d_pad, decode.block_dv or d_pad) if block_m <= 16 else min(d_pad, 256)
-    splits = num_splits if num_splits is not None else default_num_splits(batch, kv_heads, block_m, q.device, decode)
+    splits = num_splits if num_splits is not None else default_num_splits(batch, kv_heads, block_m, q.device, decode,
+                                                                            window_of(group))
     schedule = layout.schedule(block_m // rep_pad)
     programs = schedule.shape[1]
     fold = (decode.fold_merge and counters is not None and splits > 1 and block_m <= 16
