@@ -163,7 +163,8 @@ def main() -> None:
                            "num_splits": splits,
                            "us": round(default_us, 2), "gbps": round(floor_bytes / default_us / 1e3, 1)}
                 rec = {"model": model, "layer": layer, "batch": batch, "context": context, "page_size": page,
-                       "kv_dtype": args.kv_dtype, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "window": window, "floor_bytes": floor_bytes,
+                       "kv_dtype": args.kv_dtype, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+                       "window": window, "floor_bytes": floor_bytes,
                        "floor_us": round(floor_bytes / args.peak_gbps / 1e3, 2), "default": default, "best": best,
                        "variants": timings}
                 records.append(rec)

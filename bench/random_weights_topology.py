@@ -38,7 +38,8 @@ def topology_text(checkpoint: str, gpus: int = 1, split: bool = False, vision: b
     lines = ['name = "random-weights"', "", "[model]", f'path = "{checkpoint}"', 'dtype = "bfloat16"',
              'load_format = "dummy"', f"compile_vision_encoder = {str(compile_vision).lower()}",
              "max_num_batched_tokens = 8192", "chunked_prefill_size = 4096", "max_running_requests = 128",
-             f"page_size = {page_size}", f"kv_pages = {kv_pages}", f'kv_cache_dtype = "{kv_dtype}"', f"weight_prefetch_max_bs = {prefetch_bs}",
+             f"page_size = {page_size}", f"kv_pages = {kv_pages}", f'kv_cache_dtype = "{kv_dtype}"',
+             f"weight_prefetch_max_bs = {prefetch_bs}",
              "", "[nodes.local]", 'host = "127.0.0.1"']
     actors: list[tuple[str, str, int]] = [("preprocess", '"cpu"', preprocess)]
     if gpus == 2 and not split:  # two colocated replicas, an engine and an encoder a GPU
