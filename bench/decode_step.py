@@ -31,7 +31,7 @@ from gemma4_model.engine import Engine, SchedulerLimits  # noqa: E402
 from gemma4_model.kernels.fused import PDL_ON  # noqa: E402
 from gemma4_model.kernels.gemv import PREFETCH_K, SMALL_M_ON, TMA_ON  # noqa: E402
 from gemma4_model.kernels.counters import FOLD_ON  # noqa: E402
-from gemma4_model.kernels.paged_attention import DECODE_TILES  # noqa: E402
+from gemma4_model.kernels.paged_attention import DECODE_TILES, MAX_SPLITS  # noqa: E402
 from gemma4_model.kernels.l2_prefetch import WeightPrefetch  # noqa: E402
 from gemma4_model.kv_cache import PagedKVCache  # noqa: E402
 from gemma4_model.random_weights import random_text_decoder  # noqa: E402
@@ -140,9 +140,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     header = {"benchmark": "decode_step", "command": "python bench/decode_step.py " + " ".join(
         sys.argv[1:] if argv is None else argv), "commit": args.commit, "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "dtype": str(dtype),
-        "context": args.context, "copy_bandwidth_gbps": round(bandwidth, 1), "dependent_launch": PDL_ON, "tma_stages": DECODE_TILES.tma_stages,
-        "programs_per_sm": DECODE_TILES.programs_per_sm, "fold_attention": DECODE_TILES.fold_merge, "fold_products": FOLD_ON, "small_m_products": SMALL_M_ON, "gemv_prefetch_k": PREFETCH_K,
-        "gemv_tma": TMA_ON,
+        "context": args.context, "copy_bandwidth_gbps": round(bandwidth, 1), "dependent_launch": PDL_ON,
+        "tma_stages": DECODE_TILES.tma_stages, "programs_per_sm": DECODE_TILES.programs_per_sm,
+        "split_keys": DECODE_TILES.split_keys, "max_splits": MAX_SPLITS, "fold_attention": DECODE_TILES.fold_merge,
+        "fold_products": FOLD_ON, "small_m_products": SMALL_M_ON, "gemv_prefetch_k": PREFETCH_K, "gemv_tma": TMA_ON,
         "timing": "wall clock of Engine.step between device synchronisations (batch build, forward, sampling); "
                   "overlap: no synchronisation between steps (overlap scheduling: the host's work of a step "
                   "runs while the device runs the next)",

@@ -13,6 +13,9 @@ def test_smoke_run_records_each_batch(tmp_path):
     for r in records:
         assert r["median_ms"] > 0 and r["floor_ms"] > 0 and len(r["times_ms"]) == 2 and r["graph_replays"] == 0
     assert out.exists() and result["header"]["device"] == "cpu"
+    # the decode launch's settings that change a step's time travel with it
+    header = result["header"]
+    assert header["split_keys"] == 16 and header["max_splits"] == 32 and header["programs_per_sm"] == 2
 
 
 def test_smoke_run_per_kv_cache_dtype_with_its_floor(tmp_path):
