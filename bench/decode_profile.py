@@ -50,9 +50,12 @@ def kernel_table(engine: Engine, steps: int) -> dict:
 def _tables(prof, steps: int) -> dict:
     """Per step: kernels, GPU ms, the top kernels by GPU time and the top operators by CPU time."""
     per_name: dict[str, list[float]] = collections.defaultdict(list)
+    timeline = []
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             per_name[evt.name].append(evt.device_time)  # microseconds
+            timeline.append((evt.time_range.start, evt.name, evt.device_time))
+    timeline.sort()
     total_us = sum(sum(v) for v in per_name.values())
     rows = sorted(((sum(v), len(v), k) for k, v in per_name.items()), reverse=True)
     return {
@@ -63,6 +66,9 @@ def _tables(prof, steps: int) -> dict:
         "top_cpu": [{"name": e.key[:120], "self_cpu_ms_per_step": round(e.self_cpu_time_total / steps / 1e3, 4),
                      "calls_per_step": e.count / steps}
                     for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]],
+        # the last step's kernels in launch order (a step launches the same count each time): which
+        # product or layer a kernel's time belongs to
+        "last_step": [[k[:60], round(t, 2)] for _, k, t in timeline[len(timeline) - len(timeline) // steps:]],
     }
 
 
