@@ -27,11 +27,11 @@
 # with PREPROCESS preprocess replicas (4 on two GPUs); VISION_GPU=1 puts the split topology's vision
 # encoder beside decode on cuda:1
 # and counts the requests meeting TTFT_MS (1000) and TPOT_MS (30): the targets, stated before the run;
-# TANDEM_PDL=1 (inherited by the actors) launches the decode path's Triton kernels dependently;
+# TANDEM_PDL=0 (inherited by the actors) launches the decode path's Triton kernels independently;
 # TANDEM_TMA_STAGES=N sets the decode attention's TMA pages in flight (0: off) and
 # TANDEM_DECODE_PROGRAMS_PER_SM=N its split count by batch (0: 16 splits at every batch);
-# TANDEM_FOLD_ATTENTION=1 merges its splits in the attention launch; TANDEM_SMALL_M=1 (TANDEM_GEMV_TMA=1)
-# takes the decoder's products of up to 16 rows through the small-M Triton kernels (with TMA loads),
+# TANDEM_FOLD_ATTENTION=1 merges its splits in the attention launch; TANDEM_SMALL_M=0 (TANDEM_GEMV_TMA=0)
+# takes the decoder's products of up to 16 rows through cuBLAS (the small-M kernels without TMA loads),
 # and TANDEM_FOLD_MERGE=1 adds their K splits and runs the norms after them in their launches;
 # DETAILS=1 keeps each request's timings in the JSONs (serve_bench.py --output-details).
 set -euo pipefail

@@ -55,13 +55,14 @@ from .paged_attention import _dot
 
 MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
 # The decoder's products of up to MAX_ROWS rows on CUDA go through these kernels instead of cuBLAS
-# with TANDEM_SMALL_M=1, each program asking L2 for TANDEM_GEMV_PREFETCH_K weight columns ahead of
-# its wait when launches are dependent (TANDEM_PDL=1), or loading through tensor descriptors with
-# TANDEM_GEMV_TMA=1 (no prefetch then). All read once, at import; off until measured
-# (bench/gemv_chain.py, bench/decode_step.py).
-SMALL_M_ON = os.environ.get("TANDEM_SMALL_M", "0") == "1"
+# (TANDEM_SMALL_M=0: cuBLAS), loading through tensor descriptors where the device has TMA
+# (TANDEM_GEMV_TMA=0: the gathering kernel, each program asking L2 for TANDEM_GEMV_PREFETCH_K weight
+# columns ahead of its wait when launches are dependent). All read once, at import. On by default
+# since 220850e: E4B decode steps 4-9% shorter at 1-16 sequences on an H100 and 2-8% on an H200,
+# 26B-A4B 4.6% at batch 1 and the same at 96 (bench/results/h100_220850e/, e4b_h200_c945b3a/).
+SMALL_M_ON = os.environ.get("TANDEM_SMALL_M", "1") != "0"
 PREFETCH_K = int(os.environ.get("TANDEM_GEMV_PREFETCH_K", "0"))
-TMA_ON = os.environ.get("TANDEM_GEMV_TMA", "0") == "1"
+TMA_ON = os.environ.get("TANDEM_GEMV_TMA", "1") != "0"
 _ROWS = tl.constexpr(MAX_ROWS)
 TARGET_SMS = 132  # the H200's multiprocessors, which `heuristic_tiles` aims to fill
 
