@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from tests.bench_scripts import load_bench
-from gemma4_model.kernels import gemv
+from gemma4_model.kernels import fused, gemv
 from gemma4_model.kernels.counters import LaunchCounters
 from gemma4_model.kernels.gemv import (
     DEFAULT_TILES, GemvTiles, default_tiles, heuristic_tiles, small_m_gate_up_gelu, small_m_gate_up_gelu_torch,
     small_m_linear, small_m_linear_norm, small_m_linear_torch, small_m_qkv_norm_rope, tiles_bucket,
 )
-from gemma4_model.kernels.fused import KVWrite, head_norm_rope, head_norm_rope_torch, residual_norm, residual_norm_torch
+from gemma4_model.kernels.fused import (KVWrite, SplitSums, head_norm_rope, head_norm_rope_torch, residual_norm,
+                                        residual_norm_torch)
 from gemma4_model.layers import MLP
 from test_kernel_moe_compile import _ptxas, compile_in_subprocess
 
@@ -185,6 +186,52 @@ def test_head_norms_and_rope_in_the_qkv_products_launch(tiles, kv_mode, monkeypa
             assert not counters.counter(x.device).any(), "every launch leaves its counters at zero"
     q, _ = run(small_m_qkv_norm_rope, tiles=replace(tiles, block_n=32), counters=LaunchCounters())
     torch.testing.assert_close(q, want_q, atol=1e-5, rtol=1e-5)  # 32-column blocks across 16-wide heads
+
+
+@pytest.mark.parametrize("tiles", [GemvTiles(8, 16, 3), GemvTiles(16, 32, 2, tma=True), GemvTiles(8, 16, 1)],
+                         ids=["three", "tma", "one"])
+def test_splits_added_in_the_norms_launch(tiles, monkeypatch):
+    """`splits_in_norm` (TANDEM_SPLITS_IN_NORM): the product's K splits left as `SplitSums` and
+    added by `residual_norm` / `head_norm_rope` in their launch, no reduction launch between: the
+    chain's results exactly, through `decode_linear_norm` / `decode_qkv_norm_rope` too; the twins
+    take `SplitSums` as their total."""
+    x, w = case(5, 40, 72, seed=13)
+    residual, weight, next_weight = rand(5, 40, seed=14), rand(40, seed=15), rand(40, seed=16)
+    scalar = torch.tensor([0.75])
+    want = residual_norm(small_m_linear(x, w, tiles), residual, weight, 1e-6, scalar, next_weight)
+    heads, kv_heads, d = 1, 1, 16
+    cos, sin, wq, wk = rand(5, d, seed=17), rand(5, d, seed=18), rand(d, seed=19), rand(d, seed=20)
+    slots = torch.tensor([4, 9, 0, 33, 12])
+
+    def qkv(fn, **kw):  # 32 columns: one q head and one K head (V is K)
+        kv = KVWrite(wk, kv_heads, True, torch.zeros(40, kv_heads, d), torch.zeros(40, kv_heads, d), slots)
+        return fn(x, w[:32], heads, d, wq, cos, sin, 1e-6, kv, **kw), kv.k_cache, kv.v_cache
+
+    want_qkv = qkv(lambda x, w, *args: head_norm_rope(small_m_linear(x, w, tiles), *args))
+    with monkeypatch.context() as patch:
+        patch.setattr(gemv, "_split_reduce_kernel", None)  # no reduction launch
+        for _ in range(2):
+            got = small_m_linear_norm(x, w, residual, weight, 1e-6, scalar, next_weight, tiles, splits_in_norm=True)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            for a, b in zip(qkv(small_m_qkv_norm_rope, tiles=tiles, splits_in_norm=True), want_qkv):
+                assert torch.equal(a, b)
+        patch.setattr(gemv, "SPLITS_IN_NORM_ON", True)
+        patch.setattr(gemv, "_decode_kernels", lambda x: True)  # (CUDA rows only, else)
+        patch.setattr(gemv, "_decode_tiles", lambda kind, w: tiles)
+        got = gemv.decode_linear_norm(x, w, LaunchCounters(), residual, weight, 1e-6, scalar, next_weight)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        for a, b in zip(qkv(lambda *args: gemv.decode_qkv_norm_rope(args[0], args[1], LaunchCounters(), *args[2:])),
+                        want_qkv):
+            assert torch.equal(a, b)
+    parts = torch.stack([small_m_linear_torch(x[:, :40], w[:, :40]), small_m_linear_torch(x[:, 40:], w[:, 40:])])
+    sums = SplitSums(parts, torch.float32)
+    assert sums.shape == (5, 40) and torch.equal(sums.total(), parts[0] + parts[1])
+    monkeypatch.setattr(fused, "_use_kernel", lambda t: False)  # the twins
+    twin = residual_norm_torch(sums.total(), residual, weight, 1e-6, scalar, next_weight)
+    got = residual_norm(sums, residual, weight, 1e-6, scalar, next_weight)
+    assert torch.equal(got[0], twin[0]) and torch.equal(got[1], twin[1])
+    assert torch.equal(head_norm_rope(SplitSums(parts[:, :, :32], torch.float32), 2, d, wq, cos, sin, 1e-6),
+                       head_norm_rope_torch(parts[:, :, :32].sum(0), 2, d, wq, cos, sin, 1e-6))
 
 
 def test_no_rows_no_k_and_clear_errors(monkeypatch):

@@ -14,6 +14,9 @@ cost more than its matrix products. These kernels do each chain in one pass:
 - `ple_combine`: the per-layer-embedding table gather and its combination with the normed
   projection of the embeddings.
 
+`residual_norm` and `head_norm_rope` also read a product as `SplitSums`, its float32 partial sums
+over K splits (`kernels.gemv`), which they add as the split reduction would: one launch fewer.
+
 Each kernel rounds to the activation dtype where its twin's PyTorch ops do (every op of a bf16
 twin returns bf16), so the two agree to the last bit but for float32 summation order. The
 `*_torch` functions are the twins, the CPU path and the tests' oracles; the public functions run
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -86,6 +90,53 @@ def _round(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _load_row(ptr, offs, ok, stride_split, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, CG: tl.constexpr,
+              dt: tl.constexpr):
+    """Float32 values at ptr + offs; with SPLITS > 0, ptr points into a product's float32 partial
+    sums over K splits `stride_split` apart (`SplitSums`), which are added and rounded to dt once,
+    as `gemv._split_reduce_kernel` adds and stores them. CG: read past L1."""
+    if SPLITS > 0:
+        splits = tl.arange(0, SPLITS_PAD)
+        cells = ptr + splits.to(tl.int64)[:, None] * stride_split + offs[None, :]
+        mask = (splits < SPLITS)[:, None] & ok[None, :]
+        x = _round(tl.sum(tl.load(cells, mask=mask, other=0.0, cache_modifier=".cg" if CG else ""), axis=0), dt)
+    else:
+        x = tl.load(ptr + offs, mask=ok, other=0.0, cache_modifier=".cg" if CG else "").to(tl.float32)
+    return x
+
+
+@dataclass(frozen=True)
+class SplitSums:
+    """A product [M, N] left as its float32 partial sums over K splits, `parts` [splits, M, N]
+    (unit column stride), for the kernel that reads it to add and round to `dtype`."""
+
+    parts: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.parts.shape[1:]
+
+    def total(self) -> torch.Tensor:
+        """The product itself (what the split reduction stores)."""
+        return self.parts.sum(0).to(self.dtype)
+
+
+def _plain(x: "torch.Tensor | SplitSums") -> torch.Tensor:
+    """x as one tensor (the twins' input)."""
+    return x.total() if isinstance(x, SplitSums) else x
+
+
+def _read_as(x: "torch.Tensor | SplitSums") -> tuple[torch.Tensor, torch.dtype, int, dict]:
+    """(the rows a kernel reads: x or its first split's, the product's dtype, the splits' stride,
+    the kernel's SPLITS and SPLITS_PAD)."""
+    if isinstance(x, SplitSums):
+        splits = x.parts.shape[0]
+        return x.parts[0], x.dtype, x.parts.stride(0), dict(SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits))
+    return x, x.dtype, 0, dict(SPLITS=0, SPLITS_PAD=1)
+
+
+@triton.jit
 def _tanh(x):
     e = tl.exp(2.0 * x)
     return 1.0 - 2.0 / (e + 1.0)  # saturates to +-1 without overflow trouble
@@ -102,15 +153,16 @@ def _gelu_tanh(x):
 
 @triton.jit
 def _residual_norm_kernel(x_ptr, res_ptr, w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, n_cols, eps,
-                          stride_x, stride_r, stride_h, stride_y,
+                          stride_x, stride_r, stride_h, stride_y, stride_split,
                           HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_SCALAR: tl.constexpr,
-                          HAS_NEXT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                          HAS_NEXT: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+                          SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
     _pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < n_cols
     _pdl_wait(PDL)
-    x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    x = _load_row(x_ptr + row * stride_x, offs, ok, stride_split, SPLITS, SPLITS_PAD, False, h_ptr.dtype.element_ty)
     _residual_norm_row(x, row, offs, ok, res_ptr, w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, n_cols, eps, stride_r,
                        stride_h, stride_y, HAS_RES, HAS_W, HAS_SCALAR, HAS_NEXT)
 
@@ -148,25 +200,27 @@ def residual_norm_torch(x: torch.Tensor, residual: torch.Tensor | None, weight: 
     return h, None if next_weight is None else rms_norm(h, next_weight, eps)
 
 
-def residual_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
-                  scalar: torch.Tensor | None = None,
+def residual_norm(x: "torch.Tensor | SplitSums", residual: torch.Tensor | None, weight: torch.Tensor | None,
+                  eps: float, scalar: torch.Tensor | None = None,
                   next_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(h, y) as `residual_norm_torch`, in one launch per call on the GPU. x, residual: [T, N]."""
-    if not _use_kernel(x):
-        return residual_norm_torch(x, residual, weight, eps, scalar, next_weight)
+    """(h, y) as `residual_norm_torch`, in one launch per call on the GPU. x, residual: [T, N]
+    (x may be `SplitSums`, added in the launch)."""
+    if not _use_kernel(_read_as(x)[0]):
+        return residual_norm_torch(_plain(x), residual, weight, eps, scalar, next_weight)
+    x, dtype, stride_split, splits = _read_as(x)
     T, n_cols = x.shape
     if x.stride(1) != 1 or (residual is not None and (residual.shape != x.shape or residual.stride(1) != 1)):
         raise ValueError("residual_norm takes row-major [T, N] tensors of one shape")
-    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty(x.shape, dtype=dtype, device=x.device)
     y = torch.empty_like(h) if next_weight is not None else h
     if T:
         block = triton.next_power_of_2(n_cols)
         _residual_norm_kernel[(T,)](
             x, residual if residual is not None else x, weight if weight is not None else x,
             scalar if scalar is not None else x, next_weight if next_weight is not None else x, h, y, n_cols, eps,
-            x.stride(0), residual.stride(0) if residual is not None else 0, h.stride(0), y.stride(0),
+            x.stride(0), residual.stride(0) if residual is not None else 0, h.stride(0), y.stride(0), stride_split,
             HAS_RES=residual is not None, HAS_W=weight is not None, HAS_SCALAR=scalar is not None,
-            HAS_NEXT=next_weight is not None, BLOCK=block, PDL=pdl(x), launch_pdl=pdl(x),
+            HAS_NEXT=next_weight is not None, BLOCK=block, **splits, PDL=pdl(x), launch_pdl=pdl(x),
             num_warps=8 if block >= 2048 else 4)
     return h, (y if next_weight is not None else None)
 
@@ -175,10 +229,10 @@ def residual_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
 
 
 @triton.jit
-def _norm_rope(base, w_ptr, offs, partner, sign, ok, cos, sin, eps, D: tl.constexpr, dt: tl.constexpr,
-               CG: tl.constexpr):
-    x = tl.load(base + offs, mask=ok, other=0.0, cache_modifier=".cg" if CG else "").to(tl.float32)
-    xp = tl.load(base + partner, mask=ok, other=0.0, cache_modifier=".cg" if CG else "").to(tl.float32)
+def _norm_rope(base, w_ptr, offs, partner, sign, ok, cos, sin, eps, stride_split, D: tl.constexpr, dt: tl.constexpr,
+               CG: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    x = _load_row(base, offs, ok, stride_split, SPLITS, SPLITS_PAD, CG, dt)
+    xp = _load_row(base, partner, ok, stride_split, SPLITS, SPLITS_PAD, CG, dt)
     r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     n = _round(x * r * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32), dt)
     n_partner = _round(xp * r * tl.load(w_ptr + partner, mask=ok, other=0.0).to(tl.float32), dt)
@@ -188,23 +242,24 @@ def _norm_rope(base, w_ptr, offs, partner, sign, ok, cos, sin, eps, D: tl.conste
 @triton.jit
 def _head_norm_rope_kernel(src_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
                            stride_src, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, eps,
-                           HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr,
-                           PDL: tl.constexpr):
+                           stride_split, HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                           FP8: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
     _pdl_release(PDL)
     _pdl_wait(PDL)
     _head_norm_rope_at(tl.program_id(0).to(tl.int64), tl.program_id(1), src_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr,
                        sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, stride_src, stride_qt, stride_qh, stride_cos,
-                       stride_cs, stride_ch, k_off, v_off, eps, HEADS, D, BLOCK_D, FP8, False)
+                       stride_cs, stride_ch, k_off, v_off, eps, HEADS, D, BLOCK_D, FP8, False, stride_split, SPLITS,
+                       SPLITS_PAD)
 
 
 @triton.jit
 def _head_norm_rope_at(t, head, src_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
                        stride_src, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, eps,
                        HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr,
-                       CG: tl.constexpr):
+                       CG: tl.constexpr, stride_split, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
     """Token t's head `head` of `head_norm_rope` (a q head below HEADS, else the KV head past
     them, K and V into the cache); with CG the projections are read past L1 (another program
-    of the launch wrote them)."""
+    of the launch wrote them); with SPLITS they are `SplitSums` (`_load_row`)."""
     half: tl.constexpr = D // 2
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
@@ -215,12 +270,14 @@ def _head_norm_rope_at(t, head, src_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr
     sin = tl.load(sin_ptr + t * stride_cos + offs, mask=ok, other=0.0).to(tl.float32)
     row = src_ptr + t * stride_src
     if head < HEADS:
-        q = _norm_rope(row + head * D, wq_ptr, offs, partner, sign, ok, cos, sin, eps, D, dt, CG)
+        q = _norm_rope(row + head * D, wq_ptr, offs, partner, sign, ok, cos, sin, eps, stride_split, D, dt, CG, SPLITS,
+                       SPLITS_PAD)
         tl.store(q_ptr + t * stride_qt + head * stride_qh + offs, q.to(dt), mask=ok)
     else:
         j = head - HEADS
-        k = _norm_rope(row + k_off + j * D, wk_ptr, offs, partner, sign, ok, cos, sin, eps, D, dt, CG)
-        v = tl.load(row + v_off + j * D + offs, mask=ok, other=0.0, cache_modifier=".cg" if CG else "").to(tl.float32)
+        k = _norm_rope(row + k_off + j * D, wk_ptr, offs, partner, sign, ok, cos, sin, eps, stride_split, D, dt, CG,
+                       SPLITS, SPLITS_PAD)
+        v = _load_row(row + v_off + j * D, offs, ok, stride_split, SPLITS, SPLITS_PAD, CG, dt)
         v = _round(v * tl.rsqrt(tl.sum(v * v, axis=0) / D + eps), dt)
         slot = tl.load(slots_ptr + t).to(tl.int64)
         cache_dt = k_cache_ptr.dtype.element_ty
@@ -260,15 +317,17 @@ class KVWrite:
         self.k_cache, self.v_cache, self.slots = k_cache, v_cache, slots
 
 
-def head_norm_rope(src: torch.Tensor, heads: int, head_dim: int, q_weight: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, eps: float, kv: KVWrite | None = None) -> torch.Tensor:
-    """As `head_norm_rope_torch`, in one launch on the GPU (q heads and kv heads side by side)."""
-    if not _use_kernel(src):
-        return head_norm_rope_torch(src, heads, head_dim, q_weight, cos, sin, eps, kv)
+def head_norm_rope(src: "torch.Tensor | SplitSums", heads: int, head_dim: int, q_weight: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, eps: float, kv: KVWrite | None = None) -> torch.Tensor:
+    """As `head_norm_rope_torch`, in one launch on the GPU (q heads and kv heads side by side);
+    src may be `SplitSums`, added in the launch."""
+    if not _use_kernel(_read_as(src)[0]):
+        return head_norm_rope_torch(_plain(src), heads, head_dim, q_weight, cos, sin, eps, kv)
+    src, dtype, stride_split, splits = _read_as(src)
     T = src.shape[0]
     if src.stride(1) != 1 or cos.stride(1) != 1 or sin.stride(0) != cos.stride(0) or head_dim % 2:
         raise ValueError("head_norm_rope takes row-major projections and cos/sin tables and an even head dim")
-    q = torch.empty((T, heads, head_dim), dtype=src.dtype, device=src.device)
+    q = torch.empty((T, heads, head_dim), dtype=dtype, device=src.device)
     if not T:
         return q
     kv_heads = 0 if kv is None else kv.kv_heads
@@ -281,8 +340,9 @@ def head_norm_rope(src: torch.Tensor, heads: int, head_dim: int, q_weight: torch
         src, q, q_weight, q_weight if kv is None else kv.k_weight, cos, sin, k_cache,
         q if kv is None else kv.v_cache, cos if kv is None else kv.slots,
         src.stride(0), q.stride(0), q.stride(1), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_off, v_off, eps,
-        HEADS=heads, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        FP8=kv is not None and kv.k_cache.dtype == torch.float8_e4m3fn, PDL=pdl(src), launch_pdl=pdl(src), num_warps=4)
+        stride_split, HEADS=heads, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        FP8=kv is not None and kv.k_cache.dtype == torch.float8_e4m3fn, **splits, PDL=pdl(src), launch_pdl=pdl(src),
+        num_warps=4)
     return q
 
 
