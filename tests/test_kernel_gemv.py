@@ -216,7 +216,7 @@ def test_splits_added_in_the_norms_launch(tiles, monkeypatch):
             for a, b in zip(qkv(small_m_qkv_norm_rope, tiles=tiles, splits_in_norm=True), want_qkv):
                 assert torch.equal(a, b)
         patch.setattr(gemv, "SPLITS_IN_NORM_ON", True)
-        patch.setattr(gemv, "_decode_kernels", lambda x: True)  # (CUDA rows only, else)
+        patch.setattr(gemv, "_decode_kernels", lambda x: True)  # (else CUDA tensors only)
         patch.setattr(gemv, "_decode_tiles", lambda kind, w: tiles)
         got = gemv.decode_linear_norm(x, w, LaunchCounters(), residual, weight, 1e-6, scalar, next_weight)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

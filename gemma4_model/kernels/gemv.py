@@ -63,9 +63,10 @@ MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
 SMALL_M_ON = os.environ.get("TANDEM_SMALL_M", "1") != "0"
 PREFETCH_K = int(os.environ.get("TANDEM_GEMV_PREFETCH_K", "0"))
 TMA_ON = os.environ.get("TANDEM_GEMV_TMA", "1") != "0"
-# TANDEM_SPLITS_IN_NORM=1: the norms after the q|k|v and o products add those products' K splits
-# in their own launch (`fused.SplitSums`) instead of a reduction launch before them (122 launches
-# of about 1.2 us in an E4B batch-1 step on an H100: bench/results/h100_220850e/); off until timed.
+# TANDEM_SPLITS_IN_NORM=1: the norms after the q|k|v and o products (and a dense layer's down
+# product) add those products' K splits in their own launch (`fused.SplitSums`) instead of a
+# reduction launch before them (an E4B batch-1 step has 122 such launches of about 1.2 us on an
+# H100, 84 before these norms: bench/results/h100_220850e/); off until timed.
 SPLITS_IN_NORM_ON = os.environ.get("TANDEM_SPLITS_IN_NORM", "0") == "1"
 _ROWS = tl.constexpr(MAX_ROWS)
 TARGET_SMS = 132  # the H200's multiprocessors, which `heuristic_tiles` aims to fill
