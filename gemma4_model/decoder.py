@@ -184,7 +184,8 @@ class DecoderLayer(nn.Module):
         if not self.moe and not self.ple and prefetch is None:  # the down product and the norms in one launch
             return decode_linear_norm(act, mlp.down_proj.weight, self.counters, h,
                                       self.post_feedforward_layernorm.weight, eps, self.layer_scalar, next_norm)
-        m = decode_linear(act, mlp.down_proj.weight, self.counters)
+        # the norms after the down product may add its K splits (TANDEM_SPLITS_IN_NORM); MoE's combination may not
+        m = decode_linear(act, mlp.down_proj.weight, self.counters, norm_next=not self.moe)
         if self.moe:  # routing, two grouped matrix products and the combination; no host read: capturable
             expert_in, weights, experts = moe_route(h, self.router, self.pre_feedforward_layernorm_2)
             rows = moe_expert_rows(expert_in, weights, experts, self.experts.gate_up_proj, self.experts.down_proj)

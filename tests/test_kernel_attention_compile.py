@@ -86,7 +86,9 @@ for name, fn, constexprs in (
         ("residual_norm_splits", fused._residual_norm_kernel, dict(HAS_RES=True, HAS_W=True, HAS_SCALAR=True,
                                                                    HAS_NEXT=True, BLOCK=4096, SPLITS=3, SPLITS_PAD=4,
                                                                    PDL=True)),
-        ("ple_gate", ple_tail._ple_gate_kernel, dict(BLOCK_K=4096, BLOCK_G=2, PDL=True)),
+        ("ple_gate", ple_tail._ple_gate_kernel, dict(BLOCK_K=4096, BLOCK_G=2, SPLITS=0, SPLITS_PAD=1, PDL=True)),
+        ("ple_gate_splits", ple_tail._ple_gate_kernel, dict(BLOCK_K=4096, BLOCK_G=2, SPLITS=2, SPLITS_PAD=2,
+                                                            PDL=True)),
         ("ple_project", ple_tail._ple_project_kernel, dict(HAS_SCALAR=True, HAS_NEXT=True, BLOCK_K=256, BLOCK_N=32,
                                                            BLOCK_ROW=4096, PDL=True))):
     types = {arg: "constexpr" if arg in constexprs else "*i32" if arg == "count_ptr" else "*bf16"
@@ -102,7 +104,7 @@ print(json.dumps(built))
 @pytest.mark.skipif(not _ptxas(), reason="this Triton build ships no ptxas to compile for sm_90 with")
 def test_attention_and_prefetch_kernels_compile_for_sm90():
     built = compile_in_subprocess(SCRIPT)
-    assert len(built) == 17
+    assert len(built) == 18
     # tensor cores (attention); the prefetch's L2 loads; the dependent-launch instructions (PDL variants)
     assert all(size > 1000 and ok for size, ok in built.values()), built
 

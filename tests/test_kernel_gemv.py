@@ -198,7 +198,8 @@ def test_splits_added_in_the_norms_launch(tiles, monkeypatch):
     x, w = case(5, 40, 72, seed=13)
     residual, weight, next_weight = rand(5, 40, seed=14), rand(40, seed=15), rand(40, seed=16)
     scalar = torch.tensor([0.75])
-    want = residual_norm(small_m_linear(x, w, tiles), residual, weight, 1e-6, scalar, next_weight)
+    product = small_m_linear(x, w, tiles)
+    want = residual_norm(product, residual, weight, 1e-6, scalar, next_weight)
     heads, kv_heads, d = 1, 1, 16
     cos, sin, wq, wk = rand(5, d, seed=17), rand(5, d, seed=18), rand(d, seed=19), rand(d, seed=20)
     slots = torch.tensor([4, 9, 0, 33, 12])
@@ -218,6 +219,9 @@ def test_splits_added_in_the_norms_launch(tiles, monkeypatch):
         patch.setattr(gemv, "SPLITS_IN_NORM_ON", True)
         patch.setattr(gemv, "_decode_kernels", lambda x: True)  # (else CUDA tensors only)
         patch.setattr(gemv, "_decode_tiles", lambda kind, w: tiles)
+        kept = gemv.decode_linear(x, w, LaunchCounters(), norm_next=True)  # for a norm that adds the splits
+        assert isinstance(kept, SplitSums) == (tiles.split_k > 1)
+        torch.testing.assert_close(fused._plain(kept), product, atol=1e-6, rtol=1e-6)
         got = gemv.decode_linear_norm(x, w, LaunchCounters(), residual, weight, 1e-6, scalar, next_weight)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         for a, b in zip(qkv(lambda *args: gemv.decode_qkv_norm_rope(args[0], args[1], LaunchCounters(), *args[2:])),

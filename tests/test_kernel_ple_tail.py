@@ -56,6 +56,27 @@ def test_matches_the_twin(rows, hidden, ple_dim, with_scalar_and_next):
     check(tail(**args, **extra), ple_tail_torch(**args, **extra), torch.float32)  # again, from those zeros
 
 
+def test_the_down_products_splits_added_by_the_gate_launch(monkeypatch):
+    """m as `SplitSums` (the down product's K splits left unadded, TANDEM_SPLITS_IN_NORM): the gate
+    launch adds them; the tail's results equal those from the reduced product exactly, and no
+    reduction launch runs."""
+    from gemma4_model.kernels import gemv
+    from gemma4_model.kernels.fused import SplitSums
+    from gemma4_model.kernels.gemv import GemvTiles, small_m_linear
+
+    args = case(3, 40, 24)
+    act, down = rand(3, 72, seed=9), rand(40, 72, seed=10, scale=72 ** -0.5)
+    tiles = GemvTiles(8, 16, 3)
+    extra = dict(scalar=torch.tensor([0.6]), next_weight=rand(40, seed=8))
+    tail = PleTail()
+    want = tail(**{**args, "m": small_m_linear(act, down, tiles)}, **extra)
+    monkeypatch.setattr(gemv, "_split_reduce_kernel", None)
+    sums = small_m_linear(act, down, tiles, keep_splits=True)
+    assert isinstance(sums, SplitSums) and sums.parts.shape == (3, 3, 40) and PleTail.fits(sums)
+    got = tail(**{**args, "m": sums}, **extra)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_the_twin_is_the_decoder_layer_chain():
     """The twin computes what DecoderLayer.forward does after the feed-forward block."""
     from gemma4_model.layers import RMSNorm, gelu_tanh

@@ -63,10 +63,10 @@ MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
 SMALL_M_ON = os.environ.get("TANDEM_SMALL_M", "1") != "0"
 PREFETCH_K = int(os.environ.get("TANDEM_GEMV_PREFETCH_K", "0"))
 TMA_ON = os.environ.get("TANDEM_GEMV_TMA", "1") != "0"
-# TANDEM_SPLITS_IN_NORM=1: the norms after the q|k|v and o products (and a dense layer's down
-# product) add those products' K splits in their own launch (`fused.SplitSums`) instead of a
+# TANDEM_SPLITS_IN_NORM=1: the norms after the q|k|v, o and down products (the PLE tail's first
+# launch too) add those products' K splits in their own launch (`fused.SplitSums`) instead of a
 # reduction launch before them (an E4B batch-1 step has 122 such launches of about 1.2 us on an
-# H100, 84 before these norms: bench/results/h100_220850e/); off until timed.
+# H100: bench/results/h100_220850e/); off until timed.
 SPLITS_IN_NORM_ON = os.environ.get("TANDEM_SPLITS_IN_NORM", "0") == "1"
 _ROWS = tl.constexpr(MAX_ROWS)
 TARGET_SMS = 132  # the H200's multiprocessors, which `heuristic_tiles` aims to fill
@@ -552,12 +552,14 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
 
 
 def small_m_linear(x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles | None = None, *,
-                   dependent: bool | None = None, counters: LaunchCounters | None = None) -> torch.Tensor:
+                   dependent: bool | None = None, counters: LaunchCounters | None = None,
+                   keep_splits: bool = False) -> torch.Tensor | SplitSums:
     """x [M, K] @ w.T for a weight w [N, K] (an nn.Linear's), M <= 16: [M, N] in x's dtype, as
     `small_m_linear_torch`. `tiles` defaults to `default_tiles("linear", N, K, dtype)`; `dependent`
     launches programmatically dependent (with `tiles.prefetch_k`), None as the `TANDEM_PDL` switch.
     With `counters` (the call site's, a counter per column block) the K splits are added in the
-    product's launch by each column block's last program, not by a second launch."""
+    product's launch by each column block's last program, not by a second launch; with
+    `keep_splits` they are returned unadded, as `SplitSums`, for the kernel that reads the product."""
     _check("small_m_linear", x, w)
     M, K = x.shape
     N = w.shape[0]
@@ -566,8 +568,9 @@ def small_m_linear(x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles | None = N
         return out
     if K == 0:
         return out.zero_()
-    _launch(x, w, out, N, tiles or default_tiles("linear", N, K, x.dtype), False, dependent, counters)
-    return out
+    done = _launch(x, w, out, N, tiles or default_tiles("linear", N, K, x.dtype), False, dependent, counters,
+                   keep_splits=keep_splits)
+    return done or out
 
 
 def small_m_linear_norm(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -631,11 +634,15 @@ def _decode_tiles(kind: str, w: torch.Tensor) -> GemvTiles:
     return replace(tiles, prefetch_k=PREFETCH_K)
 
 
-def decode_linear(x: torch.Tensor, w: torch.Tensor, counters: LaunchCounters | None = None) -> torch.Tensor:
+def decode_linear(x: torch.Tensor, w: torch.Tensor, counters: LaunchCounters | None = None,
+                  norm_next: bool = False) -> torch.Tensor | SplitSums:
     """x @ w.T: `small_m_linear` where the TANDEM_SMALL_M switch takes x's rows, `F.linear` else;
-    with TANDEM_FOLD_MERGE=1 its K splits added in its launch on the call site's `counters`."""
+    with TANDEM_FOLD_MERGE=1 its K splits added in its launch on the call site's `counters`. With
+    `norm_next` (the caller's next kernel reads `SplitSums`) and TANDEM_SPLITS_IN_NORM=1 the K
+    splits are left for that kernel to add."""
     if _decode_kernels(x) and x.stride(-1) == 1 and w.stride(-1) == 1:
-        return small_m_linear(x, w, _decode_tiles("linear", w), counters=counters if FOLD_ON else None)
+        return small_m_linear(x, w, _decode_tiles("linear", w), counters=counters if FOLD_ON else None,
+                              keep_splits=norm_next and SPLITS_IN_NORM_ON)
     return F.linear(x, w)
 
 

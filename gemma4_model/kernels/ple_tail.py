@@ -13,8 +13,9 @@ weights are 1.3 MB apiece at E4B's shapes: at one to a few rows each launch is m
 cost, about a fifth of an E4B decode step over the 42 layers. Here:
 
 - `ple_gate`: program (row, block of gate outputs) recomputes its row's post-feed-forward norm
-  (the row is a few KB, read from L2 by every program), takes its block's dot products with the
-  whole row and writes gelu_tanh(gate) * ple; the row's first program also writes x.
+  (the row is a few KB, read from L2 by every program; m may come as `fused.SplitSums`, the down
+  product's K splits, which each program adds), takes its block's dot products with the whole row
+  and writes gelu_tanh(gate) * ple; the row's first program also writes x.
 - `ple_project`: program (row, block of projection outputs) writes its rounded p values to a
   workspace row and counts itself done on the row's counter (an acquire-release atomic after a
   barrier: the block's stores are visible to whoever counts last). The row's last program reads
@@ -43,7 +44,8 @@ import triton
 import triton.language as tl
 
 from .counters import LaunchCounters
-from .fused import _pdl_release, _pdl_wait, _round, _use_kernel, gelu_mul_torch, pdl, residual_norm_torch
+from .fused import (SplitSums, _load_row, _pdl_release, _pdl_wait, _read_as, _round, _use_kernel, gelu_mul_torch,
+                    pdl, residual_norm_torch)
 from .gemv import _gelu_times
 
 MAX_ROWS = 8  # the most rows `ple_tail` takes (one counter each); more go through the unfused chain. At
@@ -53,8 +55,9 @@ TILE = 8192  # values of weight per program and product
 
 @triton.jit
 def _ple_gate_kernel(m_ptr, h_ptr, w_ff_ptr, wg_ptr, ple_ptr, x_ptr, g_ptr, K, G, eps,
-                     stride_m, stride_h, stride_wg, stride_ple, stride_x, stride_g,
-                     BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr):
+                     stride_m, stride_h, stride_wg, stride_ple, stride_x, stride_g, stride_split,
+                     BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                     PDL: tl.constexpr):
     _pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -66,7 +69,7 @@ def _ple_gate_kernel(m_ptr, h_ptr, w_ff_ptr, wg_ptr, ple_ptr, x_ptr, g_ptr, K, G
     w = tl.load(wg_ptr + offs_g.to(tl.int64)[:, None] * stride_wg + offs_k[None, :],
                 mask=g_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # weights: before the wait
     _pdl_wait(PDL)
-    m = tl.load(m_ptr + row * stride_m + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+    m = _load_row(m_ptr + row * stride_m, offs_k, k_ok, stride_split, SPLITS, SPLITS_PAD, False, dt)
     n = m * tl.rsqrt(tl.sum(m * m, axis=0) / K + eps) * tl.load(w_ff_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
     x = _round(tl.load(h_ptr + row * stride_h + offs_k, mask=k_ok, other=0.0).to(tl.float32) + _round(n, dt), dt)
     if block == 0:
@@ -136,35 +139,38 @@ class PleTail:
         return self.rows.counter(device)
 
     @staticmethod
-    def fits(m: torch.Tensor) -> bool:
+    def fits(m: "torch.Tensor | SplitSums") -> bool:
         """Whether `__call__` takes these rows through the kernels (CUDA or the interpreter, at
         most MAX_ROWS rows); the caller runs the unfused chain otherwise."""
-        return _use_kernel(m) and 0 < m.shape[0] <= MAX_ROWS
+        rows = _read_as(m)[0]
+        return _use_kernel(rows) and 0 < rows.shape[0] <= MAX_ROWS
 
-    def __call__(self, m: torch.Tensor, h: torch.Tensor, ff_norm: torch.Tensor, gate_w: torch.Tensor,
+    def __call__(self, m: "torch.Tensor | SplitSums", h: torch.Tensor, ff_norm: torch.Tensor, gate_w: torch.Tensor,
                  ple_input: torch.Tensor, proj_w: torch.Tensor, ple_norm: torch.Tensor, eps: float,
                  scalar: torch.Tensor | None = None,
                  next_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(out, y) as `ple_tail_torch`, in two launches: m, h [M, hidden] (M <= MAX_ROWS),
-        ple_input [M, ple_dim] (rows may be strided), gate_w [ple_dim, hidden], proj_w
-        [hidden, ple_dim], the norms [hidden]."""
+        """(out, y) as `ple_tail_torch`, in two launches: m, h [M, hidden] (M <= MAX_ROWS; m may be
+        `SplitSums`, added by the first launch), ple_input [M, ple_dim] (rows may be strided),
+        gate_w [ple_dim, hidden], proj_w [hidden, ple_dim], the norms [hidden]."""
         if not self.fits(m):
+            rows = _read_as(m)[0]
             raise ValueError(f"PleTail takes 1 to {MAX_ROWS} rows on CUDA (or in Triton's interpreter), "
-                             f"got {m.shape[0]} on {m.device}")
+                             f"got {rows.shape[0]} on {rows.device}")
+        m, dtype, stride_split, splits = _read_as(m)
         M, hidden = m.shape
         ple_dim = gate_w.shape[0]
         if (h.shape != m.shape or gate_w.shape != (ple_dim, hidden) or proj_w.shape != (hidden, ple_dim)
                 or ple_input.shape != (M, ple_dim)):
             raise ValueError(f"PleTail shapes disagree: m {tuple(m.shape)}, h {tuple(h.shape)}, gate "
                              f"{tuple(gate_w.shape)}, projection {tuple(proj_w.shape)}, ple {tuple(ple_input.shape)}")
-        tensors = (m, h, gate_w, ple_input, proj_w)
-        if any(t.stride(-1) != 1 for t in tensors) or any(t.dtype != m.dtype for t in tensors):
+        tensors = (h, gate_w, ple_input, proj_w)
+        if m.stride(-1) != 1 or any(t.stride(-1) != 1 for t in tensors) or any(t.dtype != dtype for t in tensors):
             raise ValueError("PleTail takes tensors of one dtype with unit column stride")
-        x = torch.empty_like(m)
-        gated = torch.empty((M, ple_dim), dtype=m.dtype, device=m.device)
-        p = torch.empty_like(m)
-        out = torch.empty_like(m)
-        y = torch.empty_like(m) if next_weight is not None else out
+        x = torch.empty_like(h)
+        gated = torch.empty((M, ple_dim), dtype=dtype, device=m.device)
+        p = torch.empty_like(h)
+        out = torch.empty_like(h)
+        y = torch.empty_like(h) if next_weight is not None else out
         block_k = triton.next_power_of_2(hidden)
         block_g = min(max(2, TILE // block_k), triton.next_power_of_2(ple_dim))
         block_pk = triton.next_power_of_2(ple_dim)
@@ -174,7 +180,8 @@ class PleTail:
             _ple_gate_kernel[(M, triton.cdiv(ple_dim, block_g))](
                 m, h, ff_norm, gate_w, ple_input, x, gated, hidden, ple_dim, eps,
                 m.stride(0), h.stride(0), gate_w.stride(0), ple_input.stride(0), x.stride(0), gated.stride(0),
-                BLOCK_K=block_k, BLOCK_G=block_g, PDL=pdl(m), launch_pdl=pdl(m), num_warps=warps)
+                stride_split, BLOCK_K=block_k, BLOCK_G=block_g, **splits, PDL=pdl(m), launch_pdl=pdl(m),
+                num_warps=warps)
             _ple_project_kernel[(M, triton.cdiv(hidden, block_n))](
                 gated, proj_w, x, ple_norm, scalar if scalar is not None else x,
                 next_weight if next_weight is not None else x, p, out, y, self.counter(m.device),
