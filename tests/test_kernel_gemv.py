@@ -191,10 +191,10 @@ def test_head_norms_and_rope_in_the_qkv_products_launch(tiles, kv_mode, monkeypa
 @pytest.mark.parametrize("tiles", [GemvTiles(8, 16, 3), GemvTiles(16, 32, 2, tma=True), GemvTiles(8, 16, 1)],
                          ids=["three", "tma", "one"])
 def test_splits_added_in_the_norms_launch(tiles, monkeypatch):
-    """`splits_in_norm` (TANDEM_SPLITS_IN_NORM): the product's K splits left as `SplitSums` and
-    added by `residual_norm` / `head_norm_rope` in their launch, no reduction launch between: the
-    chain's results exactly, through `decode_linear_norm` / `decode_qkv_norm_rope` too; the twins
-    take `SplitSums` as their total."""
+    """`keep_splits` (TANDEM_SPLITS_IN_NORM): the product's K splits left as `SplitSums` and added
+    by `residual_norm` / `head_norm_rope` in their launch, no reduction launch between: the chain's
+    results exactly, through `decode_linear_norm` / `decode_qkv_norm_rope` too; the twins take
+    `SplitSums` as their total."""
     x, w = case(5, 40, 72, seed=13)
     residual, weight, next_weight = rand(5, 40, seed=14), rand(40, seed=15), rand(40, seed=16)
     scalar = torch.tensor([0.75])
@@ -204,17 +204,20 @@ def test_splits_added_in_the_norms_launch(tiles, monkeypatch):
     cos, sin, wq, wk = rand(5, d, seed=17), rand(5, d, seed=18), rand(d, seed=19), rand(d, seed=20)
     slots = torch.tensor([4, 9, 0, 33, 12])
 
-    def qkv(fn, **kw):  # 32 columns: one q head and one K head (V is K)
+    def qkv(fn):  # 32 columns: one q head and one K head (V is K)
         kv = KVWrite(wk, kv_heads, True, torch.zeros(40, kv_heads, d), torch.zeros(40, kv_heads, d), slots)
-        return fn(x, w[:32], heads, d, wq, cos, sin, 1e-6, kv, **kw), kv.k_cache, kv.v_cache
+        return fn(x, w[:32], heads, d, wq, cos, sin, 1e-6, kv), kv.k_cache, kv.v_cache
 
     want_qkv = qkv(lambda x, w, *args: head_norm_rope(small_m_linear(x, w, tiles), *args))
     with monkeypatch.context() as patch:
         patch.setattr(gemv, "_split_reduce_kernel", None)  # no reduction launch
         for _ in range(2):
-            got = small_m_linear_norm(x, w, residual, weight, 1e-6, scalar, next_weight, tiles, splits_in_norm=True)
+            kept = small_m_linear(x, w, tiles, keep_splits=True)
+            assert isinstance(kept, SplitSums) == (tiles.split_k > 1)
+            got = residual_norm(kept, residual, weight, 1e-6, scalar, next_weight)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-            for a, b in zip(qkv(small_m_qkv_norm_rope, tiles=tiles, splits_in_norm=True), want_qkv):
+            got = qkv(lambda x, w, *args: head_norm_rope(small_m_linear(x, w, tiles, keep_splits=True), *args))
+            for a, b in zip(got, want_qkv):
                 assert torch.equal(a, b)
         patch.setattr(gemv, "SPLITS_IN_NORM_ON", True)
         patch.setattr(gemv, "_decode_kernels", lambda x: True)  # (else CUDA tensors only)

@@ -485,9 +485,10 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
             heads: HeadNorms | None = None, keep_splits: bool = False) -> bool | SplitSums:
     """The product into `out`; with `norm` its rows' residual norm, or with `heads` its heads'
     norms and RoPE, in the same launch where `counters` hold a counter per column block, one for
-    the launch and one per head (returns True where it did; else the caller runs the fused
-    kernel). With `keep_splits`, K split and not added in the launch: no reduction launch, the
-    partial sums returned as `SplitSums` for the caller's kernel to add (`out` left unwritten)."""
+    the launch and one per head (returns whether it did; else the caller runs the fused kernel).
+    With `keep_splits` (a plain product), K split and not added in the launch: no reduction
+    launch, the partial sums returned as `SplitSums` for the caller's kernel to add (`out` left
+    unwritten)."""
     M, K = x.shape
     block_k = tiles.block_k
     chunks = triton.cdiv(K, block_k)
@@ -542,13 +543,13 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
                 PREFETCH_K=prefetch_k if prefetch_k >= line else 0, LINE=line, FOLD_SPLITS=fold, **norm_meta,
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
         if splits > 1 and not fold:
-            if keep_splits and not fused:
+            if keep_splits:
                 return SplitSums(part, out.dtype)
             block = min(1024, _pow2(n_out))
             _split_reduce_kernel[(M, triton.cdiv(n_out, block))](
                 part, out, M, n_out, out.stride(0), SPLITS=splits, SPLITS_PAD=_pow2(splits), GATE_UP=gate_up,
                 BLOCK=block, PDL=on, num_warps=4, launch_pdl=on)
-    return bool(fused)
+    return fused
 
 
 def small_m_linear(x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles | None = None, *,
@@ -576,12 +577,10 @@ def small_m_linear(x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles | None = N
 def small_m_linear_norm(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                         scalar: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
                         tiles: GemvTiles | None = None, *, dependent: bool | None = None,
-                        counters: LaunchCounters | None = None,
-                        splits_in_norm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        counters: LaunchCounters | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`fused.residual_norm(small_m_linear(x, w), residual, weight, eps, scalar, next_weight)`:
     (h, y), in the product's launch where `counters` (the call site's) hold a counter per column
-    block and one more (the last program to finish runs the rows' norms), else in a second launch
-    (which, with `splits_in_norm`, adds the product's K splits: no reduction launch between)."""
+    block and one more (the last program to finish runs the rows' norms), else in a second launch."""
     _check("small_m_linear_norm", x, w)
     M, K = x.shape
     N = w.shape[0]
@@ -595,11 +594,9 @@ def small_m_linear_norm(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor
     h = torch.empty_like(out)
     norm = RowNorm(residual, weight, eps, h, torch.empty_like(out) if next_weight is not None else h, scalar,
                    next_weight)
-    done = _launch(x, w, out, N, tiles or default_tiles("linear", N, K, x.dtype), False, dependent, counters, norm,
-                   keep_splits=splits_in_norm)
-    if done is True:
+    if _launch(x, w, out, N, tiles or default_tiles("linear", N, K, x.dtype), False, dependent, counters, norm):
         return h, (norm.y if next_weight is not None else None)
-    return residual_norm(done or out, residual, weight, eps, scalar, next_weight)
+    return residual_norm(out, residual, weight, eps, scalar, next_weight)
 
 
 def small_m_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor, tiles: GemvTiles | None = None, *,
@@ -649,12 +646,11 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, counters: LaunchCounters | N
 def small_m_qkv_norm_rope(x: torch.Tensor, w: torch.Tensor, heads: int, head_dim: int, q_weight: torch.Tensor,
                           cos: torch.Tensor, sin: torch.Tensor, eps: float, kv: KVWrite | None = None,
                           tiles: GemvTiles | None = None, *, dependent: bool | None = None,
-                          counters: LaunchCounters | None = None, splits_in_norm: bool = False) -> torch.Tensor:
+                          counters: LaunchCounters | None = None) -> torch.Tensor:
     """`fused.head_norm_rope(small_m_linear(x, w), heads, head_dim, q_weight, cos, sin, eps, kv)`:
     q [M, heads, head_dim] (K and V into `kv`'s cache), in the product's launch where `counters`
     (the call site's) hold a counter per column block, one more and one per head and a head's
-    columns are whole column blocks; else in a second launch (adding the product's K splits with
-    `splits_in_norm`, as `small_m_linear_norm`)."""
+    columns are whole column blocks; else in a second launch."""
     _check("small_m_qkv_norm_rope", x, w)
     M, K = x.shape
     N = w.shape[0]
@@ -664,38 +660,35 @@ def small_m_qkv_norm_rope(x: torch.Tensor, w: torch.Tensor, heads: int, head_dim
                               eps, kv)
     q = torch.empty((M, heads, head_dim), dtype=x.dtype, device=x.device)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    done = _launch(x, w, out, N, tiles, False, dependent, counters,
-                   heads=HeadNorms(heads, head_dim, q_weight, cos, sin, eps, q, kv), keep_splits=splits_in_norm)
-    if done is True:
+    if _launch(x, w, out, N, tiles, False, dependent, counters,
+               heads=HeadNorms(heads, head_dim, q_weight, cos, sin, eps, q, kv)):
         return q
-    return head_norm_rope(done or out, heads, head_dim, q_weight, cos, sin, eps, kv)
+    return head_norm_rope(out, heads, head_dim, q_weight, cos, sin, eps, kv)
 
 
 def decode_qkv_norm_rope(x: torch.Tensor, w: torch.Tensor, counters: LaunchCounters | None, heads: int,
                          head_dim: int, q_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
                          kv: KVWrite | None = None) -> torch.Tensor:
-    """`head_norm_rope(decode_linear(x, w), ...)`: where the small-M products take x's rows, with
-    TANDEM_FOLD_MERGE=1 in the product's launch, with TANDEM_SPLITS_IN_NORM=1 the K splits added
-    in the norms' launch (`small_m_qkv_norm_rope`)."""
-    folded = FOLD_ON and counters is not None
-    if (folded or SPLITS_IN_NORM_ON) and _decode_kernels(x) and x.stride(-1) == 1 and w.stride(-1) == 1:
+    """`head_norm_rope(decode_linear(x, w), ...)`: with TANDEM_FOLD_MERGE=1 where the small-M
+    products take x's rows, in the product's launch (`small_m_qkv_norm_rope`); with
+    TANDEM_SPLITS_IN_NORM=1 the product's K splits added in the norms' launch."""
+    if FOLD_ON and counters is not None and _decode_kernels(x) and x.stride(-1) == 1 and w.stride(-1) == 1:
         return small_m_qkv_norm_rope(x, w, heads, head_dim, q_weight, cos, sin, eps, kv, _decode_tiles("linear", w),
-                                     counters=counters if folded else None, splits_in_norm=SPLITS_IN_NORM_ON)
-    return head_norm_rope(decode_linear(x, w, counters), heads, head_dim, q_weight, cos, sin, eps, kv)
+                                     counters=counters)
+    return head_norm_rope(decode_linear(x, w, counters, norm_next=True), heads, head_dim, q_weight, cos, sin, eps, kv)
 
 
 def decode_linear_norm(x: torch.Tensor, w: torch.Tensor, counters: LaunchCounters | None, residual: torch.Tensor,
                        weight: torch.Tensor, eps: float, scalar: torch.Tensor | None = None,
                        next_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`residual_norm(decode_linear(x, w), residual, weight, eps, scalar, next_weight)`: where the
-    small-M products take x's rows, with TANDEM_FOLD_MERGE=1 in the product's launch (on the call
-    site's `counters`), with TANDEM_SPLITS_IN_NORM=1 the K splits added in the norm's launch
-    (`small_m_linear_norm`)."""
-    folded = FOLD_ON and counters is not None
-    if (folded or SPLITS_IN_NORM_ON) and _decode_kernels(x) and x.stride(-1) == 1 and w.stride(-1) == 1:
+    """`residual_norm(decode_linear(x, w), residual, weight, eps, scalar, next_weight)`: with
+    TANDEM_FOLD_MERGE=1 where the small-M products take x's rows, in the product's launch
+    (`small_m_linear_norm`, on the call site's `counters`); with TANDEM_SPLITS_IN_NORM=1 the
+    product's K splits added in the norm's launch."""
+    if FOLD_ON and counters is not None and _decode_kernels(x) and x.stride(-1) == 1 and w.stride(-1) == 1:
         return small_m_linear_norm(x, w, residual, weight, eps, scalar, next_weight, _decode_tiles("linear", w),
-                                   counters=counters if folded else None, splits_in_norm=SPLITS_IN_NORM_ON)
-    return residual_norm(decode_linear(x, w, counters), residual, weight, eps, scalar, next_weight)
+                                   counters=counters)
+    return residual_norm(decode_linear(x, w, counters, norm_next=True), residual, weight, eps, scalar, next_weight)
 
 
 def decode_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor,
