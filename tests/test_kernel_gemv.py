@@ -517,21 +517,25 @@ def test_gpu_replayed_in_a_graph():
 def test_gpu_dependent_chain_in_a_graph_gives_the_plain_launches_results():
     """A chain of products each reading the one before (as a layer's are), launched
     programmatically dependent with and without the L2 prefetch ahead of the wait, split and
-    unsplit, captured and replayed: the plain launches' results exactly (the dependent programs
-    read x only after the launch before them has finished)."""
+    unsplit, by either kernel (gathering loads, tensor descriptors), captured and replayed: the
+    plain launches' results exactly (the dependent programs read x only after the launch before
+    them has finished)."""
     x = torch.zeros((3, 2560), dtype=torch.bfloat16, device="cuda")
     _, w1 = case(3, 3072, 2560, dtype=torch.bfloat16, device="cuda", seed=1)
     _, w2 = case(3, 2560, 2048, dtype=torch.bfloat16, device="cuda", seed=2)
     _, packed = case(3, 20480, 2560, dtype=torch.bfloat16, device="cuda", seed=3)
     _, w3 = case(3, 2560, 10240, dtype=torch.bfloat16, device="cuda", seed=4)
 
-    def chain(dependent, prefetch_k):
-        h = small_m_linear(x, w1, GemvTiles(64, 256, 2, prefetch_k=prefetch_k), dependent=dependent)
-        h = small_m_linear(h[:, :2048], w2, GemvTiles(32, 256, 1, prefetch_k=prefetch_k), dependent=dependent)
-        h = small_m_gate_up_gelu(h, packed, GemvTiles(32, 256, 1, prefetch_k=prefetch_k), dependent=dependent)
-        return small_m_linear(h, w3, GemvTiles(64, 128, 4, prefetch_k=prefetch_k), dependent=dependent)
+    def chain(dependent, prefetch_k, tma=False):
+        h = small_m_linear(x, w1, GemvTiles(64, 256, 2, prefetch_k=prefetch_k, tma=tma), dependent=dependent)
+        h = small_m_linear(h[:, :2048], w2, GemvTiles(32, 256, 1, prefetch_k=prefetch_k, tma=tma),
+                           dependent=dependent)
+        h = small_m_gate_up_gelu(h, packed, GemvTiles(32, 256, 1, prefetch_k=prefetch_k, tma=tma), dependent=dependent)
+        return small_m_linear(h, w3, GemvTiles(64, 128, 4, prefetch_k=prefetch_k, tma=tma), dependent=dependent)
 
     variants = [(False, 0), (True, 0), (True, 1024), (True, 16384)]
+    if fused.tma_capable(x):
+        variants += [(False, 0, True), (True, 0, True), (True, 512, True), (True, 16384, True)]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -581,8 +585,9 @@ from triton.compiler import ASTSource
 from bench.attention_registers import ptxas_usage
 from gemma4_model.kernels.gemv import _gemv_tma_kernel as kernel
 
-def build(gate_up, partial, block_n=32, stages=4, fold=0, norm=False, heads=False):
-    const = dict(BLOCK_N=block_n, BLOCK_K=256, GATE_UP=gate_up, PARTIAL=partial, IEEE=False, PDL=False,
+def build(gate_up, partial, block_n=32, stages=4, fold=0, norm=False, heads=False, prefetch=0):
+    const = dict(BLOCK_N=block_n, BLOCK_K=256, GATE_UP=gate_up, PARTIAL=partial, IEEE=False, PDL=prefetch > 0,
+                 PREFETCH_K=prefetch, LINE=64,
                  FOLD_SPLITS=fold, NORM=norm, HAS_SCALAR=norm, HAS_NEXT=norm, BLOCK_ROW=4096 if norm else 16,
                  HEAD_NORMS=heads, HEADS=8, KV_HEADS=2, D=256, FP8=False, K_EQ_V=False)
     types = {a: "constexpr" if a in const else "tensordesc<bf16[16,256]>" if a == "x_desc"
@@ -595,12 +600,14 @@ def build(gate_up, partial, block_n=32, stages=4, fold=0, norm=False, heads=Fals
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
     ptx = compiled.asm["ptx"]
     return {"tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "mma": "mma" in ptx,
+            "l2_prefetch_before_wait": ptx.find("prefetch.global.L2") in range(0, ptx.find("griddepcontrol.wait")),
             "acq_rel_count": bool(re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)), **ptxas_usage(ptx)}
 
 print(json.dumps({"linear": build(False, False), "split": build(False, True), "gate_up": build(True, False),
                   "split-fold": build(False, True, fold=2), "gate_up-split-fold": build(True, True, fold=4),
                   "split-fold-norm": build(False, True, fold=2, norm=True), "norm": build(False, False, norm=True),
-                  "split-fold-heads": build(False, True, fold=2, heads=True)}))
+                  "split-fold-heads": build(False, True, fold=2, heads=True),
+                  "prefetch": build(False, True, prefetch=512), "gate_up-prefetch": build(True, False, prefetch=512)}))
 """
 
 
@@ -619,6 +626,9 @@ def test_tma_gemv_compiles_to_pipelined_tensor_loads():
     # and the rows' residual norm by the launch's last program (a 4096-wide row: still no spills)
     assert got["norm"]["acq_rel_count"] and got["split-fold-norm"]["acq_rel_count"], got
     assert got["split-fold-heads"]["acq_rel_count"], got  # and the q|k|v heads' norms and RoPE
+    # dependent with TANDEM_GEMV_PREFETCH_K: the weight rows' L2 requests come before the wait
+    assert got["prefetch"]["l2_prefetch_before_wait"] and got["gate_up-prefetch"]["l2_prefetch_before_wait"], got
+    assert not got["linear"]["l2_prefetch_before_wait"], got
 
 
 def test_decode_tiles_load_through_descriptors_only_where_tma_is(monkeypatch):
@@ -626,7 +636,8 @@ def test_decode_tiles_load_through_descriptors_only_where_tma_is(monkeypatch):
     elsewhere the gathering kernel's, with the prefetch setting."""
     w = torch.zeros(2560, 2048, dtype=torch.bfloat16)
     monkeypatch.setattr(gemv, "TMA_ON", True)
-    assert gemv._decode_tiles("linear", w).tma
+    monkeypatch.setattr(gemv, "PREFETCH_K", 512)
+    assert gemv._decode_tiles("linear", w).tma and gemv._decode_tiles("linear", w).prefetch_k == 512
     monkeypatch.setattr(gemv, "tma_capable", lambda t: False)
     tiles = gemv._decode_tiles("linear", w)
     assert not tiles.tma and tiles == replace(gemv.default_tiles("linear", 2560, 2048, w.dtype),

@@ -56,8 +56,8 @@ from .paged_attention import _dot
 MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
 # The decoder's products of up to MAX_ROWS rows on CUDA go through these kernels instead of cuBLAS
 # (TANDEM_SMALL_M=0: cuBLAS), loading through tensor descriptors where the device has TMA
-# (TANDEM_GEMV_TMA=0: the gathering kernel, each program asking L2 for TANDEM_GEMV_PREFETCH_K weight
-# columns ahead of its wait when launches are dependent). All read once, at import. On by default
+# (TANDEM_GEMV_TMA=0: the gathering kernel); with dependent launches each program asks L2 for
+# TANDEM_GEMV_PREFETCH_K columns of its weight rows ahead of its wait (0: none). All read once, at import. On by default
 # since 220850e: E4B decode steps 4-9% shorter at 1-16 sequences on an H100 and 2-8% on an H200,
 # 26B-A4B 4.6% at batch 1 and the same at 96 (bench/results/h100_220850e/, e4b_h200_c945b3a/).
 SMALL_M_ON = os.environ.get("TANDEM_SMALL_M", "1") != "0"
@@ -80,7 +80,7 @@ class GemvTiles:
     before it waits for the launch before it (0: none; at most its split's columns). With `tma`
     the weight's [block_n, block_k] chunks and x's [16, block_k] ones are tensor-descriptor loads
     (bulk copies by the tensor memory accelerator, `_gemv_tma_kernel`) where the strides allow it
-    (16-byte aligned rows), without the L2 prefetch."""
+    (16-byte aligned rows)."""
 
     block_n: int
     block_k: int
@@ -182,6 +182,19 @@ def _prefetch_l2(ptrs):
                               is_pure=False, pack=1)
 
 
+@triton.jit
+def _prefetch_weight_rows(w_ptr, w_rows, stride_w, up_offset, k_lo, k_hi, GATE_UP: tl.constexpr,
+                          PREFETCH_K: tl.constexpr, LINE: tl.constexpr):
+    """Ask L2 for the first PREFETCH_K columns from k_lo of weight rows `w_rows` (and of their up
+    rows with GATE_UP), one request per LINE elements (128 bytes); nothing if PREFETCH_K is 0."""
+    if PREFETCH_K > 0:
+        lines = k_lo + tl.arange(0, PREFETCH_K // LINE) * LINE
+        lines = tl.minimum(lines, k_hi - 1)  # a short range asks for its last line again
+        _prefetch_l2(w_ptr + w_rows[:, None] * stride_w + lines[None, :])
+        if GATE_UP:
+            _prefetch_l2(w_ptr + up_offset + w_rows[:, None] * stride_w + lines[None, :])
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr,
                  q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr,
@@ -212,12 +225,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr
     w_rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     x_ptrs = x_ptr + x_rows[:, None] * stride_x + (k_lo + offs_k)[None, :]
     w_ptrs = w_ptr + w_rows[:, None] * stride_w + (k_lo + offs_k)[None, :]
-    if PREFETCH_K > 0:
-        lines = k_lo + tl.arange(0, PREFETCH_K // LINE) * LINE
-        lines = tl.minimum(lines, tl.minimum(k_hi, K) - 1)  # a short range asks for its last line again
-        _prefetch_l2(w_ptr + w_rows[:, None] * stride_w + lines[None, :])
-        if GATE_UP:
-            _prefetch_l2(w_ptr + up_offset + w_rows[:, None] * stride_w + lines[None, :])
+    _prefetch_weight_rows(w_ptr, w_rows, stride_w, up_offset, k_lo, k_hi, GATE_UP, PREFETCH_K, LINE)
     _pdl_wait(PDL)
     acc = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
@@ -304,12 +312,13 @@ def _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n, out
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_tma_kernel(x_desc, w_desc, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr,
-                     y_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr,
-                     M, N, K, k_per_split, stride_o, stride_r, stride_h, stride_y, eps,
+def _gemv_tma_kernel(x_desc, w_desc, w_ptr, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr,
+                     next_w_ptr, h_ptr, y_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr,
+                     M, N, K, k_per_split, stride_w, stride_o, stride_r, stride_h, stride_y, eps,
                      stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
-                     IEEE: tl.constexpr, PDL: tl.constexpr, FOLD_SPLITS: tl.constexpr, NORM: tl.constexpr,
+                     IEEE: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr,
+                     FOLD_SPLITS: tl.constexpr, NORM: tl.constexpr,
                      HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_ROW: tl.constexpr,
                      HEAD_NORMS: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
                      FP8: tl.constexpr, K_EQ_V: tl.constexpr):
@@ -317,15 +326,18 @@ def _gemv_tma_kernel(x_desc, w_desc, out_ptr, part_ptr, count_ptr, res_ptr, norm
     boxes and the weight [N rows (2N with GATE_UP), K] in [BLOCK_N, BLOCK_K] boxes, the up rows'
     box N rows below the gate rows'. Whatever lies outside a descriptor reads as zeros (x's padding
     rows, K past its end), so no load takes a mask; a gate box past row N reads up rows, whose
-    columns are never stored."""
+    columns are never stored. With PDL and PREFETCH_K the program first asks L2 for the first
+    PREFETCH_K columns of its weight rows through `w_ptr` (as `_gemv_kernel`), then waits."""
     _pdl_release(PDL)
-    _pdl_wait(PDL)
     split = tl.program_id(1)
     rows = tl.arange(0, _ROWS)
     n0 = tl.program_id(0) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k_lo = split * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
+    _prefetch_weight_rows(w_ptr, tl.minimum(offs_n, N - 1).to(tl.int64), stride_w, N * stride_w, k_lo, k_hi, GATE_UP,
+                          PREFETCH_K, LINE)
+    _pdl_wait(PDL)
     acc = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -531,9 +543,10 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
             x_desc = TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [MAX_ROWS, block_k])
             w_desc = TensorDescriptor(w, list(w.shape), [w.stride(0), 1], [tiles.block_n, block_k])
             _gemv_tma_kernel[grid](
-                x_desc, w_desc, out, part, count, *norm_args, M, n_out, K, k_per_split, out.stride(0), *strides,
-                BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1,
-                IEEE=x.dtype == torch.float32, PDL=on, FOLD_SPLITS=fold, **norm_meta, num_warps=tiles.num_warps,
+                x_desc, w_desc, w, out, part, count, *norm_args, M, n_out, K, k_per_split, w.stride(0), out.stride(0),
+                *strides, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1,
+                IEEE=x.dtype == torch.float32, PDL=on, PREFETCH_K=prefetch_k if prefetch_k >= line else 0, LINE=line,
+                FOLD_SPLITS=fold, **norm_meta, num_warps=tiles.num_warps,
                 num_stages=tiles.num_stages, launch_pdl=on)
         else:
             _gemv_kernel[grid](
@@ -627,7 +640,7 @@ def _decode_kernels(x: torch.Tensor) -> bool:
 def _decode_tiles(kind: str, w: torch.Tensor) -> GemvTiles:
     tiles = default_tiles(kind, w.shape[0], w.shape[1], w.dtype)
     if TMA_ON and tma_capable(w):
-        return replace(tiles, block_k=min(tiles.block_k, 256), tma=True)
+        tiles = replace(tiles, block_k=min(tiles.block_k, 256), tma=True)
     return replace(tiles, prefetch_k=PREFETCH_K)
 
 
