@@ -74,8 +74,7 @@ class Attention(nn.Module):
         """`forward` on normed input `y` through the fused kernels (q, k, v in one product, their
         norms, RoPE and the cache write in one launch, then the Triton attention); `after_qkv` is
         called once the q|k|v product is queued (a weight prefetch's fork point)."""
-        return decode_linear(self.attend_kernels(y, cos, sin, batch, cache, after_qkv), self.o_proj.weight,
-                             self.counters)
+        return decode_linear(self.attend_kernels(y, cos, sin, batch, cache, after_qkv), self.o_proj.weight)
 
     def attend_kernels(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                        cache: PagedKVCache, after_qkv: Callable[[], None] | None = None) -> torch.Tensor:
@@ -89,11 +88,11 @@ class Attention(nn.Module):
             shape = (-1, spec.num_kv_heads, spec.head_dim)
             kv = KVWrite(self.k_norm.weight, spec.num_kv_heads, spec.k_eq_v, group.k[slot].view(shape),
                          group.v[slot].view(shape), batch.groups[spec.layer_type].write_slots)
-        if after_qkv is None:  # the product and the heads' norms and RoPE in one launch where they can be
-            q = decode_qkv_norm_rope(y, self.input_weight(), self.counters, self.heads, spec.head_dim,
-                                     self.q_norm.weight, cos, sin, eps, kv)
+        if after_qkv is None:  # the norms may add the product's K splits (TANDEM_SPLITS_IN_NORM)
+            q = decode_qkv_norm_rope(y, self.input_weight(), self.heads, spec.head_dim, self.q_norm.weight, cos, sin,
+                                     eps, kv)
         else:
-            qkv = decode_linear(y, self.input_weight(), self.counters)
+            qkv = decode_linear(y, self.input_weight())
             after_qkv()
             q = head_norm_rope(qkv, self.heads, spec.head_dim, self.q_norm.weight, cos, sin, eps, kv)
         out = paged_attention_triton(q, group, slot, batch, spec.layer_type, self.span_mode,
@@ -149,7 +148,6 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = nn.Linear(cfg.ple_dim, h, bias=False)
             self.post_per_layer_input_norm = RMSNorm(h, eps)
             self.ple_tail = PleTail()  # the fused tail's row counters (decode batch sizes)
-        self.counters = LaunchCounters()  # the feed-forward products' (kernels.counters)
 
     def forward(self, x, ple_input, cos, sin, batch, cache):
         h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, batch, cache))
@@ -176,16 +174,13 @@ class DecoderLayer(nn.Module):
         after_qkv = None if prefetch is None else partial(
             prefetch, self.self_attn.o_proj.weight, prefetch.mlp_head(self.mlp.packed_gate_up()))
         attn = self.self_attn
-        h, y = decode_linear_norm(attn.attend_kernels(y, cos, sin, batch, cache, after_qkv), attn.o_proj.weight,
-                                  attn.counters, x, self.post_attention_layernorm.weight, eps,
+        h, y = decode_linear_norm(attn.attend_kernels(y, cos, sin, batch, cache, after_qkv), attn.o_proj.weight, x,
+                                  self.post_attention_layernorm.weight, eps,
                                   next_weight=self.pre_feedforward_layernorm.weight)
         mlp = self.mlp
-        act = decode_gate_up_gelu(y, mlp.packed_gate_up(), self.counters)
-        if not self.moe and not self.ple and prefetch is None:  # the down product and the norms in one launch
-            return decode_linear_norm(act, mlp.down_proj.weight, self.counters, h,
-                                      self.post_feedforward_layernorm.weight, eps, self.layer_scalar, next_norm)
+        act = decode_gate_up_gelu(y, mlp.packed_gate_up())
         # the norms after the down product may add its K splits (TANDEM_SPLITS_IN_NORM); MoE's combination may not
-        m = decode_linear(act, mlp.down_proj.weight, self.counters, norm_next=not self.moe)
+        m = decode_linear(act, mlp.down_proj.weight, norm_next=not self.moe)
         if self.moe:  # routing, two grouped matrix products and the combination; no host read: capturable
             expert_in, weights, experts = moe_route(h, self.router, self.pre_feedforward_layernorm_2)
             rows = moe_expert_rows(expert_in, weights, experts, self.experts.gate_up_proj, self.experts.down_proj)

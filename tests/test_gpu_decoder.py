@@ -66,10 +66,9 @@ def test_cuda_bfloat16_default_model_answers_like_float32_cpu():
 def test_cuda_small_m_products_answer_like_cublas(monkeypatch, dependent, prefetch_k, tma, fold, splits):
     """The decoder's products through `kernels.gemv` (TANDEM_SMALL_M), plain or dependent launches
     with the L2 prefetch (TANDEM_PDL, TANDEM_GEMV_PREFETCH_K) or tensor-descriptor loads
-    (TANDEM_GEMV_TMA), with their K splits and norms, and attention's splits, finished in the
-    launches that made them (TANDEM_FOLD_MERGE, TANDEM_FOLD_ATTENTION), or the splits added by the
-    norms after them (TANDEM_SPLITS_IN_NORM), CUDA graphs on: the trained model's answers that
-    cuBLAS's products get right come out the same."""
+    (TANDEM_GEMV_TMA), attention's splits merged in its launch (TANDEM_FOLD_ATTENTION), or the
+    products' K splits added by the norms after them (TANDEM_SPLITS_IN_NORM), CUDA graphs on: the
+    trained model's answers that cuBLAS's products get right come out the same."""
     from transformers import AutoTokenizer
 
     from default_model import CHECKPOINT
@@ -87,7 +86,6 @@ def test_cuda_small_m_products_answer_like_cublas(monkeypatch, dependent, prefet
         monkeypatch.setattr(gemv, "PREFETCH_K", prefetch_k)
         monkeypatch.setattr(gemv, "TMA_ON", tma and small_m)
         monkeypatch.setattr(fused, "PDL_ON", dependent and small_m)
-        monkeypatch.setattr(gemv, "FOLD_ON", fold and small_m)
         monkeypatch.setattr(gemv, "SPLITS_IN_NORM_ON", splits and small_m)
         monkeypatch.setattr(paged_attention, "DECODE_TILES",
                             dataclasses.replace(paged_attention.DECODE_TILES, fold_merge=fold and small_m))

@@ -5,8 +5,8 @@ same launch, not in a second one: each program stores its part, counts itself do
 with an acquire-release atomic (after a barrier: the block's stores are visible to whoever counts
 last), and the program that counts last reads the parts back past L1, writes the result and sets
 the counter back to zero, so the next launch (and a captured CUDA graph's next replay) starts
-from zero. `kernels.ple_tail`, the flash-decoding merge of `kernels.paged_attention` and the K
-splits and norm epilogues of `kernels.gemv` count this way.
+from zero. `kernels.ple_tail` and the flash-decoding merge of `kernels.paged_attention` count
+this way.
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-# TANDEM_FOLD_MERGE=1: the decoder's small-M products (`gemv.decode_linear` and its kin) add their K
-# splits and run the norms after them in their own launch; TANDEM_FOLD_ATTENTION=1: the flash-decoding
-# splits merge in the attention launch (`DecodeTiles.fold_merge`; on an H200 an E4B batch-1 step
-# took 4.32 ms with it against 4.16 without: bench/results/decode_step_e4b_*_h200_7886058.json).
-# Read once, at import (a benchmark runs each setting in its own process); off until measured to win.
-FOLD_ON = os.environ.get("TANDEM_FOLD_MERGE", "0") == "1"
+# TANDEM_FOLD_ATTENTION=1: the flash-decoding splits merge in the attention launch
+# (`DecodeTiles.fold_merge`; on an H200 an E4B batch-1 step took 4.32 ms with it against 4.16
+# without: bench/results/decode_step_e4b_*_h200_7886058.json). Read once, at import (a benchmark
+# runs each setting in its own process); off until measured to win.
 FOLD_ATTENTION_ON = os.environ.get("TANDEM_FOLD_ATTENTION", "0") == "1"
 
 

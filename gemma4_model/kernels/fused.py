@@ -90,18 +90,17 @@ def _round(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _load_row(ptr, offs, ok, stride_split, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, CG: tl.constexpr,
-              dt: tl.constexpr):
+def _load_row(ptr, offs, ok, stride_split, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, dt: tl.constexpr):
     """Float32 values at ptr + offs; with SPLITS > 0, ptr points into a product's float32 partial
     sums over K splits `stride_split` apart (`SplitSums`), which are added and rounded to dt once,
-    as `gemv._split_reduce_kernel` adds and stores them. CG: read past L1."""
+    as `gemv._split_reduce_kernel` adds and stores them."""
     if SPLITS > 0:
         splits = tl.arange(0, SPLITS_PAD)
         cells = ptr + splits.to(tl.int64)[:, None] * stride_split + offs[None, :]
         mask = (splits < SPLITS)[:, None] & ok[None, :]
-        x = _round(tl.sum(tl.load(cells, mask=mask, other=0.0, cache_modifier=".cg" if CG else ""), axis=0), dt)
+        x = _round(tl.sum(tl.load(cells, mask=mask, other=0.0), axis=0), dt)
     else:
-        x = tl.load(ptr + offs, mask=ok, other=0.0, cache_modifier=".cg" if CG else "").to(tl.float32)
+        x = tl.load(ptr + offs, mask=ok, other=0.0).to(tl.float32)
     return x
 
 
@@ -162,7 +161,7 @@ def _residual_norm_kernel(x_ptr, res_ptr, w_ptr, scalar_ptr, next_w_ptr, h_ptr, 
     offs = tl.arange(0, BLOCK)
     ok = offs < n_cols
     _pdl_wait(PDL)
-    x = _load_row(x_ptr + row * stride_x, offs, ok, stride_split, SPLITS, SPLITS_PAD, False, h_ptr.dtype.element_ty)
+    x = _load_row(x_ptr + row * stride_x, offs, ok, stride_split, SPLITS, SPLITS_PAD, h_ptr.dtype.element_ty)
     _residual_norm_row(x, row, offs, ok, res_ptr, w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, n_cols, eps, stride_r,
                        stride_h, stride_y, HAS_RES, HAS_W, HAS_SCALAR, HAS_NEXT)
 
@@ -230,9 +229,9 @@ def residual_norm(x: "torch.Tensor | SplitSums", residual: torch.Tensor | None, 
 
 @triton.jit
 def _norm_rope(base, w_ptr, offs, partner, sign, ok, cos, sin, eps, stride_split, D: tl.constexpr, dt: tl.constexpr,
-               CG: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    x = _load_row(base, offs, ok, stride_split, SPLITS, SPLITS_PAD, CG, dt)
-    xp = _load_row(base, partner, ok, stride_split, SPLITS, SPLITS_PAD, CG, dt)
+               SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    x = _load_row(base, offs, ok, stride_split, SPLITS, SPLITS_PAD, dt)
+    xp = _load_row(base, partner, ok, stride_split, SPLITS, SPLITS_PAD, dt)
     r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     n = _round(x * r * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32), dt)
     n_partner = _round(xp * r * tl.load(w_ptr + partner, mask=ok, other=0.0).to(tl.float32), dt)
@@ -248,7 +247,7 @@ def _head_norm_rope_kernel(src_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, k_c
     _pdl_wait(PDL)
     _head_norm_rope_at(tl.program_id(0).to(tl.int64), tl.program_id(1), src_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr,
                        sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, stride_src, stride_qt, stride_qh, stride_cos,
-                       stride_cs, stride_ch, k_off, v_off, eps, HEADS, D, BLOCK_D, FP8, False, stride_split, SPLITS,
+                       stride_cs, stride_ch, k_off, v_off, eps, HEADS, D, BLOCK_D, FP8, stride_split, SPLITS,
                        SPLITS_PAD)
 
 
@@ -256,10 +255,9 @@ def _head_norm_rope_kernel(src_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, k_c
 def _head_norm_rope_at(t, head, src_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
                        stride_src, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, eps,
                        HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr,
-                       CG: tl.constexpr, stride_split, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                       stride_split, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
     """Token t's head `head` of `head_norm_rope` (a q head below HEADS, else the KV head past
-    them, K and V into the cache); with CG the projections are read past L1 (another program
-    of the launch wrote them); with SPLITS they are `SplitSums` (`_load_row`)."""
+    them, K and V into the cache); with SPLITS the projections are `SplitSums` (`_load_row`)."""
     half: tl.constexpr = D // 2
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
@@ -270,14 +268,14 @@ def _head_norm_rope_at(t, head, src_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr
     sin = tl.load(sin_ptr + t * stride_cos + offs, mask=ok, other=0.0).to(tl.float32)
     row = src_ptr + t * stride_src
     if head < HEADS:
-        q = _norm_rope(row + head * D, wq_ptr, offs, partner, sign, ok, cos, sin, eps, stride_split, D, dt, CG, SPLITS,
+        q = _norm_rope(row + head * D, wq_ptr, offs, partner, sign, ok, cos, sin, eps, stride_split, D, dt, SPLITS,
                        SPLITS_PAD)
         tl.store(q_ptr + t * stride_qt + head * stride_qh + offs, q.to(dt), mask=ok)
     else:
         j = head - HEADS
-        k = _norm_rope(row + k_off + j * D, wk_ptr, offs, partner, sign, ok, cos, sin, eps, stride_split, D, dt, CG,
-                       SPLITS, SPLITS_PAD)
-        v = _load_row(row + v_off + j * D, offs, ok, stride_split, SPLITS, SPLITS_PAD, CG, dt)
+        k = _norm_rope(row + k_off + j * D, wk_ptr, offs, partner, sign, ok, cos, sin, eps, stride_split, D, dt, SPLITS,
+                       SPLITS_PAD)
+        v = _load_row(row + v_off + j * D, offs, ok, stride_split, SPLITS, SPLITS_PAD, dt)
         v = _round(v * tl.rsqrt(tl.sum(v * v, axis=0) / D + eps), dt)
         slot = tl.load(slots_ptr + t).to(tl.int64)
         cache_dt = k_cache_ptr.dtype.element_ty

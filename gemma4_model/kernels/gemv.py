@@ -8,9 +8,7 @@ range is cut into that many block-aligned pieces, each program writes float32 pa
 workspace [splits, M, N] and a second small kernel adds them in a fixed order and rounds
 (deterministic: no atomics). `small_m_gate_up_gelu` does the MLP's packed gate|up product the
 same way, each program taking matching gate and up column blocks, with gelu_tanh(gate) * up in
-its epilogue (the [M, 2I] product never goes to memory). Given the call site's counters
-(`kernels.counters`), each column block's last split program adds the splits instead of the
-second kernel.
+its epilogue (the [M, 2I] product never goes to memory).
 
 Each chunk is multiplied with `tl.dot`, the x rows padded to 16 (the padding rows re-read row
 M-1, from L1, and are never stored; ragged column blocks likewise re-read the last weight row,
@@ -48,9 +46,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .counters import FOLD_ON, LaunchCounters
-from .fused import (KVWrite, SplitSums, _gelu_tanh, _head_norm_rope_at, _pdl_release, _pdl_wait, _residual_norm_row,
-                    _round, _use_kernel, gelu_mul, gelu_mul_torch, head_norm_rope, pdl, residual_norm, tma_capable)
+from .fused import (KVWrite, SplitSums, _gelu_tanh, _pdl_release, _pdl_wait, _round, _use_kernel, gelu_mul,
+                    gelu_mul_torch, head_norm_rope, pdl, residual_norm, tma_capable)
 from .paged_attention import _dot
 
 MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
@@ -196,15 +193,10 @@ def _prefetch_weight_rows(w_ptr, w_rows, stride_w, up_offset, k_lo, k_hi, GATE_U
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr,
-                 q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr,
-                 M, N, K, k_per_split, up_offset, stride_x, stride_w, stride_o, stride_r, stride_h, stride_y, eps,
-                 stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off,
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offset, stride_x, stride_w, stride_o,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
                  EVEN_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
-                 LINE: tl.constexpr, FOLD_SPLITS: tl.constexpr, NORM: tl.constexpr, HAS_SCALAR: tl.constexpr,
-                 HAS_NEXT: tl.constexpr, BLOCK_ROW: tl.constexpr, HEAD_NORMS: tl.constexpr, HEADS: tl.constexpr,
-                 KV_HEADS: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr, K_EQ_V: tl.constexpr):
+                 LINE: tl.constexpr):
     """Program (column block, split): out[:M, block] (or its float32 partial sums over the split's
     K range) = x[:M, range] @ w[block, range].T. N: output columns; with GATE_UP the up rows start
     at weight row N (`up_offset` elements on) and the output is gelu_tanh(gate) * up. With PDL the
@@ -246,41 +238,15 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr
             acc_up += _dot(x, tl.trans(w_up), IEEE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    _finish(acc, acc_up, rows, offs_n, row_ok[:, None] & n_ok[None, :], split,
-            out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, q_ptr, wq_ptr,
-            wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, M, N, stride_o, stride_r, stride_h, stride_y, eps,
-            stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, BLOCK_N, GATE_UP, PARTIAL,
-            FOLD_SPLITS, NORM, HAS_SCALAR, HAS_NEXT, BLOCK_ROW, HEAD_NORMS, HEADS, KV_HEADS, D, FP8, K_EQ_V)
+    _store_products(acc, acc_up, out_ptr, part_ptr, rows, offs_n, row_ok[:, None] & n_ok[None, :], split, M, N,
+                    stride_o, GATE_UP, PARTIAL)
 
 
 @triton.jit
-def _finish(acc, acc_up, rows, offs_n, out_ok, split, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr,
-            next_w_ptr, h_ptr, y_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, M, N,
-            stride_o, stride_r, stride_h, stride_y, eps, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off,
-            v_off, BLOCK_N: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr, FOLD_SPLITS: tl.constexpr,
-            NORM: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_ROW: tl.constexpr,
-            HEAD_NORMS: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
-            FP8: tl.constexpr, K_EQ_V: tl.constexpr):
-    """A program's products stored (`_store_products`), then the launch's epilogue it takes part
-    in: the rows' residual norm (NORM) or the heads' norms and RoPE (HEAD_NORMS)."""
-    _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n, out_ok, split, M, N, stride_o, GATE_UP,
-                    PARTIAL, FOLD_SPLITS)
-    if NORM:
-        _norm_rows(count_ptr + tl.num_programs(0), tl.num_programs(0) * tl.num_programs(1), out_ptr, res_ptr,
-                   norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, M, N, stride_o, stride_r, stride_h, stride_y, eps,
-                   HAS_SCALAR, HAS_NEXT, BLOCK_ROW)
-    if HEAD_NORMS:
-        _head_norms(count_ptr + tl.num_programs(0) + 1, out_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr,
-                    vc_ptr, slots_ptr, M, stride_o, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off,
-                    v_off, eps, BLOCK_N, HEADS, KV_HEADS, D, FP8, K_EQ_V)
-
-
-@triton.jit
-def _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n, out_ok, split, M, N, stride_o,
-                    GATE_UP: tl.constexpr, PARTIAL: tl.constexpr, FOLD_SPLITS: tl.constexpr):
+def _store_products(acc, acc_up, out_ptr, part_ptr, rows, offs_n, out_ok, split, M, N, stride_o,
+                    GATE_UP: tl.constexpr, PARTIAL: tl.constexpr):
     """A program's products: float32 partial sums [splits, M, N (2N with GATE_UP)] for
-    _split_reduce_kernel (or, with FOLD_SPLITS splits, for the column block's last program, which
-    counts on `count_ptr`'s counter of its block: `kernels.counters`), or the rounded result
+    _split_reduce_kernel (or the kernel that reads `SplitSums`), or the rounded result
     (gelu_tanh(gate) * up with GATE_UP)."""
     if PARTIAL:
         width = 2 * N if GATE_UP else N
@@ -288,22 +254,6 @@ def _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n, out
         tl.store(cells, acc, mask=out_ok)
         if GATE_UP:
             tl.store(cells + N, acc_up, mask=out_ok)
-        if FOLD_SPLITS > 0:
-            tl.debug_barrier()  # every thread's stores issued before the count releases them
-            counter = count_ptr + tl.program_id(0)
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == FOLD_SPLITS - 1:
-                tl.debug_barrier()
-                acc = tl.zeros_like(acc)
-                acc_up = tl.zeros_like(acc_up)
-                base = part_ptr + rows.to(tl.int64)[:, None] * width + offs_n[None, :]
-                for s in tl.static_range(FOLD_SPLITS):  # in split order, past L1
-                    cells = base + (s * M).to(tl.int64) * width
-                    acc += tl.load(cells, mask=out_ok, other=0.0, cache_modifier=".cg")
-                    if GATE_UP:
-                        acc_up += tl.load(cells + N, mask=out_ok, other=0.0, cache_modifier=".cg")
-                _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n, out_ok, split, M, N,
-                                stride_o, GATE_UP, False, 0)
-                tl.atomic_xchg(counter, 0)  # ready for the next launch
     else:
         dt = out_ptr.dtype.element_ty
         if GATE_UP:
@@ -312,16 +262,9 @@ def _store_products(acc, acc_up, out_ptr, part_ptr, count_ptr, rows, offs_n, out
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_tma_kernel(x_desc, w_desc, w_ptr, out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr,
-                     next_w_ptr, h_ptr, y_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr,
-                     M, N, K, k_per_split, stride_w, stride_o, stride_r, stride_h, stride_y, eps,
-                     stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off,
+def _gemv_tma_kernel(x_desc, w_desc, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, stride_w, stride_o,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
-                     IEEE: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr,
-                     FOLD_SPLITS: tl.constexpr, NORM: tl.constexpr,
-                     HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_ROW: tl.constexpr,
-                     HEAD_NORMS: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
-                     FP8: tl.constexpr, K_EQ_V: tl.constexpr):
+                     IEEE: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr):
     """`_gemv_kernel` with its chunks loaded through tensor descriptors: x [M, K] in [16, BLOCK_K]
     boxes and the weight [N rows (2N with GATE_UP), K] in [BLOCK_N, BLOCK_K] boxes, the up rows'
     box N rows below the gate rows'. Whatever lies outside a descriptor reads as zeros (x's padding
@@ -345,59 +288,8 @@ def _gemv_tma_kernel(x_desc, w_desc, w_ptr, out_ptr, part_ptr, count_ptr, res_pt
         acc += _dot(x, tl.trans(w_desc.load([n0, k0])), IEEE)
         if GATE_UP:
             acc_up += _dot(x, tl.trans(w_desc.load([N + n0, k0])), IEEE)
-    _finish(acc, acc_up, rows, offs_n, (rows < M)[:, None] & (offs_n < N)[None, :], split,
-            out_ptr, part_ptr, count_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, q_ptr, wq_ptr,
-            wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, M, N, stride_o, stride_r, stride_h, stride_y, eps,
-            stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, BLOCK_N, GATE_UP, PARTIAL,
-            FOLD_SPLITS, NORM, HAS_SCALAR, HAS_NEXT, BLOCK_ROW, HEAD_NORMS, HEADS, KV_HEADS, D, FP8, K_EQ_V)
-
-
-@triton.jit
-def _norm_rows(counter, programs, out_ptr, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, M, N, stride_o,
-               stride_r, stride_h, stride_y, eps, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr,
-               BLOCK_ROW: tl.constexpr):
-    """`fused.residual_norm` of the product's rows inside its launch: every program counts itself
-    done on the launch's counter (a column block's last split program only after adding its
-    splits), and the program that counts last, all outputs then stored, runs each row's residual
-    norm from the output read back past L1, then zeroes the counter."""
-    tl.debug_barrier()  # every thread's stores issued before the count releases them
-    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == programs - 1:
-        tl.debug_barrier()
-        offs = tl.arange(0, BLOCK_ROW)
-        ok = offs < N
-        for row in range(M):
-            x = tl.load(out_ptr + row * stride_o + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-            _residual_norm_row(x, row, offs, ok, res_ptr, norm_w_ptr, scalar_ptr, next_w_ptr, h_ptr, y_ptr, N, eps,
-                               stride_r, stride_h, stride_y, True, True, HAS_SCALAR, HAS_NEXT)
-        tl.atomic_xchg(counter, 0)  # ready for the next launch
-
-
-@triton.jit
-def _head_norms(counters, out_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, M, stride_o,
-                stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, eps, BLOCK_N: tl.constexpr,
-                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr,
-                K_EQ_V: tl.constexpr):
-    """`fused.head_norm_rope` of a q|k|v product inside its launch: a head's column blocks lie
-    inside it (BLOCK_N divides D); every program counts itself done on its head's counter (a V
-    head's columns on its K head's), and the program that counts last for a head runs that head's
-    norms and RoPE for every row from the output read past L1 (a K head: K and V into the cache),
-    then zeroes the counter."""
-    n0 = tl.program_id(0) * BLOCK_N
-    head = n0 // D
-    if head >= HEADS + KV_HEADS:  # V's columns (not with K_EQ_V): counted with their K head
-        head = HEADS + (n0 - v_off) // D
-    share = (D // BLOCK_N) * tl.num_programs(1)  # the programs over one head's columns
-    if head >= HEADS and not K_EQ_V:
-        share = 2 * share
-    counter = counters + head
-    tl.debug_barrier()  # every thread's stores issued before the count releases them
-    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == share - 1:
-        tl.debug_barrier()
-        for t in range(M):
-            _head_norm_rope_at(t, head, out_ptr, q_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr,
-                               stride_o, stride_qt, stride_qh, stride_cos, stride_cs, stride_ch, k_off, v_off, eps,
-                               HEADS, D, D, FP8, True, 0, 0, 1)
-        tl.atomic_xchg(counter, 0)  # ready for the next launch
+    _store_products(acc, acc_up, out_ptr, part_ptr, rows, offs_n, (rows < M)[:, None] & (offs_n < N)[None, :], split,
+                    M, N, stride_o, GATE_UP, PARTIAL)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -457,50 +349,11 @@ def _descriptor_ready(x: torch.Tensor, w: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, w))
 
 
-@dataclass(frozen=True)
-class RowNorm:
-    """`fused.residual_norm`'s arguments and outputs, for a product that runs it in its launch:
-    h = (residual + rms_norm(product, weight)) * scalar, y = rms_norm(h, next_weight)."""
-
-    residual: torch.Tensor
-    weight: torch.Tensor
-    eps: float
-    h: torch.Tensor
-    y: torch.Tensor
-    scalar: torch.Tensor | None = None
-    next_weight: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class HeadNorms:
-    """`fused.head_norm_rope`'s arguments and its q output, for a q|k|v product that runs it in
-    its launch."""
-
-    heads: int
-    head_dim: int
-    q_weight: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    eps: float
-    q: torch.Tensor
-    kv: KVWrite | None = None
-
-    def fits(self, block_n: int) -> bool:
-        """Whether a head's columns are whole column blocks of `block_n` (a power-of-two head dim)."""
-        d = self.head_dim
-        return d & (d - 1) == 0 and d % block_n == 0 and self.cos.stride(1) == 1 and self.sin.stride(0) == \
-            self.cos.stride(0)
-
-
 def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, tiles: GemvTiles, gate_up: bool,
-            dependent: bool | None, counters: LaunchCounters | None, norm: RowNorm | None = None,
-            heads: HeadNorms | None = None, keep_splits: bool = False) -> bool | SplitSums:
-    """The product into `out`; with `norm` its rows' residual norm, or with `heads` its heads'
-    norms and RoPE, in the same launch where `counters` hold a counter per column block, one for
-    the launch and one per head (returns whether it did; else the caller runs the fused kernel).
-    With `keep_splits` (a plain product), K split and not added in the launch: no reduction
-    launch, the partial sums returned as `SplitSums` for the caller's kernel to add (`out` left
-    unwritten)."""
+            dependent: bool | None, keep_splits: bool = False) -> SplitSums | None:
+    """The product into `out`, its K splits added by a second launch (`_split_reduce_kernel`); with
+    `keep_splits` (a plain product), K split: no reduction launch, the partial sums returned as
+    `SplitSums` for the caller's kernel to add (`out` left unwritten)."""
     M, K = x.shape
     block_k = tiles.block_k
     chunks = triton.cdiv(K, block_k)
@@ -512,30 +365,6 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
     line = max(1, 128 // w.element_size())
     prefetch_k = min(tiles.prefetch_k, _pow2(k_per_split)) if on else 0
     grid = (triton.cdiv(n_out, tiles.block_n), splits)
-    head_cells = 0 if heads is None or not heads.fits(tiles.block_n) else \
-        heads.heads + (0 if heads.kv is None else heads.kv.kv_heads)
-    counted = counters is not None and counters.fits(grid[0] + 1 + head_cells) and (heads is None or head_cells)
-    fold = splits if splits > 1 and counted else 0
-    fused = (norm is not None or heads is not None) and counted
-    count = counters.counter(x.device) if fold or fused else part  # (a placeholder where nothing counts)
-    rn = norm if fused and norm is not None else RowNorm(out, out, 0.0, out, out)  # (placeholders without)
-    norm_args = (rn.residual, rn.weight, rn.scalar if rn.scalar is not None else out,
-                 rn.next_weight if rn.next_weight is not None else out, rn.h, rn.y)
-    hn = heads if fused and heads is not None else HeadNorms(0, 16, out, out, out, rn.eps, out)
-    kv = hn.kv
-    k_cache = out if kv is None else kv.k_cache
-    k_off = hn.heads * hn.head_dim
-    norm_args += (hn.q, hn.q_weight, hn.q_weight if kv is None else kv.k_weight, hn.cos, hn.sin, k_cache,
-                  out if kv is None else kv.v_cache, hn.cos if kv is None else kv.slots)
-    norm_meta = dict(NORM=fused and norm is not None, HAS_SCALAR=rn.scalar is not None,
-                     HAS_NEXT=rn.next_weight is not None, BLOCK_ROW=_pow2(n_out) if fused and norm is not None else 16,
-                     HEAD_NORMS=fused and heads is not None, HEADS=hn.heads, KV_HEADS=0 if kv is None else kv.kv_heads,
-                     D=hn.head_dim, FP8=kv is not None and kv.k_cache.dtype == torch.float8_e4m3fn,
-                     K_EQ_V=kv is None or kv.k_eq_v)
-    strides = (rn.residual.stride(0), rn.h.stride(0), rn.y.stride(0), hn.eps if heads is not None else rn.eps,
-               hn.q.stride(0), hn.q.stride(1) if hn.q.dim() > 1 else 0, hn.cos.stride(0), k_cache.stride(0),
-               k_cache.stride(1) if k_cache.dim() > 1 else 0, k_off,
-               k_off if kv is None or kv.k_eq_v else k_off + kv.kv_heads * hn.head_dim)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if tiles.tma and _descriptor_ready(x, w):
             from triton.tools.tensor_descriptor import TensorDescriptor
@@ -543,37 +372,33 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
             x_desc = TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [MAX_ROWS, block_k])
             w_desc = TensorDescriptor(w, list(w.shape), [w.stride(0), 1], [tiles.block_n, block_k])
             _gemv_tma_kernel[grid](
-                x_desc, w_desc, w, out, part, count, *norm_args, M, n_out, K, k_per_split, w.stride(0), out.stride(0),
-                *strides, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1,
+                x_desc, w_desc, w, out, part, M, n_out, K, k_per_split, w.stride(0), out.stride(0),
+                BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1,
                 IEEE=x.dtype == torch.float32, PDL=on, PREFETCH_K=prefetch_k if prefetch_k >= line else 0, LINE=line,
-                FOLD_SPLITS=fold, **norm_meta, num_warps=tiles.num_warps,
-                num_stages=tiles.num_stages, launch_pdl=on)
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
         else:
             _gemv_kernel[grid](
-                x, w, out, part, count, *norm_args, M, n_out, K, k_per_split, n_out * w.stride(0), x.stride(0),
-                w.stride(0), out.stride(0), *strides, BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up,
-                PARTIAL=splits > 1, EVEN_K=K % block_k == 0, IEEE=x.dtype == torch.float32, PDL=on,
-                PREFETCH_K=prefetch_k if prefetch_k >= line else 0, LINE=line, FOLD_SPLITS=fold, **norm_meta,
+                x, w, out, part, M, n_out, K, k_per_split, n_out * w.stride(0), x.stride(0), w.stride(0), out.stride(0),
+                BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1, EVEN_K=K % block_k == 0,
+                IEEE=x.dtype == torch.float32, PDL=on, PREFETCH_K=prefetch_k if prefetch_k >= line else 0, LINE=line,
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
-        if splits > 1 and not fold:
+        if splits > 1:
             if keep_splits:
                 return SplitSums(part, out.dtype)
             block = min(1024, _pow2(n_out))
             _split_reduce_kernel[(M, triton.cdiv(n_out, block))](
                 part, out, M, n_out, out.stride(0), SPLITS=splits, SPLITS_PAD=_pow2(splits), GATE_UP=gate_up,
                 BLOCK=block, PDL=on, num_warps=4, launch_pdl=on)
-    return fused
+    return None
 
 
 def small_m_linear(x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles | None = None, *,
-                   dependent: bool | None = None, counters: LaunchCounters | None = None,
-                   keep_splits: bool = False) -> torch.Tensor | SplitSums:
+                   dependent: bool | None = None, keep_splits: bool = False) -> torch.Tensor | SplitSums:
     """x [M, K] @ w.T for a weight w [N, K] (an nn.Linear's), M <= 16: [M, N] in x's dtype, as
     `small_m_linear_torch`. `tiles` defaults to `default_tiles("linear", N, K, dtype)`; `dependent`
     launches programmatically dependent (with `tiles.prefetch_k`), None as the `TANDEM_PDL` switch.
-    With `counters` (the call site's, a counter per column block) the K splits are added in the
-    product's launch by each column block's last program, not by a second launch; with
-    `keep_splits` they are returned unadded, as `SplitSums`, for the kernel that reads the product."""
+    With `keep_splits` the K splits are returned unadded, as `SplitSums`, for the kernel that reads
+    the product."""
     _check("small_m_linear", x, w)
     M, K = x.shape
     N = w.shape[0]
@@ -582,42 +407,16 @@ def small_m_linear(x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles | None = N
         return out
     if K == 0:
         return out.zero_()
-    done = _launch(x, w, out, N, tiles or default_tiles("linear", N, K, x.dtype), False, dependent, counters,
+    kept = _launch(x, w, out, N, tiles or default_tiles("linear", N, K, x.dtype), False, dependent,
                    keep_splits=keep_splits)
-    return done or out
-
-
-def small_m_linear_norm(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                        scalar: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
-                        tiles: GemvTiles | None = None, *, dependent: bool | None = None,
-                        counters: LaunchCounters | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`fused.residual_norm(small_m_linear(x, w), residual, weight, eps, scalar, next_weight)`:
-    (h, y), in the product's launch where `counters` (the call site's) hold a counter per column
-    block and one more (the last program to finish runs the rows' norms), else in a second launch."""
-    _check("small_m_linear_norm", x, w)
-    M, K = x.shape
-    N = w.shape[0]
-    if residual.shape != (M, N) or residual.stride(1) != 1 or weight.shape != (N,):
-        raise ValueError(f"small_m_linear_norm takes a residual [{M}, {N}] (unit column stride) and a norm weight "
-                         f"[{N}], got {tuple(residual.shape)} and {tuple(weight.shape)}")
-    if M == 0 or N == 0 or K == 0:
-        return residual_norm(small_m_linear(x, w, tiles, dependent=dependent), residual, weight, eps, scalar,
-                             next_weight)
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    h = torch.empty_like(out)
-    norm = RowNorm(residual, weight, eps, h, torch.empty_like(out) if next_weight is not None else h, scalar,
-                   next_weight)
-    if _launch(x, w, out, N, tiles or default_tiles("linear", N, K, x.dtype), False, dependent, counters, norm):
-        return h, (norm.y if next_weight is not None else None)
-    return residual_norm(out, residual, weight, eps, scalar, next_weight)
+    return kept or out
 
 
 def small_m_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor, tiles: GemvTiles | None = None, *,
-                         dependent: bool | None = None, counters: LaunchCounters | None = None) -> torch.Tensor:
+                         dependent: bool | None = None) -> torch.Tensor:
     """gelu_tanh(x @ gate.T) * (x @ up.T) [M, I] in x's dtype for w_packed [2I, K] (gate rows, then
     up rows), M <= 16, as `small_m_gate_up_gelu_torch`; gate and up in one pass over the weight.
-    `tiles` defaults to `default_tiles("gate_up", 2I, K, dtype)`; `dependent` and `counters` as
-    `small_m_linear`'s."""
+    `tiles` defaults to `default_tiles("gate_up", 2I, K, dtype)`; `dependent` as `small_m_linear`'s."""
     _check("small_m_gate_up_gelu", x, w_packed)
     if w_packed.shape[0] % 2:
         raise ValueError(f"small_m_gate_up_gelu takes gate and up rows packed [2I, K], got {w_packed.shape[0]} rows")
@@ -628,8 +427,7 @@ def small_m_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor, tiles: GemvTil
         return out
     if K == 0:
         return out.zero_()  # gelu(0) * 0
-    _launch(x, w_packed, out, inter, tiles or default_tiles("gate_up", 2 * inter, K, x.dtype), True, dependent,
-            counters)
+    _launch(x, w_packed, out, inter, tiles or default_tiles("gate_up", 2 * inter, K, x.dtype), True, dependent)
     return out
 
 
@@ -644,74 +442,35 @@ def _decode_tiles(kind: str, w: torch.Tensor) -> GemvTiles:
     return replace(tiles, prefetch_k=PREFETCH_K)
 
 
-def decode_linear(x: torch.Tensor, w: torch.Tensor, counters: LaunchCounters | None = None,
-                  norm_next: bool = False) -> torch.Tensor | SplitSums:
-    """x @ w.T: `small_m_linear` where the TANDEM_SMALL_M switch takes x's rows, `F.linear` else;
-    with TANDEM_FOLD_MERGE=1 its K splits added in its launch on the call site's `counters`. With
-    `norm_next` (the caller's next kernel reads `SplitSums`) and TANDEM_SPLITS_IN_NORM=1 the K
+def decode_linear(x: torch.Tensor, w: torch.Tensor, norm_next: bool = False) -> torch.Tensor | SplitSums:
+    """x @ w.T: `small_m_linear` where the TANDEM_SMALL_M switch takes x's rows, `F.linear` else.
+    With `norm_next` (the caller's next kernel reads `SplitSums`) and TANDEM_SPLITS_IN_NORM=1 the K
     splits are left for that kernel to add."""
     if _decode_kernels(x) and x.stride(-1) == 1 and w.stride(-1) == 1:
-        return small_m_linear(x, w, _decode_tiles("linear", w), counters=counters if FOLD_ON else None,
-                              keep_splits=norm_next and SPLITS_IN_NORM_ON)
+        return small_m_linear(x, w, _decode_tiles("linear", w), keep_splits=norm_next and SPLITS_IN_NORM_ON)
     return F.linear(x, w)
 
 
-def small_m_qkv_norm_rope(x: torch.Tensor, w: torch.Tensor, heads: int, head_dim: int, q_weight: torch.Tensor,
-                          cos: torch.Tensor, sin: torch.Tensor, eps: float, kv: KVWrite | None = None,
-                          tiles: GemvTiles | None = None, *, dependent: bool | None = None,
-                          counters: LaunchCounters | None = None) -> torch.Tensor:
-    """`fused.head_norm_rope(small_m_linear(x, w), heads, head_dim, q_weight, cos, sin, eps, kv)`:
-    q [M, heads, head_dim] (K and V into `kv`'s cache), in the product's launch where `counters`
-    (the call site's) hold a counter per column block, one more and one per head and a head's
-    columns are whole column blocks; else in a second launch."""
-    _check("small_m_qkv_norm_rope", x, w)
-    M, K = x.shape
-    N = w.shape[0]
-    tiles = tiles or default_tiles("linear", N, K, x.dtype)
-    if not (M and N and K):
-        return head_norm_rope(small_m_linear(x, w, tiles, dependent=dependent), heads, head_dim, q_weight, cos, sin,
-                              eps, kv)
-    q = torch.empty((M, heads, head_dim), dtype=x.dtype, device=x.device)
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if _launch(x, w, out, N, tiles, False, dependent, counters,
-               heads=HeadNorms(heads, head_dim, q_weight, cos, sin, eps, q, kv)):
-        return q
-    return head_norm_rope(out, heads, head_dim, q_weight, cos, sin, eps, kv)
+def decode_qkv_norm_rope(x: torch.Tensor, w: torch.Tensor, heads: int, head_dim: int, q_weight: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor, eps: float, kv: KVWrite | None = None) -> torch.Tensor:
+    """`head_norm_rope(decode_linear(x, w), ...)`: with TANDEM_SPLITS_IN_NORM=1 the product's K
+    splits added in the norms' launch."""
+    return head_norm_rope(decode_linear(x, w, norm_next=True), heads, head_dim, q_weight, cos, sin, eps, kv)
 
 
-def decode_qkv_norm_rope(x: torch.Tensor, w: torch.Tensor, counters: LaunchCounters | None, heads: int,
-                         head_dim: int, q_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
-                         kv: KVWrite | None = None) -> torch.Tensor:
-    """`head_norm_rope(decode_linear(x, w), ...)`: with TANDEM_FOLD_MERGE=1 where the small-M
-    products take x's rows, in the product's launch (`small_m_qkv_norm_rope`); with
-    TANDEM_SPLITS_IN_NORM=1 the product's K splits added in the norms' launch."""
-    if FOLD_ON and counters is not None and _decode_kernels(x) and x.stride(-1) == 1 and w.stride(-1) == 1:
-        return small_m_qkv_norm_rope(x, w, heads, head_dim, q_weight, cos, sin, eps, kv, _decode_tiles("linear", w),
-                                     counters=counters)
-    return head_norm_rope(decode_linear(x, w, counters, norm_next=True), heads, head_dim, q_weight, cos, sin, eps, kv)
-
-
-def decode_linear_norm(x: torch.Tensor, w: torch.Tensor, counters: LaunchCounters | None, residual: torch.Tensor,
-                       weight: torch.Tensor, eps: float, scalar: torch.Tensor | None = None,
+def decode_linear_norm(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       scalar: torch.Tensor | None = None,
                        next_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`residual_norm(decode_linear(x, w), residual, weight, eps, scalar, next_weight)`: with
-    TANDEM_FOLD_MERGE=1 where the small-M products take x's rows, in the product's launch
-    (`small_m_linear_norm`, on the call site's `counters`); with TANDEM_SPLITS_IN_NORM=1 the
-    product's K splits added in the norm's launch."""
-    if FOLD_ON and counters is not None and _decode_kernels(x) and x.stride(-1) == 1 and w.stride(-1) == 1:
-        return small_m_linear_norm(x, w, residual, weight, eps, scalar, next_weight, _decode_tiles("linear", w),
-                                   counters=counters)
-    return residual_norm(decode_linear(x, w, counters, norm_next=True), residual, weight, eps, scalar, next_weight)
+    TANDEM_SPLITS_IN_NORM=1 the product's K splits added in the norm's launch."""
+    return residual_norm(decode_linear(x, w, norm_next=True), residual, weight, eps, scalar, next_weight)
 
 
-def decode_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor,
-                        counters: LaunchCounters | None = None) -> torch.Tensor:
+def decode_gate_up_gelu(x: torch.Tensor, w_packed: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(gate) * up of the packed gate|up weight: `small_m_gate_up_gelu` where the
-    TANDEM_SMALL_M switch takes x's rows, else `F.linear` then the fused `gelu_mul`; `counters` as
-    `decode_linear`'s."""
+    TANDEM_SMALL_M switch takes x's rows, else `F.linear` then the fused `gelu_mul`."""
     if _decode_kernels(x) and x.stride(-1) == 1 and w_packed.stride(-1) == 1:
-        return small_m_gate_up_gelu(x, w_packed, _decode_tiles("gate_up", w_packed),
-                                    counters=counters if FOLD_ON else None)
+        return small_m_gate_up_gelu(x, w_packed, _decode_tiles("gate_up", w_packed))
     both = F.linear(x, w_packed)
     inter = w_packed.shape[0] // 2
     return gelu_mul(both[:, :inter], both[:, inter:])

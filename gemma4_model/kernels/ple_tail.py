@@ -69,7 +69,7 @@ def _ple_gate_kernel(m_ptr, h_ptr, w_ff_ptr, wg_ptr, ple_ptr, x_ptr, g_ptr, K, G
     w = tl.load(wg_ptr + offs_g.to(tl.int64)[:, None] * stride_wg + offs_k[None, :],
                 mask=g_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # weights: before the wait
     _pdl_wait(PDL)
-    m = _load_row(m_ptr + row * stride_m, offs_k, k_ok, stride_split, SPLITS, SPLITS_PAD, False, dt)
+    m = _load_row(m_ptr + row * stride_m, offs_k, k_ok, stride_split, SPLITS, SPLITS_PAD, dt)
     n = m * tl.rsqrt(tl.sum(m * m, axis=0) / K + eps) * tl.load(w_ff_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
     x = _round(tl.load(h_ptr + row * stride_h + offs_k, mask=k_ok, other=0.0).to(tl.float32) + _round(n, dt), dt)
     if block == 0:
