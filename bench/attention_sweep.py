@@ -38,7 +38,6 @@ from gemma4_model.batch import ForwardBatch, GroupView  # noqa: E402
 from gemma4_model.config import parse_config  # noqa: E402
 from gemma4_model.kernels.paged_attention import (  # noqa: E402
     DECODE_TILES, MAX_SPLITS, NO_WINDOW, DecodeTiles, default_num_splits, paged_attention_triton)
-from gemma4_model.kernels.counters import LaunchCounters  # noqa: E402
 from gemma4_model.kv_cache import KVGroup  # noqa: E402
 from gemma4_model.page_pool import PagePool  # noqa: E402
 from topology.config import KV_CACHE_DTYPES  # noqa: E402
@@ -105,8 +104,6 @@ def main() -> None:
     ap.add_argument("--kv-dtype", default="auto", choices=sorted(KV_CACHE_DTYPES), help="K/V storage (auto: bf16)")
     ap.add_argument("--tma-stages", default="0,2", help="pure decode pages read by TMA, this many in flight (0: off)")
     ap.add_argument("--block-dvs", default="0", help="head-dim columns of V per program to try (0: the whole head dim)")
-    ap.add_argument("--fold-merge", default="0", help="splits merged in the attention launch (1), by a second "
-                    "launch (0), or both")
     ap.add_argument("--fp16-products", default="1", help="over an fp8 cache, products in float16 (1), in bf16 (0), or both")
     ap.add_argument("--stages", default="1,2,3")
     ap.add_argument("--reps", type=int, default=20, help="graph replays timed (the median is kept)")
@@ -121,13 +118,11 @@ def main() -> None:
     kv_dtype = getattr(torch, KV_CACHE_DTYPES[args.kv_dtype] or "bfloat16")
     fp16 = [bool(x) for x in ints(args.fp16_products)] if kv_dtype.itemsize == 1 else [DECODE_TILES.fp8_products_in_fp16]
     variants = [(DecodeTiles(w, s, p, n, k, g, block_dk=dk, block_dv=dv, fp8_products_in_fp16=f, tma_stages=t,
-                             tma_min_sequences=1, fold_merge=bool(fold)), splits)  # each on its own kernel at any batch
-                for w, s, p, n, dk, k, g, splits, f, dv, t, fold in
+                             tma_min_sequences=1), splits)  # each variant on its own kernel at any batch
+                for w, s, p, n, dk, k, g, splits, f, dv, t in
                 itertools.product(ints(args.warps), ints(args.stages), prefetch_v, ints(args.block_ns),
                                   ints(args.block_dks), ints(args.split_keys), ints(args.split_programs),
-                                  ints(args.num_splits), fp16, ints(args.block_dvs), ints(args.tma_stages),
-                                  ints(args.fold_merge))]
-    counters = LaunchCounters()  # for the variants that fold the merge
+                                  ints(args.num_splits), fp16, ints(args.block_dvs), ints(args.tma_stages))]
     records = []
     for model in args.models.split(","):
         for layer, (heads, kv_heads, head_dim, window) in layer_shapes(model).items():
@@ -140,8 +135,7 @@ def main() -> None:
                 timings = []
                 for tiles, splits in variants:
                     try:
-                        got = paged_attention_triton(q, group, 0, fb, "bench", num_splits=splits, tiles=tiles,
-                                                     counters=counters)
+                        got = paged_attention_triton(q, group, 0, fb, "bench", num_splits=splits, tiles=tiles)
                     except OutOfResources as e:  # e.g. large pages' TMA stages past shared memory
                         timings.append({**tiles.__dict__, "num_splits": splits, "skipped": str(e)})
                         continue
@@ -149,14 +143,13 @@ def main() -> None:
                     if err > 2e-2:
                         raise SystemExit(f"{model} {layer} b{batch} c{context} {tiles}: rel err {err:.3g}")
                     call = functools.partial(paged_attention_triton, q, group, 0, fb, "bench", num_splits=splits,
-                                             tiles=tiles, counters=counters)
+                                             tiles=tiles)
                     us = graph_us([call] * args.calls, args.reps, stream)
                     timings.append({**tiles.__dict__, "num_splits": splits, "us": round(us, 2),
                                     "gbps": round(floor_bytes / us / 1e3, 1)})
                 best = min((t for t in timings if "us" in t), key=lambda t: t["us"])
                 # the default launch at this batch (its split count and kernel chosen by batch size)
-                default_call = functools.partial(paged_attention_triton, q, group, 0, fb, "bench",
-                                                 counters=counters)
+                default_call = functools.partial(paged_attention_triton, q, group, 0, fb, "bench")
                 default_us = graph_us([default_call] * args.calls, args.reps, stream)
                 splits = default_num_splits(fb, kv_heads, 16, q.device, DECODE_TILES, window or NO_WINDOW)
                 default = {**DECODE_TILES.__dict__, "tma": DECODE_TILES.use_tma(batch, head_dim, splits),
@@ -172,8 +165,7 @@ def main() -> None:
                       f"default {default['us']:7.1f} (x{default['num_splits']})  best {best['us']:7.1f} "
                       f"(w{best['num_warps']} s{best['num_stages']} pv{int(best['prefetch_v'])} "
                       f"n{best['block_n']} dk{best['block_dk']} k{best['split_keys']} x{best['num_splits']} g{best['split_programs']}"
-                      f" dv{best['block_dv']} f16 {int(best['fp8_products_in_fp16'])} tma{best['tma_stages']}"
-                      f" fold{int(best['fold_merge'])})",
+                      f" dv{best['block_dv']} f16 {int(best['fp8_products_in_fp16'])} tma{best['tma_stages']})",
                       flush=True)
                 del q, group, fb
                 write(args, records)  # after every case: a run stopped at its time limit keeps what it measured

@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "dtype": str(dtype),
         "context": args.context, "copy_bandwidth_gbps": round(bandwidth, 1), "dependent_launch": PDL_ON,
         "tma_stages": DECODE_TILES.tma_stages, "programs_per_sm": DECODE_TILES.programs_per_sm,
-        "split_keys": DECODE_TILES.split_keys, "max_splits": MAX_SPLITS, "fold_attention": DECODE_TILES.fold_merge,
+        "split_keys": DECODE_TILES.split_keys, "max_splits": MAX_SPLITS,
         "small_m_products": SMALL_M_ON, "gemv_prefetch_k": PREFETCH_K, "gemv_tma": TMA_ON,
         "splits_in_norm": SPLITS_IN_NORM_ON,
         "timing": "wall clock of Engine.step between device synchronisations (batch build, forward, sampling); "

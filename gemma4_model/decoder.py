@@ -20,7 +20,6 @@ from .batch import ForwardBatch
 from .config import LayerSpec, TextConfig
 from .kernels.fused import KVWrite, gelu_mul, head_norm_rope, ple_combine, ple_combine_torch, residual_norm
 from .kernels.gemv import decode_gate_up_gelu, decode_linear, decode_linear_norm, decode_qkv_norm_rope
-from .kernels.counters import LaunchCounters
 from .kernels.l2_prefetch import WeightPrefetch
 from .kernels.ple_tail import PleTail
 from .kernels.moe import moe_combine, moe_combine_tail, moe_expert_rows, moe_route
@@ -55,7 +54,6 @@ class Attention(nn.Module):
             self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
         self._qkv: torch.Tensor | None = None  # q|k|v rows, once packed
-        self.counters = LaunchCounters()  # for its launches that finish their own splits (kernels.counters)
 
     def packed_qkv(self) -> torch.Tensor:
         """One weight of q|k|v rows, q_proj/k_proj/v_proj made views of it (packed again if a
@@ -95,8 +93,7 @@ class Attention(nn.Module):
             qkv = decode_linear(y, self.input_weight())
             after_qkv()
             q = head_norm_rope(qkv, self.heads, spec.head_dim, self.q_norm.weight, cos, sin, eps, kv)
-        out = paged_attention_triton(q, group, slot, batch, spec.layer_type, self.span_mode,
-                                     counters=self.counters)
+        out = paged_attention_triton(q, group, slot, batch, spec.layer_type, self.span_mode)
         return out.reshape(y.shape[0], -1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
@@ -110,11 +107,8 @@ class Attention(nn.Module):
             raw_v = raw_k if self.v_proj is None else self.v_proj(x).view(T, spec.num_kv_heads, spec.head_dim)
             k = apply_rope(self.k_norm(raw_k), cos, sin)
             write_kv(group, slot, batch.groups[spec.layer_type].write_slots, k, self.v_norm(raw_v))
-        if self.kernels:
-            out = paged_attention_triton(q, group, slot, batch, spec.layer_type, self.span_mode,
-                                         counters=self.counters)
-        else:
-            out = paged_attention(q, group, slot, batch, spec.layer_type, self.span_mode)
+        attend = paged_attention_triton if self.kernels else paged_attention
+        out = attend(q, group, slot, batch, spec.layer_type, self.span_mode)
         return self.o_proj(out.reshape(T, -1))
 
 

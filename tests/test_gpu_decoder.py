@@ -4,8 +4,6 @@ Marked `gpu`: skipped on CPU-only machines with a reason; run through the device
 `python -m pytest -q -m gpu`.
 """
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -59,22 +57,20 @@ def test_cuda_bfloat16_default_model_answers_like_float32_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dependent,prefetch_k,tma,fold,splits", [
-    (False, 0, False, False, False), (True, 0, False, False, False), (True, 2048, False, False, False),
-    (False, 0, True, False, False), (False, 0, True, True, False), (True, 0, False, True, False),
-    (True, 0, True, False, True)])
-def test_cuda_small_m_products_answer_like_cublas(monkeypatch, dependent, prefetch_k, tma, fold, splits):
+@pytest.mark.parametrize("dependent,prefetch_k,tma,splits", [
+    (False, 0, False, False), (True, 0, False, False), (True, 2048, False, False), (False, 0, True, False),
+    (True, 0, True, True)])
+def test_cuda_small_m_products_answer_like_cublas(monkeypatch, dependent, prefetch_k, tma, splits):
     """The decoder's products through `kernels.gemv` (TANDEM_SMALL_M), plain or dependent launches
     with the L2 prefetch (TANDEM_PDL, TANDEM_GEMV_PREFETCH_K) or tensor-descriptor loads
-    (TANDEM_GEMV_TMA), attention's splits merged in its launch (TANDEM_FOLD_ATTENTION), or the
-    products' K splits added by the norms after them (TANDEM_SPLITS_IN_NORM), CUDA graphs on: the
-    trained model's answers that cuBLAS's products get right come out the same."""
+    (TANDEM_GEMV_TMA), or their K splits added by the norms after them (TANDEM_SPLITS_IN_NORM),
+    CUDA graphs on: the trained model's answers that cuBLAS's products get right come out the same."""
     from transformers import AutoTokenizer
 
     from default_model import CHECKPOINT
     from default_model.formatting import Renderer, answer_text
     from default_model.tasks import make_set
-    from gemma4_model.kernels import fused, gemv, paged_attention
+    from gemma4_model.kernels import fused, gemv
 
     tok = AutoTokenizer.from_pretrained(CHECKPOINT)
     instances = make_set(11, 12, heldout=True, kinds=("add", "copy", "reverse", "json"))
@@ -87,8 +83,6 @@ def test_cuda_small_m_products_answer_like_cublas(monkeypatch, dependent, prefet
         monkeypatch.setattr(gemv, "TMA_ON", tma and small_m)
         monkeypatch.setattr(fused, "PDL_ON", dependent and small_m)
         monkeypatch.setattr(gemv, "SPLITS_IN_NORM_ON", splits and small_m)
-        monkeypatch.setattr(paged_attention, "DECODE_TILES",
-                            dataclasses.replace(paged_attention.DECODE_TILES, fold_merge=fold and small_m))
         config, model = load_text_decoder(CHECKPOINT, device="cuda", dtype=torch.bfloat16)
         model.set_kernels(True)
         cache = PagedKVCache(config.text, page_size=16, num_pages=256, device="cuda", dtype=torch.bfloat16)

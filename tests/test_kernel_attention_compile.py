@@ -19,7 +19,7 @@ from triton.compiler import ASTSource
 from gemma4_model.kernels import l2_prefetch, paged_attention as pa
 
 INT32_PTRS = {"tables_ptr", "positions_ptr", "schedule_ptr", "query_starts_ptr", "kv_lens_ptr", "chunk_starts_ptr",
-              "span_offsets_ptr", "span_lens_ptr", "spans_ptr", "count_ptr"}
+              "span_offsets_ptr", "span_lens_ptr", "spans_ptr"}
 
 def signature(fn, constexprs, kv="*bf16"):
     types = {}
@@ -47,14 +47,14 @@ def build(fn, constexprs, kv="*bf16", warps=4, stages=2):
     return [len(compiled.asm["cubin"]), "mma" in ptx and (not constexprs["PDL"] or "griddepcontrol.wait" in ptx)]
 
 def attention(head_dim, block_m, block_n, splits, programs, span_mode=0, split_keys=64, pdl=False, prefetch_v=False,
-              fp16=False, fold=False):
+              fp16=False):
     d_pad = max(16, triton.next_power_of_2(head_dim))
     block_dk = min(d_pad, 256)
     block_dv = d_pad if block_m <= 16 else min(d_pad, 256)
     return dict(HEAD_DIM=head_dim, REP=2, REP_PAD=2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
                 NUM_DK=d_pad // block_dk, BLOCK_DV=block_dv, NUM_DV=d_pad // block_dv, PAGE=16, SPAN_MODE=span_mode,
                 NUM_SPLITS=splits, SPLIT_KEYS=split_keys, SPLIT_PROGRAMS=programs, IEEE=False, PREFETCH_V=prefetch_v,
-                PDL=pdl, MMA_FP16=fp16, FOLD=fold)
+                PDL=pdl, MMA_FP16=fp16)
 
 built = {
     "decode-256": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 16)),
@@ -64,10 +64,6 @@ built = {
     "decode-256-programs4": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 4, split_keys=256)),
     "decode-256-pdl": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 16, pdl=True)),
     "decode-512-programs4": build(pa._paged_attention_kernel, attention(512, 16, 32, 16, 4)),
-    # the splits merged by the last program (DecodeTiles.fold_merge): an acquire-release count, loads past L1
-    "decode-256-fold": build(pa._paged_attention_kernel, attention(256, 16, 32, 16, 16, prefetch_v=True, fold=True),
-                             stages=1),
-    "decode-512-fold-programs4": build(pa._paged_attention_kernel, attention(512, 16, 32, 16, 4, fold=True)),
     "decode-256-fp8": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 4), kv="*fp8e4nv"),
     "decode-256-fp8-fp16": build(pa._paged_attention_kernel, attention(256, 16, 32, 16, 16, prefetch_v=True, fp16=True),
                                  kv="*fp8e4nv", stages=1),
@@ -104,7 +100,7 @@ print(json.dumps(built))
 @pytest.mark.skipif(not _ptxas(), reason="this Triton build ships no ptxas to compile for sm_90 with")
 def test_attention_and_prefetch_kernels_compile_for_sm90():
     built = compile_in_subprocess(SCRIPT)
-    assert len(built) == 18
+    assert len(built) == 16
     # tensor cores (attention); the prefetch's L2 loads; the dependent-launch instructions (PDL variants)
     assert all(size > 1000 and ok for size, ok in built.values()), built
 
@@ -138,12 +134,12 @@ from triton.compiler import ASTSource
 from bench.attention_registers import ptxas_usage
 from gemma4_model.kernels.paged_attention import _paged_decode_tma_kernel as kernel
 
-INT32 = {"tables_ptr", "positions_ptr", "schedule_ptr", "query_starts_ptr", "kv_lens_ptr", "count_ptr"}
+INT32 = {"tables_ptr", "positions_ptr", "schedule_ptr", "query_starts_ptr", "kv_lens_ptr"}
 ALIGNED = {"q_ptr", "out_ptr", "part_ptr", "lse_ptr", "stride_qt", "stride_qh", "stride_ot", "stride_oh", "num_heads"}
 
-def build(kv, fp16, head_dim=256, fold=False):
+def build(kv, fp16, head_dim=256):
     const = dict(HEAD_DIM=head_dim, BOX_D=min(head_dim, 256), REP=2, REP_PAD=2, BLOCK_M=16, PAGE=16, NUM_SPLITS=16,
-                 SPLIT_KEYS=64, IEEE=False, PDL=False, MMA_FP16=fp16, FOLD=fold)
+                 SPLIT_KEYS=64, IEEE=False, PDL=False, MMA_FP16=fp16)
     types = {a: "constexpr" if a in const else "*i32" if a in INT32 else "*fp32" if a in ("part_ptr", "lse_ptr")
              else f"tensordesc<{kv}[16,256]>" if a.endswith("_desc") else "*bf16" if a.endswith("_ptr") else "i32"
              for a in kernel.arg_names}
@@ -151,11 +147,10 @@ def build(kv, fp16, head_dim=256, fold=False):
     compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=const, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     ptx = compiled.asm["ptx"]
-    return {"tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "mma": "mma" in ptx,
-            "acq_rel_count": bool(re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)), **ptxas_usage(ptx)}
+    return {"tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "mma": "mma" in ptx, **ptxas_usage(ptx)}
 
 print(json.dumps({"bf16": build("bf16", False), "fp8": build("fp8e4nv", False), "fp8-fp16": build("fp8e4nv", True),
-                  "bf16-512": build("bf16", False, 512), "bf16-512-fold": build("bf16", False, 512, fold=True)}))
+                  "bf16-512": build("bf16", False, 512)}))
 """
 
 
@@ -170,6 +165,3 @@ def test_tma_decode_kernel_compiles_to_pipelined_tensor_loads():
         assert variant["tma_loads"] > 2 and variant["mma"], got
         assert variant["spill_store_bytes"] == 0 and (variant["registers"] < 162 or name.startswith("bf16-512")), got
     assert got["bf16-512"]["tma_loads"] > got["bf16"]["tma_loads"] and got["bf16-512"]["registers"] < 255, got
-    # the folded merge (DecodeTiles.fold_merge): the count an acquire-release atomic, still within the register file
-    assert got["bf16-512-fold"]["acq_rel_count"] and not got["bf16-512"]["acq_rel_count"], got
-    assert got["bf16-512-fold"]["registers"] < 255, got

@@ -15,7 +15,6 @@ from gemma4_model.batch import ForwardBatch, GroupView
 from gemma4_model.kernels import paged_attention as attention_kernels
 from gemma4_model.kernels.paged_attention import (
     DECODE_TILES, FIXED_SPLITS, MAX_SPLITS, DecodeTiles, decode_splits, default_num_splits, paged_attention_triton)
-from gemma4_model.kernels.counters import LaunchCounters
 from gemma4_model.kv_cache import NO_PAGE, KVGroup
 from gemma4_model.page_pool import PagePool
 
@@ -227,12 +226,10 @@ def test_decode_tiles_from_the_environment():
     import sys
 
     script = ("from gemma4_model.kernels.paged_attention import DECODE_TILES as t; "
-              "print(t.tma_stages, t.programs_per_sm, int(t.fold_merge))")
-    names = ("TANDEM_TMA_STAGES", "TANDEM_DECODE_PROGRAMS_PER_SM", "TANDEM_FOLD_ATTENTION")
+              "print(t.tma_stages, t.programs_per_sm)")
+    names = ("TANDEM_TMA_STAGES", "TANDEM_DECODE_PROGRAMS_PER_SM")
     base = DecodeTiles()
-    for env, want in (({names[0]: "3", names[1]: "0", names[2]: "1"}, "3 0 1"),
-                      ({names[2]: "0"}, f"{base.tma_stages} {base.programs_per_sm} 0"),
-                      ({}, f"{base.tma_stages} {base.programs_per_sm} {int(base.fold_merge)}")):
+    for env, want in (({names[0]: "3", names[1]: "0"}, "3 0"), ({}, f"{base.tma_stages} {base.programs_per_sm}")):
         environ = {k: v for k, v in os.environ.items() if k not in names} | env
         done = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, check=True)
         assert done.stdout.strip() == want
@@ -292,51 +289,6 @@ def test_v_head_dim_over_programs_gives_the_default_result():
     for block_dv in (8, 24):
         with pytest.raises(ValueError, match="block_dv"):
             DecodeTiles(block_dv=block_dv)
-
-
-FOLDED = [DecodeTiles(fold_merge=True, tma_stages=0), DecodeTiles(fold_merge=True, tma_stages=0, split_programs=3),
-          DecodeTiles(fold_merge=True, tma_stages=0, block_dv=16),
-          DecodeTiles(fold_merge=True, tma_stages=3, tma_min_sequences=1)]
-
-
-@pytest.mark.parametrize("tiles", FOLDED, ids=["gather", "programs3", "dv16", "tma"])
-def test_split_merge_folded_into_the_attention_launch(tiles, monkeypatch):
-    """`DecodeTiles.fold_merge` with the call site's counters: the last program of each (sequence,
-    KV head) merges the splits (no second launch), as the merge kernel does up to summation order;
-    every launch leaves the counters zero, so a second call (a graph's next replay) agrees."""
-    seqs = [Seq(150, 1), Seq(3, 1), Seq(70, 1)]  # three splits, one, two (of 64 keys)
-    if not tiles.tma_stages:  # and a verify run (4 rows in a program's tile)
-        seqs.append(Seq(40, 4))
-    q, group, batch = make_case(seqs, heads=4, kv_heads=2, head_dim=32, page=16, window=100)
-    want = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16,
-                                  tiles=replace(tiles, fold_merge=False))
-    torch.testing.assert_close(want, paged_attention(q, group, 0, batch, LAYER, "none"), atol=2e-5, rtol=1e-4)
-    counters = LaunchCounters()
-    with monkeypatch.context() as patch:
-        patch.setattr(attention_kernels, "_merge_splits_kernel", None)  # no second launch
-        for _ in range(2):
-            got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16, tiles=tiles,
-                                         counters=counters)
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-            assert not counters.counter(q.device).any(), "every launch leaves its counters at zero"
-    assert list(counters.counters) == [q.device]
-
-
-def test_split_merge_stays_a_second_launch_without_counters_or_room():
-    """Without counters, with one split, or with fewer counters than (row block, KV head) cells,
-    the folding tiles merge in the second launch and never touch the counters."""
-    q, group, batch = make_case([Seq(140, 1), Seq(40, 1), Seq(5, 1)], heads=4, kv_heads=2, head_dim=32, page=16)
-    tiles = DecodeTiles(fold_merge=True, tma_stages=0)
-    want = paged_attention(q, group, 0, batch, LAYER, "none")
-    counters = LaunchCounters()
-    for kwargs in (dict(num_splits=16), dict(num_splits=1, counters=counters)):
-        got = paged_attention_triton(q, group, 0, batch, LAYER, "none", tiles=tiles, **kwargs)
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-    assert not counters.counters
-    few = LaunchCounters(5)  # 3 sequences x 2 KV heads
-    got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16, tiles=tiles, counters=few)
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-    assert not few.counters
 
 
 def test_splits_past_a_rows_keys_store_nothing_the_merge_reads(monkeypatch):
@@ -504,31 +456,6 @@ def test_gpu_tma_decode_up_to_8k(model, layer, batch_size):
     seqs = [Seq(n, 1) for n in [8191, *lens[1:]]]
     for splits in (None, 1):
         gpu_check(seqs, spec["heads"], kv_heads, head_dim, window, num_splits=splits, tiles=DecodeTiles(tma_stages=3))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("model", ["e4b", "31b"])
-@pytest.mark.parametrize("layer", ["sliding", "full"])
-@pytest.mark.parametrize("batch_size", [1, 8, 96])
-def test_gpu_folded_split_merge_up_to_8k(model, layer, batch_size):
-    """`DecodeTiles.fold_merge` in both kernels (the gathering one, and TMA pages), against the
-    float32 twin and the merge kernel's result, with the counters left zero after each launch."""
-    spec = {"e4b": E4B, "31b": G31B}[model]
-    kv_heads, head_dim, window = spec[layer]
-    lens = torch.randint(1, 8192, (batch_size,), generator=torch.Generator().manual_seed(batch_size)).tolist()
-    seqs = [Seq(n, 1) for n in [8191, *lens[1:]]]
-    q, group, batch = make_case(seqs, heads=spec["heads"], kv_heads=kv_heads, head_dim=head_dim, page=16,
-                                window=window, dtype=torch.bfloat16, device="cuda", q_scale=head_dim**-0.5)
-    want = twin_fp32(q, group, batch, "none")
-    counters = LaunchCounters()
-    for tma in (0, 2):
-        tiles = DecodeTiles(tma_stages=tma, tma_min_sequences=1, fold_merge=True)
-        merged = paged_attention_triton(q, group, 0, batch, LAYER, "none", tiles=replace(tiles, fold_merge=False))
-        for _ in range(3):
-            got = paged_attention_triton(q, group, 0, batch, LAYER, "none", tiles=tiles, counters=counters)
-            assert_bf16_close(got, want)
-            assert (got.float() - merged.float()).abs().max().item() <= 2 ** -6  # an output rounding apart
-            assert not counters.counter(q.device).any()
 
 
 @pytest.mark.gpu

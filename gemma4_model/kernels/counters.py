@@ -5,22 +5,14 @@ same launch, not in a second one: each program stores its part, counts itself do
 with an acquire-release atomic (after a barrier: the block's stores are visible to whoever counts
 last), and the program that counts last reads the parts back past L1, writes the result and sets
 the counter back to zero, so the next launch (and a captured CUDA graph's next replay) starts
-from zero. `kernels.ple_tail` and the flash-decoding merge of `kernels.paged_attention` count
-this way.
+from zero. `kernels.ple_tail` counts this way.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
-
-# TANDEM_FOLD_ATTENTION=1: the flash-decoding splits merge in the attention launch
-# (`DecodeTiles.fold_merge`; on an H200 an E4B batch-1 step took 4.32 ms with it against 4.16
-# without: bench/results/decode_step_e4b_*_h200_7886058.json). Read once, at import (a benchmark
-# runs each setting in its own process); off until measured to win.
-FOLD_ATTENTION_ON = os.environ.get("TANDEM_FOLD_ATTENTION", "0") == "1"
 
 
 @dataclass
@@ -38,7 +30,3 @@ class LaunchCounters:
         if found is None:
             found = self.counters[device] = torch.zeros(self.size, dtype=torch.int32, device=device)
         return found
-
-    def fits(self, cells: int) -> bool:
-        """Whether a launch counting on `cells` counters finds them here."""
-        return cells <= self.size

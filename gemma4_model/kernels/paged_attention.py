@@ -12,8 +12,7 @@ Head dims up to 512: scores are summed over head-dim chunks of at most 256, and 
 tiles the output is split into head-dim slices over programs (each recomputes the scores) so the
 accumulator stays in registers. For decode-only batches with few programs per SM the keys of each
 sequence are split over `num_splits` programs (flash decoding) and a second kernel merges their
-partial results by their log-sum-exp, or (`DecodeTiles.fold_merge`, with the caller's
-`LaunchCounters`) the last of a row block's programs merges them in the same launch.
+partial results by their log-sum-exp.
 
 The schedule and every length live in int32 tensors (`ForwardBatch.layout`): a decode step of
 fixed batch size launches the same grid whatever its sequences' lengths.
@@ -32,7 +31,6 @@ import triton.language as tl
 
 from ..batch import ForwardBatch
 from ..kv_cache import KVGroup
-from .counters import FOLD_ATTENTION_ON, LaunchCounters
 from .fused import _pdl_release, _pdl_wait, pdl, tma_capable
 
 SPAN_MODES = {"none": 0, "windowed": 1, "override": 2}
@@ -94,11 +92,6 @@ class DecodeTiles:
     # over an fp8 (e4m3) cache with 16-bit queries (any tile): the products in float16 (e4m3 -> float16 is one
     # exact conversion a pair; bfloat16 takes a second), or in the queries' dtype (False, until measured)
     fp8_products_in_fp16: bool = False
-    # flash-decoding splits merged inside the attention launch: each program counts itself done on its
-    # (row block, KV head) counter and the last one merges the splits' partial results
-    # (`_fold_merge`), where the caller gives counters (`LaunchCounters`); off, `_merge_splits_kernel`
-    # merges them in a second launch
-    fold_merge: bool = False
 
     def __post_init__(self):
         if self.block_dk and (self.block_dk < 16 or self.block_dk & (self.block_dk - 1) or self.block_dk > 256):
@@ -132,16 +125,12 @@ class DecodeTiles:
 
 
 def _tiles_from_environment() -> DecodeTiles:
-    """The default tiles, where TANDEM_TMA_STAGES=N (0: the gathering kernel at every batch),
-    TANDEM_DECODE_PROGRAMS_PER_SM=N (0: FIXED_SPLITS at every batch) and TANDEM_FOLD_ATTENTION=1 (the
-    splits merged in the attention launch) override theirs: read once, at import, so a benchmark
-    can run the earlier launches beside the new ones."""
+    """The default tiles, where TANDEM_TMA_STAGES=N (0: the gathering kernel at every batch) and
+    TANDEM_DECODE_PROGRAMS_PER_SM=N (0: FIXED_SPLITS at every batch) override theirs: read once, at
+    import, so a benchmark can run the earlier launches beside the new ones."""
     base = DecodeTiles()
     return DecodeTiles(tma_stages=int(os.environ.get("TANDEM_TMA_STAGES", base.tma_stages)),
-                       programs_per_sm=int(os.environ.get("TANDEM_DECODE_PROGRAMS_PER_SM", base.programs_per_sm)),
-                       fold_merge=FOLD_ATTENTION_ON)
-
-
+                       programs_per_sm=int(os.environ.get("TANDEM_DECODE_PROGRAMS_PER_SM", base.programs_per_sm)))
 
 
 DECODE_TILES = _tiles_from_environment()
@@ -187,7 +176,7 @@ def _program_rows(pid, kv_head, schedule_ptr, num_programs, query_starts_ptr, kv
 def _paged_attention_kernel(
     q_ptr, out_ptr, k_ptr, v_ptr, tables_ptr, positions_ptr, schedule_ptr,
     query_starts_ptr, kv_lens_ptr, chunk_starts_ptr, span_offsets_ptr, span_lens_ptr, spans_ptr,
-    part_ptr, lse_ptr, count_ptr,
+    part_ptr, lse_ptr,
     num_programs, num_rows, num_heads, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_table,
@@ -195,7 +184,7 @@ def _paged_attention_kernel(
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
     PAGE: tl.constexpr, SPAN_MODE: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_KEYS: tl.constexpr,
     SPLIT_PROGRAMS: tl.constexpr, IEEE: tl.constexpr, PREFETCH_V: tl.constexpr, PDL: tl.constexpr,
-    MMA_FP16: tl.constexpr, FOLD: tl.constexpr,
+    MMA_FP16: tl.constexpr,
 ):
     _pdl_release(PDL)
     _pdl_wait(PDL)
@@ -245,10 +234,6 @@ def _paged_attention_kernel(
                           lse_ptr, num_rows, num_heads, stride_ot, stride_oh, stride_kp, stride_ks, stride_kh,
                           stride_vp, stride_vs, stride_vh, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DK, NUM_DK, BLOCK_DV, PAGE,
                           SPAN_MODE, NUM_SPLITS, IEEE, PREFETCH_V, MMA_FP16)
-    if FOLD:  # a counter per (row block, KV head), shared by its head-dim slices' and splits' programs
-        _fold_merge(count_ptr + pid * (tl.num_programs(1) // NUM_DV) + kv_head, NUM_DV * SPLIT_PROGRAMS, part_ptr,
-                    lse_ptr, out_ptr, rows, heads, row_ok, num_rows, num_heads, stride_ot, stride_oh, HEAD_DIM,
-                    BLOCK_DV * NUM_DV, NUM_SPLITS, BLOCK_M)
 
 
 @triton.jit
@@ -332,11 +317,11 @@ def _attend_split(split, lo, hi, per_split, q_tile, q_rows, rows, heads, row_ok,
                                             "kv_lens_ptr"])
 def _paged_decode_tma_kernel(
     q_ptr, out_ptr, k_desc, v_desc, tables_ptr, positions_ptr, schedule_ptr, query_starts_ptr, kv_lens_ptr,
-    part_ptr, lse_ptr, count_ptr, num_programs, num_rows, num_heads, window,
+    part_ptr, lse_ptr, num_programs, num_rows, num_heads, window,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_table,
     HEAD_DIM: tl.constexpr, BOX_D: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_KEYS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-    MMA_FP16: tl.constexpr, FOLD: tl.constexpr,
+    MMA_FP16: tl.constexpr,
 ):
     """Decode rows (one query token a sequence) of one KV head over one split of their keys, a
     page at a time: each page's K and V rows of this head are [PAGE, BOX_D] boxes of the cache
@@ -345,7 +330,7 @@ def _paged_decode_tma_kernel(
     Splits start at page boundaries; keys outside the split, the window or the sequence are
     masked, and V's rows there are zeroed (a reused page may hold anything past the sequence).
     Same outputs as `_attend_split`: the result, or per split the partial result and its
-    log2-sum-exp2 for `_merge_splits_kernel` (or, with FOLD, for the last of the splits' programs)."""
+    log2-sum-exp2 for `_merge_splits_kernel`."""
     _pdl_release(PDL)
     _pdl_wait(PDL)
     pid = tl.program_id(0)
@@ -400,9 +385,6 @@ def _paged_decode_tma_kernel(
         _tma_store(acc1, norm, l_i, offs_d + BOX_D, out_rows, part_ptr, cell, row_ok, HEAD_DIM, NUM_SPLITS)
     if NUM_SPLITS > 1:
         tl.store(lse_ptr + cell, tl.where(l_i > 0, m_i + tl.log2(norm), float("-inf")), mask=row_ok)
-    if FOLD:
-        _fold_merge(count_ptr + pid * tl.num_programs(1) + kv_head, NUM_SPLITS, part_ptr, lse_ptr, out_ptr, rows,
-                    heads, row_ok, num_rows, num_heads, stride_ot, stride_oh, HEAD_DIM, HEAD_DIM, NUM_SPLITS, BLOCK_M)
 
 
 @triton.jit
@@ -437,48 +419,6 @@ def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_rows, num_heads, stride
     out = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)
     tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
-
-
-@triton.jit
-def _fold_merge(count_ptr, programs, part_ptr, lse_ptr, out_ptr, rows, heads, row_ok, num_rows, num_heads,
-                stride_ot, stride_oh, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                BLOCK_M: tl.constexpr):
-    """`_merge_splits_kernel` inside the attention launch: the program counts itself done on its
-    counter (an acquire-release atomic after a barrier: its partial results are visible to whoever
-    counts last), and the last of the `programs` that share the counter merges the splits of its
-    rows over the whole head dim (`D_PAD`, a power of two, in chunks of at most 64 columns: the
-    splits' loads of a chunk are in flight together without spilling), reading them past L1, then
-    sets the counter back to zero for the next launch (and a captured graph's next replay)."""
-    BLOCK_D: tl.constexpr = min(D_PAD, 64)
-    tl.debug_barrier()  # every thread's stores issued before the count releases them
-    done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-    if done == programs - 1:
-        tl.debug_barrier()
-        base = rows.to(tl.int64) * num_heads + heads
-        plane = num_rows.to(tl.int64) * num_heads
-        top = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        for s in tl.static_range(NUM_SPLITS):
-            top = tl.maximum(top, tl.load(lse_ptr + s * plane + base, mask=row_ok, other=float("-inf"),
-                                          cache_modifier=".cg"))
-        top = tl.where(top > float("-inf"), top, 0.0)  # rows outside the tile
-        for c in tl.static_range(D_PAD // BLOCK_D):
-            offs = c * BLOCK_D + tl.arange(0, BLOCK_D)
-            d_ok = offs < HEAD_DIM
-            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            total = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for s in tl.static_range(NUM_SPLITS):
-                cell = s * plane + base
-                lse = tl.load(lse_ptr + cell, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-                weight = tl.exp2(lse - top)  # 0 where the split saw no key (and stored no partial result)
-                part = tl.load(part_ptr + cell[:, None] * HEAD_DIM + offs[None, :],
-                               mask=(row_ok & (lse > float("-inf")))[:, None] & d_ok[None, :], other=0.0,
-                               cache_modifier=".cg")
-                acc += part * weight[:, None]
-                total += weight
-            out = acc / tl.where(total > 0, total, 1.0)[:, None]
-            tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_ot + heads[:, None] * stride_oh + offs[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        tl.atomic_xchg(count_ptr, 0)  # ready for the next launch
 
 
 def _pow2(n: int) -> int:
@@ -530,16 +470,12 @@ def paged_attention_triton(
     span_mode: str = "none",
     num_splits: int | None = None,
     tiles: DecodeTiles | None = None,
-    counters: LaunchCounters | None = None,
 ) -> torch.Tensor:
     """q [T, heads, head_dim] -> output [T, heads, head_dim] in q's dtype; softmax scale 1.
 
     Same contract as `attention.paged_attention`. `num_splits` (keys of each sequence split over
     that many programs, then merged) defaults to `default_num_splits`, a choice by batch size.
     `tiles` overrides the decode-like tiles' launch (`DECODE_TILES`; for `bench/attention_sweep.py`).
-    `counters` (the call site's) let the splits merge in the attention launch where the tiles fold
-    the merge (`DecodeTiles.fold_merge`) and hold a counter for each (row block, KV head) of the
-    launch; otherwise a second launch merges them.
     """
     if not q.is_cuda and not _interpreting():
         raise ValueError("paged_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
@@ -577,30 +513,27 @@ def paged_attention_triton(
     splits = num_splits if num_splits is not None else default_num_splits(batch, kv_heads, block_m, q.device, decode,
                                                                             window_of(group))
     schedule = layout.schedule(block_m // rep_pad)
-    programs = schedule.shape[1]
-    fold = (decode.fold_merge and counters is not None and splits > 1 and block_m <= 16
-            and counters.fits(programs * kv_heads))
     if (decode.use_tma(batch.num_seqs, head_dim, splits) and block_m <= 16 and layout.max_query_len == 1
             and head_dim == d_pad <= 512 and page >= 16 and k.is_contiguous() and v.is_contiguous()
             and tma_capable(q)):
         _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad, block_m, window_of(group),
-                    decode, decode.split_keys, counters.counter(q.device) if fold else None)
+                    decode, decode.split_keys)
         return out
+    programs = schedule.shape[1]
     window = window_of(group)
     part, lse = _split_buffers(q, out, splits)
-    count = counters.counter(q.device) if fold else lse  # (a placeholder where the merge is not folded)
     tables = batch.groups[layer_type].page_tables
     split_programs = decode.programs_per_sequence(splits, programs, kv_heads) if block_m <= 16 else splits
     grid = (programs, kv_heads * (d_pad // block_dv), split_programs)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _launch(grid, q, out, k, v, tables, batch, schedule, part, lse, count, programs, window, splits,
+        _launch(grid, q, out, k, v, tables, batch, schedule, part, lse, programs, window, splits,
                 dict(HEAD_DIM=head_dim, REP=rep, REP_PAD=rep_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
                      NUM_DK=d_pad // block_dk, BLOCK_DV=block_dv, NUM_DV=d_pad // block_dv, PAGE=page,
                      SPAN_MODE=SPAN_MODES[span_mode], NUM_SPLITS=splits,
                      SPLIT_KEYS=decode.split_keys if block_m <= 16 else SPLIT_KEYS, SPLIT_PROGRAMS=split_programs,
                      IEEE=q.dtype == torch.float32, PREFETCH_V=prefetch_v, PDL=pdl(q), launch_pdl=pdl(q),
                      MMA_FP16=k.element_size() == 1 and q.element_size() == 2 and decode.fp8_products_in_fp16,
-                     FOLD=fold, num_warps=num_warps, num_stages=num_stages))
+                     num_warps=num_warps, num_stages=num_stages))
     return out
 
 
@@ -629,9 +562,8 @@ def _merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, spli
 
 
 def _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad, block_m, window, tiles,
-                split_keys, count: torch.Tensor | None) -> None:
-    """`_paged_decode_tma_kernel` over a pure decode batch, then the merge of its splits (in the
-    launch, on `count`'s counters, where given)."""
+                split_keys) -> None:
+    """`_paged_decode_tma_kernel` over a pure decode batch, then the merge of its splits."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     T, heads, head_dim = q.shape
@@ -644,26 +576,23 @@ def _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad,
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _paged_decode_tma_kernel[(programs, kv_heads, splits)](
             q, out, *descs, tables, batch.positions, schedule, layout.query_starts, layout.kv_lens, part, lse,
-            lse if count is None else count, programs, T, heads, window, q.stride(0), q.stride(1), out.stride(0),
-            out.stride(1), tables.stride(0),
+            programs, T, heads, window, q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
             HEAD_DIM=head_dim, BOX_D=box, REP=rep, REP_PAD=rep_pad, BLOCK_M=block_m, PAGE=page,
             NUM_SPLITS=splits, SPLIT_KEYS=split_keys, IEEE=q.dtype == torch.float32, PDL=pdl(q),
             MMA_FP16=k.element_size() == 1 and q.element_size() == 2 and tiles.fp8_products_in_fp16,
-            FOLD=count is not None, launch_pdl=pdl(q), num_warps=tiles.num_warps, num_stages=tiles.tma_stages)
-        if count is None:
-            _merge_splits(part, lse, out, splits)
+            launch_pdl=pdl(q), num_warps=tiles.num_warps, num_stages=tiles.tma_stages)
+        _merge_splits(part, lse, out, splits)
 
 
-def _launch(grid, q, out, k, v, tables, batch, schedule, part, lse, count, programs, window, splits, meta) -> None:
+def _launch(grid, q, out, k, v, tables, batch, schedule, part, lse, programs, window, splits, meta) -> None:
     layout = batch.layout
     T, heads, head_dim = q.shape
     _paged_attention_kernel[grid](
         q, out, k, v, tables, batch.positions, schedule,
         layout.query_starts, layout.kv_lens, layout.chunk_starts, layout.span_offsets, layout.span_lens,
-        layout.spans, part, lse, count,
+        layout.spans, part, lse,
         programs, T, heads, window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), tables.stride(0), **meta,
     )
-    if not meta["FOLD"]:
-        _merge_splits(part, lse, out, splits)
+    _merge_splits(part, lse, out, splits)
