@@ -86,7 +86,7 @@ class Attention(nn.Module):
             shape = (-1, spec.num_kv_heads, spec.head_dim)
             kv = KVWrite(self.k_norm.weight, spec.num_kv_heads, spec.k_eq_v, group.k[slot].view(shape),
                          group.v[slot].view(shape), batch.groups[spec.layer_type].write_slots)
-        if after_qkv is None:  # the norms may add the product's K splits (TANDEM_SPLITS_IN_NORM)
+        if after_qkv is None:  # the norms may add the product's K splits (TANDEM_SPLITS_IN_NORM_ROWS)
             q = decode_qkv_norm_rope(y, self.input_weight(), self.heads, spec.head_dim, self.q_norm.weight, cos, sin,
                                      eps, kv)
         else:
@@ -173,7 +173,8 @@ class DecoderLayer(nn.Module):
                                   next_weight=self.pre_feedforward_layernorm.weight)
         mlp = self.mlp
         act = decode_gate_up_gelu(y, mlp.packed_gate_up())
-        # the norms after the down product may add its K splits (TANDEM_SPLITS_IN_NORM); MoE's combination may not
+        # the norms after the down product may add its K splits (TANDEM_SPLITS_IN_NORM_ROWS); MoE's combination
+        # may not
         m = decode_linear(act, mlp.down_proj.weight, norm_next=not self.moe)
         if self.moe:  # routing, two grouped matrix products and the combination; no host read: capturable
             expert_in, weights, experts = moe_route(h, self.router, self.pre_feedforward_layernorm_2)

@@ -63,7 +63,7 @@ def test_cuda_bfloat16_default_model_answers_like_float32_cpu():
 def test_cuda_small_m_products_answer_like_cublas(monkeypatch, dependent, prefetch_k, tma, splits):
     """The decoder's products through `kernels.gemv` (TANDEM_SMALL_M), plain or dependent launches
     with the L2 prefetch (TANDEM_PDL, TANDEM_GEMV_PREFETCH_K) or tensor-descriptor loads
-    (TANDEM_GEMV_TMA), or their K splits added by the norms after them (TANDEM_SPLITS_IN_NORM),
+    (TANDEM_GEMV_TMA), or their K splits added by the norms after them (TANDEM_SPLITS_IN_NORM_ROWS),
     CUDA graphs on: the trained model's answers that cuBLAS's products get right come out the same."""
     from transformers import AutoTokenizer
 
@@ -82,7 +82,7 @@ def test_cuda_small_m_products_answer_like_cublas(monkeypatch, dependent, prefet
         monkeypatch.setattr(gemv, "PREFETCH_K", prefetch_k)
         monkeypatch.setattr(gemv, "TMA_ON", tma and small_m)
         monkeypatch.setattr(fused, "PDL_ON", dependent and small_m)
-        monkeypatch.setattr(gemv, "SPLITS_IN_NORM_ON", splits and small_m)
+        monkeypatch.setattr(gemv, "SPLITS_IN_NORM_ROWS", gemv.MAX_ROWS if splits and small_m else 0)
         config, model = load_text_decoder(CHECKPOINT, device="cuda", dtype=torch.bfloat16)
         model.set_kernels(True)
         cache = PagedKVCache(config.text, page_size=16, num_pages=256, device="cuda", dtype=torch.bfloat16)

@@ -101,7 +101,7 @@ def test_splits_agree_and_repeat_exactly():
 @pytest.mark.parametrize("tiles", [GemvTiles(8, 16, 3), GemvTiles(16, 32, 2, tma=True), GemvTiles(8, 16, 1)],
                          ids=["three", "tma", "one"])
 def test_splits_added_in_the_norms_launch(tiles, monkeypatch):
-    """`keep_splits` (TANDEM_SPLITS_IN_NORM): the product's K splits left as `SplitSums` and added
+    """`keep_splits` (TANDEM_SPLITS_IN_NORM_ROWS): the product's K splits left as `SplitSums` and added
     by `residual_norm` / `head_norm_rope` in their launch, no reduction launch between: the chain's
     results exactly, through `decode_linear_norm` / `decode_qkv_norm_rope` too; the twins take
     `SplitSums` as their total."""
@@ -129,7 +129,7 @@ def test_splits_added_in_the_norms_launch(tiles, monkeypatch):
             got = qkv(lambda x, w, *args: head_norm_rope(small_m_linear(x, w, tiles, keep_splits=True), *args))
             for a, b in zip(got, want_qkv):
                 assert torch.equal(a, b)
-        patch.setattr(gemv, "SPLITS_IN_NORM_ON", True)
+        patch.setattr(gemv, "SPLITS_IN_NORM_ROWS", gemv.MAX_ROWS)
         patch.setattr(gemv, "_decode_kernels", lambda x: True)  # (else CUDA tensors only)
         patch.setattr(gemv, "_decode_tiles", lambda kind, w: tiles)
         kept = gemv.decode_linear(x, w, norm_next=True)  # for a norm that adds the splits

@@ -57,7 +57,7 @@ def test_matches_the_twin(rows, hidden, ple_dim, with_scalar_and_next):
 
 
 def test_the_down_products_splits_added_by_the_gate_launch(monkeypatch):
-    """m as `SplitSums` (the down product's K splits left unadded, TANDEM_SPLITS_IN_NORM): the gate
+    """m as `SplitSums` (the down product's K splits left unadded, TANDEM_SPLITS_IN_NORM_ROWS): the gate
     launch adds them; the tail's results equal those from the reduced product exactly, and no
     reduction launch runs."""
     from gemma4_model.kernels import gemv

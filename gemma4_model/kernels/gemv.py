@@ -60,11 +60,12 @@ MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
 SMALL_M_ON = os.environ.get("TANDEM_SMALL_M", "1") != "0"
 PREFETCH_K = int(os.environ.get("TANDEM_GEMV_PREFETCH_K", "0"))
 TMA_ON = os.environ.get("TANDEM_GEMV_TMA", "1") != "0"
-# TANDEM_SPLITS_IN_NORM=1: the norms after the q|k|v, o and down products (the PLE tail's first
-# launch too) add those products' K splits in their own launch (`fused.SplitSums`) instead of a
-# reduction launch before them (an E4B batch-1 step has 122 such launches of about 1.2 us on an
-# H100: bench/results/h100_220850e/); off until timed.
-SPLITS_IN_NORM_ON = os.environ.get("TANDEM_SPLITS_IN_NORM", "0") == "1"
+# Up to TANDEM_SPLITS_IN_NORM_ROWS rows (1 by default; 0: never) the norms after the q|k|v, o and
+# down products (the PLE tail's first launch too) add those products' K splits in their own launch
+# (`fused.SplitSums`) instead of a reduction launch before them. On an H100 at 243a8e4 an E4B step
+# took 4.63 ms at batch 1 against 4.69-4.70 with the reduction launches, but 5.02 against
+# 4.92-4.96 at batch 8 (bench/results/h100_243a8e4/).
+SPLITS_IN_NORM_ROWS = int(os.environ.get("TANDEM_SPLITS_IN_NORM_ROWS", "1"))
 _ROWS = tl.constexpr(MAX_ROWS)
 TARGET_SMS = 132  # the H200's multiprocessors, which `heuristic_tiles` aims to fill
 
@@ -444,25 +445,26 @@ def _decode_tiles(kind: str, w: torch.Tensor) -> GemvTiles:
 
 def decode_linear(x: torch.Tensor, w: torch.Tensor, norm_next: bool = False) -> torch.Tensor | SplitSums:
     """x @ w.T: `small_m_linear` where the TANDEM_SMALL_M switch takes x's rows, `F.linear` else.
-    With `norm_next` (the caller's next kernel reads `SplitSums`) and TANDEM_SPLITS_IN_NORM=1 the K
-    splits are left for that kernel to add."""
+    With `norm_next` (the caller's next kernel reads `SplitSums`), up to TANDEM_SPLITS_IN_NORM_ROWS
+    rows, the K splits are left for that kernel to add."""
     if _decode_kernels(x) and x.stride(-1) == 1 and w.stride(-1) == 1:
-        return small_m_linear(x, w, _decode_tiles("linear", w), keep_splits=norm_next and SPLITS_IN_NORM_ON)
+        return small_m_linear(x, w, _decode_tiles("linear", w),
+                              keep_splits=norm_next and x.shape[0] <= SPLITS_IN_NORM_ROWS)
     return F.linear(x, w)
 
 
 def decode_qkv_norm_rope(x: torch.Tensor, w: torch.Tensor, heads: int, head_dim: int, q_weight: torch.Tensor,
                          cos: torch.Tensor, sin: torch.Tensor, eps: float, kv: KVWrite | None = None) -> torch.Tensor:
-    """`head_norm_rope(decode_linear(x, w), ...)`: with TANDEM_SPLITS_IN_NORM=1 the product's K
-    splits added in the norms' launch."""
+    """`head_norm_rope(decode_linear(x, w), ...)`: up to TANDEM_SPLITS_IN_NORM_ROWS rows
+    the product's K splits added in the norms' launch."""
     return head_norm_rope(decode_linear(x, w, norm_next=True), heads, head_dim, q_weight, cos, sin, eps, kv)
 
 
 def decode_linear_norm(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                        scalar: torch.Tensor | None = None,
                        next_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`residual_norm(decode_linear(x, w), residual, weight, eps, scalar, next_weight)`: with
-    TANDEM_SPLITS_IN_NORM=1 the product's K splits added in the norm's launch."""
+    """`residual_norm(decode_linear(x, w), residual, weight, eps, scalar, next_weight)`: up to
+    TANDEM_SPLITS_IN_NORM_ROWS rows the product's K splits added in the norm's launch."""
     return residual_norm(decode_linear(x, w, norm_next=True), residual, weight, eps, scalar, next_weight)
 
 
