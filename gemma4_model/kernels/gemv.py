@@ -365,6 +365,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
     on = pdl(x) if dependent is None else dependent and x.is_cuda
     line = max(1, 128 // w.element_size())
     prefetch_k = min(tiles.prefetch_k, _pow2(k_per_split)) if on else 0
+    prefetch_k = prefetch_k if prefetch_k >= line else 0  # at least one 128-byte line
     grid = (triton.cdiv(n_out, tiles.block_n), splits)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if tiles.tma and _descriptor_ready(x, w):
@@ -375,13 +376,13 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
             _gemv_tma_kernel[grid](
                 x_desc, w_desc, w, out, part, M, n_out, K, k_per_split, w.stride(0), out.stride(0),
                 BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1,
-                IEEE=x.dtype == torch.float32, PDL=on, PREFETCH_K=prefetch_k if prefetch_k >= line else 0, LINE=line,
+                IEEE=x.dtype == torch.float32, PDL=on, PREFETCH_K=prefetch_k, LINE=line,
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
         else:
             _gemv_kernel[grid](
                 x, w, out, part, M, n_out, K, k_per_split, n_out * w.stride(0), x.stride(0), w.stride(0), out.stride(0),
                 BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1, EVEN_K=K % block_k == 0,
-                IEEE=x.dtype == torch.float32, PDL=on, PREFETCH_K=prefetch_k if prefetch_k >= line else 0, LINE=line,
+                IEEE=x.dtype == torch.float32, PDL=on, PREFETCH_K=prefetch_k, LINE=line,
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
         if splits > 1:
             if keep_splits:
