@@ -42,6 +42,11 @@ INTERPRETED = [
     (40, 72, GemvTiles(8, 16, 3, tma=True)),  # tensor-descriptor loads: zeros past K, rows and N
     (33, 64, GemvTiles(16, 32, 2, tma=True)),
     (40, 70, GemvTiles(16, 32, 1, tma=True)),  # rows of 280 bytes, not 16-byte aligned: the gathering loads
+    # the first weight chunk loaded ahead (of the wait, where launches are dependent), then the loop: a
+    # split of one chunk (the last of 8-16-3's), K ragged, by either kernel
+    (40, 72, GemvTiles(8, 16, 3, early_chunk=True)),
+    (40, 72, GemvTiles(8, 16, 3, tma=True, early_chunk=True)),
+    (40, 70, GemvTiles(16, 32, 1, early_chunk=True)),
 ]
 
 
@@ -360,26 +365,26 @@ def test_gpu_replayed_in_a_graph():
 @pytest.mark.gpu
 def test_gpu_dependent_chain_in_a_graph_gives_the_plain_launches_results():
     """A chain of products each reading the one before (as a layer's are), launched
-    programmatically dependent with and without the L2 prefetch ahead of the wait, split and
-    unsplit, by either kernel (gathering loads, tensor descriptors), captured and replayed: the
-    plain launches' results exactly (the dependent programs read x only after the launch before
-    them has finished)."""
+    programmatically dependent with and without the L2 prefetch or the first weight chunk's load
+    ahead of the wait, split and unsplit, by either kernel (gathering loads, tensor descriptors),
+    captured and replayed: the plain launches' results exactly (the dependent programs read x only
+    after the launch before them has finished)."""
     x = torch.zeros((3, 2560), dtype=torch.bfloat16, device="cuda")
     _, w1 = case(3, 3072, 2560, dtype=torch.bfloat16, device="cuda", seed=1)
     _, w2 = case(3, 2560, 2048, dtype=torch.bfloat16, device="cuda", seed=2)
     _, packed = case(3, 20480, 2560, dtype=torch.bfloat16, device="cuda", seed=3)
     _, w3 = case(3, 2560, 10240, dtype=torch.bfloat16, device="cuda", seed=4)
 
-    def chain(dependent, prefetch_k, tma=False):
-        h = small_m_linear(x, w1, GemvTiles(64, 256, 2, prefetch_k=prefetch_k, tma=tma), dependent=dependent)
-        h = small_m_linear(h[:, :2048], w2, GemvTiles(32, 256, 1, prefetch_k=prefetch_k, tma=tma),
-                           dependent=dependent)
-        h = small_m_gate_up_gelu(h, packed, GemvTiles(32, 256, 1, prefetch_k=prefetch_k, tma=tma), dependent=dependent)
-        return small_m_linear(h, w3, GemvTiles(64, 128, 4, prefetch_k=prefetch_k, tma=tma), dependent=dependent)
+    def chain(dependent, prefetch_k, tma=False, early=False):
+        more = dict(prefetch_k=prefetch_k, tma=tma, early_chunk=early)
+        h = small_m_linear(x, w1, GemvTiles(64, 256, 2, **more), dependent=dependent)
+        h = small_m_linear(h[:, :2048], w2, GemvTiles(32, 256, 1, **more), dependent=dependent)
+        h = small_m_gate_up_gelu(h, packed, GemvTiles(32, 256, 1, **more), dependent=dependent)
+        return small_m_linear(h, w3, GemvTiles(64, 128, 4, **more), dependent=dependent)
 
-    variants = [(False, 0), (True, 0), (True, 1024), (True, 16384)]
+    variants = [(False, 0), (True, 0), (True, 1024), (True, 16384), (True, 0, False, True)]
     if fused.tma_capable(x):
-        variants += [(False, 0, True), (True, 0, True), (True, 512, True), (True, 16384, True)]
+        variants += [(False, 0, True), (True, 0, True), (True, 512, True), (True, 16384, True), (True, 0, True, True)]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -429,9 +434,9 @@ from triton.compiler import ASTSource
 from bench.attention_registers import ptxas_usage
 from gemma4_model.kernels.gemv import _gemv_tma_kernel as kernel
 
-def build(gate_up, partial, block_n=32, stages=4, prefetch=0):
-    const = dict(BLOCK_N=block_n, BLOCK_K=256, GATE_UP=gate_up, PARTIAL=partial, IEEE=False, PDL=prefetch > 0,
-                 PREFETCH_K=prefetch, LINE=64)
+def build(gate_up, partial, block_n=32, stages=4, prefetch=0, early=False):
+    const = dict(BLOCK_N=block_n, BLOCK_K=256, GATE_UP=gate_up, PARTIAL=partial, IEEE=False,
+                 PDL=prefetch > 0 or early, PREFETCH_K=prefetch, LINE=64, EARLY=early)
     types = {a: "constexpr" if a in const else "tensordesc<bf16[16,256]>" if a == "x_desc"
              else f"tensordesc<bf16[{block_n},256]>" if a == "w_desc" else "*fp32" if a == "part_ptr"
              else "*bf16" if a.endswith("_ptr") else "i32" for a in kernel.arg_names}
@@ -441,10 +446,12 @@ def build(gate_up, partial, block_n=32, stages=4, prefetch=0):
     ptx = compiled.asm["ptx"]
     return {"tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "mma": "mma" in ptx,
             "l2_prefetch_before_wait": ptx.find("prefetch.global.L2") in range(0, ptx.find("griddepcontrol.wait")),
+            "copies_before_wait": len(re.findall(r"cp\.async\.bulk\.tensor", ptx[:max(0, ptx.find("griddepcontrol.wait"))])),
             **ptxas_usage(ptx)}
 
 print(json.dumps({"linear": build(False, False), "split": build(False, True), "gate_up": build(True, False),
-                  "prefetch": build(False, True, prefetch=512), "gate_up-prefetch": build(True, False, prefetch=512)}))
+                  "prefetch": build(False, True, prefetch=512), "gate_up-prefetch": build(True, False, prefetch=512),
+                  "early": build(False, True, early=True), "gate_up-early": build(True, False, early=True)}))
 """
 
 
@@ -460,6 +467,9 @@ def test_tma_gemv_compiles_to_pipelined_tensor_loads():
     # dependent with TANDEM_GEMV_PREFETCH_K: the weight rows' L2 requests come before the wait
     assert got["prefetch"]["l2_prefetch_before_wait"] and got["gate_up-prefetch"]["l2_prefetch_before_wait"], got
     assert not got["linear"]["l2_prefetch_before_wait"], got
+    # with TANDEM_GEMV_EARLY_CHUNK the first weight chunk's copies (gate and up rows) are issued before the wait
+    assert got["early"]["copies_before_wait"] >= 1 and got["gate_up-early"]["copies_before_wait"] >= 2, got
+    assert got["prefetch"]["copies_before_wait"] == 0 and got["gate_up-prefetch"]["copies_before_wait"] == 0, got
 
 
 def test_decode_tiles_load_through_descriptors_only_where_tma_is(monkeypatch):
@@ -468,8 +478,10 @@ def test_decode_tiles_load_through_descriptors_only_where_tma_is(monkeypatch):
     w = torch.zeros(2560, 2048, dtype=torch.bfloat16)
     monkeypatch.setattr(gemv, "TMA_ON", True)
     monkeypatch.setattr(gemv, "PREFETCH_K", 512)
+    monkeypatch.setattr(gemv, "EARLY_CHUNK", True)
     assert gemv._decode_tiles("linear", w).tma and gemv._decode_tiles("linear", w).prefetch_k == 512
+    assert gemv._decode_tiles("linear", w).early_chunk
     monkeypatch.setattr(gemv, "tma_capable", lambda t: False)
     tiles = gemv._decode_tiles("linear", w)
     assert not tiles.tma and tiles == replace(gemv.default_tiles("linear", 2560, 2048, w.dtype),
-                                              prefetch_k=gemv.PREFETCH_K)
+                                              prefetch_k=gemv.PREFETCH_K, early_chunk=True)

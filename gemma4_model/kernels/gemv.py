@@ -59,6 +59,9 @@ MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
 # 26B-A4B 4.6% at batch 1 and the same at 96 (bench/results/h100_220850e/, e4b_h200_c945b3a/).
 SMALL_M_ON = os.environ.get("TANDEM_SMALL_M", "1") != "0"
 PREFETCH_K = int(os.environ.get("TANDEM_GEMV_PREFETCH_K", "0"))
+# TANDEM_GEMV_EARLY_CHUNK=1: in a dependent launch each program loads its first weight chunk before
+# its wait (`GemvTiles.early_chunk`); off until timed
+EARLY_CHUNK = os.environ.get("TANDEM_GEMV_EARLY_CHUNK", "0") != "0"
 TMA_ON = os.environ.get("TANDEM_GEMV_TMA", "1") != "0"
 # Up to TANDEM_SPLITS_IN_NORM_ROWS rows (1 by default; 0: never) the norms after the q|k|v, o and
 # down products (the PLE tail's first launch too) add those products' K splits in their own launch
@@ -75,10 +78,12 @@ class GemvTiles:
     """One launch configuration: output columns per program, K per loop step, programs per column
     block along K (1: no split), warps per program, the depth of the load pipeline, and in a
     programmatically dependent launch the K columns of its weight rows each program asks L2 for
-    before it waits for the launch before it (0: none; at most its split's columns). With `tma`
-    the weight's [block_n, block_k] chunks and x's [16, block_k] ones are tensor-descriptor loads
-    (bulk copies by the tensor memory accelerator, `_gemv_tma_kernel`) where the strides allow it
-    (16-byte aligned rows)."""
+    before it waits for the launch before it (0: none; at most its split's columns), and with
+    `early_chunk` there each program loads its first [block_n, block_k] weight chunk before that
+    wait (the weight is no launch's output), so those bytes move while the launch before drains.
+    With `tma` the weight's [block_n, block_k] chunks and x's [16, block_k] ones are
+    tensor-descriptor loads (bulk copies by the tensor memory accelerator, `_gemv_tma_kernel`)
+    where the strides allow it (16-byte aligned rows)."""
 
     block_n: int
     block_k: int
@@ -87,6 +92,7 @@ class GemvTiles:
     num_stages: int = 3
     prefetch_k: int = 0
     tma: bool = False
+    early_chunk: bool = False
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "num_warps"):
@@ -197,13 +203,14 @@ def _prefetch_weight_rows(w_ptr, w_rows, stride_w, up_offset, k_lo, k_hi, GATE_U
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offset, stride_x, stride_w, stride_o,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
                  EVEN_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
-                 LINE: tl.constexpr):
+                 LINE: tl.constexpr, EARLY: tl.constexpr):
     """Program (column block, split): out[:M, block] (or its float32 partial sums over the split's
     K range) = x[:M, range] @ w[block, range].T. N: output columns; with GATE_UP the up rows start
     at weight row N (`up_offset` elements on) and the output is gelu_tanh(gate) * up. With PDL the
     program may start while the launch before it drains: it first asks L2 for the first
     PREFETCH_K columns of its weight rows (one request per LINE elements, 128 bytes), which no
-    launch writes, and waits for the launch before it only then, before it reads x."""
+    launch writes, and with EARLY loads its first weight chunk; it waits for the launch before it
+    only then, before it reads x."""
     _pdl_release(PDL)
     split = tl.program_id(1)
     rows = tl.arange(0, _ROWS)
@@ -219,21 +226,25 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offse
     x_ptrs = x_ptr + x_rows[:, None] * stride_x + (k_lo + offs_k)[None, :]
     w_ptrs = w_ptr + w_rows[:, None] * stride_w + (k_lo + offs_k)[None, :]
     _prefetch_weight_rows(w_ptr, w_rows, stride_w, up_offset, k_lo, k_hi, GATE_UP, PREFETCH_K, LINE)
+    if EARLY:
+        w_first = _load_chunk(w_ptrs, k_lo, offs_k, K, EVEN_K)
+        w_first_up = _load_chunk(w_ptrs + up_offset, k_lo, offs_k, K, EVEN_K) if GATE_UP else w_first
     _pdl_wait(PDL)
     acc = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-            if GATE_UP:
-                w_up = tl.load(w_ptrs + up_offset)
-        else:
-            k_ok = (k0 + offs_k)[None, :] < K  # splits start on whole chunks: only K's end is ragged
-            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok, other=0.0)
-            if GATE_UP:
-                w_up = tl.load(w_ptrs + up_offset, mask=k_ok, other=0.0)
+    k_start = k_lo
+    if EARLY:  # the first chunk's products, then the loop from the second
+        x = _load_chunk(x_ptrs, k_lo, offs_k, K, EVEN_K)
+        acc += _dot(x, tl.trans(w_first), IEEE)
+        if GATE_UP:
+            acc_up += _dot(x, tl.trans(w_first_up), IEEE)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        k_start += BLOCK_K
+    for k0 in range(k_start, k_hi, BLOCK_K):
+        x = _load_chunk(x_ptrs, k0, offs_k, K, EVEN_K)
+        w = _load_chunk(w_ptrs, k0, offs_k, K, EVEN_K)
+        w_up = _load_chunk(w_ptrs + up_offset, k0, offs_k, K, EVEN_K) if GATE_UP else w
         acc += _dot(x, tl.trans(w), IEEE)
         if GATE_UP:
             acc_up += _dot(x, tl.trans(w_up), IEEE)
@@ -241,6 +252,15 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offse
         w_ptrs += BLOCK_K
     _store_products(acc, acc_up, out_ptr, part_ptr, rows, offs_n, row_ok[:, None] & n_ok[None, :], split, M, N,
                     stride_o, GATE_UP, PARTIAL)
+
+
+@triton.jit
+def _load_chunk(ptrs, k0, offs_k, K, EVEN_K: tl.constexpr):
+    """The chunk at `ptrs` (columns k0 + offs_k): unmasked with EVEN_K, else zeros past K (splits
+    start on whole chunks: only K's end is ragged)."""
+    if EVEN_K:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
 
 
 @triton.jit
@@ -265,13 +285,15 @@ def _store_products(acc, acc_up, out_ptr, part_ptr, rows, offs_n, out_ok, split,
 @triton.jit(do_not_specialize=["M"])
 def _gemv_tma_kernel(x_desc, w_desc, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, stride_w, stride_o,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr, PARTIAL: tl.constexpr,
-                     IEEE: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr):
+                     IEEE: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr,
+                     EARLY: tl.constexpr):
     """`_gemv_kernel` with its chunks loaded through tensor descriptors: x [M, K] in [16, BLOCK_K]
     boxes and the weight [N rows (2N with GATE_UP), K] in [BLOCK_N, BLOCK_K] boxes, the up rows'
     box N rows below the gate rows'. Whatever lies outside a descriptor reads as zeros (x's padding
     rows, K past its end), so no load takes a mask; a gate box past row N reads up rows, whose
     columns are never stored. With PDL and PREFETCH_K the program first asks L2 for the first
-    PREFETCH_K columns of its weight rows through `w_ptr` (as `_gemv_kernel`), then waits."""
+    PREFETCH_K columns of its weight rows through `w_ptr` (as `_gemv_kernel`), and with EARLY
+    loads its first weight chunk (boxes), then waits."""
     _pdl_release(PDL)
     split = tl.program_id(1)
     rows = tl.arange(0, _ROWS)
@@ -281,10 +303,20 @@ def _gemv_tma_kernel(x_desc, w_desc, w_ptr, out_ptr, part_ptr, M, N, K, k_per_sp
     k_hi = tl.minimum(K, k_lo + k_per_split)
     _prefetch_weight_rows(w_ptr, tl.minimum(offs_n, N - 1).to(tl.int64), stride_w, N * stride_w, k_lo, k_hi, GATE_UP,
                           PREFETCH_K, LINE)
+    if EARLY:
+        w_first = w_desc.load([n0, k_lo])
+        w_first_up = w_desc.load([N + n0, k_lo]) if GATE_UP else w_first
     _pdl_wait(PDL)
     acc = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    k_start = k_lo
+    if EARLY:  # the first chunk's products, then the loop from the second
+        x = x_desc.load([0, k_lo])
+        acc += _dot(x, tl.trans(w_first), IEEE)
+        if GATE_UP:
+            acc_up += _dot(x, tl.trans(w_first_up), IEEE)
+        k_start += BLOCK_K
+    for k0 in range(k_start, k_hi, BLOCK_K):
         x = x_desc.load([0, k0])
         acc += _dot(x, tl.trans(w_desc.load([n0, k0])), IEEE)
         if GATE_UP:
@@ -366,6 +398,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
     line = max(1, 128 // w.element_size())
     prefetch_k = min(tiles.prefetch_k, _pow2(k_per_split)) if on else 0
     prefetch_k = prefetch_k if prefetch_k >= line else 0  # at least one 128-byte line
+    early = tiles.early_chunk  # without a wait, the same loop with its first chunk peeled
     grid = (triton.cdiv(n_out, tiles.block_n), splits)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if tiles.tma and _descriptor_ready(x, w):
@@ -376,13 +409,13 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
             _gemv_tma_kernel[grid](
                 x_desc, w_desc, w, out, part, M, n_out, K, k_per_split, w.stride(0), out.stride(0),
                 BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1,
-                IEEE=x.dtype == torch.float32, PDL=on, PREFETCH_K=prefetch_k, LINE=line,
+                IEEE=x.dtype == torch.float32, PDL=on, PREFETCH_K=prefetch_k, LINE=line, EARLY=early,
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
         else:
             _gemv_kernel[grid](
                 x, w, out, part, M, n_out, K, k_per_split, n_out * w.stride(0), x.stride(0), w.stride(0), out.stride(0),
                 BLOCK_N=tiles.block_n, BLOCK_K=block_k, GATE_UP=gate_up, PARTIAL=splits > 1, EVEN_K=K % block_k == 0,
-                IEEE=x.dtype == torch.float32, PDL=on, PREFETCH_K=prefetch_k, LINE=line,
+                IEEE=x.dtype == torch.float32, PDL=on, PREFETCH_K=prefetch_k, LINE=line, EARLY=early,
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=on)
         if splits > 1:
             if keep_splits:
@@ -441,7 +474,7 @@ def _decode_tiles(kind: str, w: torch.Tensor) -> GemvTiles:
     tiles = default_tiles(kind, w.shape[0], w.shape[1], w.dtype)
     if TMA_ON and tma_capable(w):
         tiles = replace(tiles, block_k=min(tiles.block_k, 256), tma=True)
-    return replace(tiles, prefetch_k=PREFETCH_K)
+    return replace(tiles, prefetch_k=PREFETCH_K, early_chunk=EARLY_CHUNK)
 
 
 def decode_linear(x: torch.Tensor, w: torch.Tensor, norm_next: bool = False) -> torch.Tensor | SplitSums:
