@@ -32,8 +32,8 @@
 # TANDEM_DECODE_PROGRAMS_PER_SM=N its split count by batch (0: 16 splits at every batch);
 # TANDEM_SMALL_M=0 (TANDEM_GEMV_TMA=0) takes the decoder's products of up to 16 rows through cuBLAS
 # (the small-M kernels without TMA loads), TANDEM_GEMV_PREFETCH_K=N has them ask L2 for N columns
-# of their weight rows before they wait (TANDEM_GEMV_EARLY_CHUNK=1: load their first weight chunk
-# there), and up to TANDEM_SPLITS_IN_NORM_ROWS rows (1) the norms after them add their K splits in
+# of their weight rows before they wait (TANDEM_GEMV_EARLY_CHUNK=0: their first weight chunk
+# after the wait), and up to TANDEM_SPLITS_IN_NORM_ROWS rows (1) the norms after them add their K splits in
 # the norms' launches;
 # DETAILS=1 keeps each request's timings in the JSONs (serve_bench.py --output-details).
 set -euo pipefail

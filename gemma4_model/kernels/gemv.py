@@ -59,9 +59,11 @@ MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
 # 26B-A4B 4.6% at batch 1 and the same at 96 (bench/results/h100_220850e/, e4b_h200_c945b3a/).
 SMALL_M_ON = os.environ.get("TANDEM_SMALL_M", "1") != "0"
 PREFETCH_K = int(os.environ.get("TANDEM_GEMV_PREFETCH_K", "0"))
-# TANDEM_GEMV_EARLY_CHUNK=1: in a dependent launch each program loads its first weight chunk before
-# its wait (`GemvTiles.early_chunk`); off until timed
-EARLY_CHUNK = os.environ.get("TANDEM_GEMV_EARLY_CHUNK", "0") != "0"
+# In a dependent launch each program loads its first weight chunk before its wait (`GemvTiles.early_chunk`;
+# TANDEM_GEMV_EARLY_CHUNK=0: after it). On an H100 at 362c987 an E4B step took 4.63 / 4.63 ms at batch 1
+# against 4.69 / 4.70 without, 5.00 / 5.01 against 5.03 / 5.05 at batch 8, 5.45 against 5.47 at 16, and
+# the server's mean TPOT 4.64 against 4.70 ms (bench/results/h100_362c987/)
+EARLY_CHUNK = os.environ.get("TANDEM_GEMV_EARLY_CHUNK", "1") != "0"
 TMA_ON = os.environ.get("TANDEM_GEMV_TMA", "1") != "0"
 # Up to TANDEM_SPLITS_IN_NORM_ROWS rows (1 by default; 0: never) the norms after the q|k|v, o and
 # down products (the PLE tail's first launch too) add those products' K splits in their own launch
