@@ -29,7 +29,7 @@ from mtp_speed import Clock, copy_bandwidth, model_configs, step_bytes  # noqa: 
 
 from gemma4_model.engine import Engine, SchedulerLimits  # noqa: E402
 from gemma4_model.kernels.fused import PDL_ON  # noqa: E402
-from gemma4_model.kernels.gemv import EARLY_CHUNK, PREFETCH_K, SMALL_M_ON, SPLITS_IN_NORM_ROWS, TMA_ON  # noqa: E402
+from gemma4_model.kernels.gemv import EARLY_CHUNKS, PREFETCH_K, SMALL_M_ON, SPLITS_IN_NORM_ROWS, TMA_ON  # noqa: E402
 from gemma4_model.kernels.paged_attention import DECODE_TILES, MAX_SPLITS  # noqa: E402
 from gemma4_model.kernels.l2_prefetch import WeightPrefetch  # noqa: E402
 from gemma4_model.kv_cache import PagedKVCache  # noqa: E402
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "context": args.context, "copy_bandwidth_gbps": round(bandwidth, 1), "dependent_launch": PDL_ON,
         "tma_stages": DECODE_TILES.tma_stages, "programs_per_sm": DECODE_TILES.programs_per_sm,
         "split_keys": DECODE_TILES.split_keys, "max_splits": MAX_SPLITS,
-        "small_m_products": SMALL_M_ON, "gemv_prefetch_k": PREFETCH_K, "gemv_early_chunk": EARLY_CHUNK,
+        "small_m_products": SMALL_M_ON, "gemv_prefetch_k": PREFETCH_K, "gemv_early_chunks": EARLY_CHUNKS,
         "gemv_tma": TMA_ON,
         "splits_in_norm_rows": SPLITS_IN_NORM_ROWS,
         "timing": "wall clock of Engine.step between device synchronisations (batch build, forward, sampling); "

@@ -32,13 +32,13 @@
 # TANDEM_DECODE_PROGRAMS_PER_SM=N its split count by batch (0: 16 splits at every batch);
 # TANDEM_SMALL_M=0 (TANDEM_GEMV_TMA=0) takes the decoder's products of up to 16 rows through cuBLAS
 # (the small-M kernels without TMA loads), TANDEM_GEMV_PREFETCH_K=N has them ask L2 for N columns
-# of their weight rows before they wait (TANDEM_GEMV_EARLY_CHUNK=0: their first weight chunk
-# after the wait), and up to TANDEM_SPLITS_IN_NORM_ROWS rows (1) the norms after them add their K splits in
+# of their weight rows before they wait (TANDEM_GEMV_EARLY_CHUNKS=N, 1: load their first N
+# weight chunks before it), and up to TANDEM_SPLITS_IN_NORM_ROWS rows (1) the norms after them add their K splits in
 # the norms' launches;
 # DETAILS=1 keeps each request's timings in the JSONs (serve_bench.py --output-details).
 set -euo pipefail
 server_command="GPUS=${GPUS:-} PREPROCESS=${PREPROCESS:-} VISION_GPU=${VISION_GPU:-} GOODPUT_RATES='${GOODPUT_RATES:-}' GOODPUT_PROMPTS=${GOODPUT_PROMPTS:-} IMAGE_FRACTION=${IMAGE_FRACTION:-} TTFT_MS=${TTFT_MS:-} TPOT_MS=${TPOT_MS:-} SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} COMPILE_VISION=${COMPILE_VISION:-}\
- KV_PAGES=${KV_PAGES:-} PAGE_SIZE=${PAGE_SIZE:-} KV_DTYPE=${KV_DTYPE:-} PREFETCH_BS=${PREFETCH_BS:-} TANDEM_PDL=${TANDEM_PDL:-} TANDEM_TMA_STAGES=${TANDEM_TMA_STAGES:-} TANDEM_DECODE_PROGRAMS_PER_SM=${TANDEM_DECODE_PROGRAMS_PER_SM:-} TANDEM_SMALL_M=${TANDEM_SMALL_M:-} TANDEM_GEMV_TMA=${TANDEM_GEMV_TMA:-} TANDEM_SPLITS_IN_NORM_ROWS=${TANDEM_SPLITS_IN_NORM_ROWS:-} TANDEM_GEMV_PREFETCH_K=${TANDEM_GEMV_PREFETCH_K:-} TANDEM_GEMV_EARLY_CHUNK=${TANDEM_GEMV_EARLY_CHUNK:-} PROMPTS=${PROMPTS:-} DETAILS=${DETAILS:-} bash $0 $*"
+ KV_PAGES=${KV_PAGES:-} PAGE_SIZE=${PAGE_SIZE:-} KV_DTYPE=${KV_DTYPE:-} PREFETCH_BS=${PREFETCH_BS:-} TANDEM_PDL=${TANDEM_PDL:-} TANDEM_TMA_STAGES=${TANDEM_TMA_STAGES:-} TANDEM_DECODE_PROGRAMS_PER_SM=${TANDEM_DECODE_PROGRAMS_PER_SM:-} TANDEM_SMALL_M=${TANDEM_SMALL_M:-} TANDEM_GEMV_TMA=${TANDEM_GEMV_TMA:-} TANDEM_SPLITS_IN_NORM_ROWS=${TANDEM_SPLITS_IN_NORM_ROWS:-} TANDEM_GEMV_PREFETCH_K=${TANDEM_GEMV_PREFETCH_K:-} TANDEM_GEMV_EARLY_CHUNKS=${TANDEM_GEMV_EARLY_CHUNKS:-} PROMPTS=${PROMPTS:-} DETAILS=${DETAILS:-} bash $0 $*"
 out=${1:?output directory}
 key=${2:-gemma-4-E4B-it}
 commit=${3:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}

@@ -58,12 +58,12 @@ def test_cuda_bfloat16_default_model_answers_like_float32_cpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dependent,prefetch_k,tma,splits,early", [
-    (False, 0, False, False, False), (True, 0, False, False, False), (True, 2048, False, False, False),
-    (False, 0, True, False, False), (True, 0, True, True, False), (True, 0, True, True, True)])
+    (False, 0, False, False, 0), (True, 0, False, False, 0), (True, 2048, False, False, 0),
+    (False, 0, True, False, 0), (True, 0, True, True, 0), (True, 0, True, True, 1), (True, 0, True, True, 2)])
 def test_cuda_small_m_products_answer_like_cublas(monkeypatch, dependent, prefetch_k, tma, splits, early):
     """The decoder's products through `kernels.gemv` (TANDEM_SMALL_M), plain or dependent launches
-    with the L2 prefetch (TANDEM_PDL, TANDEM_GEMV_PREFETCH_K) or the first weight chunk loaded before
-    the wait (TANDEM_GEMV_EARLY_CHUNK) or tensor-descriptor loads (TANDEM_GEMV_TMA), or their K
+    with the L2 prefetch (TANDEM_PDL, TANDEM_GEMV_PREFETCH_K) or the first weight chunks loaded before
+    the wait (TANDEM_GEMV_EARLY_CHUNKS) or tensor-descriptor loads (TANDEM_GEMV_TMA), or their K
     splits added by the norms after them (TANDEM_SPLITS_IN_NORM_ROWS), CUDA graphs on: the trained
     model's answers that cuBLAS's products get right come out the same."""
     from transformers import AutoTokenizer
@@ -81,7 +81,7 @@ def test_cuda_small_m_products_answer_like_cublas(monkeypatch, dependent, prefet
     for small_m in (False, True):
         monkeypatch.setattr(gemv, "SMALL_M_ON", small_m)
         monkeypatch.setattr(gemv, "PREFETCH_K", prefetch_k)
-        monkeypatch.setattr(gemv, "EARLY_CHUNK", early)
+        monkeypatch.setattr(gemv, "EARLY_CHUNKS", early)
         monkeypatch.setattr(gemv, "TMA_ON", tma and small_m)
         monkeypatch.setattr(fused, "PDL_ON", dependent and small_m)
         monkeypatch.setattr(gemv, "SPLITS_IN_NORM_ROWS", gemv.MAX_ROWS if splits and small_m else 0)

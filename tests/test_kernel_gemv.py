@@ -42,11 +42,15 @@ INTERPRETED = [
     (40, 72, GemvTiles(8, 16, 3, tma=True)),  # tensor-descriptor loads: zeros past K, rows and N
     (33, 64, GemvTiles(16, 32, 2, tma=True)),
     (40, 70, GemvTiles(16, 32, 1, tma=True)),  # rows of 280 bytes, not 16-byte aligned: the gathering loads
-    # the first weight chunk loaded ahead (of the wait, where launches are dependent), then the loop: a
-    # split of one chunk (the last of 8-16-3's), K ragged, by either kernel
-    (40, 72, GemvTiles(8, 16, 3, early_chunk=True)),
-    (40, 72, GemvTiles(8, 16, 3, tma=True, early_chunk=True)),
-    (40, 70, GemvTiles(16, 32, 1, early_chunk=True)),
+    # the first weight chunks loaded ahead (of the wait, where launches are dependent), then the loop: a
+    # split of one chunk (the last of 8-16-3's; a second early chunk past it), K ragged, by either kernel
+    (40, 72, GemvTiles(8, 16, 3, early_chunks=1)),
+    (40, 72, GemvTiles(8, 16, 3, tma=True, early_chunks=1)),
+    (40, 70, GemvTiles(16, 32, 1, early_chunks=1)),
+    (40, 72, GemvTiles(8, 16, 3, early_chunks=2)),
+    (40, 72, GemvTiles(8, 16, 3, tma=True, early_chunks=2)),
+    (33, 64, GemvTiles(16, 16, 2, tma=True, early_chunks=2)),  # two chunks a split: the loop runs none
+    (40, 70, GemvTiles(16, 16, 1, early_chunks=2)),
 ]
 
 
@@ -199,7 +203,7 @@ def test_tiles_validation_and_defaults():
     for bad in (dict(block_n=12, block_k=64), dict(block_n=4, block_k=64), dict(block_n=16, block_k=8),
                 dict(block_n=16, block_k=64, split_k=0), dict(block_n=16, block_k=64, num_warps=3),
                 dict(block_n=16, block_k=64, prefetch_k=96), dict(block_n=16, block_k=64, prefetch_k=-64),
-                dict(block_n=16, block_k=512, tma=True)):
+                dict(block_n=16, block_k=512, tma=True), dict(block_n=16, block_k=64, early_chunks=3)):
         with pytest.raises(ValueError, match="GemvTiles"):
             GemvTiles(**bad)
     for (kind, rows, k), tiles in DEFAULT_TILES.items():
@@ -375,16 +379,17 @@ def test_gpu_dependent_chain_in_a_graph_gives_the_plain_launches_results():
     _, packed = case(3, 20480, 2560, dtype=torch.bfloat16, device="cuda", seed=3)
     _, w3 = case(3, 2560, 10240, dtype=torch.bfloat16, device="cuda", seed=4)
 
-    def chain(dependent, prefetch_k, tma=False, early=False):
-        more = dict(prefetch_k=prefetch_k, tma=tma, early_chunk=early)
+    def chain(dependent, prefetch_k, tma=False, early=0):
+        more = dict(prefetch_k=prefetch_k, tma=tma, early_chunks=early)
         h = small_m_linear(x, w1, GemvTiles(64, 256, 2, **more), dependent=dependent)
         h = small_m_linear(h[:, :2048], w2, GemvTiles(32, 256, 1, **more), dependent=dependent)
         h = small_m_gate_up_gelu(h, packed, GemvTiles(32, 256, 1, **more), dependent=dependent)
         return small_m_linear(h, w3, GemvTiles(64, 128, 4, **more), dependent=dependent)
 
-    variants = [(False, 0), (True, 0), (True, 1024), (True, 16384), (True, 0, False, True)]
+    variants = [(False, 0), (True, 0), (True, 1024), (True, 16384), (True, 0, False, 1), (True, 0, False, 2)]
     if fused.tma_capable(x):
-        variants += [(False, 0, True), (True, 0, True), (True, 512, True), (True, 16384, True), (True, 0, True, True)]
+        variants += [(False, 0, True), (True, 0, True), (True, 512, True), (True, 16384, True), (True, 0, True, 1),
+                     (True, 0, True, 2)]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -434,9 +439,9 @@ from triton.compiler import ASTSource
 from bench.attention_registers import ptxas_usage
 from gemma4_model.kernels.gemv import _gemv_tma_kernel as kernel
 
-def build(gate_up, partial, block_n=32, stages=4, prefetch=0, early=False):
+def build(gate_up, partial, block_n=32, stages=4, prefetch=0, early=0):
     const = dict(BLOCK_N=block_n, BLOCK_K=256, GATE_UP=gate_up, PARTIAL=partial, IEEE=False,
-                 PDL=prefetch > 0 or early, PREFETCH_K=prefetch, LINE=64, EARLY=early)
+                 PDL=prefetch > 0 or early > 0, PREFETCH_K=prefetch, LINE=64, EARLY=early)
     types = {a: "constexpr" if a in const else "tensordesc<bf16[16,256]>" if a == "x_desc"
              else f"tensordesc<bf16[{block_n},256]>" if a == "w_desc" else "*fp32" if a == "part_ptr"
              else "*bf16" if a.endswith("_ptr") else "i32" for a in kernel.arg_names}
@@ -451,7 +456,8 @@ def build(gate_up, partial, block_n=32, stages=4, prefetch=0, early=False):
 
 print(json.dumps({"linear": build(False, False), "split": build(False, True), "gate_up": build(True, False),
                   "prefetch": build(False, True, prefetch=512), "gate_up-prefetch": build(True, False, prefetch=512),
-                  "early": build(False, True, early=True), "gate_up-early": build(True, False, early=True)}))
+                  "early": build(False, True, early=1), "gate_up-early": build(True, False, early=1),
+                  "early2": build(False, True, early=2), "gate_up-early2": build(True, False, early=2)}))
 """
 
 
@@ -467,8 +473,9 @@ def test_tma_gemv_compiles_to_pipelined_tensor_loads():
     # dependent with TANDEM_GEMV_PREFETCH_K: the weight rows' L2 requests come before the wait
     assert got["prefetch"]["l2_prefetch_before_wait"] and got["gate_up-prefetch"]["l2_prefetch_before_wait"], got
     assert not got["linear"]["l2_prefetch_before_wait"], got
-    # with TANDEM_GEMV_EARLY_CHUNK the first weight chunk's copies (gate and up rows) are issued before the wait
+    # with TANDEM_GEMV_EARLY_CHUNKS the first weight chunks' copies (gate and up rows) are issued before the wait
     assert got["early"]["copies_before_wait"] >= 1 and got["gate_up-early"]["copies_before_wait"] >= 2, got
+    assert got["early2"]["copies_before_wait"] >= 2 and got["gate_up-early2"]["copies_before_wait"] >= 4, got
     assert got["prefetch"]["copies_before_wait"] == 0 and got["gate_up-prefetch"]["copies_before_wait"] == 0, got
 
 
@@ -478,10 +485,10 @@ def test_decode_tiles_load_through_descriptors_only_where_tma_is(monkeypatch):
     w = torch.zeros(2560, 2048, dtype=torch.bfloat16)
     monkeypatch.setattr(gemv, "TMA_ON", True)
     monkeypatch.setattr(gemv, "PREFETCH_K", 512)
-    monkeypatch.setattr(gemv, "EARLY_CHUNK", True)
+    monkeypatch.setattr(gemv, "EARLY_CHUNKS", 2)
     assert gemv._decode_tiles("linear", w).tma and gemv._decode_tiles("linear", w).prefetch_k == 512
-    assert gemv._decode_tiles("linear", w).early_chunk
+    assert gemv._decode_tiles("linear", w).early_chunks == 2
     monkeypatch.setattr(gemv, "tma_capable", lambda t: False)
     tiles = gemv._decode_tiles("linear", w)
     assert not tiles.tma and tiles == replace(gemv.default_tiles("linear", 2560, 2048, w.dtype),
-                                              prefetch_k=gemv.PREFETCH_K, early_chunk=True)
+                                              prefetch_k=gemv.PREFETCH_K, early_chunks=2)

@@ -59,11 +59,11 @@ MAX_ROWS = 16  # the most rows these kernels take (one tensor-core tile of rows)
 # 26B-A4B 4.6% at batch 1 and the same at 96 (bench/results/h100_220850e/, e4b_h200_c945b3a/).
 SMALL_M_ON = os.environ.get("TANDEM_SMALL_M", "1") != "0"
 PREFETCH_K = int(os.environ.get("TANDEM_GEMV_PREFETCH_K", "0"))
-# In a dependent launch each program loads its first weight chunk before its wait (`GemvTiles.early_chunk`;
-# TANDEM_GEMV_EARLY_CHUNK=0: after it). On an H100 at 362c987 an E4B step took 4.63 / 4.63 ms at batch 1
-# against 4.69 / 4.70 without, 5.00 / 5.01 against 5.03 / 5.05 at batch 8, 5.45 against 5.47 at 16, and
-# the server's mean TPOT 4.64 against 4.70 ms (bench/results/h100_362c987/)
-EARLY_CHUNK = os.environ.get("TANDEM_GEMV_EARLY_CHUNK", "1") != "0"
+# In a dependent launch each program loads its first TANDEM_GEMV_EARLY_CHUNKS weight chunks (1 by default,
+# at most 2; 0: none) before its wait (`GemvTiles.early_chunks`). On an H100 at 362c987 an E4B step took
+# 4.63 / 4.63 ms at batch 1 with one against 4.69 / 4.70 without, 5.00 / 5.01 against 5.03 / 5.05 at batch
+# 8, 5.45 against 5.47 at 16, and the server's mean TPOT 4.64 against 4.70 ms (bench/results/h100_362c987/)
+EARLY_CHUNKS = int(os.environ.get("TANDEM_GEMV_EARLY_CHUNKS", "1"))
 TMA_ON = os.environ.get("TANDEM_GEMV_TMA", "1") != "0"
 # Up to TANDEM_SPLITS_IN_NORM_ROWS rows (1 by default; 0: never) the norms after the q|k|v, o and
 # down products (the PLE tail's first launch too) add those products' K splits in their own launch
@@ -80,9 +80,9 @@ class GemvTiles:
     """One launch configuration: output columns per program, K per loop step, programs per column
     block along K (1: no split), warps per program, the depth of the load pipeline, and in a
     programmatically dependent launch the K columns of its weight rows each program asks L2 for
-    before it waits for the launch before it (0: none; at most its split's columns), and with
-    `early_chunk` there each program loads its first [block_n, block_k] weight chunk before that
-    wait (the weight is no launch's output), so those bytes move while the launch before drains.
+    before it waits for the launch before it (0: none; at most its split's columns), and the
+    [block_n, block_k] weight chunks each program loads before that wait, 0 to 2 (the weight is no
+    launch's output: those bytes move while the launch before drains).
     With `tma` the weight's [block_n, block_k] chunks and x's [16, block_k] ones are
     tensor-descriptor loads (bulk copies by the tensor memory accelerator, `_gemv_tma_kernel`)
     where the strides allow it (16-byte aligned rows)."""
@@ -94,7 +94,7 @@ class GemvTiles:
     num_stages: int = 3
     prefetch_k: int = 0
     tma: bool = False
-    early_chunk: bool = False
+    early_chunks: int = 0
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "num_warps"):
@@ -105,6 +105,8 @@ class GemvTiles:
             raise ValueError(f"GemvTiles needs block_n >= 8 and block_k >= 16, got {self}")
         if self.prefetch_k < 0 or self.prefetch_k & (self.prefetch_k - 1):
             raise ValueError(f"GemvTiles.prefetch_k must be 0 or a power of two, got {self.prefetch_k}")
+        if self.early_chunks not in (0, 1, 2):
+            raise ValueError(f"GemvTiles.early_chunks is 0, 1 or 2, got {self.early_chunks}")
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError(f"GemvTiles needs split_k >= 1 and num_stages >= 1, got {self}")
         if self.tma and (self.block_k > 256 or self.block_n > 256):
@@ -211,8 +213,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offse
     at weight row N (`up_offset` elements on) and the output is gelu_tanh(gate) * up. With PDL the
     program may start while the launch before it drains: it first asks L2 for the first
     PREFETCH_K columns of its weight rows (one request per LINE elements, 128 bytes), which no
-    launch writes, and with EARLY loads its first weight chunk; it waits for the launch before it
-    only then, before it reads x."""
+    launch writes, and loads its first EARLY weight chunks (0 to 2; a second past its split reads as
+    zeros); it waits for the launch before it only then, before it reads x."""
     _pdl_release(PDL)
     split = tl.program_id(1)
     rows = tl.arange(0, _ROWS)
@@ -228,18 +230,30 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offse
     x_ptrs = x_ptr + x_rows[:, None] * stride_x + (k_lo + offs_k)[None, :]
     w_ptrs = w_ptr + w_rows[:, None] * stride_w + (k_lo + offs_k)[None, :]
     _prefetch_weight_rows(w_ptr, w_rows, stride_w, up_offset, k_lo, k_hi, GATE_UP, PREFETCH_K, LINE)
-    if EARLY:
+    if EARLY >= 1:
         w_first = _load_chunk(w_ptrs, k_lo, offs_k, K, EVEN_K)
         w_first_up = _load_chunk(w_ptrs + up_offset, k_lo, offs_k, K, EVEN_K) if GATE_UP else w_first
+    if EARLY >= 2:  # masked at the split's end (a split may hold one chunk)
+        w_second = _load_chunk(w_ptrs + BLOCK_K, k_lo + BLOCK_K, offs_k, k_hi, False)
+        w_second_up = _load_chunk(w_ptrs + BLOCK_K + up_offset, k_lo + BLOCK_K, offs_k, k_hi, False) if GATE_UP \
+            else w_second
     _pdl_wait(PDL)
     acc = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
     k_start = k_lo
-    if EARLY:  # the first chunk's products, then the loop from the second
+    if EARLY >= 1:  # the early chunks' products, then the loop from the next
         x = _load_chunk(x_ptrs, k_lo, offs_k, K, EVEN_K)
         acc += _dot(x, tl.trans(w_first), IEEE)
         if GATE_UP:
             acc_up += _dot(x, tl.trans(w_first_up), IEEE)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        k_start += BLOCK_K
+    if EARLY >= 2:
+        x = _load_chunk(x_ptrs, k_start, offs_k, k_hi, False)
+        acc += _dot(x, tl.trans(w_second), IEEE)
+        if GATE_UP:
+            acc_up += _dot(x, tl.trans(w_second_up), IEEE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         k_start += BLOCK_K
@@ -258,8 +272,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offse
 
 @triton.jit
 def _load_chunk(ptrs, k0, offs_k, K, EVEN_K: tl.constexpr):
-    """The chunk at `ptrs` (columns k0 + offs_k): unmasked with EVEN_K, else zeros past K (splits
-    start on whole chunks: only K's end is ragged)."""
+    """The chunk at `ptrs` (columns k0 + offs_k): unmasked with EVEN_K, else zeros from column K on
+    (splits start on whole chunks: in the loop only K's end is ragged)."""
     if EVEN_K:
         return tl.load(ptrs)
     return tl.load(ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
@@ -294,8 +308,8 @@ def _gemv_tma_kernel(x_desc, w_desc, w_ptr, out_ptr, part_ptr, M, N, K, k_per_sp
     box N rows below the gate rows'. Whatever lies outside a descriptor reads as zeros (x's padding
     rows, K past its end), so no load takes a mask; a gate box past row N reads up rows, whose
     columns are never stored. With PDL and PREFETCH_K the program first asks L2 for the first
-    PREFETCH_K columns of its weight rows through `w_ptr` (as `_gemv_kernel`), and with EARLY
-    loads its first weight chunk (boxes), then waits."""
+    PREFETCH_K columns of its weight rows through `w_ptr` (as `_gemv_kernel`), and loads its
+    first EARLY weight chunks (boxes; a second past its split is zeroed through x), then waits."""
     _pdl_release(PDL)
     split = tl.program_id(1)
     rows = tl.arange(0, _ROWS)
@@ -305,18 +319,28 @@ def _gemv_tma_kernel(x_desc, w_desc, w_ptr, out_ptr, part_ptr, M, N, K, k_per_sp
     k_hi = tl.minimum(K, k_lo + k_per_split)
     _prefetch_weight_rows(w_ptr, tl.minimum(offs_n, N - 1).to(tl.int64), stride_w, N * stride_w, k_lo, k_hi, GATE_UP,
                           PREFETCH_K, LINE)
-    if EARLY:
+    if EARLY >= 1:
         w_first = w_desc.load([n0, k_lo])
         w_first_up = w_desc.load([N + n0, k_lo]) if GATE_UP else w_first
+    if EARLY >= 2:
+        w_second = w_desc.load([n0, k_lo + BLOCK_K])
+        w_second_up = w_desc.load([N + n0, k_lo + BLOCK_K]) if GATE_UP else w_second
     _pdl_wait(PDL)
     acc = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([_ROWS, BLOCK_N], dtype=tl.float32)
     k_start = k_lo
-    if EARLY:  # the first chunk's products, then the loop from the second
+    if EARLY >= 1:  # the early chunks' products, then the loop from the next
         x = x_desc.load([0, k_lo])
         acc += _dot(x, tl.trans(w_first), IEEE)
         if GATE_UP:
             acc_up += _dot(x, tl.trans(w_first_up), IEEE)
+        k_start += BLOCK_K
+    if EARLY >= 2:  # x's columns past the split (the next split's) zeroed
+        x = x_desc.load([0, k_start])
+        x = tl.where((k_start + tl.arange(0, BLOCK_K))[None, :] < k_hi, x, 0.0)
+        acc += _dot(x, tl.trans(w_second), IEEE)
+        if GATE_UP:
+            acc_up += _dot(x, tl.trans(w_second_up), IEEE)
         k_start += BLOCK_K
     for k0 in range(k_start, k_hi, BLOCK_K):
         x = x_desc.load([0, k0])
@@ -400,7 +424,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int, til
     line = max(1, 128 // w.element_size())
     prefetch_k = min(tiles.prefetch_k, _pow2(k_per_split)) if on else 0
     prefetch_k = prefetch_k if prefetch_k >= line else 0  # at least one 128-byte line
-    early = tiles.early_chunk  # without a wait, the same loop with its first chunk peeled
+    early = tiles.early_chunks  # without a wait, the same loop with its first chunks peeled
     grid = (triton.cdiv(n_out, tiles.block_n), splits)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if tiles.tma and _descriptor_ready(x, w):
@@ -476,7 +500,7 @@ def _decode_tiles(kind: str, w: torch.Tensor) -> GemvTiles:
     tiles = default_tiles(kind, w.shape[0], w.shape[1], w.dtype)
     if TMA_ON and tma_capable(w):
         tiles = replace(tiles, block_k=min(tiles.block_k, 256), tma=True)
-    return replace(tiles, prefetch_k=PREFETCH_K, early_chunk=EARLY_CHUNK)
+    return replace(tiles, prefetch_k=PREFETCH_K, early_chunks=EARLY_CHUNKS)
 
 
 def decode_linear(x: torch.Tensor, w: torch.Tensor, norm_next: bool = False) -> torch.Tensor | SplitSums:
