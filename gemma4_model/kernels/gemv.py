@@ -243,17 +243,13 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offse
     k_start = k_lo
     if EARLY >= 1:  # the early chunks' products, then the loop from the next
         x = _load_chunk(x_ptrs, k_lo, offs_k, K, EVEN_K)
-        acc += _dot(x, tl.trans(w_first), IEEE)
-        if GATE_UP:
-            acc_up += _dot(x, tl.trans(w_first_up), IEEE)
+        acc, acc_up = _add_products(acc, acc_up, x, w_first, w_first_up, GATE_UP, IEEE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         k_start += BLOCK_K
     if EARLY >= 2:
         x = _load_chunk(x_ptrs, k_start, offs_k, k_hi, False)
-        acc += _dot(x, tl.trans(w_second), IEEE)
-        if GATE_UP:
-            acc_up += _dot(x, tl.trans(w_second_up), IEEE)
+        acc, acc_up = _add_products(acc, acc_up, x, w_second, w_second_up, GATE_UP, IEEE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         k_start += BLOCK_K
@@ -261,13 +257,20 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, up_offse
         x = _load_chunk(x_ptrs, k0, offs_k, K, EVEN_K)
         w = _load_chunk(w_ptrs, k0, offs_k, K, EVEN_K)
         w_up = _load_chunk(w_ptrs + up_offset, k0, offs_k, K, EVEN_K) if GATE_UP else w
-        acc += _dot(x, tl.trans(w), IEEE)
-        if GATE_UP:
-            acc_up += _dot(x, tl.trans(w_up), IEEE)
+        acc, acc_up = _add_products(acc, acc_up, x, w, w_up, GATE_UP, IEEE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     _store_products(acc, acc_up, out_ptr, part_ptr, rows, offs_n, row_ok[:, None] & n_ok[None, :], split, M, N,
                     stride_o, GATE_UP, PARTIAL)
+
+
+@triton.jit
+def _add_products(acc, acc_up, x, w, w_up, GATE_UP: tl.constexpr, IEEE: tl.constexpr):
+    """acc + x @ w.T, and with GATE_UP acc_up + x @ w_up.T (one K chunk's products)."""
+    acc += _dot(x, tl.trans(w), IEEE)
+    if GATE_UP:
+        acc_up += _dot(x, tl.trans(w_up), IEEE)
+    return acc, acc_up
 
 
 @triton.jit
@@ -331,16 +334,11 @@ def _gemv_tma_kernel(x_desc, w_desc, w_ptr, out_ptr, part_ptr, M, N, K, k_per_sp
     k_start = k_lo
     if EARLY >= 1:  # the early chunks' products, then the loop from the next
         x = x_desc.load([0, k_lo])
-        acc += _dot(x, tl.trans(w_first), IEEE)
-        if GATE_UP:
-            acc_up += _dot(x, tl.trans(w_first_up), IEEE)
+        acc, acc_up = _add_products(acc, acc_up, x, w_first, w_first_up, GATE_UP, IEEE)
         k_start += BLOCK_K
     if EARLY >= 2:  # x's columns past the split (the next split's) zeroed
-        x = x_desc.load([0, k_start])
-        x = tl.where((k_start + tl.arange(0, BLOCK_K))[None, :] < k_hi, x, 0.0)
-        acc += _dot(x, tl.trans(w_second), IEEE)
-        if GATE_UP:
-            acc_up += _dot(x, tl.trans(w_second_up), IEEE)
+        x = tl.where((k_start + tl.arange(0, BLOCK_K))[None, :] < k_hi, x_desc.load([0, k_start]), 0.0)
+        acc, acc_up = _add_products(acc, acc_up, x, w_second, w_second_up, GATE_UP, IEEE)
         k_start += BLOCK_K
     for k0 in range(k_start, k_hi, BLOCK_K):
         x = x_desc.load([0, k0])
