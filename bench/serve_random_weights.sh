@@ -32,9 +32,9 @@
 # TANDEM_DECODE_PROGRAMS_PER_SM=N its split count by batch (0: 16 splits at every batch);
 # TANDEM_SMALL_M=0 (TANDEM_GEMV_TMA=0) takes the decoder's products of up to 16 rows through cuBLAS
 # (the small-M kernels without TMA loads), TANDEM_GEMV_PREFETCH_K=N has them ask L2 for N columns
-# of their weight rows before they wait (TANDEM_GEMV_EARLY_CHUNKS=N, 1: load their first N
-# weight chunks before it), and up to TANDEM_SPLITS_IN_NORM_ROWS rows (1) the norms after them add their K splits in
-# the norms' launches;
+# of their weight rows before they wait and TANDEM_GEMV_EARLY_CHUNKS=N (1) load their first N weight
+# chunks there, and up to TANDEM_SPLITS_IN_NORM_ROWS rows (1) the norms after them add their K
+# splits in the norms' launches;
 # DETAILS=1 keeps each request's timings in the JSONs (serve_bench.py --output-details).
 set -euo pipefail
 server_command="GPUS=${GPUS:-} PREPROCESS=${PREPROCESS:-} VISION_GPU=${VISION_GPU:-} GOODPUT_RATES='${GOODPUT_RATES:-}' GOODPUT_PROMPTS=${GOODPUT_PROMPTS:-} IMAGE_FRACTION=${IMAGE_FRACTION:-} TTFT_MS=${TTFT_MS:-} TPOT_MS=${TPOT_MS:-} SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} COMPILE_VISION=${COMPILE_VISION:-}\

@@ -479,6 +479,23 @@ def test_tma_gemv_compiles_to_pipelined_tensor_loads():
     assert got["prefetch"]["copies_before_wait"] == 0 and got["gate_up-prefetch"]["copies_before_wait"] == 0, got
 
 
+def test_early_chunks_switch_is_checked_at_import():
+    """TANDEM_GEMV_EARLY_CHUNKS is read once, at import: 0 to 2 are taken, anything else stops the
+    import with a message naming the switch (not a tiles error at the first decode step)."""
+    import os
+    import subprocess
+    import sys
+
+    def imported(value):
+        env = {**os.environ, "TANDEM_GEMV_EARLY_CHUNKS": value}
+        return subprocess.run([sys.executable, "-c", "import gemma4_model.kernels.gemv as g; print(g.EARLY_CHUNKS)"],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    assert imported("2").stdout.strip() == "2"
+    bad = imported("3")
+    assert bad.returncode != 0 and "TANDEM_GEMV_EARLY_CHUNKS takes 0, 1 or 2, got 3" in bad.stderr
+
+
 def test_decode_tiles_load_through_descriptors_only_where_tma_is(monkeypatch):
     """TANDEM_GEMV_TMA picks the TMA kernel's tiles only on a device with TMA (`fused.tma_capable`);
     elsewhere the gathering kernel's, with the prefetch setting."""

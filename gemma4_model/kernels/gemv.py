@@ -64,6 +64,8 @@ PREFETCH_K = int(os.environ.get("TANDEM_GEMV_PREFETCH_K", "0"))
 # 4.63 / 4.63 ms at batch 1 with one against 4.69 / 4.70 without, 5.00 / 5.01 against 5.03 / 5.05 at batch
 # 8, 5.45 against 5.47 at 16, and the server's mean TPOT 4.64 against 4.70 ms (bench/results/h100_362c987/)
 EARLY_CHUNKS = int(os.environ.get("TANDEM_GEMV_EARLY_CHUNKS", "1"))
+if EARLY_CHUNKS not in (0, 1, 2):
+    raise ValueError(f"TANDEM_GEMV_EARLY_CHUNKS takes 0, 1 or 2, got {EARLY_CHUNKS}")
 TMA_ON = os.environ.get("TANDEM_GEMV_TMA", "1") != "0"
 # Up to TANDEM_SPLITS_IN_NORM_ROWS rows (1 by default; 0: never) the norms after the q|k|v, o and
 # down products (the PLE tail's first launch too) add those products' K splits in their own launch
