@@ -36,7 +36,8 @@ def constexprs(head_dim: int, block_n: int, block_dk: int, prefetch_v: bool) -> 
     block_dk = min(d_pad, block_dk or 256)
     return dict(HEAD_DIM=head_dim, REP=2, REP_PAD=2, BLOCK_M=16, BLOCK_N=block_n, BLOCK_DK=block_dk,
                 NUM_DK=d_pad // block_dk, BLOCK_DV=d_pad, NUM_DV=1, PAGE=16, SPAN_MODE=0, NUM_SPLITS=16,
-                SPLIT_KEYS=64, SPLIT_PROGRAMS=16, IEEE=False, PREFETCH_V=prefetch_v, PDL=False, MMA_FP16=False)
+                SPLIT_KEYS=64, SPLIT_PROGRAMS=16, IEEE=False, PREFETCH_V=prefetch_v, PDL=False, MMA_FP16=False,
+                EARLY_META=False)
 
 
 def launch_alignment(kernel, const: dict) -> dict:

@@ -142,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "context": args.context, "copy_bandwidth_gbps": round(bandwidth, 1), "dependent_launch": PDL_ON,
         "tma_stages": DECODE_TILES.tma_stages, "programs_per_sm": DECODE_TILES.programs_per_sm,
         "split_keys": DECODE_TILES.split_keys, "max_splits": MAX_SPLITS,
+        "attention_early_metadata": DECODE_TILES.early_metadata,
         "small_m_products": SMALL_M_ON, "gemv_prefetch_k": PREFETCH_K, "gemv_early_chunks": EARLY_CHUNKS,
         "gemv_tma": TMA_ON,
         "splits_in_norm_rows": SPLITS_IN_NORM_ROWS,

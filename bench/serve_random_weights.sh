@@ -29,7 +29,8 @@
 # and counts the requests meeting TTFT_MS (1000) and TPOT_MS (30): the targets, stated before the run;
 # TANDEM_PDL=0 (inherited by the actors) launches the decode path's Triton kernels independently;
 # TANDEM_TMA_STAGES=N sets the decode attention's TMA pages in flight (0: off) and
-# TANDEM_DECODE_PROGRAMS_PER_SM=N its split count by batch (0: 16 splits at every batch);
+# TANDEM_DECODE_PROGRAMS_PER_SM=N its split count by batch (0: 16 splits at every batch),
+# TANDEM_ATTENTION_EARLY_METADATA=1 its metadata read before its dependent wait;
 # TANDEM_SMALL_M=0 (TANDEM_GEMV_TMA=0) takes the decoder's products of up to 16 rows through cuBLAS
 # (the small-M kernels without TMA loads), TANDEM_GEMV_PREFETCH_K=N has them ask L2 for N columns
 # of their weight rows before they wait and TANDEM_GEMV_EARLY_CHUNKS=N (1) load their first N weight
@@ -38,7 +39,7 @@
 # DETAILS=1 keeps each request's timings in the JSONs (serve_bench.py --output-details).
 set -euo pipefail
 server_command="GPUS=${GPUS:-} PREPROCESS=${PREPROCESS:-} VISION_GPU=${VISION_GPU:-} GOODPUT_RATES='${GOODPUT_RATES:-}' GOODPUT_PROMPTS=${GOODPUT_PROMPTS:-} IMAGE_FRACTION=${IMAGE_FRACTION:-} TTFT_MS=${TTFT_MS:-} TPOT_MS=${TPOT_MS:-} SPLIT=${SPLIT:-} RUNS='${RUNS:-}' TRACE=${TRACE:-} PYSPY_S=${PYSPY_S:-} COMPILE_VISION=${COMPILE_VISION:-}\
- KV_PAGES=${KV_PAGES:-} PAGE_SIZE=${PAGE_SIZE:-} KV_DTYPE=${KV_DTYPE:-} PREFETCH_BS=${PREFETCH_BS:-} TANDEM_PDL=${TANDEM_PDL:-} TANDEM_TMA_STAGES=${TANDEM_TMA_STAGES:-} TANDEM_DECODE_PROGRAMS_PER_SM=${TANDEM_DECODE_PROGRAMS_PER_SM:-} TANDEM_SMALL_M=${TANDEM_SMALL_M:-} TANDEM_GEMV_TMA=${TANDEM_GEMV_TMA:-} TANDEM_SPLITS_IN_NORM_ROWS=${TANDEM_SPLITS_IN_NORM_ROWS:-} TANDEM_GEMV_PREFETCH_K=${TANDEM_GEMV_PREFETCH_K:-} TANDEM_GEMV_EARLY_CHUNKS=${TANDEM_GEMV_EARLY_CHUNKS:-} PROMPTS=${PROMPTS:-} DETAILS=${DETAILS:-} bash $0 $*"
+ KV_PAGES=${KV_PAGES:-} PAGE_SIZE=${PAGE_SIZE:-} KV_DTYPE=${KV_DTYPE:-} PREFETCH_BS=${PREFETCH_BS:-} TANDEM_PDL=${TANDEM_PDL:-} TANDEM_TMA_STAGES=${TANDEM_TMA_STAGES:-} TANDEM_DECODE_PROGRAMS_PER_SM=${TANDEM_DECODE_PROGRAMS_PER_SM:-} TANDEM_ATTENTION_EARLY_METADATA=${TANDEM_ATTENTION_EARLY_METADATA:-} TANDEM_SMALL_M=${TANDEM_SMALL_M:-} TANDEM_GEMV_TMA=${TANDEM_GEMV_TMA:-} TANDEM_SPLITS_IN_NORM_ROWS=${TANDEM_SPLITS_IN_NORM_ROWS:-} TANDEM_GEMV_PREFETCH_K=${TANDEM_GEMV_PREFETCH_K:-} TANDEM_GEMV_EARLY_CHUNKS=${TANDEM_GEMV_EARLY_CHUNKS:-} PROMPTS=${PROMPTS:-} DETAILS=${DETAILS:-} bash $0 $*"
 out=${1:?output directory}
 key=${2:-gemma-4-E4B-it}
 commit=${3:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}

@@ -57,21 +57,26 @@ def test_cuda_bfloat16_default_model_answers_like_float32_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dependent,prefetch_k,tma,splits,early", [
-    (False, 0, False, False, 0), (True, 0, False, False, 0), (True, 2048, False, False, 0),
-    (False, 0, True, False, 0), (True, 0, True, True, 0), (True, 0, True, True, 1), (True, 0, True, True, 2)])
-def test_cuda_small_m_products_answer_like_cublas(monkeypatch, dependent, prefetch_k, tma, splits, early):
+@pytest.mark.parametrize("dependent,prefetch_k,tma,splits,early,early_metadata", [
+    (False, 0, False, False, 0, False), (True, 0, False, False, 0, False), (True, 2048, False, False, 0, False),
+    (False, 0, True, False, 0, False), (True, 0, True, True, 0, False), (True, 0, True, True, 1, False),
+    (True, 0, True, True, 2, False), (True, 0, True, True, 1, True)])
+def test_cuda_small_m_products_answer_like_cublas(monkeypatch, dependent, prefetch_k, tma, splits, early,
+                                                  early_metadata):
     """The decoder's products through `kernels.gemv` (TANDEM_SMALL_M), plain or dependent launches
     with the L2 prefetch (TANDEM_PDL, TANDEM_GEMV_PREFETCH_K) or the first weight chunks loaded before
     the wait (TANDEM_GEMV_EARLY_CHUNKS) or tensor-descriptor loads (TANDEM_GEMV_TMA), or their K
-    splits added by the norms after them (TANDEM_SPLITS_IN_NORM_ROWS), CUDA graphs on: the trained
-    model's answers that cuBLAS's products get right come out the same."""
+    splits added by the norms after them (TANDEM_SPLITS_IN_NORM_ROWS), and attention reading its
+    metadata before its wait (TANDEM_ATTENTION_EARLY_METADATA), CUDA graphs on: the trained model's
+    answers that cuBLAS's products get right come out the same."""
     from transformers import AutoTokenizer
 
     from default_model import CHECKPOINT
     from default_model.formatting import Renderer, answer_text
     from default_model.tasks import make_set
-    from gemma4_model.kernels import fused, gemv
+    from dataclasses import replace
+
+    from gemma4_model.kernels import fused, gemv, paged_attention
 
     tok = AutoTokenizer.from_pretrained(CHECKPOINT)
     instances = make_set(11, 12, heldout=True, kinds=("add", "copy", "reverse", "json"))
@@ -82,6 +87,8 @@ def test_cuda_small_m_products_answer_like_cublas(monkeypatch, dependent, prefet
         monkeypatch.setattr(gemv, "SMALL_M_ON", small_m)
         monkeypatch.setattr(gemv, "PREFETCH_K", prefetch_k)
         monkeypatch.setattr(gemv, "EARLY_CHUNKS", early)
+        monkeypatch.setattr(paged_attention, "DECODE_TILES",
+                            replace(paged_attention.DECODE_TILES, early_metadata=early_metadata and small_m))
         monkeypatch.setattr(gemv, "TMA_ON", tma and small_m)
         monkeypatch.setattr(fused, "PDL_ON", dependent and small_m)
         monkeypatch.setattr(gemv, "SPLITS_IN_NORM_ROWS", gemv.MAX_ROWS if splits and small_m else 0)

@@ -44,17 +44,21 @@ def build(fn, constexprs, kv="*bf16", warps=4, stages=2):
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
                                                                                  "num_stages": stages})
     ptx = compiled.asm["ptx"]
-    return [len(compiled.asm["cubin"]), "mma" in ptx and (not constexprs["PDL"] or "griddepcontrol.wait" in ptx)]
+    ok = "mma" in ptx and (not constexprs["PDL"] or "griddepcontrol.wait" in ptx)
+    if constexprs["EARLY_META"]:  # the metadata's loads come before the wait, q's and the cache's after it
+        wait = ptx.find("griddepcontrol.wait")
+        ok = ok and 0 < ptx.find("ld.global") < wait and "mma" in ptx[wait:]
+    return [len(compiled.asm["cubin"]), ok]
 
 def attention(head_dim, block_m, block_n, splits, programs, span_mode=0, split_keys=64, pdl=False, prefetch_v=False,
-              fp16=False):
+              fp16=False, early=False):
     d_pad = max(16, triton.next_power_of_2(head_dim))
     block_dk = min(d_pad, 256)
     block_dv = d_pad if block_m <= 16 else min(d_pad, 256)
     return dict(HEAD_DIM=head_dim, REP=2, REP_PAD=2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk,
                 NUM_DK=d_pad // block_dk, BLOCK_DV=block_dv, NUM_DV=d_pad // block_dv, PAGE=16, SPAN_MODE=span_mode,
                 NUM_SPLITS=splits, SPLIT_KEYS=split_keys, SPLIT_PROGRAMS=programs, IEEE=False, PREFETCH_V=prefetch_v,
-                PDL=pdl, MMA_FP16=fp16)
+                PDL=pdl, MMA_FP16=fp16, EARLY_META=early)
 
 built = {
     "decode-256": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 16)),
@@ -63,6 +67,9 @@ built = {
     "decode-512-default": build(pa._paged_attention_kernel, attention(512, 16, 32, 16, 16, prefetch_v=True), stages=1),
     "decode-256-programs4": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 4, split_keys=256)),
     "decode-256-pdl": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 16, pdl=True)),
+    "decode-256-pdl-early-metadata": build(pa._paged_attention_kernel,
+                                           attention(256, 16, 32, 16, 16, pdl=True, prefetch_v=True, early=True),
+                                           stages=1),
     "decode-512-programs4": build(pa._paged_attention_kernel, attention(512, 16, 32, 16, 4)),
     "decode-256-fp8": build(pa._paged_attention_kernel, attention(256, 16, 64, 16, 4), kv="*fp8e4nv"),
     "decode-256-fp8-fp16": build(pa._paged_attention_kernel, attention(256, 16, 32, 16, 16, prefetch_v=True, fp16=True),
@@ -100,7 +107,7 @@ print(json.dumps(built))
 @pytest.mark.skipif(not _ptxas(), reason="this Triton build ships no ptxas to compile for sm_90 with")
 def test_attention_and_prefetch_kernels_compile_for_sm90():
     built = compile_in_subprocess(SCRIPT)
-    assert len(built) == 16
+    assert len(built) == 17
     # tensor cores (attention); the prefetch's L2 loads; the dependent-launch instructions (PDL variants)
     assert all(size > 1000 and ok for size, ok in built.values()), built
 
@@ -137,9 +144,9 @@ from gemma4_model.kernels.paged_attention import _paged_decode_tma_kernel as ker
 INT32 = {"tables_ptr", "positions_ptr", "schedule_ptr", "query_starts_ptr", "kv_lens_ptr"}
 ALIGNED = {"q_ptr", "out_ptr", "part_ptr", "lse_ptr", "stride_qt", "stride_qh", "stride_ot", "stride_oh", "num_heads"}
 
-def build(kv, fp16, head_dim=256):
+def build(kv, fp16, head_dim=256, early=False):
     const = dict(HEAD_DIM=head_dim, BOX_D=min(head_dim, 256), REP=2, REP_PAD=2, BLOCK_M=16, PAGE=16, NUM_SPLITS=16,
-                 SPLIT_KEYS=64, IEEE=False, PDL=False, MMA_FP16=fp16)
+                 SPLIT_KEYS=64, IEEE=False, PDL=early, MMA_FP16=fp16, EARLY_META=early)
     types = {a: "constexpr" if a in const else "*i32" if a in INT32 else "*fp32" if a in ("part_ptr", "lse_ptr")
              else f"tensordesc<{kv}[16,256]>" if a.endswith("_desc") else "*bf16" if a.endswith("_ptr") else "i32"
              for a in kernel.arg_names}
@@ -147,10 +154,13 @@ def build(kv, fp16, head_dim=256):
     compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=const, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     ptx = compiled.asm["ptx"]
-    return {"tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "mma": "mma" in ptx, **ptxas_usage(ptx)}
+    wait = ptx.find("griddepcontrol.wait")
+    return {"tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), "mma": "mma" in ptx,
+            "metadata_before_wait": 0 < ptx.find("ld.global") < wait, "copies_after_wait": "cp.async.bulk" in ptx[wait:],
+            **ptxas_usage(ptx)}
 
 print(json.dumps({"bf16": build("bf16", False), "fp8": build("fp8e4nv", False), "fp8-fp16": build("fp8e4nv", True),
-                  "bf16-512": build("bf16", False, 512)}))
+                  "bf16-512": build("bf16", False, 512), "bf16-512-early-metadata": build("bf16", False, 512, True)}))
 """
 
 
@@ -165,3 +175,6 @@ def test_tma_decode_kernel_compiles_to_pipelined_tensor_loads():
         assert variant["tma_loads"] > 2 and variant["mma"], got
         assert variant["spill_store_bytes"] == 0 and (variant["registers"] < 162 or name.startswith("bf16-512")), got
     assert got["bf16-512"]["tma_loads"] > got["bf16"]["tma_loads"] and got["bf16-512"]["registers"] < 255, got
+    # with DecodeTiles.early_metadata the rows' metadata is read before the dependent wait, the pages after it
+    early = got["bf16-512-early-metadata"]
+    assert early["metadata_before_wait"] and early["copies_after_wait"], got

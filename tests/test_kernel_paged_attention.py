@@ -132,13 +132,15 @@ def test_flash_decoding_splits_equal_one_pass():
 
 
 def test_decode_tile_launches_give_the_default_result():
-    """V loaded with K, other warps, stages and key blocks (bench/attention_sweep.py's variants):
-    the same keys in the same order, so the same output; fewer programs over the same splits too."""
+    """V loaded with K, other warps, stages and key blocks (bench/attention_sweep.py's variants), the
+    metadata read ahead of the dependent wait: the same keys in the same order, so the same output;
+    fewer programs over the same splits too."""
     q, group, batch = make_case([Seq(620, 1), Seq(3, 1), Seq(150, 1)], heads=4, kv_heads=2, head_dim=32, page=16,
                                 window=400)
     want = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16)
     torch.testing.assert_close(want, paged_attention(q, group, 0, batch, LAYER, "none"), atol=2e-5, rtol=1e-4)
-    for tiles in (DecodeTiles(prefetch_v=True), DecodeTiles(8, 3, True, 16), DecodeTiles(4, 1, False, 32)):
+    for tiles in (DecodeTiles(prefetch_v=True), DecodeTiles(8, 3, True, 16), DecodeTiles(4, 1, False, 32),
+                  DecodeTiles(early_metadata=True)):
         torch.testing.assert_close(paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=16,
                                                           tiles=tiles), want, atol=1e-6, rtol=1e-6)
     # fewer programs, each taking every so-many-th split: the same partition, the same bits
@@ -181,6 +183,8 @@ def test_tma_decode_pages_against_the_twin(heads, kv_heads, window, splits):
     want = paged_attention(q, group, 0, batch, LAYER, "none")
     got = paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=splits, tiles=DecodeTiles(tma_stages=3))
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    early = DecodeTiles(tma_stages=3, early_metadata=True)  # the metadata read ahead of the dependent wait
+    assert torch.equal(paged_attention_triton(q, group, 0, batch, LAYER, "none", num_splits=splits, tiles=early), got)
     # a reused page may hold anything past a sequence's keys: no trace of it in the result
     group.v[0][batch.groups[LAYER].page_tables[1, 0]] = float("inf")  # holds positions 0..3 of a 4-key sequence
     group.v[0][batch.groups[LAYER].page_tables[1, 0], 4:] = float("nan")
@@ -226,10 +230,11 @@ def test_decode_tiles_from_the_environment():
     import sys
 
     script = ("from gemma4_model.kernels.paged_attention import DECODE_TILES as t; "
-              "print(t.tma_stages, t.programs_per_sm)")
-    names = ("TANDEM_TMA_STAGES", "TANDEM_DECODE_PROGRAMS_PER_SM")
+              "print(t.tma_stages, t.programs_per_sm, t.early_metadata)")
+    names = ("TANDEM_TMA_STAGES", "TANDEM_DECODE_PROGRAMS_PER_SM", "TANDEM_ATTENTION_EARLY_METADATA")
     base = DecodeTiles()
-    for env, want in (({names[0]: "3", names[1]: "0"}, "3 0"), ({}, f"{base.tma_stages} {base.programs_per_sm}")):
+    for env, want in (({names[0]: "3", names[1]: "0", names[2]: "1"}, "3 0 True"),
+                      ({}, f"{base.tma_stages} {base.programs_per_sm} {base.early_metadata}")):
         environ = {k: v for k, v in os.environ.items() if k not in names} | env
         done = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, check=True)
         assert done.stdout.strip() == want

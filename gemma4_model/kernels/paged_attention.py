@@ -92,6 +92,10 @@ class DecodeTiles:
     # over an fp8 (e4m3) cache with 16-bit queries (any tile): the products in float16 (e4m3 -> float16 is one
     # exact conversion a pair; bfloat16 takes a second), or in the queries' dtype (False, until measured)
     fp8_products_in_fp16: bool = False
+    # in a dependent launch, each program reads its rows, positions, key bounds and spans (the batch's
+    # metadata, which no launch of the forward writes) before it waits for the launch before it; q
+    # and the cache only after (False: the wait first, until measured)
+    early_metadata: bool = False
 
     def __post_init__(self):
         if self.block_dk and (self.block_dk < 16 or self.block_dk & (self.block_dk - 1) or self.block_dk > 256):
@@ -125,12 +129,15 @@ class DecodeTiles:
 
 
 def _tiles_from_environment() -> DecodeTiles:
-    """The default tiles, where TANDEM_TMA_STAGES=N (0: the gathering kernel at every batch) and
-    TANDEM_DECODE_PROGRAMS_PER_SM=N (0: FIXED_SPLITS at every batch) override theirs: read once, at
-    import, so a benchmark can run the earlier launches beside the new ones."""
+    """The default tiles, where TANDEM_TMA_STAGES=N (0: the gathering kernel at every batch),
+    TANDEM_DECODE_PROGRAMS_PER_SM=N (0: FIXED_SPLITS at every batch) and
+    TANDEM_ATTENTION_EARLY_METADATA=1 (`early_metadata`) override theirs: read once, at import, so a
+    benchmark can run the earlier launches beside the new ones."""
     base = DecodeTiles()
+    early = os.environ.get("TANDEM_ATTENTION_EARLY_METADATA", "1" if base.early_metadata else "0") != "0"
     return DecodeTiles(tma_stages=int(os.environ.get("TANDEM_TMA_STAGES", base.tma_stages)),
-                       programs_per_sm=int(os.environ.get("TANDEM_DECODE_PROGRAMS_PER_SM", base.programs_per_sm)))
+                       programs_per_sm=int(os.environ.get("TANDEM_DECODE_PROGRAMS_PER_SM", base.programs_per_sm)),
+                       early_metadata=early)
 
 
 DECODE_TILES = _tiles_from_environment()
@@ -184,10 +191,13 @@ def _paged_attention_kernel(
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
     PAGE: tl.constexpr, SPAN_MODE: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_KEYS: tl.constexpr,
     SPLIT_PROGRAMS: tl.constexpr, IEEE: tl.constexpr, PREFETCH_V: tl.constexpr, PDL: tl.constexpr,
-    MMA_FP16: tl.constexpr,
+    MMA_FP16: tl.constexpr, EARLY_META: tl.constexpr,
 ):
+    """With PDL the program waits for the launch before it first, or with EARLY_META once it has
+    read the batch's metadata (its rows, positions, key bounds and spans), before q and the cache."""
     _pdl_release(PDL)
-    _pdl_wait(PDL)
+    if not EARLY_META:
+        _pdl_wait(PDL)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1) // NUM_DV
     dv = tl.program_id(1) % NUM_DV
@@ -206,6 +216,8 @@ def _paged_attention_kernel(
     # splits of SPLIT_KEYS keys from the window's start (more per split only past NUM_SPLITS of
     # them): a row's partition, so its result, does not depend on its batch
     per_split = tl.maximum(SPLIT_KEYS, tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N)
+    if EARLY_META:
+        _pdl_wait(PDL)
 
     offs_dv = dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh
@@ -321,7 +333,7 @@ def _paged_decode_tma_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_table,
     HEAD_DIM: tl.constexpr, BOX_D: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_KEYS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-    MMA_FP16: tl.constexpr,
+    MMA_FP16: tl.constexpr, EARLY_META: tl.constexpr,
 ):
     """Decode rows (one query token a sequence) of one KV head over one split of their keys, a
     page at a time: each page's K and V rows of this head are [PAGE, BOX_D] boxes of the cache
@@ -330,9 +342,11 @@ def _paged_decode_tma_kernel(
     Splits start at page boundaries; keys outside the split, the window or the sequence are
     masked, and V's rows there are zeroed (a reused page may hold anything past the sequence).
     Same outputs as `_attend_split`: the result, or per split the partial result and its
-    log2-sum-exp2 for `_merge_splits_kernel`."""
+    log2-sum-exp2 for `_merge_splits_kernel`. With EARLY_META the dependent wait comes after the
+    metadata reads, as in `_paged_attention_kernel`."""
     _pdl_release(PDL)
-    _pdl_wait(PDL)
+    if not EARLY_META:
+        _pdl_wait(PDL)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -345,6 +359,8 @@ def _paged_decode_tma_kernel(
     per_split = tl.maximum(SPLIT_KEYS, tl.cdiv(tl.cdiv(tl.maximum(hi - first, 0), NUM_SPLITS), PAGE) * PAGE)
     split_lo = first + split * per_split
     split_hi = tl.minimum(hi, split_lo + per_split)
+    if EARLY_META:
+        _pdl_wait(PDL)
     offs_d = tl.arange(0, BOX_D)
     q_base = q_ptr + rows.to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
     q0 = tl.load(q_base, mask=row_ok[:, None], other=0.0).to(mma_ty)
@@ -533,7 +549,7 @@ def paged_attention_triton(
                      SPLIT_KEYS=decode.split_keys if block_m <= 16 else SPLIT_KEYS, SPLIT_PROGRAMS=split_programs,
                      IEEE=q.dtype == torch.float32, PREFETCH_V=prefetch_v, PDL=pdl(q), launch_pdl=pdl(q),
                      MMA_FP16=k.element_size() == 1 and q.element_size() == 2 and decode.fp8_products_in_fp16,
-                     num_warps=num_warps, num_stages=num_stages))
+                     EARLY_META=decode.early_metadata and block_m <= 16, num_warps=num_warps, num_stages=num_stages))
     return out
 
 
@@ -580,7 +596,7 @@ def _launch_tma(q, out, k, v, batch, layer_type, schedule, splits, rep, rep_pad,
             HEAD_DIM=head_dim, BOX_D=box, REP=rep, REP_PAD=rep_pad, BLOCK_M=block_m, PAGE=page,
             NUM_SPLITS=splits, SPLIT_KEYS=split_keys, IEEE=q.dtype == torch.float32, PDL=pdl(q),
             MMA_FP16=k.element_size() == 1 and q.element_size() == 2 and tiles.fp8_products_in_fp16,
-            launch_pdl=pdl(q), num_warps=tiles.num_warps, num_stages=tiles.tma_stages)
+            EARLY_META=tiles.early_metadata, launch_pdl=pdl(q), num_warps=tiles.num_warps, num_stages=tiles.tma_stages)
         _merge_splits(part, lse, out, splits)
 
 
